@@ -1,0 +1,87 @@
+//! The `hrm-cu` command line: one subcommand per capability.
+//!
+//! Subcommands whose capability has not landed yet say so and exit non-zero; none pretends
+//! to work.
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::gpu::Gpu;
+
+#[derive(Parser, Debug)]
+#[command(name = "hrm-cu", version, about = "A from-scratch, CUDA-native trainer for the HRM-Text model family")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a model (fresh or from --init) and write checkpoints
+    Train(Unfinished),
+    /// Evaluate the loss and accuracies of a model on a dataset (forward only)
+    Loss(Unfinished),
+    /// Run the published benchmarks (GSM8k, MATH, MMLU, ...)
+    Eval(Unfinished),
+    /// Generate text greedily from a prompt
+    Generate(Unfinished),
+    /// Write a checkpoint in the Hugging Face layout (SPEC §9)
+    Export(Unfinished),
+    /// Read a Hugging Face-layout model into a checkpoint
+    Import(Unfinished),
+    /// Dataset tools: prepare, inspect, batches
+    Data(Unfinished),
+    /// Time kernels and training steps against the card's measured ceilings
+    Bench(Unfinished),
+    /// Check every GPU kernel against its CPU reference on this machine's GPU
+    Selftest(SelftestArgs),
+}
+
+/// Arguments of a subcommand whose capability has not landed yet.
+#[derive(Args, Debug)]
+pub struct Unfinished {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SelftestArgs {
+    /// Run only the checks whose name contains this text
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Seed of the random inputs (default: from the clock, printed so a failure replays)
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// GPU ordinal
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Selftest(args) => selftest(args),
+        Command::Train(_) => unfinished("train", "the CPU model and GPU training issues"),
+        Command::Loss(_) => unfinished("loss", "the CPU model issue"),
+        Command::Eval(_) => unfinished("eval", "the evaluation engine"),
+        Command::Generate(_) => unfinished("generate", "the evaluation engine"),
+        Command::Export(_) => unfinished("export", "the CPU model issue (interchange)"),
+        Command::Import(_) => unfinished("import", "the CPU model issue (interchange)"),
+        Command::Data(_) => unfinished("data", "the data issue"),
+        Command::Bench(_) => unfinished("bench", "the kernels issue"),
+    }
+}
+
+fn unfinished(command: &str, arrives_with: &str) -> Result<()> {
+    bail!("`hrm-cu {command}` is not implemented yet; it arrives with {arrives_with}")
+}
+
+fn selftest(args: SelftestArgs) -> Result<()> {
+    let gpu = Gpu::open(args.gpu)?;
+    let seed = args.seed.unwrap_or_else(|| crate::rng::Rng::from_time().next_u64());
+    let failed = crate::selftest::run(&gpu, args.filter.as_deref(), seed)?;
+    if failed > 0 {
+        bail!("selftest: {failed} check(s) failed (replay with --seed {seed})");
+    }
+    println!("selftest: all checks passed");
+    Ok(())
+}
