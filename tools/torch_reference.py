@@ -580,14 +580,14 @@ def build_parser():
                    help="default: floor(epochs * total_length / batch_tokens)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--out", required=True)
-    sub.add_parser("selftest")
+    sub.add_parser("selftest").add_argument("--device", default="cpu")
     return ap
 
 
 def main(argv=None):
     a = build_parser().parse_args(argv)
     if a.cmd == "selftest":
-        return selftest()
+        return selftest(a.device)
     return {"loss": cmd_loss, "step": cmd_step}[a.cmd](a)
 
 
@@ -665,7 +665,7 @@ def run_cli(argv):
     return json.loads(buf.getvalue().strip().splitlines()[-1])
 
 
-def selftest():
+def selftest(device="cpu"):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import compare_reference
 
@@ -715,16 +715,17 @@ def selftest():
     a_pair, b_pair = random_samples(np.random.default_rng(1), 3)[1:]  # responses of >= 2 tokens
     b_other = (rng.integers(1, TOKENIZER_VOCAB, len(b_pair[0])),
                rng.integers(1, TOKENIZER_VOCAB, len(b_pair[1])))
-    common = ["--data", data, "--batch-tokens", "64", "--device", "cpu"]
+    common = ["--data", data, "--batch-tokens", "64", "--device", device]
 
     def token_ce(params, z, cfg, batch, bp=None):
         with torch.no_grad():
             logits = forward(params, z, cfg, batch, bp)
-        return logits, F.cross_entropy(logits, batch.labels.clamp(min=0), reduction="none")
+        labels = batch.labels.clamp(min=0).to(logits.device)
+        return logits, F.cross_entropy(logits, labels, reduction="none")
 
     for net in NET_DEFAULTS:
         mdir = write_random_model(os.path.join(tmp, net), net)
-        cfg, params, z = load_model(mdir, torch.float64, "cpu")
+        cfg, params, z = load_model(mdir, torch.float64, device)
         n_a = len(a_pair[0]) + len(a_pair[1]) - 1
         _, ce_ab = token_ce(params, z, cfg, pack([a_pair, b_pair], 48))
         _, ce_ab_pad = token_ce(params, z, cfg, pack([a_pair, b_pair], 80))
@@ -776,11 +777,11 @@ def selftest():
     # §9 without `net`: inferred from the names, here from bf16 tensors.
     for net in ("hrm", "transformer"):
         mdir = write_random_model(os.path.join(tmp, f"{net}_bf16"), net, 1, torch.bfloat16, False)
-        cfg, params, _ = load_model(mdir, torch.float32, "cpu")
+        cfg, params, _ = load_model(mdir, torch.float32, device)
         check(cfg.net == net and params[EMBED].dtype == torch.float32, f"{net} inferred, bf16 read")
     # The gradient is the true derivative where every pass carries it (hrm bp_steps = 8):
     # central differences in fp64 on a few weights.
-    cfg, params, z = load_model(os.path.join(tmp, "hrm"), torch.float64, "cpu")
+    cfg, params, z = load_model(os.path.join(tmp, "hrm"), torch.float64, device)
     batch = pack([a_pair, b_pair], 48)
 
     def full_bp_loss():
