@@ -224,8 +224,9 @@ def lpt(lengths, c, n):
 
 
 def multipack(lengths, c, n):
-    """The steps of one epoch (§8): each step is n bins of sample indices, bin r for rank r."""
-    steps, start, total = [], 0, len(lengths)
+    """Yields the steps of one epoch (§8), each as n bins of sample indices, bin r for rank r.
+    A generator, so that the first K steps of a large epoch cost only K steps' work."""
+    start, total = 0, len(lengths)
     while start < total:
         end, acc = start, 0          # 1. the window: scan until the sum reaches c * n
         while end < total and acc < c * n:
@@ -245,8 +246,7 @@ def multipack(lengths, c, n):
         start += lo
         if start >= total:           # the step that reaches the end is dropped
             break
-        steps.append([[start - lo + i for i in b] for b in bins])
-    return steps
+        yield [[start - lo + i for i in b] for b in bins]
 
 
 @dataclass
@@ -677,8 +677,10 @@ def selftest(device="cpu"):
 
     # §8 by hand. n=2, c=8: the window [5,3,5,2,4] (its sum crosses 16 at the 5th), m=4 fits,
     # m=5 does not; the tie between the 5s goes to index 2. The next step reaches the end: dropped.
-    check(multipack([5, 3, 5, 2, 4, 6], 8, 2) == [[[2, 3], [0, 1]]], "multipack, 2 bins, by hand")
-    check(multipack([3, 4, 2, 5], 8, 1) == [[[1, 0]]], "multipack, 1 bin: longest first, last dropped")
+    check(list(multipack([5, 3, 5, 2, 4, 6], 8, 2)) == [[[2, 3], [0, 1]]],
+          "multipack, 2 bins, by hand")
+    check(list(multipack([3, 4, 2, 5], 8, 1)) == [[[1, 0]]],
+          "multipack, 1 bin: longest first, last step dropped")
     # §4 by hand: I = [10, 11, 12], R = [20, 21] in 6 slots.
     b = pack([([10, 11, 12], [20, 21])], 6)
     check(b.inputs.tolist() == [10, 11, 12, 20, 0, 0] and b.positions.tolist() == [0, 1, 2, 3, 0, 0]
