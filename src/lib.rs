@@ -8,6 +8,7 @@
 //! - [`ops`]: every op with its fp32 CPU reference and its GPU launcher side by side
 //! - [`gpu`]: driver context, stream, device properties, embedded kernels
 //! - [`selftest`]: the registry of GPU-vs-CPU checks behind `hrm-cu selftest`
+//! - [`optim`]: the AdamATan2 optimiser and the learning-rate schedule
 //! - [`rng`]: the deterministic random number generator
 //! - [`cli`]: the command line
 
@@ -16,5 +17,6 @@ pub mod config;
 pub mod gpu;
 pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod rng;
 pub mod selftest;
