@@ -9,9 +9,11 @@
 //! - [`gpu`]: driver context, stream, device properties, embedded kernels
 //! - [`selftest`]: the registry of GPU-vs-CPU checks behind `hrm-cu selftest`
 //! - [`optim`]: the AdamATan2 optimiser and the learning-rate schedule
+//! - [`checkpoint`]: atomic, verified checkpoints and run directories
 //! - [`rng`]: the deterministic random number generator
 //! - [`cli`]: the command line
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod gpu;
