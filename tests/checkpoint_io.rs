@@ -87,7 +87,15 @@ fn round_trip_is_bitwise_and_replacing_is_safe() {
     save_ck(&dir, &ck2);
     assert_bitwise_equal(&ck2, &load(&dir, None).unwrap());
     let names: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names, ["ck"]);
+    assert_eq!(names, ["ck"], "nothing is left beside the checkpoint");
+
+    // A directory that is not a checkpoint is never replaced.
+    let other = tmp.path().join("notes");
+    fs::create_dir(&other).unwrap();
+    fs::write(other.join("todo.txt"), "keep me").unwrap();
+    let err = format!("{:#}", save(&other, &ck.params, &ck.optimizer, &ck.state).unwrap_err());
+    assert_mentions(&err, &["is not an hrm-cu checkpoint; refusing to replace it"]);
+    assert_eq!(fs::read_to_string(other.join("todo.txt")).unwrap(), "keep me");
 
     let (ema, state) = load_weights(&dir, Weights::Ema).unwrap();
     assert_eq!(bits(&ema.master), bits(&ck2.optimizer.ema));

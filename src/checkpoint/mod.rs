@@ -112,14 +112,21 @@ pub fn is_checkpoint(dir: &Path) -> bool {
     dir.join(MANIFEST_FILE).is_file()
 }
 
-/// Saves a checkpoint to `dir` atomically, replacing an older one of the same name; a crash
-/// at any point leaves the previous checkpoint loadable.
+/// Saves a checkpoint to `dir` atomically, replacing an older checkpoint of the same name (a
+/// non-empty directory that is not a checkpoint is refused); a crash at any point leaves the
+/// previous checkpoint loadable.
 pub fn save(dir: &Path, params: &Params, optimizer: &AdamAtan2, state: &TrainState) -> Result<()> {
     ensure!(state.model_config == params.config, "save: the train state's model config differs from the parameters'");
     ensure!(
         optimizer.m.len() == params.master.len() && optimizer.steps.len() == params.layout.trainable().count(),
         "save: the optimiser state does not match the parameter layout"
     );
+    // Replacing moves the old directory aside and deletes it: never do that to a directory
+    // that is not a checkpoint (a mistyped --out).
+    let occupied = dir.exists() && (!dir.is_dir() || std::fs::read_dir(dir).map_or(true, |mut entries| entries.next().is_some()));
+    if occupied && !is_checkpoint(dir) {
+        bail!("{} exists and is not an hrm-cu checkpoint; refusing to replace it (choose another directory or remove it)", dir.display());
+    }
     atomic::write_dir_atomically(dir, |tmp| {
         let layout = &params.layout;
         tensors::write(&tmp.join(MODEL_FILE), model_tensors(layout, &params.master, &params.z_l_init), None)?;

@@ -76,7 +76,7 @@ fn tokenizer_file(path: &Path) -> Option<PathBuf> {
 /// token), `eos_token_id` (the end-of-answer token); unknown ids are `None` and noted.
 fn token_ids(info: &DatasetInfo, tokenizer: Option<&Path>, notes: &mut Vec<String>) -> Result<TokenIds> {
     let Some(path) = tokenizer else {
-        notes.push("no tokenizer file found (dataset metadata has no existing tokenizer_path): pad_token_id = 0, bos_token_id and eos_token_id = null".into());
+        notes.push("no tokenizer file found (the dataset metadata's tokenizer_path is missing or names no tokenizer file): pad_token_id = 0, bos_token_id and eos_token_id = null".into());
         return Ok(TokenIds { pad: 0, bos: None, eos: None });
     };
     let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("reading the tokenizer {}: {e}", path.display()))?;

@@ -238,6 +238,9 @@ pub fn adam_atan2(
     // SAFETY: steps and has_grad hold n_tensors i32 each; threads past n_tensors return.
     unsafe { args.launch(cfg) }.during("adam_atan2_count_steps")?;
 
+    if table.n_chunks() == 0 {
+        return Ok(());
+    }
     let update = gpu.function(FAMILY, "adam_atan2_update")?;
     let cfg = LaunchConfig { grid_dim: (table.n_chunks() as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut args = gpu.stream.launch_builder(&update);
@@ -264,14 +267,13 @@ pub fn selftests() -> Vec<Check> {
 /// One selftest case: tensor sizes (odd sizes, chunk boundaries, a multi-chunk tensor) and the
 /// scale of the gradients and moments.
 struct Case {
-    name: &'static str,
     sizes: &'static [usize],
     grad_scale: f32,
 }
 
 const CASES: [Case; 2] = [
-    Case { name: "mixed sizes", sizes: &[1, 3, 64, CHUNK - 1, CHUNK, CHUNK + 5, 100_003, (1 << 20) + 7], grad_scale: 1.0 },
-    Case { name: "large |g|", sizes: &[7, CHUNK + 1, 50_001], grad_scale: 1e4 },
+    Case { sizes: &[1, 3, 64, CHUNK - 1, CHUNK, CHUNK + 5, 100_003, (1 << 20) + 7], grad_scale: 1.0 },
+    Case { sizes: &[7, CHUNK + 1, 50_001], grad_scale: 1e4 },
 ];
 
 /// Runs one optimiser step on the GPU and on the CPU from the same random state, with random
@@ -354,7 +356,7 @@ fn check_adam_atan2(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         // - p: the decay rounds twice (2 eps of |p|); the update's angle has <= 3 ulp from CUDA's
         //   atan2f plus ~2 eps from its rounded inputs, times step_size <= max_step_size, and
         //   |angle| <= pi/2: 8 eps * max_step_size * pi/2 absolute.
-        let shape = format!("{} ({} tensors, {len})", case.name, ranges.len());
+        let shape = format!("{} tensors, |g|<{s:.0e}", ranges.len());
         let eps = F32_EPS;
         let tol_p = Tolerance { abs: 8.0 * eps * max_step_size * std::f32::consts::FRAC_PI_2, rel: 4.0 * eps };
         rows.push(Row::new("adam_atan2 p", shape.clone(), tol_p, compare(&got_p, &p, tol_p)));
