@@ -8,13 +8,19 @@
 //! - [`ops`]: every op with its fp32 CPU reference and its GPU launcher side by side
 //! - [`gpu`]: driver context, stream, device properties, embedded kernels
 //! - [`selftest`]: the registry of GPU-vs-CPU checks behind `hrm-cu selftest`
+//! - [`optim`]: the AdamATan2 optimiser and the learning-rate schedule
+//! - [`checkpoint`]: atomic, verified checkpoints and run directories
+//! - [`interchange`]: the Hugging Face-style export and import (SPEC §9)
 //! - [`rng`]: the deterministic random number generator
 //! - [`cli`]: the command line
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod gpu;
+pub mod interchange;
 pub mod model;
 pub mod ops;
+pub mod optim;
 pub mod rng;
 pub mod selftest;

@@ -8,6 +8,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::gpu::Gpu;
 
+mod export;
+mod import;
+
 #[derive(Parser, Debug)]
 #[command(name = "hrm-cu", version, about = "A from-scratch, CUDA-native trainer for the HRM-Text model family")]
 pub struct Cli {
@@ -26,9 +29,9 @@ pub enum Command {
     /// Generate text greedily from a prompt
     Generate(Unfinished),
     /// Write a checkpoint in the Hugging Face layout (SPEC §9)
-    Export(Unfinished),
+    Export(export::ExportArgs),
     /// Read a Hugging Face-layout model into a checkpoint
-    Import(Unfinished),
+    Import(import::ImportArgs),
     /// Dataset tools: prepare, inspect, batches
     Data(Unfinished),
     /// Time kernels and training steps against the card's measured ceilings
@@ -64,8 +67,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Loss(_) => unfinished("loss", "the CPU model issue"),
         Command::Eval(_) => unfinished("eval", "the evaluation engine"),
         Command::Generate(_) => unfinished("generate", "the evaluation engine"),
-        Command::Export(_) => unfinished("export", "the CPU model issue (interchange)"),
-        Command::Import(_) => unfinished("import", "the CPU model issue (interchange)"),
+        Command::Export(args) => export::run(args),
+        Command::Import(args) => import::run(args),
         Command::Data(_) => unfinished("data", "the data issue"),
         Command::Bench(_) => unfinished("bench", "the kernels issue"),
     }
