@@ -3,3 +3,13 @@
 
 pub mod cast;
 pub mod compare;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod gate;
+pub mod gemm;
+#[cfg(test)]
+pub mod gradcheck;
+pub mod rmsnorm;
+pub mod rope;
+pub mod shape;
+pub mod swiglu;
