@@ -141,4 +141,7 @@ fn bp_steps_warms_up_over_a_fifth_of_training() {
     assert_eq!(bp_steps(&net, 1, 1000, false), Some(5), "fine-tuning: no warm-up");
     assert_eq!(bp_steps(&net, 1, 0, true), Some(5), "no estimate of the run length: full depth");
     assert_eq!(bp_steps(&NetName::Ut.default_net(), 1, 1000, true), None);
+    assert_eq!(Schedule::at_step(&net, 67, 1000, true), Schedule::for_training(&net, 3));
+    let ut = NetName::Ut.default_net();
+    assert_eq!(Schedule::at_step(&ut, 1, 1000, true), Schedule::for_training(&ut, 5), "fixed depth");
 }

@@ -349,7 +349,7 @@ impl<B: Backend> Model<B> {
         };
         // The LM head writes d z[output]; the other state's gradient starts at zero.
         be.lm_head_loss(&mut ws.losses, &mut ws.correct, Some((&mut ws.dstate[out], &mut *grads)), &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, grad_scale)?;
-        be.zero_act(&mut ws.dstate[1 - out])?;
+        be.zero_act(&mut ws.dstate[schedule.output.other().index()])?;
 
         // ---- backward ----
         for pass in schedule.passes.iter().rev() {

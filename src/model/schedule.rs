@@ -46,6 +46,14 @@ impl Slot {
             Slot::L => 1,
         }
     }
+
+    /// The other state.
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::H => Slot::L,
+            Slot::L => Slot::H,
+        }
+    }
 }
 
 /// One module call `out = module(z + inj)` (SPEC §2: `module(z, inj) = Module(z + inj)`).
@@ -105,6 +113,12 @@ impl Schedule {
             Net::Rins { l_cycles, l_bp_cycles } => rins(l_cycles, l_bp_cycles),
             Net::Ut { cycles, bp_cycles } => ut(cycles, bp_cycles),
         }
+    }
+
+    /// The schedule of training step `step` of about `total_steps`: hrm's depth warms up
+    /// (SPEC §3), the other nets' is fixed.
+    pub fn at_step(net: &Net, step: u64, total_steps: u64, bp_warmup: bool) -> Schedule {
+        Schedule::for_training(net, bp_steps(net, step, total_steps, bp_warmup).unwrap_or(0))
     }
 
     /// The same passes with no gradient anywhere (evaluation, `hrm-cu loss`).
