@@ -313,10 +313,9 @@ impl<B: Backend> Model<B> {
         ensure!(self.config.net.has_z_l_init() || schedule.passes.iter().all(|p| p.z != Slot::L && p.inj != Some(Slot::L)), "the schedule reads z_L, which the {:?} net does not have", self.config.net.name());
         let sz = self.sizes(batch.tokens());
         let saved_needed = if grads.is_some() { schedule.grad_passes() } else { 0 };
-        self.plan(sz, saved_needed)?;
         let be = &self.backend;
         let wm = &self.weights;
-        let ws = self.ws.as_mut().expect("planned above");
+        let ws = plan(&mut self.ws, be, sz, self.max_blocks, saved_needed)?;
         let db = DeviceBatch::<B> {
             tokens: be.upload_i32(batch.inputs)?,
             labels: be.upload_i32(batch.labels)?,
@@ -366,44 +365,53 @@ impl<B: Backend> Model<B> {
         }
         be.metrics(&ws.losses, &ws.correct, batch.labels, batch.cu_seqlens, t)
     }
+}
 
-    /// Makes sure the workspace fits `T` tokens and `saved` passes with gradient.
-    fn plan(&mut self, sz: Sizes, saved: usize) -> Result<()> {
-        if self.ws.as_ref().is_none_or(|ws| ws.t != sz.t) {
-            self.ws = None; // release the old buffers before allocating new ones
-            let be = &self.backend;
-            let act = |n: usize| be.alloc_act(n);
-            let (t, d) = (sz.t, sz.d);
-            self.ws = Some(Workspace {
-                t,
-                state: [act(t * d)?, act(t * d)?],
-                dstate: [act(t * d)?, act(t * d)?],
-                gqkv: act(t * 4 * sz.c)?,
-                scratch: alloc_pass(be, sz, 1)?,
-                saved: Vec::new(),
-                grads: BlockGrads {
-                    dres: act(t * d)?,
-                    dxn: act(t * d)?,
-                    dact: act(t * sz.i)?,
-                    dgu: act(t * 2 * sz.i)?,
-                    dga: act(t * sz.c)?,
-                    dg: act(t * sz.c)?,
-                    do_: act(t * sz.c)?,
-                    dq: act(t * sz.c)?,
-                    dk: act(t * sz.c)?,
-                    dv: act(t * sz.c)?,
-                    dgqkv: act(t * 4 * sz.c)?,
-                },
-                losses: be.alloc_f32(t)?,
-                correct: be.alloc_u8(t)?,
-            });
-        }
-        let ws = self.ws.as_mut().expect("allocated above");
-        while ws.saved.len() < saved {
-            ws.saved.push(alloc_pass(&self.backend, sz, self.max_blocks)?);
-        }
-        Ok(())
+impl<B: Backend> Workspace<B> {
+    /// Every buffer of a step of `T` tokens, with no saved passes yet.
+    fn new(be: &B, sz: Sizes) -> Result<Workspace<B>> {
+        let Sizes { t, d, c, i, .. } = sz;
+        let act = |n: usize| be.alloc_act(n);
+        Ok(Workspace {
+            t,
+            state: [act(t * d)?, act(t * d)?],
+            dstate: [act(t * d)?, act(t * d)?],
+            gqkv: act(t * 4 * c)?,
+            scratch: alloc_pass(be, sz, 1)?,
+            saved: Vec::new(),
+            grads: BlockGrads {
+                dres: act(t * d)?,
+                dxn: act(t * d)?,
+                dact: act(t * i)?,
+                dgu: act(t * 2 * i)?,
+                dga: act(t * c)?,
+                dg: act(t * c)?,
+                do_: act(t * c)?,
+                dq: act(t * c)?,
+                dk: act(t * c)?,
+                dv: act(t * c)?,
+                dgqkv: act(t * 4 * c)?,
+            },
+            losses: be.alloc_f32(t)?,
+            correct: be.alloc_u8(t)?,
+        })
     }
+}
+
+/// The workspace for `T = sz.t` tokens with at least `saved` saved passes of `blocks` blocks:
+/// the existing one when `T` is unchanged (growing `saved` if needed), else a fresh one.
+fn plan<'a, B: Backend>(slot: &'a mut Option<Workspace<B>>, be: &B, sz: Sizes, blocks: usize, saved: usize) -> Result<&'a mut Workspace<B>> {
+    if slot.as_ref().is_some_and(|ws| ws.t != sz.t) {
+        *slot = None; // release the old buffers before allocating new ones
+    }
+    let ws = match slot {
+        Some(ws) => ws,
+        None => slot.insert(Workspace::new(be, sz)?),
+    };
+    while ws.saved.len() < saved {
+        ws.saved.push(alloc_pass(be, sz, blocks)?);
+    }
+    Ok(ws)
 }
 
 /// Activations of a pass through up to `blocks` blocks (1: the scratch ring).
