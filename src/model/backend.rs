@@ -1,0 +1,160 @@
+//! The narrow interface between the model and the hardware it runs on.
+//!
+//! The model (`src/model/net.rs`) is written once against the [`Backend`] trait: the dozen
+//! ops of `docs/design/ops.md` (fused where the GPU wants them fused), plus buffer
+//! allocation, zeroing, adding and uploads. There is no autograd and no tensor library:
+//! the model allocates every activation buffer up front, calls each forward op by hand and
+//! each backward op by hand, in reverse.
+//!
+//! Design points, chosen so that a CUDA backend can implement the same trait:
+//!
+//! - **Buffers are associated types.** [`Backend::Act`] holds activations: fp32 `Vec`s on
+//!   the CPU, bf16 device memory on the GPU (the math inside each op is fp32 on both).
+//!   [`Backend::F32`] holds what stays fp32 on every backend (rms `rstd`, attention `lse`,
+//!   per-token losses), [`Backend::I32`] the batch's index buffers, [`Backend::U8`] the
+//!   per-token "argmax was right" flags. Every buffer is allocated once per batch shape
+//!   through the backend, so a GPU backend does no allocation inside the step.
+//! - **Weights and gradients are flat buffers.** [`Backend::Weights`] is the compute copy of
+//!   the whole master buffer laid out by `spec.rs` (the CPU reads the fp32 master itself; the
+//!   GPU its bf16 copy) and [`Backend::Grads`] the master-shaped fp32 gradient buffer. An op
+//!   receives the whole buffer and a [`TensorAt`] naming one tensor inside it, so nothing is
+//!   split into per-tensor allocations, and weight gradients accumulate (`+=`) in fp32, as
+//!   cuBLASLt does with `beta = 1`.
+//! - **Argument order is the op launcher's** (outputs first, then inputs, then sizes), with
+//!   a weight `w` passed as `(weights, at)`. Parameter gradients accumulate with `+=`,
+//!   activation gradients are written with `=`, except where an op says `+=` (the residual
+//!   stream, `rmsnorm_bwd`).
+//! - **No host synchronisation inside the step.** Ops only enqueue work; the only methods
+//!   that read results back to the host are [`Backend::metrics`] (once, at the end of a
+//!   step) and [`Backend::download_f32`] (tests, tools).
+//! - **The LM head is one fused op.** [`Backend::lm_head_loss`] computes logits,
+//!   cross-entropy, metrics flags and (optionally) both backward products, so a GPU backend
+//!   can run it chunk by chunk over tokens without ever holding `[T, V]` logits.
+//!
+//! Errors are `anyhow::Result`: the CPU backend never fails once the model has checked the
+//! batch; a GPU backend reports driver errors with the op that hit them.
+
+use anyhow::{anyhow, Result};
+
+use crate::model::spec::TensorSpec;
+use crate::ops::cross_entropy::StepMetrics;
+
+/// Where one tensor lies in a flat weight (or master-shaped gradient) buffer, in elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorAt {
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl TensorAt {
+    /// The position of a trainable tensor of the spec table.
+    pub fn of(spec: &TensorSpec) -> Result<TensorAt> {
+        let offset = spec.offset.ok_or_else(|| anyhow!("{} is not a trainable tensor (no master offset)", spec.name))?;
+        Ok(TensorAt { offset, len: spec.numel() })
+    }
+
+    pub fn range(self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len
+    }
+}
+
+/// The ops the model needs, with shape comments in the notation of `docs/design/ops.md`:
+/// `T` tokens, `D` hidden, `NH` heads, `HD` = 128, `C = NH*HD`, `I` intermediate, `V` vocab.
+#[allow(clippy::too_many_arguments)]
+pub trait Backend {
+    /// Activations (CPU: fp32, GPU: bf16).
+    type Act;
+    /// Buffers that are fp32 on every backend: `rstd`, `lse`, per-token losses.
+    type F32;
+    /// Index buffers: tokens, labels, positions, `cu_seqlens`, `prefix_lens`.
+    type I32;
+    /// Per-token flags (`correct`).
+    type U8;
+    /// The compute copy of the flat master buffer (CPU: the fp32 master itself).
+    type Weights: ?Sized;
+    /// The master-shaped fp32 gradient buffer.
+    type Grads: ?Sized;
+
+    // ---- buffers ----
+
+    /// A zeroed activation buffer of `n` elements.
+    fn alloc_act(&self, n: usize) -> Result<Self::Act>;
+    fn alloc_f32(&self, n: usize) -> Result<Self::F32>;
+    fn alloc_u8(&self, n: usize) -> Result<Self::U8>;
+    fn upload_i32(&self, host: &[i32]) -> Result<Self::I32>;
+    /// An activation buffer holding `host` (converted to the activation precision).
+    fn upload_act(&self, host: &[f32]) -> Result<Self::Act>;
+    /// `x = 0`
+    fn zero_act(&self, x: &mut Self::Act) -> Result<()>;
+    /// `dst += src`, both `[n]` (gradient fan-in where one state feeds two places).
+    fn add_act(&self, dst: &mut Self::Act, src: &Self::Act, n: usize) -> Result<()>;
+    /// out: [T, D] = `row` [D] repeated on every row (`z_L_init` to every token).
+    fn broadcast_rows(&self, out: &mut Self::Act, row: &Self::Act, t: usize, d: usize) -> Result<()>;
+    /// Elements in a flat weight buffer (checked against the layout before a step).
+    fn weights_len(&self, w: &Self::Weights) -> usize;
+    fn grads_len(&self, g: &Self::Grads) -> usize;
+    /// Reads an fp32 buffer back to the host (synchronises; not for the step's hot path).
+    fn download_f32(&self, x: &Self::F32) -> Result<Vec<f32>>;
+
+    // ---- gemm ----
+
+    /// y: [T, N] = x [T, K] @ w^T (+ residual [T, N]), w: [N, K] at `w_at`.
+    fn linear_fwd(&self, y: &mut Self::Act, x: &Self::Act, w: &Self::Weights, w_at: TensorAt, residual: Option<&Self::Act>, t: usize, n: usize, k: usize) -> Result<()>;
+    /// dx: [T, K] (+)= dy [T, N] @ w [N, K].
+    fn linear_bwd_input(&self, dx: &mut Self::Act, dy: &Self::Act, w: &Self::Weights, w_at: TensorAt, t: usize, n: usize, k: usize, accumulate: bool) -> Result<()>;
+    /// dw: [N, K] at `dw_at` += dy^T [N, T] @ x [T, K].
+    fn linear_bwd_weight(&self, dw: &mut Self::Grads, dw_at: TensorAt, dy: &Self::Act, x: &Self::Act, t: usize, n: usize, k: usize) -> Result<()>;
+
+    // ---- rmsnorm ----
+
+    /// x: [T, D] = z + inj (a copy without `inj`); y: [T, D] = x * rstd; rstd: [T].
+    fn add_rmsnorm_fwd(&self, x: &mut Self::Act, y: &mut Self::Act, rstd: &mut Self::F32, z: &Self::Act, inj: Option<&Self::Act>, t: usize, d: usize) -> Result<()>;
+    /// y: [T, D] = x * rstd, rstd: [T] = 1/sqrt(mean(x^2) + eps).
+    fn rmsnorm_fwd(&self, y: &mut Self::Act, rstd: &mut Self::F32, x: &Self::Act, t: usize, d: usize) -> Result<()>;
+    /// dx: [T, D] += rstd * (dy - y * mean(dy * y)), y = x * rstd.
+    fn rmsnorm_bwd(&self, dx: &mut Self::Act, dy: &Self::Act, x: &Self::Act, rstd: &Self::F32, t: usize, d: usize) -> Result<()>;
+
+    // ---- rope ----
+
+    /// Splits gqkv [T, 4C] into g, q, k, v [T, C] and rotates q, k by `pos` [T].
+    fn qkv_rope_fwd(&self, g: &mut Self::Act, q: &mut Self::Act, k: &mut Self::Act, v: &mut Self::Act, gqkv: &Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    /// dgqkv: [T, 4C] from dg, dq, dk, dv [T, C] (inverse rotation of dq, dk).
+    fn qkv_rope_bwd(&self, dgqkv: &mut Self::Act, dg: &Self::Act, dq: &Self::Act, dk: &Self::Act, dv: &Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
+
+    // ---- attention ----
+
+    /// o: [T, C], lse: [NH, T]; PrefixLM mask over the samples of `cu_seqlens` [S+1],
+    /// `prefix_lens` [S].
+    fn attention_fwd(&self, o: &mut Self::Act, lse: &mut Self::F32, q: &Self::Act, k: &Self::Act, v: &Self::Act, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    /// dq, dk, dv: [T, C] written with `=`.
+    fn attention_bwd(&self, dq: &mut Self::Act, dk: &mut Self::Act, dv: &mut Self::Act, do_: &Self::Act, q: &Self::Act, k: &Self::Act, v: &Self::Act, o: &Self::Act, lse: &Self::F32, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
+
+    // ---- gate, swiglu ----
+
+    /// out: [n] = sigmoid(g) * a.
+    fn gate_fwd(&self, out: &mut Self::Act, g: &Self::Act, a: &Self::Act, n: usize) -> Result<()>;
+    /// dg, da: [n] from dout [n].
+    fn gate_bwd(&self, dg: &mut Self::Act, da: &mut Self::Act, dout: &Self::Act, g: &Self::Act, a: &Self::Act, n: usize) -> Result<()>;
+    /// out: [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:].
+    fn swiglu_fwd(&self, out: &mut Self::Act, gate_up: &Self::Act, t: usize, i: usize) -> Result<()>;
+    /// dgate_up: [T, 2I] from dout [T, I].
+    fn swiglu_bwd(&self, dgate_up: &mut Self::Act, dout: &Self::Act, gate_up: &Self::Act, t: usize, i: usize) -> Result<()>;
+
+    // ---- embedding ----
+
+    /// out: [T, D] = w[tokens] * scale, w: [V, D] at `w_at`.
+    fn embedding_fwd(&self, out: &mut Self::Act, tokens: &Self::I32, w: &Self::Weights, w_at: TensorAt, t: usize, d: usize, scale: f32) -> Result<()>;
+    /// dw: [V, D] at `dw_at` += scatter of dout [T, D] * scale (deterministic order).
+    fn embedding_bwd(&self, dw: &mut Self::Grads, dw_at: TensorAt, dout: &Self::Act, tokens: &Self::I32, t: usize, d: usize, scale: f32) -> Result<()>;
+
+    // ---- LM head and loss ----
+
+    /// The LM head fused with fp32 cross-entropy: `logits [T, V] = y [T, D] @ w^T`,
+    /// losses: [T] and correct: [T] as `cross_entropy_cpu` (0 on ignored rows). With
+    /// `grads = Some((dy, dw))`: `dlogits = (softmax - onehot) * grad_scale`,
+    /// dy: [T, D] = dlogits @ w (written), dw: [V, D] at `w_at` += dlogits^T @ y.
+    fn lm_head_loss(&self, losses: &mut Self::F32, correct: &mut Self::U8, grads: Option<(&mut Self::Act, &mut Self::Grads)>, y: &Self::Act, w: &Self::Weights, w_at: TensorAt, labels: &Self::I32, t: usize, v: usize, d: usize, grad_scale: f32) -> Result<()>;
+    /// Reduces a step's per-token results to its metrics; `labels` [T] and `cu_seqlens`
+    /// [S+1] are the host copies (the one host synchronisation of a step).
+    fn metrics(&self, losses: &Self::F32, correct: &Self::U8, labels: &[i32], cu_seqlens: &[i32], t: usize) -> Result<StepMetrics>;
+}

@@ -1,0 +1,174 @@
+//! The fp32 CPU backend: every [`Backend`] op is the `*_cpu` reference of its family.
+//!
+//! Activations and fp32 buffers are `Vec<f32>`, index buffers `Vec<i32>`; the weights are the
+//! fp32 master buffer itself and the gradients a master-shaped `[f32]`, so a step copies no
+//! weights. Each op slices its tensor out of the flat buffer with [`TensorAt::range`].
+
+use anyhow::Result;
+
+use crate::model::backend::{Backend, TensorAt};
+use crate::ops::attention::{attention_bwd_cpu, attention_fwd_cpu};
+use crate::ops::cross_entropy::{cross_entropy_cpu, metrics_cpu, StepMetrics};
+use crate::ops::embedding::{embedding_bwd_cpu, embedding_fwd_cpu};
+use crate::ops::gate::{gate_bwd_cpu, gate_fwd_cpu};
+use crate::ops::gemm::{linear_bwd_input_cpu, linear_bwd_weight_cpu, linear_fwd_cpu};
+use crate::ops::rmsnorm::{add_rmsnorm_fwd_cpu, rmsnorm_bwd_cpu, rmsnorm_fwd_cpu};
+use crate::ops::rope::{qkv_rope_bwd_cpu, qkv_rope_fwd_cpu};
+use crate::ops::swiglu::{swiglu_bwd_cpu, swiglu_fwd_cpu};
+
+/// The CPU reference backend (multi-threaded through rayon and matrixmultiply).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    type Act = Vec<f32>;
+    type F32 = Vec<f32>;
+    type I32 = Vec<i32>;
+    type U8 = Vec<u8>;
+    type Weights = [f32];
+    type Grads = [f32];
+
+    fn alloc_act(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn alloc_f32(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn alloc_u8(&self, n: usize) -> Result<Vec<u8>> {
+        Ok(vec![0; n])
+    }
+
+    fn upload_i32(&self, host: &[i32]) -> Result<Vec<i32>> {
+        Ok(host.to_vec())
+    }
+
+    fn upload_act(&self, host: &[f32]) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+
+    fn zero_act(&self, x: &mut Vec<f32>) -> Result<()> {
+        x.fill(0.0);
+        Ok(())
+    }
+
+    fn add_act(&self, dst: &mut Vec<f32>, src: &Vec<f32>, n: usize) -> Result<()> {
+        dst[..n].iter_mut().zip(&src[..n]).for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn broadcast_rows(&self, out: &mut Vec<f32>, row: &Vec<f32>, t: usize, d: usize) -> Result<()> {
+        out[..t * d].chunks_exact_mut(d).for_each(|r| r.copy_from_slice(&row[..d]));
+        Ok(())
+    }
+
+    fn weights_len(&self, w: &[f32]) -> usize {
+        w.len()
+    }
+
+    fn grads_len(&self, g: &[f32]) -> usize {
+        g.len()
+    }
+
+    fn download_f32(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn linear_fwd(&self, y: &mut Vec<f32>, x: &Vec<f32>, w: &[f32], w_at: TensorAt, residual: Option<&Vec<f32>>, t: usize, n: usize, k: usize) -> Result<()> {
+        linear_fwd_cpu(y, x, &w[w_at.range()], residual.map(Vec::as_slice), t, n, k);
+        Ok(())
+    }
+
+    fn linear_bwd_input(&self, dx: &mut Vec<f32>, dy: &Vec<f32>, w: &[f32], w_at: TensorAt, t: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
+        linear_bwd_input_cpu(dx, dy, &w[w_at.range()], t, n, k, accumulate);
+        Ok(())
+    }
+
+    fn linear_bwd_weight(&self, dw: &mut [f32], dw_at: TensorAt, dy: &Vec<f32>, x: &Vec<f32>, t: usize, n: usize, k: usize) -> Result<()> {
+        linear_bwd_weight_cpu(&mut dw[dw_at.range()], dy, x, t, n, k);
+        Ok(())
+    }
+
+    fn add_rmsnorm_fwd(&self, x: &mut Vec<f32>, y: &mut Vec<f32>, rstd: &mut Vec<f32>, z: &Vec<f32>, inj: Option<&Vec<f32>>, t: usize, d: usize) -> Result<()> {
+        add_rmsnorm_fwd_cpu(x, y, rstd, z, inj.map(Vec::as_slice), t, d);
+        Ok(())
+    }
+
+    fn rmsnorm_fwd(&self, y: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, t: usize, d: usize) -> Result<()> {
+        rmsnorm_fwd_cpu(y, rstd, x, t, d);
+        Ok(())
+    }
+
+    fn rmsnorm_bwd(&self, dx: &mut Vec<f32>, dy: &Vec<f32>, x: &Vec<f32>, rstd: &Vec<f32>, t: usize, d: usize) -> Result<()> {
+        rmsnorm_bwd_cpu(dx, dy, x, rstd, t, d);
+        Ok(())
+    }
+
+    fn qkv_rope_fwd(&self, g: &mut Vec<f32>, q: &mut Vec<f32>, k: &mut Vec<f32>, v: &mut Vec<f32>, gqkv: &Vec<f32>, pos: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+        qkv_rope_fwd_cpu(g, q, k, v, gqkv, pos, t, nh);
+        Ok(())
+    }
+
+    fn qkv_rope_bwd(&self, dgqkv: &mut Vec<f32>, dg: &Vec<f32>, dq: &Vec<f32>, dk: &Vec<f32>, dv: &Vec<f32>, pos: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+        qkv_rope_bwd_cpu(dgqkv, dg, dq, dk, dv, pos, t, nh);
+        Ok(())
+    }
+
+    fn attention_fwd(&self, o: &mut Vec<f32>, lse: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+        attention_fwd_cpu(o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh);
+        Ok(())
+    }
+
+    fn attention_bwd(&self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, do_: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, o: &Vec<f32>, lse: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+        attention_bwd_cpu(dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh);
+        Ok(())
+    }
+
+    fn gate_fwd(&self, out: &mut Vec<f32>, g: &Vec<f32>, a: &Vec<f32>, n: usize) -> Result<()> {
+        gate_fwd_cpu(out, g, a, n);
+        Ok(())
+    }
+
+    fn gate_bwd(&self, dg: &mut Vec<f32>, da: &mut Vec<f32>, dout: &Vec<f32>, g: &Vec<f32>, a: &Vec<f32>, n: usize) -> Result<()> {
+        gate_bwd_cpu(dg, da, dout, g, a, n);
+        Ok(())
+    }
+
+    fn swiglu_fwd(&self, out: &mut Vec<f32>, gate_up: &Vec<f32>, t: usize, i: usize) -> Result<()> {
+        swiglu_fwd_cpu(out, gate_up, t, i);
+        Ok(())
+    }
+
+    fn swiglu_bwd(&self, dgate_up: &mut Vec<f32>, dout: &Vec<f32>, gate_up: &Vec<f32>, t: usize, i: usize) -> Result<()> {
+        swiglu_bwd_cpu(dgate_up, dout, gate_up, t, i);
+        Ok(())
+    }
+
+    fn embedding_fwd(&self, out: &mut Vec<f32>, tokens: &Vec<i32>, w: &[f32], w_at: TensorAt, t: usize, d: usize, scale: f32) -> Result<()> {
+        embedding_fwd_cpu(out, tokens, &w[w_at.range()], t, d, scale);
+        Ok(())
+    }
+
+    fn embedding_bwd(&self, dw: &mut [f32], dw_at: TensorAt, dout: &Vec<f32>, tokens: &Vec<i32>, t: usize, d: usize, scale: f32) -> Result<()> {
+        embedding_bwd_cpu(&mut dw[dw_at.range()], dout, tokens, t, d, scale);
+        Ok(())
+    }
+
+    fn lm_head_loss(&self, losses: &mut Vec<f32>, correct: &mut Vec<u8>, grads: Option<(&mut Vec<f32>, &mut [f32])>, y: &Vec<f32>, w: &[f32], w_at: TensorAt, labels: &Vec<i32>, t: usize, v: usize, d: usize, grad_scale: f32) -> Result<()> {
+        let w = &w[w_at.range()];
+        let mut logits = vec![0.0f32; t * v]; // [T, V]
+        linear_fwd_cpu(&mut logits, y, w, None, t, v, d);
+        let mut dlogits = vec![0.0f32; t * v]; // [T, V]
+        cross_entropy_cpu(&mut dlogits, losses, correct, &logits, labels, t, v, grad_scale);
+        if let Some((dy, dw)) = grads {
+            linear_bwd_weight_cpu(&mut dw[w_at.range()], &dlogits, y, t, v, d);
+            linear_bwd_input_cpu(dy, &dlogits, w, t, v, d, false);
+        }
+        Ok(())
+    }
+
+    fn metrics(&self, losses: &Vec<f32>, correct: &Vec<u8>, labels: &[i32], cu_seqlens: &[i32], t: usize) -> Result<StepMetrics> {
+        Ok(metrics_cpu(losses, correct, labels, cu_seqlens, t))
+    }
+}

@@ -1,0 +1,543 @@
+//! The HRM-Text model: forward and backward of every net, written once against [`Backend`].
+//!
+//! One step (SPEC §2-§5), with `T` tokens, `D` hidden, `C = heads*128`, `I` intermediate:
+//!
+//! ```text
+//! z_H = embed(tokens) * sqrt(D)                   [T, D]
+//! z_L = z_L_init on every row                     [T, D]   (all nets but transformer)
+//! for pass in schedule:  z[out] = module(z[z] + z[inj])     (schedule.rs)
+//! losses, correct = CE(z[output] @ W_lm^T, labels)          [T]
+//! ```
+//!
+//! A module is `n` blocks and a final weightless rms; a block is
+//!
+//! ```text
+//! x1    = x  + (sigmoid(g) * attn(rope(q), rope(k), v)) @ W_o^T   g,q,k,v = split(rms(x) @ W_gqkv^T)
+//! x_out = x1 + (silu(gate) * up) @ W_down^T                        gate,up = split(rms(x1) @ W_gate_up^T)
+//! ```
+//!
+//! The backward walks the schedule in reverse with one gradient buffer per state. A pass with
+//! gradient turns `d z[out]` into `d(z + inj)` through its saved activations and adds it to
+//! both `d z[z]` and `d z[inj]`; a pass without gradient is a constant, so it zeroes
+//! `d z[out]` and stops there. What is left in `d z_H` at the start is the embedding's
+//! gradient. The derivation of the block's backward is in `docs/model.md`.
+//!
+//! Memory: every pass with gradient keeps its activations ([`PassActs`], one set per block);
+//! all passes without gradient share one scratch set of a single block whose residual stream
+//! ping-pongs between two buffers (the "ring" indexing below), so they keep nothing.
+
+use anyhow::{bail, ensure, Context, Result};
+use half::bf16;
+
+use crate::config::{ModelConfig, ModuleName};
+use crate::model::backend::{Backend, TensorAt};
+use crate::model::schedule::{Pass, Schedule, Slot};
+use crate::model::spec::{ParamLayout, Role};
+use crate::ops::cross_entropy::{StepMetrics, IGNORE_LABEL};
+
+/// One packed batch on the host (SPEC §4), the fields of `data::batch::PackedBatch`.
+#[derive(Clone, Copy, Debug)]
+pub struct Batch<'a> {
+    /// Token ids [T] (padding: 0).
+    pub inputs: &'a [i32],
+    /// Next-token labels [T], `IGNORE_LABEL` where no loss is taken.
+    pub labels: &'a [i32],
+    /// RoPE positions [T], from 0 at each sample's start.
+    pub positions: &'a [i32],
+    /// Sample starts [S+1]: sample `s` is rows `cu_seqlens[s]..cu_seqlens[s+1]`.
+    pub cu_seqlens: &'a [i32],
+    /// Instruction length `p` of every sample [S].
+    pub prefix_lens: &'a [i32],
+}
+
+impl Batch<'_> {
+    pub fn tokens(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// Checks every field against the others and against the vocabulary, so that no op sees
+    /// an index out of range.
+    pub fn check(&self, vocab: usize) -> Result<()> {
+        let t = self.inputs.len();
+        ensure!(t > 0, "batch: no tokens");
+        ensure!(self.labels.len() == t, "batch: {} labels for {t} inputs", self.labels.len());
+        ensure!(self.positions.len() == t, "batch: {} positions for {t} inputs", self.positions.len());
+        ensure!(
+            self.cu_seqlens.len() == self.prefix_lens.len() + 1,
+            "batch: cu_seqlens has {} entries for {} samples (want S+1)",
+            self.cu_seqlens.len(),
+            self.prefix_lens.len()
+        );
+        if let Some(i) = self.inputs.iter().position(|&x| x < 0 || x as usize >= vocab) {
+            bail!("batch: input {i} is token {} outside the vocabulary of {vocab}", self.inputs[i]);
+        }
+        if let Some(i) = self.labels.iter().position(|&y| y != IGNORE_LABEL && (y < 0 || y as usize >= vocab)) {
+            bail!("batch: label {i} is {} (want -100 or a token below {vocab})", self.labels[i]);
+        }
+        if let Some(i) = self.positions.iter().position(|&p| p < 0) {
+            bail!("batch: position {i} is negative ({})", self.positions[i]);
+        }
+        ensure!(self.cu_seqlens[0] == 0, "batch: cu_seqlens starts at {}, not 0", self.cu_seqlens[0]);
+        for (s, &p) in self.prefix_lens.iter().enumerate() {
+            let (start, end) = (self.cu_seqlens[s], self.cu_seqlens[s + 1]);
+            ensure!(start <= end && end as usize <= t, "batch: sample {s} spans rows [{start}, {end}) of {t}");
+            ensure!(p >= 0 && p <= end - start, "batch: sample {s} has prefix length {p} but {} rows", end - start);
+        }
+        Ok(())
+    }
+}
+
+/// What one training step hands back to the trainer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutput {
+    pub metrics: StepMetrics,
+    /// One flag per tensor of `ParamLayout::tensors` (same order): whether it received
+    /// gradient this step. The optimiser skips tensors without (SPEC §7); `z_L_init` is never
+    /// trained.
+    pub tensors_with_grad: Vec<bool>,
+}
+
+/// Where a block's four weights lie in the flat buffers.
+#[derive(Clone, Copy, Debug)]
+struct BlockWeights {
+    gqkv: TensorAt,    // [4C, D]
+    o: TensorAt,       // [D, C]
+    gate_up: TensorAt, // [2I, D]
+    down: TensorAt,    // [D, I]
+}
+
+/// The positions of every weight, read once off the spec table.
+#[derive(Clone, Debug)]
+struct WeightMap {
+    embed: TensorAt,   // [V, D]
+    lm_head: TensorAt, // [V, D]
+    modules: Vec<(ModuleName, Vec<BlockWeights>)>,
+}
+
+impl WeightMap {
+    fn new(cfg: &ModelConfig, layout: &ParamLayout) -> Result<WeightMap> {
+        let at = |role: Role| -> Result<TensorAt> {
+            let spec = layout.get(role).with_context(|| format!("{role:?} missing from the spec table"))?;
+            TensorAt::of(spec)
+        };
+        let mut modules = Vec::new();
+        for (module, n_blocks) in cfg.net.modules(cfg.dims.n_layers) {
+            let blocks = (0..n_blocks)
+                .map(|layer| {
+                    Ok(BlockWeights {
+                        gqkv: at(Role::Gqkv { module, layer })?,
+                        o: at(Role::AttnOut { module, layer })?,
+                        gate_up: at(Role::GateUp { module, layer })?,
+                        down: at(Role::Down { module, layer })?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            modules.push((module, blocks));
+        }
+        Ok(WeightMap { embed: at(Role::Embedding)?, lm_head: at(Role::LmHead)?, modules })
+    }
+
+    fn module(&self, m: ModuleName) -> Result<&[BlockWeights]> {
+        match self.modules.iter().find(|(name, _)| *name == m) {
+            Some((_, blocks)) => Ok(blocks),
+            None => bail!("the schedule calls module {m:?}, which this net does not have"),
+        }
+    }
+}
+
+/// The activations of one block that its backward reads.
+struct BlockActs<B: Backend> {
+    xn1: B::Act,   // [T, D]  rms(x), the attention input
+    rstd1: B::F32, // [T]
+    g: B::Act,     // [T, C]  gate heads
+    q: B::Act,     // [T, C]  roped
+    k: B::Act,     // [T, C]  roped
+    v: B::Act,     // [T, C]
+    o: B::Act,     // [T, C]  attention output
+    lse: B::F32,   // [NH, T]
+    ga: B::Act,    // [T, C]  sigmoid(g) * o, the input of W_o
+    x1: B::Act,    // [T, D]  residual stream after attention
+    xn2: B::Act,   // [T, D]  rms(x1), the MLP input
+    rstd2: B::F32, // [T]
+    gu: B::Act,    // [T, 2I] gate | up
+    act: B::Act,   // [T, I]  silu(gate) * up, the input of W_down
+}
+
+/// The activations of one module pass: the residual stream between blocks and each block's.
+/// `x[i]` is block i's input (`x[0] = z + inj`), `x[n]` the input of the final rms.
+/// Indexing is modulo the lengths, so the scratch set (2 stream buffers, 1 block) serves
+/// a module of any depth as a ring, and a saved set (`n+1`, `n`) is indexed plainly.
+struct PassActs<B: Backend> {
+    x: Vec<B::Act>, // each [T, D]
+    blocks: Vec<BlockActs<B>>,
+    rstd: B::F32, // [T]  of the final rms
+}
+
+/// Gradient scratch of one block, reused by every block of every pass.
+struct BlockGrads<B: Backend> {
+    dres: B::Act,  // [T, D]  the residual stream's gradient, updated in place
+    dxn: B::Act,   // [T, D]  gradient of a norm's output
+    dact: B::Act,  // [T, I]
+    dgu: B::Act,   // [T, 2I]
+    dga: B::Act,   // [T, C]
+    dg: B::Act,    // [T, C]
+    do_: B::Act,   // [T, C]
+    dq: B::Act,    // [T, C]
+    dk: B::Act,    // [T, C]
+    dv: B::Act,    // [T, C]
+    dgqkv: B::Act, // [T, 4C]
+}
+
+/// The batch's index buffers on the backend.
+struct DeviceBatch<B: Backend> {
+    tokens: B::I32,      // [T]
+    labels: B::I32,      // [T]
+    positions: B::I32,   // [T]
+    cu_seqlens: B::I32,  // [S+1]
+    prefix_lens: B::I32, // [S]
+}
+
+/// Sizes every op call needs.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    t: usize,
+    d: usize,
+    nh: usize,
+    c: usize,
+    i: usize,
+    v: usize,
+}
+
+/// Every buffer of a step of `T` tokens, allocated once and reused while `T` stays the same.
+struct Workspace<B: Backend> {
+    t: usize,
+    state: [B::Act; 2],  // [T, D] each, indexed by Slot: z_H, z_L
+    dstate: [B::Act; 2], // [T, D] their gradients
+    gqkv: B::Act,        // [T, 4C] projection scratch (split by qkv_rope_fwd, not kept)
+    scratch: PassActs<B>,
+    /// One set per pass with gradient, in forward order; grows with `bp_steps`.
+    saved: Vec<PassActs<B>>,
+    grads: BlockGrads<B>,
+    losses: B::F32, // [T]
+    correct: B::U8, // [T]
+}
+
+/// The model on one backend: weight positions, `z_L_init` and the step's buffers.
+pub struct Model<B: Backend> {
+    backend: B,
+    config: ModelConfig,
+    layout: ParamLayout,
+    weights: WeightMap,
+    /// `z_L_init` [D], in the activation precision; `None` for transformer.
+    z_l_init: Option<B::Act>,
+    /// Blocks of the deepest module: the size of a saved pass.
+    max_blocks: usize,
+    ws: Option<Workspace<B>>,
+}
+
+impl<B: Backend> Model<B> {
+    /// `z_l_init` is the saved bf16 vector [D] (empty for transformer).
+    pub fn new(backend: B, config: ModelConfig, z_l_init: &[bf16]) -> Result<Model<B>> {
+        let layout = ParamLayout::new(&config);
+        let weights = WeightMap::new(&config, &layout)?;
+        let d = config.dims.hidden;
+        let z_l_init = if config.net.has_z_l_init() {
+            ensure!(z_l_init.len() == d, "z_L_init has {} elements, the model's hidden size is {d}", z_l_init.len());
+            let host: Vec<f32> = z_l_init.iter().map(|x| x.to_f32()).collect();
+            Some(backend.upload_act(&host)?)
+        } else {
+            None
+        };
+        let max_blocks = weights.modules.iter().map(|(_, b)| b.len()).max().unwrap_or(0);
+        ensure!(max_blocks > 0, "the {:?} net with n_layers = {} has a module without blocks", config.net.name(), config.dims.n_layers);
+        Ok(Model { backend, config, layout, weights, z_l_init, max_blocks, ws: None })
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn layout(&self) -> &ParamLayout {
+        &self.layout
+    }
+
+    /// One forward and backward over `batch`. `grads` (master-shaped, fp32) accumulates
+    /// `d(loss_sum / loss_divisor)/d(weights)`; `loss_divisor` is the number of valid labels
+    /// (at world size 1; SPEC §5). Gradient flows only through the passes of `schedule` that
+    /// have it.
+    pub fn forward_backward(&mut self, weights: &B::Weights, batch: &Batch, schedule: &Schedule, grads: &mut B::Grads, loss_divisor: f32) -> Result<StepOutput> {
+        ensure!(loss_divisor.is_finite() && loss_divisor > 0.0, "loss_divisor must be positive, got {loss_divisor}");
+        let metrics = self.step(weights, batch, schedule, Some(grads), 1.0 / loss_divisor)?;
+        let tensors_with_grad = self
+            .layout
+            .tensors
+            .iter()
+            .map(|t| match t.role {
+                Role::Embedding => schedule.embedding_grad,
+                Role::LmHead => true,
+                Role::Gqkv { module, .. } | Role::AttnOut { module, .. } | Role::GateUp { module, .. } | Role::Down { module, .. } => schedule.module_grad(module),
+                Role::ZLInit => false,
+            })
+            .collect();
+        Ok(StepOutput { metrics, tensors_with_grad })
+    }
+
+    /// The forward alone (evaluation, `hrm-cu loss`): no activations kept, no gradients.
+    pub fn forward_loss(&mut self, weights: &B::Weights, batch: &Batch) -> Result<StepMetrics> {
+        let schedule = Schedule::forward_only(&self.config.net);
+        self.step(weights, batch, &schedule, None, 0.0)
+    }
+
+    /// The per-token losses [T] of the last step (0 on ignored labels). Synchronises.
+    pub fn token_losses(&self) -> Result<Vec<f32>> {
+        let ws = self.ws.as_ref().context("token_losses: no step has run yet")?;
+        self.backend.download_f32(&ws.losses)
+    }
+
+    fn sizes(&self, t: usize) -> Sizes {
+        let d = &self.config.dims;
+        Sizes { t, d: d.hidden, nh: d.heads, c: d.heads * d.head_dim, i: d.intermediate, v: self.config.vocab }
+    }
+
+    fn step(&mut self, w: &B::Weights, batch: &Batch, schedule: &Schedule, grads: Option<&mut B::Grads>, grad_scale: f32) -> Result<StepMetrics> {
+        batch.check(self.config.vocab)?;
+        let master_len = self.layout.master_len;
+        ensure!(self.backend.weights_len(w) == master_len, "weights hold {} elements, the layout {master_len}", self.backend.weights_len(w));
+        if let Some(g) = &grads {
+            ensure!(self.backend.grads_len(g) == master_len, "gradients hold {} elements, the layout {master_len}", self.backend.grads_len(g));
+        }
+        ensure!(self.config.net.has_z_l_init() || schedule.passes.iter().all(|p| p.z != Slot::L && p.inj != Some(Slot::L)), "the schedule reads z_L, which the {:?} net does not have", self.config.net.name());
+        let sz = self.sizes(batch.tokens());
+        let saved_needed = if grads.is_some() { schedule.grad_passes() } else { 0 };
+        let be = &self.backend;
+        let wm = &self.weights;
+        let ws = plan(&mut self.ws, be, sz, self.max_blocks, saved_needed)?;
+        let db = DeviceBatch::<B> {
+            tokens: be.upload_i32(batch.inputs)?,
+            labels: be.upload_i32(batch.labels)?,
+            positions: be.upload_i32(batch.positions)?,
+            cu_seqlens: be.upload_i32(batch.cu_seqlens)?,
+            prefix_lens: be.upload_i32(batch.prefix_lens)?,
+        };
+        let (t, d) = (sz.t, sz.d);
+        let scale = (d as f32).sqrt(); // SPEC §3: embedding times 1/init_std = sqrt(hidden)
+
+        // ---- forward ----
+        be.embedding_fwd(&mut ws.state[Slot::H.index()], &db.tokens, w, wm.embed, t, d, scale)?;
+        if let Some(z0) = &self.z_l_init {
+            be.broadcast_rows(&mut ws.state[Slot::L.index()], z0, t, d)?;
+        }
+        let mut n_saved = 0;
+        for pass in &schedule.passes {
+            let acts = if pass.grad && grads.is_some() {
+                n_saved += 1;
+                &mut ws.saved[n_saved - 1]
+            } else {
+                &mut ws.scratch
+            };
+            pass_forward(be, w, wm.module(pass.module)?, pass, acts, &mut ws.gqkv, &mut ws.state, &db, sz)?;
+        }
+        let out = schedule.output.index();
+        let Some(grads) = grads else {
+            be.lm_head_loss(&mut ws.losses, &mut ws.correct, None, &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, grad_scale)?;
+            return be.metrics(&ws.losses, &ws.correct, batch.labels, batch.cu_seqlens, t);
+        };
+        // The LM head writes d z[output]; the other state's gradient starts at zero.
+        be.lm_head_loss(&mut ws.losses, &mut ws.correct, Some((&mut ws.dstate[out], &mut *grads)), &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, grad_scale)?;
+        be.zero_act(&mut ws.dstate[schedule.output.other().index()])?;
+
+        // ---- backward ----
+        for pass in schedule.passes.iter().rev() {
+            if pass.grad {
+                n_saved -= 1;
+                pass_backward(be, w, wm.module(pass.module)?, grads, pass, &ws.saved[n_saved], &mut ws.grads, &mut ws.dstate, &db, sz)?;
+            } else {
+                // A pass without gradient is a constant: the gradient of its output stops here.
+                be.zero_act(&mut ws.dstate[pass.out.index()])?;
+            }
+        }
+        if schedule.embedding_grad {
+            be.embedding_bwd(grads, wm.embed, &ws.dstate[Slot::H.index()], &db.tokens, t, d, scale)?;
+        }
+        be.metrics(&ws.losses, &ws.correct, batch.labels, batch.cu_seqlens, t)
+    }
+}
+
+impl<B: Backend> Workspace<B> {
+    /// Every buffer of a step of `T` tokens, with no saved passes yet.
+    fn new(be: &B, sz: Sizes) -> Result<Workspace<B>> {
+        let Sizes { t, d, c, i, .. } = sz;
+        let act = |n: usize| be.alloc_act(n);
+        Ok(Workspace {
+            t,
+            state: [act(t * d)?, act(t * d)?],
+            dstate: [act(t * d)?, act(t * d)?],
+            gqkv: act(t * 4 * c)?,
+            scratch: alloc_pass(be, sz, 1)?,
+            saved: Vec::new(),
+            grads: BlockGrads {
+                dres: act(t * d)?,
+                dxn: act(t * d)?,
+                dact: act(t * i)?,
+                dgu: act(t * 2 * i)?,
+                dga: act(t * c)?,
+                dg: act(t * c)?,
+                do_: act(t * c)?,
+                dq: act(t * c)?,
+                dk: act(t * c)?,
+                dv: act(t * c)?,
+                dgqkv: act(t * 4 * c)?,
+            },
+            losses: be.alloc_f32(t)?,
+            correct: be.alloc_u8(t)?,
+        })
+    }
+}
+
+/// The workspace for `T = sz.t` tokens with at least `saved` saved passes of `blocks` blocks:
+/// the existing one when `T` is unchanged (growing `saved` if needed), else a fresh one.
+fn plan<'a, B: Backend>(slot: &'a mut Option<Workspace<B>>, be: &B, sz: Sizes, blocks: usize, saved: usize) -> Result<&'a mut Workspace<B>> {
+    if slot.as_ref().is_some_and(|ws| ws.t != sz.t) {
+        *slot = None; // release the old buffers before allocating new ones
+    }
+    let ws = match slot {
+        Some(ws) => ws,
+        None => slot.insert(Workspace::new(be, sz)?),
+    };
+    while ws.saved.len() < saved {
+        ws.saved.push(alloc_pass(be, sz, blocks)?);
+    }
+    Ok(ws)
+}
+
+/// Activations of a pass through up to `blocks` blocks (1: the scratch ring).
+fn alloc_pass<B: Backend>(be: &B, sz: Sizes, blocks: usize) -> Result<PassActs<B>> {
+    let Sizes { t, d, nh, c, i, .. } = sz;
+    let act = |n: usize| be.alloc_act(n);
+    let f32 = |n: usize| be.alloc_f32(n);
+    Ok(PassActs {
+        x: (0..blocks.max(1) + 1).map(|_| act(t * d)).collect::<Result<_>>()?,
+        blocks: (0..blocks)
+            .map(|_| {
+                Ok(BlockActs {
+                    xn1: act(t * d)?,
+                    rstd1: f32(t)?,
+                    g: act(t * c)?,
+                    q: act(t * c)?,
+                    k: act(t * c)?,
+                    v: act(t * c)?,
+                    o: act(t * c)?,
+                    lse: f32(nh * t)?,
+                    ga: act(t * c)?,
+                    x1: act(t * d)?,
+                    xn2: act(t * d)?,
+                    rstd2: f32(t)?,
+                    gu: act(t * 2 * i)?,
+                    act: act(t * i)?,
+                })
+            })
+            .collect::<Result<_>>()?,
+        rstd: f32(t)?,
+    })
+}
+
+/// `(&ring[i], &mut ring[i + 1])`, indices modulo the ring's length (at least 2).
+fn ring_pair<T>(ring: &mut [T], i: usize) -> (&T, &mut T) {
+    let (a, b) = (i % ring.len(), (i + 1) % ring.len());
+    if a < b {
+        let (lo, hi) = ring.split_at_mut(b);
+        (&lo[a], &mut hi[0])
+    } else {
+        let (lo, hi) = ring.split_at_mut(a);
+        (&hi[0], &mut lo[b])
+    }
+}
+
+/// `state[out] = Module(state[z] + state[inj])`: the blocks, then the final rms.
+#[allow(clippy::too_many_arguments)]
+fn pass_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], pass: &Pass, acts: &mut PassActs<B>, gqkv: &mut B::Act, state: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+    let (t, d, n) = (sz.t, sz.d, blocks.len());
+    let (xs, bs) = (acts.x.len(), acts.blocks.len());
+    // x_0 = z + inj, normed for block 0's attention (one fused op)
+    let inj = pass.inj.map(|s| &state[s.index()]);
+    let first = &mut acts.blocks[0];
+    be.add_rmsnorm_fwd(&mut acts.x[0], &mut first.xn1, &mut first.rstd1, &state[pass.z.index()], inj, t, d)?;
+    for (i, bw) in blocks.iter().enumerate() {
+        let (x, x_next) = ring_pair(&mut acts.x, i);
+        block_forward(be, w, bw, &mut acts.blocks[i % bs], gqkv, x, x_next, db, sz)?;
+        // The pre-norm of what reads x_{i+1}: block i+1's attention, or the module's final rms.
+        let x_next = &acts.x[(i + 1) % xs];
+        if i + 1 < n {
+            let next = &mut acts.blocks[(i + 1) % bs];
+            be.rmsnorm_fwd(&mut next.xn1, &mut next.rstd1, x_next, t, d)?;
+        } else {
+            be.rmsnorm_fwd(&mut state[pass.out.index()], &mut acts.rstd, x_next, t, d)?;
+        }
+    }
+    Ok(())
+}
+
+/// One block, given its input `x` [T, D] and `a.xn1 = rms(x)`; writes `x_out` [T, D].
+#[allow(clippy::too_many_arguments)]
+fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut BlockActs<B>, gqkv: &mut B::Act, x: &B::Act, x_out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+    let Sizes { t, d, nh, c, i, .. } = sz;
+    // attention: x1 = x + (sigmoid(g) * attn(rope(q), rope(k), v)) @ W_o^T
+    be.linear_fwd(gqkv, &a.xn1, w, bw.gqkv, None, t, 4 * c, d)?;
+    be.qkv_rope_fwd(&mut a.g, &mut a.q, &mut a.k, &mut a.v, gqkv, &db.positions, t, nh)?;
+    be.attention_fwd(&mut a.o, &mut a.lse, &a.q, &a.k, &a.v, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
+    be.gate_fwd(&mut a.ga, &a.g, &a.o, t * c)?;
+    be.linear_fwd(&mut a.x1, &a.ga, w, bw.o, Some(x), t, d, c)?;
+    // MLP: x_out = x1 + (silu(gate) * up) @ W_down^T
+    be.rmsnorm_fwd(&mut a.xn2, &mut a.rstd2, &a.x1, t, d)?;
+    be.linear_fwd(&mut a.gu, &a.xn2, w, bw.gate_up, None, t, 2 * i, d)?;
+    be.swiglu_fwd(&mut a.act, &a.gu, t, i)?;
+    be.linear_fwd(x_out, &a.act, w, bw.down, Some(&a.x1), t, d, i)
+}
+
+/// Backward of `state[out] = Module(state[z] + state[inj])`: consumes `dstate[out]`, adds
+/// `d(z + inj)` to `dstate[z]` and `dstate[inj]`, accumulates the module's weight gradients.
+#[allow(clippy::too_many_arguments)]
+fn pass_backward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], dw: &mut B::Grads, pass: &Pass, acts: &PassActs<B>, g: &mut BlockGrads<B>, dstate: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+    let (t, d, n) = (sz.t, sz.d, blocks.len());
+    // out = rms(x_n): dres = d x_n
+    be.zero_act(&mut g.dres)?;
+    be.rmsnorm_bwd(&mut g.dres, &dstate[pass.out.index()], &acts.x[n], &acts.rstd, t, d)?;
+    // The value `out` held before this pass is another variable, with no gradient so far.
+    be.zero_act(&mut dstate[pass.out.index()])?;
+    for i in (0..n).rev() {
+        block_backward(be, w, &blocks[i], dw, &acts.blocks[i], &acts.x[i], g, db, sz)?;
+    }
+    // dres = d(z + inj), which fans out to both
+    be.add_act(&mut dstate[pass.z.index()], &g.dres, t * d)?;
+    if let Some(inj) = pass.inj {
+        be.add_act(&mut dstate[inj.index()], &g.dres, t * d)?;
+    }
+    Ok(())
+}
+
+/// One block's backward: `g.dres` holds `d x_out` on entry and `d x` on exit (the residual
+/// stream's gradient accumulates in place); weight gradients accumulate into `dw`.
+#[allow(clippy::too_many_arguments)]
+fn block_backward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, dw: &mut B::Grads, a: &BlockActs<B>, x: &B::Act, g: &mut BlockGrads<B>, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+    let Sizes { t, d, nh, c, i, .. } = sz;
+    // MLP: x_out = x1 + act @ W_down^T, act = swiglu(rms(x1) @ W_gate_up^T)
+    be.linear_bwd_input(&mut g.dact, &g.dres, w, bw.down, t, d, i, false)?;
+    be.linear_bwd_weight(dw, bw.down, &g.dres, &a.act, t, d, i)?;
+    be.swiglu_bwd(&mut g.dgu, &g.dact, &a.gu, t, i)?;
+    be.linear_bwd_input(&mut g.dxn, &g.dgu, w, bw.gate_up, t, 2 * i, d, false)?;
+    be.linear_bwd_weight(dw, bw.gate_up, &g.dgu, &a.xn2, t, 2 * i, d)?;
+    be.rmsnorm_bwd(&mut g.dres, &g.dxn, &a.x1, &a.rstd2, t, d)?;
+    // attention: x1 = x + ga @ W_o^T, ga = sigmoid(g) * attn(...)
+    be.linear_bwd_input(&mut g.dga, &g.dres, w, bw.o, t, d, c, false)?;
+    be.linear_bwd_weight(dw, bw.o, &g.dres, &a.ga, t, d, c)?;
+    be.gate_bwd(&mut g.dg, &mut g.do_, &g.dga, &a.g, &a.o, t * c)?;
+    be.attention_bwd(&mut g.dq, &mut g.dk, &mut g.dv, &g.do_, &a.q, &a.k, &a.v, &a.o, &a.lse, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
+    be.qkv_rope_bwd(&mut g.dgqkv, &g.dg, &g.dq, &g.dk, &g.dv, &db.positions, t, nh)?;
+    be.linear_bwd_input(&mut g.dxn, &g.dgqkv, w, bw.gqkv, t, 4 * c, d, false)?;
+    be.linear_bwd_weight(dw, bw.gqkv, &g.dgqkv, &a.xn1, t, 4 * c, d)?;
+    be.rmsnorm_bwd(&mut g.dres, &g.dxn, x, &a.rstd1, t, d)
+}
