@@ -24,3 +24,4 @@ pub mod ops;
 pub mod optim;
 pub mod rng;
 pub mod selftest;
+pub mod train;

@@ -1,0 +1,3 @@
+//! Training: the loop that drives an [`engine::Engine`] over the data loader.
+
+pub mod engine;
