@@ -13,6 +13,7 @@
 
 pub mod batch;
 pub mod dataset;
+pub mod demo;
 pub mod loader;
 pub mod multipack;
 pub mod npy;
