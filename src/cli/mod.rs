@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::gpu::Gpu;
 
+mod data;
+
 #[derive(Parser, Debug)]
 #[command(name = "hrm-cu", version, about = "A from-scratch, CUDA-native trainer for the HRM-Text model family")]
 pub struct Cli {
@@ -30,7 +32,7 @@ pub enum Command {
     /// Read a Hugging Face-layout model into a checkpoint
     Import(Unfinished),
     /// Dataset tools: prepare, inspect, batches
-    Data(Unfinished),
+    Data(data::DataArgs),
     /// Time kernels and training steps against the card's measured ceilings
     Bench(Unfinished),
     /// Check every GPU kernel against its CPU reference on this machine's GPU
@@ -66,7 +68,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(_) => unfinished("generate", "the evaluation engine"),
         Command::Export(_) => unfinished("export", "the CPU model issue (interchange)"),
         Command::Import(_) => unfinished("import", "the CPU model issue (interchange)"),
-        Command::Data(_) => unfinished("data", "the data issue"),
+        Command::Data(args) => data::run(args),
         Command::Bench(_) => unfinished("bench", "the kernels issue"),
     }
 }

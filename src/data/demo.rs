@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashSet};
 use anyhow::{bail, ensure, Result};
 
 use super::dataset::{Dataset, EpochIndex, TokenizerInfo};
+use super::shuffle;
 use crate::rng::Rng;
 
 /// Padding (never inside a sample; the value padding slots of a batch hold).
@@ -190,13 +191,6 @@ fn sample_distinct(rng: &mut Rng, n: u64, k: usize) -> Vec<u64> {
         out.push(pick);
     }
     out
-}
-
-/// Fisher–Yates.
-fn shuffle<T>(rng: &mut Rng, v: &mut [T]) {
-    for i in (1..v.len()).rev() {
-        v.swap(i, rng.below(i as u64 + 1) as usize);
-    }
 }
 
 #[cfg(test)]

@@ -14,11 +14,20 @@
 pub mod batch;
 pub mod dataset;
 pub mod demo;
+pub mod inspect;
 pub mod loader;
 pub mod multipack;
 pub mod npy;
+pub mod prepare;
 
 pub use batch::{assemble, PackedBatch, IGNORE_LABEL};
 pub use dataset::{Dataset, EpochIndex, Metadata, Sample, TokenSlice, TokenizerInfo};
 pub use loader::{total_steps_estimate, DataPosition, Loader, LoaderConfig};
 pub use multipack::{plan_epoch, EpochPlan};
+
+/// Fisher–Yates shuffle: every permutation equally likely, deterministic in the generator.
+pub(crate) fn shuffle<T>(rng: &mut crate::rng::Rng, v: &mut [T]) {
+    for i in (1..v.len()).rev() {
+        v.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+}
