@@ -4,6 +4,7 @@
 //! `hrm-cu` binary (`src/main.rs`). Module map:
 //!
 //! - [`config`]: sizes, nets and hyper-parameters (SPEC §1, §7)
+//! - [`data`]: the dataset layout, multipack sampler, batch assembly and loader (SPEC §4, §8)
 //! - [`model`]: the tensor spec table and the model itself
 //! - [`ops`]: every op with its fp32 CPU reference and its GPU launcher side by side
 //! - [`gpu`]: driver context, stream, device properties, embedded kernels
@@ -17,6 +18,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod gpu;
 pub mod interchange;
 pub mod model;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::gpu::Gpu;
 
+mod data;
 mod export;
 mod import;
 
@@ -33,7 +34,7 @@ pub enum Command {
     /// Read a Hugging Face-layout model into a checkpoint
     Import(import::ImportArgs),
     /// Dataset tools: prepare, inspect, batches
-    Data(Unfinished),
+    Data(data::DataArgs),
     /// Time kernels and training steps against the card's measured ceilings
     Bench(Unfinished),
     /// Check every GPU kernel against its CPU reference on this machine's GPU
@@ -69,7 +70,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(_) => unfinished("generate", "the evaluation engine"),
         Command::Export(args) => export::run(args),
         Command::Import(args) => import::run(args),
-        Command::Data(_) => unfinished("data", "the data issue"),
+        Command::Data(args) => data::run(args),
         Command::Bench(_) => unfinished("bench", "the kernels issue"),
     }
 }
