@@ -227,6 +227,13 @@ pub struct TrainConfig {
     /// Labels only on the response (SPEC §4).
     pub target_only: bool,
     pub seed: u64,
+    /// Stop after this many optimiser steps; also the schedule's `total_steps` when set
+    /// (otherwise the data's estimate, SPEC §7).
+    #[serde(default)]
+    pub max_steps: Option<u64>,
+    /// Train with this fixed `bp_steps` instead of the warm-up (hrm only).
+    #[serde(default)]
+    pub fixed_bp_steps: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -244,6 +251,8 @@ impl Default for TrainConfig {
             bp_warmup: true,
             target_only: true,
             seed: 0,
+            max_steps: None,
+            fixed_bp_steps: None,
         }
     }
 }

@@ -49,11 +49,7 @@ const DATA_FILES: [&str; 4] = [MODEL_FILE, EMA_FILE, OPTIMIZER_FILE, STATE_FILE]
 const CHECKPOINT_DTYPES: ModelDtypes<'static> = ModelDtypes { master: &[Dtype::F32], z_l_init: &[Dtype::BF16] };
 
 /// Where the data loader is: the next step to run is `step` (0-based) of epoch `epoch`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DataPosition {
-    pub epoch: u64,
-    pub step: u64,
-}
+pub use crate::data::loader::DataPosition;
 
 /// The scalar state of a run, saved as `train_state.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
