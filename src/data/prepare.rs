@@ -247,6 +247,18 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         .collect::<Result<_>>()?;
     bar.finish_and_clear();
     let (mut reports, data): (Vec<FileReport>, Vec<Tokenized>) = results.into_iter().unzip();
+    if data.iter().all(|d| d.rows.is_empty()) {
+        let first = reports.iter().find_map(|r| r.error_examples.first().map(|(line, msg)| format!("; e.g. {}:{line}: {msg}", r.path.display())));
+        bail!(
+            "no usable rows in {} file(s): {} rows, {} failed to parse, {} too long, {} with a short response{}",
+            reports.len(),
+            reports.iter().map(|r| r.rows).sum::<usize>(),
+            reports.iter().map(|r| r.parse_errors).sum::<usize>(),
+            reports.iter().map(|r| r.dropped_long).sum::<usize>(),
+            reports.iter().map(|r| r.dropped_short).sum::<usize>(),
+            first.unwrap_or_default()
+        );
+    }
 
     // Step 4: which rows each epoch takes from each file, as (file, row) pairs.
     let mut cursors: Vec<(Vec<usize>, usize)> = reports
