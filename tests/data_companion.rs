@@ -126,7 +126,8 @@ fn open_error(f: impl FnOnce(&Path)) -> String {
 
 #[test]
 fn every_validation_error_names_the_file_the_row_and_the_fix() {
-    let cases: Vec<(Box<dyn FnOnce(&Path)>, &str)> = vec![
+    type Breakage = Box<dyn FnOnce(&Path)>;
+    let cases: Vec<(Breakage, &str)> = vec![
         (Box::new(|d| std::fs::remove_file(d.join("metadata.json")).unwrap()), "metadata.json (is "),
         (Box::new(|d| std::fs::write(d.join("metadata.json"), r#"{"tokenizer_info": {}, "max_seq_len": 5}"#).unwrap()), "does not have the fields of SPEC §8"),
         (Box::new(|d| std::fs::write(d.join("metadata.json"), "{").unwrap()), "metadata.json: not valid JSON"),
