@@ -453,7 +453,7 @@ impl Dataset {
         self.max_sample_len
     }
 
-    /// Sample `row` of epoch `epoch`.
+    /// Sample `row` of epoch `epoch`. Panics if either is out of range, like slice indexing.
     pub fn sample(&self, epoch: usize, row: usize) -> Sample<'_> {
         let [is, il, rs, rl] = self.epochs[epoch].columns().map(|c| c[row] as usize);
         let all = self.all_tokens();
