@@ -90,6 +90,7 @@ fn reads_the_companion_layout_in_every_token_type() {
         assert_eq!((ds.num_epochs(), ds.num_samples(0), ds.num_samples(1), ds.tokens_per_epoch()), (2, 3, 2, 18));
         assert_eq!(ds.metadata().raw["sampler_version"], "x", "unknown fields are kept for export");
         assert_eq!(ds.metadata().tokenizer_info.condition_mapping["cot"], "<|object_ref_end|>");
+        assert_eq!(ds.tokenizer_file(), None, "/models/tok is not on this machine");
         for (r, &(is, il, rs, rl)) in e0.iter().enumerate() {
             let s = ds.sample(0, r);
             assert_eq!(s.instruction.to_vec(), tokens[is as usize..(is + il) as usize]);

@@ -131,7 +131,7 @@ fn prepare_then_batches_and_inspect() {
     assert!(coverage.contains("| chat.jsonl | `` | 31 | 1 | 0 | 0 | 1 | 30 |"), "{coverage}");
     assert!(coverage.contains("gsm.jsonl:6`: not an instruction/response row"), "{coverage}");
     assert!(coverage.contains("chat.jsonl:9`: unknown condition \"sarcastic\""), "{coverage}");
-    assert!(out.join("tokenizer.json").is_file());
+    assert_eq!(ds.tokenizer_file(), Some(out.join("tokenizer.json")));
 
     // Same seed, same dataset, byte for byte.
     let again = c.root.parent().unwrap().join("ds2");

@@ -418,6 +418,16 @@ impl Dataset {
         &self.metadata
     }
 
+    /// The tokenizer the dataset was made with, if it is on this machine: `tokenizer.json`
+    /// next to the data (`data prepare` copies it there), else `tokenizer_info.tokenizer_path`
+    /// (a tokenizer.json, or a directory holding one).
+    pub fn tokenizer_file(&self) -> Option<PathBuf> {
+        let beside = self.dir.as_ref().map(|d| d.join("tokenizer.json"));
+        let recorded = PathBuf::from(&self.metadata.tokenizer_info.tokenizer_path);
+        let candidates = [beside, Some(recorded.join("tokenizer.json")), Some(recorded)];
+        candidates.into_iter().flatten().find(|p| p.is_file())
+    }
+
     /// The tokenizer's vocabulary, added tokens included (metadata `tokenizer_info.vocab_size`).
     pub fn tokenizer_vocab(&self) -> usize {
         self.metadata.tokenizer_info.vocab_size
