@@ -90,6 +90,7 @@ fn reads_the_companion_layout_in_every_token_type() {
         assert_eq!((ds.num_epochs(), ds.num_samples(0), ds.num_samples(1), ds.tokens_per_epoch()), (2, 3, 2, 18));
         assert_eq!(ds.metadata().raw["sampler_version"], "x", "unknown fields are kept for export");
         assert_eq!(ds.metadata().tokenizer_info.condition_mapping["cot"], "<|object_ref_end|>");
+        assert_eq!(ds.tokenizer_file(), None, "/models/tok is not on this machine");
         for (r, &(is, il, rs, rl)) in e0.iter().enumerate() {
             let s = ds.sample(0, r);
             assert_eq!(s.instruction.to_vec(), tokens[is as usize..(is + il) as usize]);
@@ -126,7 +127,8 @@ fn open_error(f: impl FnOnce(&Path)) -> String {
 
 #[test]
 fn every_validation_error_names_the_file_the_row_and_the_fix() {
-    let cases: Vec<(Box<dyn FnOnce(&Path)>, &str)> = vec![
+    type Breakage = Box<dyn FnOnce(&Path)>;
+    let cases: Vec<(Breakage, &str)> = vec![
         (Box::new(|d| std::fs::remove_file(d.join("metadata.json")).unwrap()), "metadata.json (is "),
         (Box::new(|d| std::fs::write(d.join("metadata.json"), r#"{"tokenizer_info": {}, "max_seq_len": 5}"#).unwrap()), "does not have the fields of SPEC §8"),
         (Box::new(|d| std::fs::write(d.join("metadata.json"), "{").unwrap()), "metadata.json: not valid JSON"),

@@ -131,7 +131,7 @@ fn prepare_then_batches_and_inspect() {
     assert!(coverage.contains("| chat.jsonl | `` | 31 | 1 | 0 | 0 | 1 | 30 |"), "{coverage}");
     assert!(coverage.contains("gsm.jsonl:6`: not an instruction/response row"), "{coverage}");
     assert!(coverage.contains("chat.jsonl:9`: unknown condition \"sarcastic\""), "{coverage}");
-    assert!(out.join("tokenizer.json").is_file());
+    assert_eq!(ds.tokenizer_file(), Some(out.join("tokenizer.json")));
 
     // Same seed, same dataset, byte for byte.
     let again = c.root.parent().unwrap().join("ds2");
@@ -181,6 +181,14 @@ fn prepare_refuses_a_missing_special_token_and_a_used_output() {
     std::fs::write(out.join("keep.txt"), "x").unwrap();
     let o = run(&out, &[]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists and is not empty"));
+    let bad = c.root.parent().unwrap().join("bad.jsonl");
+    std::fs::write(&bad, "{\"instruction\": \"no condition\", \"response\": \"x\"}\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_hrm-cu"))
+        .args(["data", "prepare", "--input", bad.to_str().unwrap(), "--tokenizer", c.tokenizer.to_str().unwrap(), "--out", "unused"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("no usable rows in 1 file(s): 1 rows, 1 failed to parse") && e.contains("bad.jsonl:1: not an instruction/response row: missing field `condition`"), "{e}");
     std::fs::write(c.root.join("table.parquet"), "PAR1").unwrap();
     let o = run(&c.root.parent().unwrap().join("other"), &[]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("is Parquet"), "{}", String::from_utf8_lossy(&o.stderr));

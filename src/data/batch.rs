@@ -23,19 +23,19 @@ pub const IGNORE_LABEL: i32 = -100;
 /// One rank's batch for one step. `N` = batch_tokens, `S` = samples packed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PackedBatch {
-    /// [N] token ids; padding 0.
+    /// `[N]` token ids; padding 0.
     pub inputs: Vec<i32>,
-    /// [N] next-token targets; `IGNORE_LABEL` where no loss is taken.
+    /// `[N]` next-token targets; `IGNORE_LABEL` where no loss is taken.
     pub labels: Vec<i32>,
-    /// [N] position inside the sample, from 0; padding 0.
+    /// `[N]` position inside the sample, from 0; padding 0.
     pub positions: Vec<i32>,
-    /// [S+1] sample `i` occupies slots `cu_seqlens[i]..cu_seqlens[i+1]`; `cu_seqlens[0] = 0`.
+    /// `[S+1]` sample `i` occupies slots `cu_seqlens[i]..cu_seqlens[i+1]`; `cu_seqlens[0] = 0`.
     pub cu_seqlens: Vec<i32>,
-    /// [S] instruction length `p`: slots `0..p` of a sample see each other (bidirectional).
+    /// `[S]` instruction length `p`: slots `0..p` of a sample see each other (bidirectional).
     pub prefix_lens: Vec<i32>,
-    /// [S] `len(R) - 1`: the causal part; may be 0 (a response of one token).
+    /// `[S]` `len(R) - 1`: the causal part; may be 0 (a response of one token).
     pub causal_lens: Vec<i32>,
-    /// [S] the epoch rows packed here, in buffer order.
+    /// `[S]` the epoch rows packed here, in buffer order.
     pub rows: Vec<usize>,
 }
 

@@ -195,8 +195,10 @@ fn sample_distinct(rng: &mut Rng, n: u64, k: usize) -> Vec<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
-    use crate::data::{assemble, plan_epoch};
+    use crate::data::{assemble, plan_epoch, DataPosition, Loader, LoaderConfig};
 
     #[test]
     fn problems_tokenize_and_decode() {
@@ -237,6 +239,28 @@ mod tests {
         let plan = plan_epoch(&demo.train.packed_lengths(0), 64, 2);
         let b = assemble(&demo.train, 0, plan.rows(0, 1), 64, true).unwrap();
         assert!(b.num_samples() >= 5 && b.num_labels() > 0);
+    }
+
+    #[test]
+    fn the_demo_runs_through_the_loader_like_any_dataset() {
+        let demo = build(&DemoConfig { train_samples: 200, heldout_samples: 20, epochs: 2, ..DemoConfig::default() }).unwrap();
+        let t = demo.tokenizer;
+        let cfg = LoaderConfig { rank: 0, world: 1, batch_tokens: 64, target_only: true, epochs: 2, prefetch: 2 };
+        let mut samples = 0;
+        for item in Loader::new(Arc::new(demo.train), cfg, DataPosition::default()).unwrap() {
+            let (_, b) = item.unwrap();
+            for i in 0..b.num_samples() {
+                let (start, end) = (b.cu_seqlens[i] as usize, b.cu_seqlens[i + 1] as usize);
+                let p = b.prefix_lens[i] as usize;
+                let ids = |v: &[i32]| v.iter().map(|&x| x as u32).collect::<Vec<_>>();
+                // The instruction's operands, and the labels from its last token on: the sum.
+                let inst = t.decode(&ids(&b.inputs[start..start + p]));
+                let sum: u64 = inst.trim_start_matches("<boq><direct>").trim_end_matches("<eoq>").split('+').map(|x| x.parse::<u64>().unwrap()).sum();
+                assert_eq!(t.decode(&ids(&b.labels[start + p - 1..end])), format!("{sum}<eoa>"));
+                samples += 1;
+            }
+        }
+        assert!(samples > 350, "two epochs of 200 samples, less the dropped tails: {samples}");
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! batch::assemble               this rank's rows -> PackedBatch of batch_tokens slots
 //! loader::Loader                the two above on a background thread, prefetched
 //! ```
+//!
+//! Around it: [`npy`] reads and writes the `.npy` arrays, [`prepare`] builds a dataset from
+//! JSONL (`hrm-cu data prepare`), [`inspect`] summarises one, and [`demo`] makes the small
+//! addition task in memory.
 
 pub mod batch;
 pub mod dataset;

@@ -231,13 +231,14 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     let bar = ProgressBar::new(total_bytes);
     bar.set_style(ProgressStyle::with_template("tokenizing {bar:40} {bytes}/{total_bytes} ({eta})").expect("a valid template"));
     let done = AtomicU64::new(0);
-    let rules: Vec<Rule> = files.iter().map(|(_, rel)| opts.config.rule_for(rel).map_or_else(Rule::default_rule, |i| opts.config.rules[i].clone())).collect();
+    let rule_index: Vec<Option<usize>> = files.iter().map(|(_, rel)| opts.config.rule_for(rel)).collect();
+    let rules: Vec<Rule> = rule_index.iter().map(|i| i.map_or_else(Rule::default_rule, |i| opts.config.rules[i].clone())).collect();
     let results: Vec<(FileReport, Tokenized)> = files
         .par_iter()
         .zip(&rules)
-        .map(|((path, rel), rule)| {
-            let matched = opts.config.rule_for(rel).map(|_| rule.prefix.clone());
-            let mut report = FileReport { path: path.clone(), rel: rel.clone(), rule: matched, ..Default::default() };
+        .zip(&rule_index)
+        .map(|(((path, rel), rule), index)| {
+            let mut report = FileReport { path: path.clone(), rel: rel.clone(), rule: index.map(|_| rule.prefix.clone()), ..Default::default() };
             let data = tokenize_file(path, &tokenizer, &framing, rule, opts, &mut report, &|bytes| {
                 done.fetch_add(bytes, Ordering::Relaxed);
                 bar.set_position(done.load(Ordering::Relaxed));
@@ -247,69 +248,21 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         .collect::<Result<_>>()?;
     bar.finish_and_clear();
     let (mut reports, data): (Vec<FileReport>, Vec<Tokenized>) = results.into_iter().unzip();
-
-    // Step 4: which rows each epoch takes from each file, as (file, row) pairs.
-    let mut cursors: Vec<(Vec<usize>, usize)> = reports
-        .iter()
-        .zip(&data)
-        .map(|(r, d)| {
-            let mut order: Vec<usize> = (0..d.rows.len()).collect();
-            shuffle(&mut Rng::new(seed_for(opts.seed, &format!("file:{}", r.rel))), &mut order);
-            (order, 0)
-        })
-        .collect();
-    let mut used: Vec<Vec<bool>> = data.iter().map(|d| vec![false; d.rows.len()]).collect();
-    let mut epoch_rows: Vec<Vec<(usize, usize)>> = Vec::with_capacity(opts.epochs);
-    for e in 0..opts.epochs {
-        let mut rows = Vec::new();
-        for (f, (report, rule)) in reports.iter_mut().zip(&rules).enumerate() {
-            let (order, cursor) = &mut cursors[f];
-            let n = order.len();
-            // repeat 0 leaves the file out entirely: none of its rows count as used.
-            let take = if rule.repeat == 0 { 0 } else { rule.max_per_file.unwrap_or(n).min(n) };
-            for j in 0..take {
-                let row = order[(*cursor + j) % n];
-                used[f][row] = true;
-                for _ in 0..rule.repeat {
-                    rows.push((f, row));
-                }
-            }
-            *cursor = (*cursor + take) % n.max(1);
-            report.per_epoch = take * rule.repeat;
-        }
-        shuffle(&mut Rng::new(seed_for(opts.seed, &format!("epoch:{e}"))), &mut rows);
-        epoch_rows.push(rows);
+    if data.iter().all(|d| d.rows.is_empty()) {
+        let first = reports.iter().find_map(|r| r.error_examples.first().map(|(line, msg)| format!("; e.g. {}:{line}: {msg}", r.path.display())));
+        bail!(
+            "no usable rows in {} file(s): {} rows, {} failed to parse, {} too long, {} with a short response{}",
+            reports.len(),
+            reports.iter().map(|r| r.rows).sum::<usize>(),
+            reports.iter().map(|r| r.parse_errors).sum::<usize>(),
+            reports.iter().map(|r| r.dropped_long).sum::<usize>(),
+            reports.iter().map(|r| r.dropped_short).sum::<usize>(),
+            first.unwrap_or_default()
+        );
     }
 
-    // Step 5: each used row's tokens once, in file and row order; then the epoch indices.
-    let mut tokens = Vec::new();
-    let mut start_of: Vec<Vec<usize>> = data.iter().map(|d| vec![usize::MAX; d.rows.len()]).collect();
-    for (f, d) in data.iter().enumerate() {
-        for (row, &(start, il, rl)) in d.rows.iter().enumerate() {
-            if used[f][row] {
-                start_of[f][row] = tokens.len();
-                tokens.extend_from_slice(&d.tokens[start..start + il + rl]);
-            }
-        }
-        reports[f].unique_used = used[f].iter().filter(|&&u| u).count();
-    }
-    let mut index = Vec::with_capacity(opts.epochs);
-    let mut epochs = Vec::with_capacity(opts.epochs);
-    for (e, rows) in epoch_rows.iter().enumerate() {
-        let mut idx = EpochIndex::default();
-        let mut epoch_tokens = 0u64;
-        for &(f, row) in rows {
-            let (_, il, rl) = data[f].rows[row];
-            let s = start_of[f][row];
-            idx.push(s, il, s + il, rl);
-            epoch_tokens += (il + rl) as u64;
-            if e == 0 {
-                reports[f].tokens_epoch0 += (il + rl) as u64;
-            }
-        }
-        epochs.push((rows.len(), epoch_tokens));
-        index.push(idx);
-    }
+    let epoch_rows = sample_epochs(&data, &rules, &mut reports, opts);
+    let (tokens, index, epochs) = lay_out(&data, &epoch_rows, &mut reports);
 
     let tokenizer_path = std::fs::canonicalize(&opts.tokenizer).unwrap_or_else(|_| opts.tokenizer.clone());
     let info = TokenizerInfo {
@@ -342,6 +295,79 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     let md = opts.out.join("coverage.md");
     std::fs::write(&md, coverage_markdown(&report)).with_context(|| format!("writing {}", md.display()))?;
     Ok(report)
+}
+
+/// Step 4: the (file, row) pairs of each epoch, shuffled. Per file, `min(rows, max_per_file)`
+/// rows `repeat` times each, read from a shuffled order whose cursor carries over between
+/// epochs. Fills each report's `per_epoch`.
+fn sample_epochs(data: &[Tokenized], rules: &[Rule], reports: &mut [FileReport], opts: &PrepareOptions) -> Vec<Vec<(usize, usize)>> {
+    let mut cursors: Vec<(Vec<usize>, usize)> = reports
+        .iter()
+        .zip(data)
+        .map(|(r, d)| {
+            let mut order: Vec<usize> = (0..d.rows.len()).collect();
+            shuffle(&mut Rng::new(seed_for(opts.seed, &format!("file:{}", r.rel))), &mut order);
+            (order, 0)
+        })
+        .collect();
+    let mut epochs = Vec::with_capacity(opts.epochs);
+    for e in 0..opts.epochs {
+        let mut rows = Vec::new();
+        for (f, (report, rule)) in reports.iter_mut().zip(rules).enumerate() {
+            let (order, cursor) = &mut cursors[f];
+            let n = order.len();
+            // repeat 0 leaves the file out entirely.
+            let take = if rule.repeat == 0 { 0 } else { rule.max_per_file.unwrap_or(n).min(n) };
+            for j in 0..take {
+                let row = order[(*cursor + j) % n];
+                rows.extend(std::iter::repeat_n((f, row), rule.repeat));
+            }
+            *cursor = (*cursor + take) % n.max(1);
+            report.per_epoch = take * rule.repeat;
+        }
+        shuffle(&mut Rng::new(seed_for(opts.seed, &format!("epoch:{e}"))), &mut rows);
+        epochs.push(rows);
+    }
+    epochs
+}
+
+/// Step 5: the tokens of every row some epoch uses, once each, in file and row order, and
+/// each epoch's index into them. Fills each report's `unique_used` and `tokens_epoch0`.
+/// Returns (tokens, epoch indices, per epoch (samples, tokens)).
+fn lay_out(data: &[Tokenized], epoch_rows: &[Vec<(usize, usize)>], reports: &mut [FileReport]) -> (Vec<u32>, Vec<EpochIndex>, Vec<(usize, u64)>) {
+    const UNUSED: usize = usize::MAX;
+    let mut start_of: Vec<Vec<usize>> = data.iter().map(|d| vec![UNUSED; d.rows.len()]).collect();
+    for &(f, row) in epoch_rows.iter().flatten() {
+        start_of[f][row] = 0;
+    }
+    let mut tokens = Vec::new();
+    for (f, d) in data.iter().enumerate() {
+        for (row, &(start, il, rl)) in d.rows.iter().enumerate() {
+            if start_of[f][row] != UNUSED {
+                start_of[f][row] = tokens.len();
+                tokens.extend_from_slice(&d.tokens[start..start + il + rl]);
+            }
+        }
+        reports[f].unique_used = start_of[f].iter().filter(|&&s| s != UNUSED).count();
+    }
+    let mut index = Vec::with_capacity(epoch_rows.len());
+    let mut epochs = Vec::with_capacity(epoch_rows.len());
+    for (e, rows) in epoch_rows.iter().enumerate() {
+        let mut idx = EpochIndex::default();
+        let mut epoch_tokens = 0u64;
+        for &(f, row) in rows {
+            let (_, il, rl) = data[f].rows[row];
+            let s = start_of[f][row];
+            idx.push(s, il, s + il, rl);
+            epoch_tokens += (il + rl) as u64;
+            if e == 0 {
+                reports[f].tokens_epoch0 += (il + rl) as u64;
+            }
+        }
+        epochs.push((rows.len(), epoch_tokens));
+        index.push(idx);
+    }
+    (tokens, index, epochs)
 }
 
 /// Input files with their paths relative to the argument they came from, sorted.
