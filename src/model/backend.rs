@@ -88,7 +88,7 @@ pub trait Backend {
     fn zero_act(&self, x: &mut Self::Act) -> Result<()>;
     /// `dst += src`, both `[n]` (gradient fan-in where one state feeds two places).
     fn add_act(&self, dst: &mut Self::Act, src: &Self::Act, n: usize) -> Result<()>;
-    /// out: [T, D] = `row` [D] repeated on every row (`z_L_init` to every token).
+    /// out: [T, D] = `row` `[D]` repeated on every row (`z_L_init` to every token).
     fn broadcast_rows(&self, out: &mut Self::Act, row: &Self::Act, t: usize, d: usize) -> Result<()>;
     /// Elements in a flat weight buffer (checked against the layout before a step).
     fn weights_len(&self, w: &Self::Weights) -> usize;
@@ -107,16 +107,16 @@ pub trait Backend {
 
     // ---- rmsnorm ----
 
-    /// x: [T, D] = z + inj (a copy without `inj`); y: [T, D] = x * rstd; rstd: [T].
+    /// x: [T, D] = z + inj (a copy without `inj`); y: [T, D] = x * rstd; rstd: `[T]`.
     fn add_rmsnorm_fwd(&self, x: &mut Self::Act, y: &mut Self::Act, rstd: &mut Self::F32, z: &Self::Act, inj: Option<&Self::Act>, t: usize, d: usize) -> Result<()>;
-    /// y: [T, D] = x * rstd, rstd: [T] = 1/sqrt(mean(x^2) + eps).
+    /// y: [T, D] = x * rstd, rstd: `[T]` = 1/sqrt(mean(x^2) + eps).
     fn rmsnorm_fwd(&self, y: &mut Self::Act, rstd: &mut Self::F32, x: &Self::Act, t: usize, d: usize) -> Result<()>;
     /// dx: [T, D] += rstd * (dy - y * mean(dy * y)), y = x * rstd.
     fn rmsnorm_bwd(&self, dx: &mut Self::Act, dy: &Self::Act, x: &Self::Act, rstd: &Self::F32, t: usize, d: usize) -> Result<()>;
 
     // ---- rope ----
 
-    /// Splits gqkv [T, 4C] into g, q, k, v [T, C] and rotates q, k by `pos` [T].
+    /// Splits gqkv [T, 4C] into g, q, k, v [T, C] and rotates q, k by `pos` `[T]`.
     fn qkv_rope_fwd(&self, g: &mut Self::Act, q: &mut Self::Act, k: &mut Self::Act, v: &mut Self::Act, gqkv: &Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
     /// dgqkv: [T, 4C] from dg, dq, dk, dv [T, C] (inverse rotation of dq, dk).
     fn qkv_rope_bwd(&self, dgqkv: &mut Self::Act, dg: &Self::Act, dq: &Self::Act, dk: &Self::Act, dv: &Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
@@ -124,16 +124,16 @@ pub trait Backend {
     // ---- attention ----
 
     /// o: [T, C], lse: [NH, T]; PrefixLM mask over the samples of `cu_seqlens` [S+1],
-    /// `prefix_lens` [S].
+    /// `prefix_lens` `[S]`.
     fn attention_fwd(&self, o: &mut Self::Act, lse: &mut Self::F32, q: &Self::Act, k: &Self::Act, v: &Self::Act, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
     /// dq, dk, dv: [T, C] written with `=`.
     fn attention_bwd(&self, dq: &mut Self::Act, dk: &mut Self::Act, dv: &mut Self::Act, do_: &Self::Act, q: &Self::Act, k: &Self::Act, v: &Self::Act, o: &Self::Act, lse: &Self::F32, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
 
     // ---- gate, swiglu ----
 
-    /// out: [n] = sigmoid(g) * a.
+    /// out: `[n]` = sigmoid(g) * a.
     fn gate_fwd(&self, out: &mut Self::Act, g: &Self::Act, a: &Self::Act, n: usize) -> Result<()>;
-    /// dg, da: [n] from dout [n].
+    /// dg, da: `[n]` from dout `[n]`.
     fn gate_bwd(&self, dg: &mut Self::Act, da: &mut Self::Act, dout: &Self::Act, g: &Self::Act, a: &Self::Act, n: usize) -> Result<()>;
     /// out: [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:].
     fn swiglu_fwd(&self, out: &mut Self::Act, gate_up: &Self::Act, t: usize, i: usize) -> Result<()>;
@@ -142,7 +142,7 @@ pub trait Backend {
 
     // ---- embedding ----
 
-    /// out: [T, D] = w[tokens] * scale, w: [V, D] at `w_at`.
+    /// out: [T, D] = `w[tokens]` * scale, w: [V, D] at `w_at`.
     fn embedding_fwd(&self, out: &mut Self::Act, tokens: &Self::I32, w: &Self::Weights, w_at: TensorAt, t: usize, d: usize, scale: f32) -> Result<()>;
     /// dw: [V, D] at `dw_at` += scatter of dout [T, D] * scale (deterministic order).
     fn embedding_bwd(&self, dw: &mut Self::Grads, dw_at: TensorAt, dout: &Self::Act, tokens: &Self::I32, t: usize, d: usize, scale: f32) -> Result<()>;
@@ -150,11 +150,11 @@ pub trait Backend {
     // ---- LM head and loss ----
 
     /// The LM head fused with fp32 cross-entropy: `logits [T, V] = y [T, D] @ w^T`,
-    /// losses: [T] and correct: [T] as `cross_entropy_cpu` (0 on ignored rows). With
+    /// losses: `[T]` and correct: `[T]` as `cross_entropy_cpu` (0 on ignored rows). With
     /// `grads = Some((dy, dw))`: `dlogits = (softmax - onehot) * grad_scale`,
     /// dy: [T, D] = dlogits @ w (written), dw: [V, D] at `w_at` += dlogits^T @ y.
     fn lm_head_loss(&self, losses: &mut Self::F32, correct: &mut Self::U8, grads: Option<(&mut Self::Act, &mut Self::Grads)>, y: &Self::Act, w: &Self::Weights, w_at: TensorAt, labels: &Self::I32, t: usize, v: usize, d: usize, grad_scale: f32) -> Result<()>;
-    /// Reduces a step's per-token results to its metrics; `labels` [T] and `cu_seqlens`
+    /// Reduces a step's per-token results to its metrics; `labels` `[T]` and `cu_seqlens`
     /// [S+1] are the host copies (the one host synchronisation of a step).
     fn metrics(&self, losses: &Self::F32, correct: &Self::U8, labels: &[i32], cu_seqlens: &[i32], t: usize) -> Result<StepMetrics>;
 }

@@ -1,5 +1,6 @@
-//! The HRM-Text model: its tensor layout and (with the CPU model issue) its forward and
-//! backward passes.
+//! The HRM-Text model: its tensor layout ([`spec`], [`params`]), the recurrence of every net
+//! as data ([`schedule`]), the forward and backward written once ([`net`]) against the op
+//! interface of [`backend`], and the fp32 CPU backend ([`cpu`]). See `docs/model.md`.
 
 pub mod backend;
 pub mod cpu;

@@ -38,15 +38,15 @@ use crate::ops::cross_entropy::{StepMetrics, IGNORE_LABEL};
 /// One packed batch on the host (SPEC §4), the fields of `data::batch::PackedBatch`.
 #[derive(Clone, Copy, Debug)]
 pub struct Batch<'a> {
-    /// Token ids [T] (padding: 0).
+    /// Token ids `[T]` (padding: 0).
     pub inputs: &'a [i32],
-    /// Next-token labels [T], `IGNORE_LABEL` where no loss is taken.
+    /// Next-token labels `[T]`, `IGNORE_LABEL` where no loss is taken.
     pub labels: &'a [i32],
-    /// RoPE positions [T], from 0 at each sample's start.
+    /// RoPE positions `[T]`, from 0 at each sample's start.
     pub positions: &'a [i32],
     /// Sample starts [S+1]: sample `s` is rows `cu_seqlens[s]..cu_seqlens[s+1]`.
     pub cu_seqlens: &'a [i32],
-    /// Instruction length `p` of every sample [S].
+    /// Instruction length `p` of every sample `[S]`.
     pub prefix_lens: &'a [i32],
 }
 
@@ -228,7 +228,7 @@ pub struct Model<B: Backend> {
     config: ModelConfig,
     layout: ParamLayout,
     weights: WeightMap,
-    /// `z_L_init` [D], in the activation precision; `None` for transformer.
+    /// `z_L_init` `[D]`, in the activation precision; `None` for transformer.
     z_l_init: Option<B::Act>,
     /// Blocks of the deepest module: the size of a saved pass.
     max_blocks: usize,
@@ -236,7 +236,7 @@ pub struct Model<B: Backend> {
 }
 
 impl<B: Backend> Model<B> {
-    /// `z_l_init` is the saved bf16 vector [D] (empty for transformer).
+    /// `z_l_init` is the saved bf16 vector `[D]` (empty for transformer).
     pub fn new(backend: B, config: ModelConfig, z_l_init: &[bf16]) -> Result<Model<B>> {
         let layout = ParamLayout::new(&config);
         let weights = WeightMap::new(&config, &layout)?;
@@ -292,7 +292,7 @@ impl<B: Backend> Model<B> {
         self.step(weights, batch, &schedule, None, 0.0)
     }
 
-    /// The per-token losses [T] of the last step (0 on ignored labels). Synchronises.
+    /// The per-token losses `[T]` of the last step (0 on ignored labels). Synchronises.
     pub fn token_losses(&self) -> Result<Vec<f32>> {
         let ws = self.ws.as_ref().context("token_losses: no step has run yet")?;
         self.backend.download_f32(&ws.losses)
