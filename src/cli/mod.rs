@@ -11,6 +11,8 @@ use crate::gpu::Gpu;
 mod data;
 mod export;
 mod import;
+mod loss;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(name = "hrm-cu", version, about = "A from-scratch, CUDA-native trainer for the HRM-Text model family")]
@@ -22,9 +24,9 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a model (fresh or from --init) and write checkpoints
-    Train(Unfinished),
+    Train(train::TrainArgs),
     /// Evaluate the loss and accuracies of a model on a dataset (forward only)
-    Loss(Unfinished),
+    Loss(loss::LossArgs),
     /// Run the published benchmarks (GSM8k, MATH, MMLU, ...)
     Eval(Unfinished),
     /// Generate text greedily from a prompt
@@ -64,8 +66,8 @@ pub struct SelftestArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Selftest(args) => selftest(args),
-        Command::Train(_) => unfinished("train", "the CPU model and GPU training issues"),
-        Command::Loss(_) => unfinished("loss", "the CPU model issue"),
+        Command::Train(args) => train::run(args),
+        Command::Loss(args) => loss::run(args),
         Command::Eval(_) => unfinished("eval", "the evaluation engine"),
         Command::Generate(_) => unfinished("generate", "the evaluation engine"),
         Command::Export(args) => export::run(args),

@@ -1,3 +1,270 @@
 //! Training: the loop that drives an [`engine::Engine`] over the data loader.
+//!
+//! ```text
+//! for (position, batch) in loader (from the checkpoint's data position):
+//!     step      = global_step + 1                         (SPEC §7: the first update is step 1)
+//!     lr        = warm-up + cosine schedule at step
+//!     schedule  = the net's passes, hrm's bp_steps warming up  (SPEC §3)
+//!     metrics   = engine.train_step(batch, schedule, lr, valid labels of the batch)
+//!     log, evaluate, checkpoint (every N steps / minutes, at each epoch end, at the end)
+//! ```
+//!
+//! A run lives in one directory: `metrics.jsonl` (one JSON object per logged step) and the
+//! checkpoints `ckpt-<step>/` with a `latest` pointer (`src/checkpoint/run_dir.rs`).
+//! `--resume` reloads the newest complete checkpoint and its data position, so the run goes
+//! on exactly where the checkpoint was taken.
 
 pub mod engine;
+pub mod eval;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::checkpoint::{self, run_dir, TrainState};
+use crate::config::{ModelConfig, NetName, SizeName, TrainConfig};
+use crate::data::demo::{self, DemoConfig};
+use crate::data::{total_steps_estimate, DataPosition, Dataset, Loader, LoaderConfig};
+use crate::model::params::Params;
+use crate::model::schedule::{bp_steps, Schedule};
+use crate::optim::{AdamAtan2, AdamCoeffs, LrSchedule};
+use engine::{CpuEngine, Engine, NonFiniteLoss};
+use eval::{batch_view, evaluate, step_ratios, MeanMetrics};
+
+/// Where the training data comes from.
+#[derive(Clone, Debug)]
+pub enum DataSource {
+    /// The built-in addition task (`--data demo`), with a held-out split.
+    Demo(DemoConfig),
+    /// A dataset directory in the SPEC §8 layout.
+    Dir(PathBuf),
+}
+
+/// Where the starting weights come from (ignored on `--resume`).
+#[derive(Clone, Debug)]
+pub enum ModelSource {
+    Fresh { size: SizeName, net: NetName, seed: u64 },
+    /// An interchange directory, a checkpoint or a run directory (EMA weights when present).
+    Init(PathBuf),
+}
+
+/// The hardware a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU.
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub data: DataSource,
+    pub model: ModelSource,
+    pub train: TrainConfig,
+    pub run_dir: PathBuf,
+    pub resume: bool,
+    pub device: Device,
+    /// Checkpoint every this many steps (besides epoch ends and the end of the run).
+    pub checkpoint_every_steps: Option<u64>,
+    /// Checkpoint when this many minutes have passed since the last one.
+    pub checkpoint_every_minutes: f64,
+    pub keep_last: usize,
+    pub log_every: u64,
+    /// Evaluate the held-out split (demo) every this many steps.
+    pub eval_every: Option<u64>,
+}
+
+/// The training data and, for the demo, its held-out split.
+struct TrainData {
+    train: Arc<Dataset>,
+    heldout: Option<Dataset>,
+}
+
+fn load_data(source: &DataSource) -> Result<TrainData> {
+    match source {
+        DataSource::Demo(cfg) => {
+            let demo = demo::build(cfg)?;
+            Ok(TrainData { train: Arc::new(demo.train), heldout: Some(demo.heldout) })
+        }
+        DataSource::Dir(dir) => Ok(TrainData { train: Arc::new(Dataset::open(dir)?), heldout: None }),
+    }
+}
+
+/// Picks the engine for `device`. Only the CPU engine exists in this build.
+fn make_engine(device: Device, params: Params, optimizer: AdamAtan2) -> Result<Box<dyn Engine>> {
+    match device {
+        Device::Cpu | Device::Auto => Ok(Box::new(CpuEngine::new(params, optimizer)?)),
+        Device::Gpu => bail!("GPU training is not available in this build yet (it arrives with the GPU training issue); use --device cpu"),
+    }
+}
+
+/// Fresh or resumed: the weights, the optimiser and the scalar state a run starts from.
+fn starting_point(opts: &TrainOptions, data: &TrainData) -> Result<(Params, AdamAtan2, TrainState)> {
+    if opts.resume {
+        let ckpt_dir = run_dir::find_resume(&opts.run_dir)?.with_context(|| {
+            format!("--resume: {} holds no complete checkpoint; start the run without --resume", opts.run_dir.display())
+        })?;
+        let ckpt = checkpoint::load(&ckpt_dir, None)?;
+        eprintln!("resuming from {} (step {})", ckpt_dir.display(), ckpt.state.global_step);
+        return Ok((ckpt.params, ckpt.optimizer, ckpt.state));
+    }
+    if !run_dir::list_checkpoints(&opts.run_dir)?.is_empty() {
+        bail!("{} already holds checkpoints: pass --resume to continue that run, or choose another --out", opts.run_dir.display());
+    }
+    let params = match &opts.model {
+        ModelSource::Fresh { size, net, seed } => Params::init(ModelConfig::new(*size, *net, data.train.tokenizer_vocab()), *seed),
+        ModelSource::Init(dir) => crate::interchange::load_init(dir)?,
+    };
+    let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&opts.train));
+    let mut state = TrainState::new(params.config, opts.train.clone());
+    state.dataset_metadata = Some(data.train.metadata().raw.clone());
+    state.dataset_dir = data.train.dir().map(Path::to_path_buf);
+    Ok((params, optimizer, state))
+}
+
+/// Appends JSON lines to `metrics.jsonl`.
+struct MetricsLog {
+    file: File,
+}
+
+impl MetricsLog {
+    fn open(run_dir: &Path) -> Result<MetricsLog> {
+        let path = run_dir.join("metrics.jsonl");
+        let file = OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(MetricsLog { file })
+    }
+
+    fn write(&mut self, record: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{record}").context("writing metrics.jsonl")
+    }
+}
+
+/// Trains until the data or `max_steps` runs out. Returns the held-out metrics of the final
+/// weights when the data has a held-out split.
+pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
+    let data = load_data(&opts.data)?;
+    std::fs::create_dir_all(&opts.run_dir).with_context(|| format!("creating the run directory {}", opts.run_dir.display()))?;
+    let (params, optimizer, mut state) = starting_point(opts, &data)?;
+    let cfg = state.train_config.clone();
+    let model = params.config;
+    ensure!(
+        data.train.vocab() <= model.vocab,
+        "the dataset's vocabulary ({} rounded) is larger than the model's ({}): the model was made for another tokenizer",
+        data.train.vocab(),
+        model.vocab
+    );
+    let batch_tokens = cfg.global_batch_tokens; // world size 1: the local batch is the global one
+    let estimate = total_steps_estimate(cfg.epochs, data.train.tokens_per_epoch(), cfg.global_batch_tokens);
+    let total_steps = cfg.max_steps.unwrap_or(estimate).max(1);
+    let lr_schedule = LrSchedule::new(&cfg, total_steps);
+
+    let mut engine = make_engine(opts.device, params, optimizer)?;
+    let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
+    let loader = Loader::new(data.train.clone(), loader_cfg, state.data_position)?;
+    let mut log = MetricsLog::open(&opts.run_dir)?;
+
+    eprintln!(
+        "training {} ({} parameters) on {}: {} steps of {batch_tokens} tokens, lr {:.2e}, run dir {}",
+        checkpoint::tensors::describe(&model),
+        crate::model::spec::ParamLayout::new(&model).num_params(),
+        engine.describe(),
+        total_steps,
+        cfg.lr,
+        opts.run_dir.display()
+    );
+    let bar = ProgressBar::new(total_steps);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}").expect("valid template"));
+    bar.set_position(state.global_step);
+
+    let started = Instant::now();
+    let mut last_save = Instant::now();
+    let mut window = (Instant::now(), 0u64); // tokens since the last log line
+    let mut last_epoch = state.data_position.epoch;
+    for item in loader {
+        if state.global_step >= total_steps {
+            break;
+        }
+        let (position, batch) = item?;
+        if position.epoch != last_epoch {
+            save(opts, &mut *engine, &state, &bar)?; // every epoch end
+            last_save = Instant::now();
+            last_epoch = position.epoch;
+        }
+        let step = state.global_step + 1;
+        let lr = lr_schedule.lr_at(step);
+        let bp = cfg.fixed_bp_steps.or_else(|| bp_steps(&model.net, step, total_steps, cfg.bp_warmup));
+        let schedule = Schedule::for_training(&model.net, bp.unwrap_or(0));
+        let labels = batch.num_labels().max(1) as f32;
+        let out = match engine.train_step(&batch_view(&batch), &schedule, lr, labels) {
+            Ok(out) => out,
+            Err(e) if e.is::<NonFiniteLoss>() => {
+                save(opts, &mut *engine, &state, &bar)?;
+                return Err(e).context(format!("step {step}: training stopped; the weights before this step were checkpointed in {}", opts.run_dir.display()));
+            }
+            Err(e) => return Err(e).context(format!("step {step}")),
+        };
+        state.global_step = step;
+        state.data_position = DataPosition { epoch: position.epoch, step: position.step + 1 };
+        state.tokens_seen += batch.num_tokens() as u64;
+        window.1 += batch.num_tokens() as u64;
+        bar.set_position(step);
+
+        if step % opts.log_every == 0 || step == total_steps {
+            let (loss, accuracy, exact) = step_ratios(&out.metrics);
+            let tokens_per_s = window.1 as f64 / window.0.elapsed().as_secs_f64();
+            window = (Instant::now(), 0);
+            let grad_norm = engine.grad_norm()?;
+            bar.set_message(format!("loss {loss:.4} acc {accuracy:.3} exact {exact:.3} {tokens_per_s:.0} tok/s"));
+            log.write(json!({
+                "split": "train", "step": step, "epoch": position.epoch, "loss": loss, "accuracy": accuracy,
+                "exact_accuracy": exact, "lr": lr, "bp_steps": bp, "grad_norm": grad_norm,
+                "tokens": batch.num_tokens(), "tokens_seen": state.tokens_seen, "tokens_per_s": tokens_per_s,
+                "elapsed_s": started.elapsed().as_secs_f64(),
+            }))?;
+        }
+        if let (Some(heldout), Some(every)) = (&data.heldout, opts.eval_every) {
+            if step % every == 0 {
+                let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, None)?;
+                report_heldout(&bar, &mut log, step, &m)?;
+            }
+        }
+        let due_steps = opts.checkpoint_every_steps.is_some_and(|n| step % n == 0);
+        let due_time = last_save.elapsed().as_secs_f64() >= opts.checkpoint_every_minutes * 60.0;
+        if due_steps || due_time {
+            save(opts, &mut *engine, &state, &bar)?;
+            last_save = Instant::now();
+        }
+    }
+    save(opts, &mut *engine, &state, &bar)?;
+    bar.finish();
+
+    let Some(heldout) = &data.heldout else { return Ok(None) };
+    let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, None)?;
+    report_heldout(&bar, &mut log, state.global_step, &m)?;
+    Ok(Some(m))
+}
+
+fn report_heldout(bar: &ProgressBar, log: &mut MetricsLog, step: u64, m: &MeanMetrics) -> Result<()> {
+    bar.println(format!(
+        "step {step}: held-out loss {:.4}, accuracy {:.3}, exact accuracy {:.3} ({} tokens)",
+        m.loss, m.accuracy, m.exact_accuracy, m.tokens
+    ));
+    log.write(json!({ "split": "heldout", "step": step, "loss": m.loss, "accuracy": m.accuracy, "exact_accuracy": m.exact_accuracy, "tokens": m.tokens }))
+}
+
+fn save(opts: &TrainOptions, engine: &mut dyn Engine, state: &TrainState, bar: &ProgressBar) -> Result<()> {
+    if state.global_step == 0 {
+        return Ok(());
+    }
+    let (params, optimizer) = engine.snapshot()?;
+    let dir = run_dir::save_in_run(&opts.run_dir, &params, &optimizer, state, opts.keep_last)?;
+    bar.println(format!("step {}: checkpoint {}", state.global_step, dir.display()));
+    Ok(())
+}

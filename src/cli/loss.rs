@@ -1,0 +1,46 @@
+//! `hrm-cu loss`: forward-only metrics of a model on the first batches of a dataset.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::data::Dataset;
+use crate::optim::{AdamAtan2, AdamCoeffs};
+use crate::train::engine::CpuEngine;
+use crate::train::eval::evaluate;
+use crate::train::Device;
+
+#[derive(Args, Debug)]
+pub struct LossArgs {
+    /// An export directory, a checkpoint or a run directory (EMA weights when present)
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A dataset directory in the SPEC §8 layout
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Tokens per batch (world size 1)
+    #[arg(long)]
+    pub batch_tokens: usize,
+    /// Batches of epoch 0 to evaluate (default: all of them)
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Score the instruction tokens too (SPEC §4 target_only = false)
+    #[arg(long)]
+    pub train_on_instruction: bool,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+}
+
+/// Prints `{"loss":..,"accuracy":..,"exact_accuracy":..,"tokens":..,"steps":..}`: each metric
+/// the mean over the steps of its per-step value, `tokens` the valid labels in all.
+pub fn run(args: LossArgs) -> Result<()> {
+    anyhow::ensure!(args.device != Device::Gpu, "GPU evaluation is not available in this build yet; use --device cpu");
+    let params = crate::interchange::load_init(&args.model)?;
+    let ds = Dataset::open(&args.data)?;
+    let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&Default::default()));
+    let mut engine = CpuEngine::new(params, optimizer)?;
+    let m = evaluate(&mut engine, &ds, 0, args.batch_tokens, !args.train_on_instruction, args.steps)?;
+    println!("{}", serde_json::to_string(&m)?);
+    Ok(())
+}
