@@ -27,8 +27,8 @@
 
 use std::ops::Range;
 
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{self, CUfunction_attribute};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -445,6 +445,97 @@ pub fn attention_fwd(
     Ok(())
 }
 
+/// The Hopper forward kernel's family (cuda/attention_sm90.cu, built for sm_90a only), its
+/// tiles (query tiles of 128 rows, key tiles of 128), block (3 warpgroups) and shared memory
+/// (Q, two stages of K and V, 1 KB of alignment slack).
+const SM90_FAMILY: &str = "attention_sm90";
+const SM90_TILE: usize = 128;
+const SM90_THREADS: u32 = 384;
+const SM90_SMEM: u32 = (5 * 128 * HD * 2 + 1024) as u32;
+
+/// A `CUtensorMap` passed by value as a `__grid_constant__` kernel parameter.
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct TensorMap(sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte, 128-aligned C struct, copied into the kernel's parameter space.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// The TMA descriptor of a `[T, NH, HD]` bf16 tensor at `ptr`, seen as the 3-D tensor
+/// (HD, NH, T) and copied in boxes of (64, 1, 128): half a head row by 128 rows, 128-byte
+/// swizzled (cuda/attention_sm90.cu). Rows past T read as zeros.
+fn tensor_map(ptr: u64, t: usize, nh: usize) -> Result<TensorMap, GpuError> {
+    let dims: [u64; 3] = [HD as u64, nh as u64, t as u64];
+    let strides: [u64; 2] = [(HD * 2) as u64, (nh * HD * 2) as u64]; // bytes, dims 1 and 2
+    let boxes: [u32; 3] = [64, 1, SM90_TILE as u32];
+    let steps: [u32; 3] = [1, 1, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every pointer refers to a live local array of the length the rank (3) implies;
+    // the driver only encodes the descriptor (the global address is not dereferenced here).
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .during(format!("attention_fwd_sm90: encoding the tensor map of a [{t}, {nh}, {HD}] tensor"))?;
+        Ok(TensorMap(map.assume_init()))
+    }
+}
+
+/// Forward pass on a Hopper GPU with the TMA + wgmma kernel; same contract as
+/// [`attention_fwd`]. Not the default yet: `attention_fwd` keeps the portable kernel until this
+/// one has passed `hrm-cu selftest --filter attention_fwd_sm90` on an H100.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_sm90(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    let p = &gpu.props;
+    if !p.is_hopper() {
+        return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
+    }
+    check_shapes("attention_fwd_sm90", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
+    check_table("attention_fwd_sm90", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd_sm90: tensors must be 16-byte aligned");
+    let (rows, _cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
+    let order = schedule(gpu, &rows, t, SM90_TILE, SM90_TILE)?;
+    // The guards keep q, k, v recorded as read by this launch (cudarc's stream tracking).
+    let (q_ptr, _q_read) = q.device_ptr(&gpu.stream);
+    let (k_ptr, _k_read) = k.device_ptr(&gpu.stream);
+    let (v_ptr, _v_read) = v.device_ptr(&gpu.stream);
+    let (tm_q, tm_k, tm_v) = (tensor_map(q_ptr, t, nh)?, tensor_map(k_ptr, t, nh)?, tensor_map(v_ptr, t, nh)?);
+    let func = gpu.function(SM90_FAMILY, "attention_fwd_sm90")?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_SMEM as i32)
+        .during(format!("attention_fwd_sm90: allowing {SM90_SMEM} bytes of shared memory"))?;
+    let (t_i32, nh_i32) = (t as i32, nh as i32);
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(o).arg(lse).arg(&rows).arg(&order).arg(&t_i32).arg(&nh_i32);
+    // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v (alive until the
+    // guards drop after the launch); o, lse shapes checked above; rows/order built for this T;
+    // SM90_SMEM bytes allowed above.
+    unsafe { args.launch(config(t.div_ceil(SM90_TILE) * nh, SM90_THREADS, SM90_SMEM)) }.during("attention_fwd_sm90")?;
+    Ok(())
+}
+
 /// Backward pass on the GPU; same contract as [`attention_bwd_cpu`] (dq, dk, dv written).
 /// dq, dk, dv: [T, NH, HD] bf16 out, do_, q, k, v, o: [T, NH, HD] bf16 (16-byte aligned),
 /// lse: [NH, T] fp32 (from the forward), cu_seqlens: [S+1] i32, prefix_lens: [S] i32.
@@ -641,16 +732,25 @@ fn poisoned_bf16(gpu: &Gpu, n: usize) -> Result<CudaSlice<bf16>, GpuError> {
 pub fn selftests() -> Vec<Check> {
     vec![
         Check { name: "attention_fwd", run: check_fwd },
+        Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
         Check { name: "attention_bwd", run: check_bwd },
         Check { name: "attention_decode", run: check_decode },
     ]
 }
 
-/// A forward launcher.
+/// A forward launcher: [`attention_fwd`] or [`attention_fwd_sm90`].
 type FwdKernel = fn(&Gpu, &mut CudaViewMut<bf16>, &mut CudaViewMut<f32>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<i32>, &CudaView<i32>, usize, usize) -> Result<(), GpuError>;
 
 fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     fwd_rows(gpu, rng, "attention_fwd", attention_fwd)
+}
+
+/// The Hopper kernel on the same batches; no rows on other GPUs (it is not built for them).
+fn check_fwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    if !gpu.props.is_hopper() {
+        return Ok(Vec::new());
+    }
+    fwd_rows(gpu, rng, "attention_fwd_sm90", attention_fwd_sm90)
 }
 
 fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<Vec<Row>, GpuError> {
