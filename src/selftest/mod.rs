@@ -34,6 +34,7 @@ impl Row {
 pub fn registry() -> Vec<Check> {
     let mut checks = Vec::new();
     checks.extend(crate::ops::cast::selftests());
+    checks.extend(crate::ops::attention::selftests());
     checks.extend(crate::optim::adam_atan2::selftests());
     checks
 }
