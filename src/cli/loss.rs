@@ -8,7 +8,7 @@ use clap::Args;
 use crate::data::Dataset;
 use crate::optim::{AdamAtan2, AdamCoeffs};
 use crate::train::engine::CpuEngine;
-use crate::train::eval::evaluate;
+use crate::train::eval::{evaluate, Coverage};
 use crate::train::Device;
 
 #[derive(Args, Debug)]
@@ -22,9 +22,9 @@ pub struct LossArgs {
     /// Tokens per batch (world size 1)
     #[arg(long)]
     pub batch_tokens: usize,
-    /// Batches of epoch 0 to evaluate (default: all of them)
+    /// Batches of epoch 0 to evaluate
     #[arg(long)]
-    pub steps: Option<usize>,
+    pub steps: usize,
     /// Score the instruction tokens too (SPEC §4 target_only = false)
     #[arg(long)]
     pub train_on_instruction: bool,
@@ -40,7 +40,7 @@ pub fn run(args: LossArgs) -> Result<()> {
     let ds = Dataset::open(&args.data)?;
     let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&Default::default()));
     let mut engine = CpuEngine::new(params, optimizer)?;
-    let m = evaluate(&mut engine, &ds, 0, args.batch_tokens, !args.train_on_instruction, args.steps)?;
+    let m = evaluate(&mut engine, &ds, 0, args.batch_tokens, !args.train_on_instruction, Coverage::FirstSteps(args.steps))?;
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
 }

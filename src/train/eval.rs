@@ -34,21 +34,51 @@ pub fn batch_view(b: &PackedBatch) -> Batch<'_> {
     Batch { inputs: &b.inputs, labels: &b.labels, positions: &b.positions, cu_seqlens: &b.cu_seqlens, prefix_lens: &b.prefix_lens }
 }
 
-/// Evaluates the first `max_steps` batches (all when `None`) of `epoch`, packed for one rank
-/// of `batch_tokens` slots exactly as training packs them (SPEC §8).
-pub fn evaluate(engine: &mut dyn Engine, ds: &Dataset, epoch: usize, batch_tokens: usize, target_only: bool, max_steps: Option<usize>) -> Result<MeanMetrics> {
+/// Which batches of an epoch [`evaluate`] scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coverage {
+    /// The first `k` steps of the training plan (SPEC §8, which drops the last step): the
+    /// `hrm-cu loss` contract, comparable with the PyTorch reference.
+    FirstSteps(usize),
+    /// Every sample: the plan's steps, then the dropped tail packed in order (held-out sets).
+    AllSamples,
+}
+
+/// Evaluates the batches of `epoch` that `coverage` names, packed for one rank of
+/// `batch_tokens` slots as training packs them (SPEC §8).
+pub fn evaluate(engine: &mut dyn Engine, ds: &Dataset, epoch: usize, batch_tokens: usize, target_only: bool, coverage: Coverage) -> Result<MeanMetrics> {
     ensure!(epoch < ds.num_epochs(), "the dataset has {} epoch(s); epoch {epoch} requested", ds.num_epochs());
     ensure!(
         batch_tokens >= ds.max_sample_len(),
         "--batch-tokens {batch_tokens} cannot hold the dataset's longest sample ({} tokens)",
         ds.max_sample_len()
     );
-    let plan = plan_epoch(&ds.packed_lengths(epoch), batch_tokens, 1);
-    let steps = max_steps.map_or(plan.steps.len(), |k| k.min(plan.steps.len()));
+    let lengths = ds.packed_lengths(epoch);
+    let plan = plan_epoch(&lengths, batch_tokens, 1);
+    let mut batches: Vec<Vec<usize>> = plan.steps.iter().map(|ranks| ranks[0].clone()).collect();
+    match coverage {
+        Coverage::FirstSteps(k) => batches.truncate(k),
+        Coverage::AllSamples => {
+            // The tail rows, packed greedily in row order.
+            let mut current: (Vec<usize>, usize) = (Vec::new(), 0);
+            for row in plan.packed_rows..plan.total_rows {
+                if current.1 + lengths[row] > batch_tokens {
+                    batches.push(std::mem::take(&mut current.0));
+                    current.1 = 0;
+                }
+                current.0.push(row);
+                current.1 += lengths[row];
+            }
+            if !current.0.is_empty() {
+                batches.push(current.0);
+            }
+        }
+    }
+    let steps = batches.len();
     ensure!(steps > 0, "epoch {epoch} packs into no full step of {batch_tokens} tokens (the last step of an epoch is dropped, SPEC §8)");
     let mut sum = MeanMetrics { steps, ..MeanMetrics::default() };
-    for step in 0..steps {
-        let batch = assemble(ds, epoch, plan.rows(step, 0), batch_tokens, target_only)?;
+    for rows in &batches {
+        let batch = assemble(ds, epoch, rows, batch_tokens, target_only)?;
         let m = engine.eval_batch(&batch_view(&batch))?;
         let (loss, acc, exact) = step_ratios(&m);
         sum.loss += loss;

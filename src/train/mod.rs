@@ -35,7 +35,7 @@ use crate::model::params::Params;
 use crate::model::schedule::{bp_steps, Schedule};
 use crate::optim::{AdamAtan2, AdamCoeffs, LrSchedule};
 use engine::{CpuEngine, Engine, NonFiniteLoss};
-use eval::{batch_view, evaluate, step_ratios, MeanMetrics};
+use eval::{batch_view, evaluate, step_ratios, Coverage, MeanMetrics};
 
 /// Where the training data comes from.
 #[derive(Clone, Debug)]
@@ -231,7 +231,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         }
         if let (Some(heldout), Some(every)) = (&data.heldout, opts.eval_every) {
             if step % every == 0 {
-                let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, None)?;
+                let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, Coverage::AllSamples)?;
                 report_heldout(&bar, &mut log, step, &m)?;
             }
         }
@@ -246,7 +246,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     bar.finish();
 
     let Some(heldout) = &data.heldout else { return Ok(None) };
-    let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, None)?;
+    let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, Coverage::AllSamples)?;
     report_heldout(&bar, &mut log, state.global_step, &m)?;
     Ok(Some(m))
 }
