@@ -2,6 +2,7 @@
 //! order, in one module per kernel family (`cuda/<family>.cu`).
 
 pub mod cast;
+pub mod check;
 pub mod compare;
 pub mod cross_entropy;
 pub mod embedding;
