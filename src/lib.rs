@@ -11,6 +11,7 @@
 //! - [`rng`]: the deterministic random number generator
 //! - [`cli`]: the command line
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod gpu;

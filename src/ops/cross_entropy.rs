@@ -179,9 +179,26 @@ pub fn cross_entropy(
     v: usize,
     grad_scale: f32,
 ) -> Result<(), GpuError> {
+    cross_entropy_with(gpu, CeKernel::for_vocab(gpu, v), dlogits, losses, correct, logits, labels, t, v, grad_scale)
+}
+
+/// [`cross_entropy`] with the kernel chosen by the caller (benchmarks, tests).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_with(
+    gpu: &Gpu,
+    kernel: CeKernel,
+    dlogits: &mut CudaViewMut<bf16>,
+    losses: &mut CudaViewMut<f32>,
+    correct: &mut CudaViewMut<u8>,
+    logits: &CudaView<bf16>,
+    labels: &CudaView<i32>,
+    t: usize,
+    v: usize,
+    grad_scale: f32,
+) -> Result<(), GpuError> {
     expect_len("cross_entropy", "logits", logits.len(), &[("T", t), ("V", v)]);
     expect_aligned16("cross_entropy", "logits", gpu, logits);
-    launch_ce(gpu, CeKernel::for_vocab(gpu, v), dlogits, losses, correct, Some(logits), labels, t, v, grad_scale)
+    launch_ce(gpu, kernel, dlogits, losses, correct, Some(logits), labels, t, v, grad_scale)
 }
 
 /// [`cross_entropy`] with the gradient written over the logits: logits_grad: [T,V] bf16
