@@ -244,7 +244,7 @@ impl Bench<'_> {
         let mut correct = gpu.stream.alloc_zeros::<u8>(T).during("allocating bench outputs")?;
         let shape = format!("[{T},{V}]");
         let bytes = 2 * T * V * 2 + T * (4 + 4 + 1);
-        let kernels: &[CeKernel] = if 2 * V <= gpu.props.smem_per_block_optin { &[CeKernel::Smem, CeKernel::Stream] } else { &[CeKernel::Stream] };
+        let kernels: &[CeKernel] = if CeKernel::for_vocab(gpu, V) == CeKernel::Smem { &[CeKernel::Smem, CeKernel::Stream] } else { &[CeKernel::Stream] };
         for &kernel in kernels {
             let ms = time_ms(gpu, WARMUP, ITERS, |_| {
                 cross_entropy_with(gpu, kernel, &mut dlogits.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &logits.as_view(), &labels.as_view(), T, V, 1.0 / T as f32)

@@ -161,8 +161,14 @@ pub enum CeKernel {
 
 impl CeKernel {
     pub fn for_vocab(gpu: &Gpu, v: usize) -> CeKernel {
-        if 2 * v <= gpu.props.smem_per_block_optin { CeKernel::Smem } else { CeKernel::Stream }
+        if smem_bytes(v) <= gpu.props.smem_per_block_optin { CeKernel::Smem } else { CeKernel::Stream }
     }
+}
+
+/// Shared memory of the smem kernel for a row of `v` logits: the row, plus 1 KiB for the
+/// static arrays of its block reductions.
+fn smem_bytes(v: usize) -> usize {
+    2 * v + 1024
 }
 
 /// GPU [`cross_entropy_cpu`] with separate buffers. dlogits: [T,V] bf16, losses: [T] fp32,
@@ -247,7 +253,7 @@ fn launch_ce(
         CeKernel::Smem => ("cross_entropy_smem", 2 * v),
         CeKernel::Stream => ("cross_entropy_stream", 0),
     };
-    assert!(smem <= gpu.props.smem_per_block_optin, "{OP}: V = {v} needs {smem} bytes of shared memory, the device allows {}", gpu.props.smem_per_block_optin);
+    assert!(kernel == CeKernel::Stream || smem_bytes(v) <= gpu.props.smem_per_block_optin, "{OP}: V = {v} needs {smem} bytes of shared memory, the device allows {}", gpu.props.smem_per_block_optin);
     let func = gpu.function(FAMILY, name)?;
     if smem > 48 * 1024 {
         func.set_attribute(FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).during("raising the shared-memory limit of cross_entropy_smem")?;
@@ -393,7 +399,7 @@ fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         // absolute error as the loss, times grad_scale.
         let grad_tol = Tolerance { abs: grad_scale * loss_tol.abs, rel: 2.0 * BF16_EPS };
         let exact = Tolerance { abs: 0.0, rel: 0.0 };
-        let kernels: &[CeKernel] = if 2 * v <= gpu.props.smem_per_block_optin { &[CeKernel::Smem, CeKernel::Stream] } else { &[CeKernel::Stream] };
+        let kernels: &[CeKernel] = if CeKernel::for_vocab(gpu, v) == CeKernel::Smem { &[CeKernel::Smem, CeKernel::Stream] } else { &[CeKernel::Stream] };
         let dlabels = upload(gpu, &labels)?;
         for &kernel in kernels {
             let shape = format!("[{t},{v}] x{scale} {kernel:?}");
