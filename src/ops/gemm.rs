@@ -323,6 +323,9 @@ impl GemmCache {
     /// doc), 16-byte aligned, and stay alive until the stream has run the product.
     unsafe fn matmul(&self, gpu: &Gpu, shape: GemmShape, beta: f32, a: u64, b: u64, c: u64, d: u64) -> Result<(), GpuError> {
         self.ensure_plan(shape)?;
+        // cuBLASLt runs on the calling thread's current context, which cudarc's own calls
+        // set but a thread that has only called cuBLASLt so far may not have.
+        gpu.ctx.bind_to_thread().map_err(|source| GpuError::Driver { what: format!("binding the context for GEMM {shape}"), source })?;
         let plans = self.plans.borrow();
         let plan = &plans[&shape];
         let alpha = 1.0f32;
