@@ -80,6 +80,25 @@ impl GemmTiming {
     }
 }
 
+/// Times `run` with each of the heuristic's algorithms for `shape`, then with its first choice,
+/// which the cache is left on.
+fn time_candidates(gpu: &Gpu, gemm: &GemmCache, shape: GemmShape, run: &mut dyn FnMut(usize) -> Result<(), GpuError>) -> Result<GemmTiming, GpuError> {
+    let count = gemm.algorithm_count(shape)?;
+    let mut best = (0, f64::INFINITY);
+    for index in 0..count {
+        gemm.choose_algorithm(shape, index)?;
+        // An algorithm that fails to run is left out of the comparison.
+        if let Ok(ms) = time_ms(gpu, 1, CANDIDATE_ITERS, &mut *run) {
+            if ms < best.1 {
+                best = (index, ms);
+            }
+        }
+    }
+    gemm.choose_algorithm(shape, 0)?;
+    let first_ms = time_ms(gpu, WARMUP, ITERS, &mut *run)?;
+    Ok(GemmTiming { first_ms, best_ms: best.1.min(first_ms), best_index: best.0, count })
+}
+
 /// Bytes of the copy ceiling: 1 GiB each way, far beyond L2.
 const COPY_BYTES: usize = 1 << 30;
 
@@ -268,31 +287,24 @@ impl Bench<'_> {
     fn gemm_candidates(&mut self, gemm: &GemmCache, shape: GemmShape) -> Result<GemmTiming, GpuError> {
         let gpu = self.gpu;
         let GemmShape { op, t, n, k } = shape;
-        let x = random_bf16(gpu, t * k, 1.0, self.next_seed())?;
-        let w = random_bf16(gpu, n * k, 1.0, self.next_seed())?;
-        let dy = random_bf16(gpu, t * n, 1.0, self.next_seed())?;
-        let mut y = random_bf16(gpu, t * n, 1.0, self.next_seed())?;
-        let mut dx = random_bf16(gpu, t * k, 1.0, self.next_seed())?;
-        let mut dw = gpu.stream.alloc_zeros::<f32>(n * k).during("allocating bench outputs")?;
-        let mut run = |_| match op {
-            GemmOp::Forward => linear_fwd(gpu, gemm, &mut y.as_view_mut(), &x.as_view(), &w.as_view(), None, t, n, k),
-            GemmOp::BackwardInput => linear_bwd_input(gpu, gemm, &mut dx.as_view_mut(), &dy.as_view(), &w.as_view(), t, n, k, false),
-            GemmOp::BackwardWeight => linear_bwd_weight(gpu, gemm, &mut dw.as_view_mut(), &dy.as_view(), &x.as_view(), t, n, k),
-        };
-        let count = gemm.algorithm_count(shape)?;
-        let mut best = (0, f64::INFINITY);
-        for index in 0..count {
-            gemm.choose_algorithm(shape, index)?;
-            // An algorithm that fails to run is left out of the comparison.
-            if let Ok(ms) = time_ms(gpu, 1, CANDIDATE_ITERS, &mut run) {
-                if ms < best.1 {
-                    best = (index, ms);
-                }
+        // Random inputs, zeroed outputs (written with beta = 0, or accumulated into for dw).
+        match op {
+            GemmOp::Forward => {
+                let (x, w) = (random_bf16(gpu, t * k, 1.0, self.next_seed())?, random_bf16(gpu, n * k, 1.0, self.next_seed())?);
+                let mut y = gpu.stream.alloc_zeros::<bf16>(t * n).during("allocating bench outputs")?;
+                time_candidates(gpu, gemm, shape, &mut |_| linear_fwd(gpu, gemm, &mut y.as_view_mut(), &x.as_view(), &w.as_view(), None, t, n, k))
+            }
+            GemmOp::BackwardInput => {
+                let (dy, w) = (random_bf16(gpu, t * n, 1.0, self.next_seed())?, random_bf16(gpu, n * k, 1.0, self.next_seed())?);
+                let mut dx = gpu.stream.alloc_zeros::<bf16>(t * k).during("allocating bench outputs")?;
+                time_candidates(gpu, gemm, shape, &mut |_| linear_bwd_input(gpu, gemm, &mut dx.as_view_mut(), &dy.as_view(), &w.as_view(), t, n, k, false))
+            }
+            GemmOp::BackwardWeight => {
+                let (dy, x) = (random_bf16(gpu, t * n, 1.0, self.next_seed())?, random_bf16(gpu, t * k, 1.0, self.next_seed())?);
+                let mut dw = gpu.stream.alloc_zeros::<f32>(n * k).during("allocating bench outputs")?;
+                time_candidates(gpu, gemm, shape, &mut |_| linear_bwd_weight(gpu, gemm, &mut dw.as_view_mut(), &dy.as_view(), &x.as_view(), t, n, k))
             }
         }
-        gemm.choose_algorithm(shape, 0)?;
-        let first_ms = time_ms(gpu, WARMUP, ITERS, &mut run)?;
-        Ok(GemmTiming { first_ms, best_ms: best.1.min(first_ms), best_index: best.0, count })
     }
 
     fn gemms(&mut self, gemm: &GemmCache) -> Result<(), GpuError> {

@@ -535,7 +535,7 @@ fn check_bwd_weight(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         // fp32 out: only the two accumulations differ (see bf16_out_tol, sum over T) and the
         // final add to dw0 (a few 2^-24).
         let tol = Tolerance { abs: 2f32.powi(-20) * t as f32 * scale, rel: 4.0 * f32::EPSILON };
-        rows.push(Row::new("linear_bwd_weight dw += dy^T x", format!("[{t},{n},{k}] x{scale}"), tol, compare(&download(gpu, &dw)?, &want, tol)));
+        rows.push(Row::new("linear_bwd_weight dw+=dy^T x", format!("[{t},{n},{k}] x{scale}"), tol, compare(&download(gpu, &dw)?, &want, tol)));
     }
     Ok(rows)
 }
