@@ -13,9 +13,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limi
 for section in "$@"; do
   echo "=== $section"
   case "$section" in
-    selftest) "$bin" selftest 2>&1 | tee "$out/selftest.log" ;;
-    bench) "$bin" bench kernels 2>&1 | tee "$out/bench.log" ;;
-    bench-attention) "$bin" bench attention 2>&1 | tee "$out/bench-attention.log" ;;
+    selftest) timeout "${SECTION_TIMEOUT:-240}" "$bin" selftest 2>&1 | tee "$out/selftest.log" ;;
+    bench) timeout "${SECTION_TIMEOUT:-240}" "$bin" bench kernels 2>&1 | tee "$out/bench.log" ;;
+    bench-attention) timeout "${SECTION_TIMEOUT:-240}" "$bin" bench attention 2>&1 | tee "$out/bench-attention.log" ;;
     *) echo "unknown section $section"; false ;;
   esac
   rc=${PIPESTATUS[0]}
