@@ -297,7 +297,7 @@ impl Bench<'_> {
             GemmOp::BackwardInput => {
                 let (dy, w) = (random_bf16(gpu, t * n, 1.0, self.next_seed())?, random_bf16(gpu, n * k, 1.0, self.next_seed())?);
                 let mut dx = gpu.stream.alloc_zeros::<bf16>(t * k).during("allocating bench outputs")?;
-                time_candidates(gpu, gemm, shape, &mut |_| linear_bwd_input(gpu, gemm, &mut dx.as_view_mut(), &dy.as_view(), &w.as_view(), t, n, k, false))
+                time_candidates(gpu, gemm, shape, &mut |_| linear_bwd_input(gpu, gemm, &mut dx.as_view_mut(), &dy.as_view(), &w.as_view(), t, n, k))
             }
             GemmOp::BackwardWeight => {
                 let (dy, x) = (random_bf16(gpu, t * n, 1.0, self.next_seed())?, random_bf16(gpu, t * k, 1.0, self.next_seed())?);

@@ -100,8 +100,8 @@ pub trait Backend {
 
     /// y: [T, N] = x [T, K] @ w^T (+ residual [T, N]), w: [N, K] at `w_at`.
     fn linear_fwd(&self, y: &mut Self::Act, x: &Self::Act, w: &Self::Weights, w_at: TensorAt, residual: Option<&Self::Act>, t: usize, n: usize, k: usize) -> Result<()>;
-    /// dx: [T, K] (+)= dy [T, N] @ w [N, K].
-    fn linear_bwd_input(&self, dx: &mut Self::Act, dy: &Self::Act, w: &Self::Weights, w_at: TensorAt, t: usize, n: usize, k: usize, accumulate: bool) -> Result<()>;
+    /// dx: [T, K] = dy [T, N] @ w [N, K].
+    fn linear_bwd_input(&self, dx: &mut Self::Act, dy: &Self::Act, w: &Self::Weights, w_at: TensorAt, t: usize, n: usize, k: usize) -> Result<()>;
     /// dw: [N, K] at `dw_at` += dy^T [N, T] @ x [T, K].
     fn linear_bwd_weight(&self, dw: &mut Self::Grads, dw_at: TensorAt, dy: &Self::Act, x: &Self::Act, t: usize, n: usize, k: usize) -> Result<()>;
 

@@ -80,8 +80,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn linear_bwd_input(&self, dx: &mut Vec<f32>, dy: &Vec<f32>, w: &[f32], w_at: TensorAt, t: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
-        linear_bwd_input_cpu(dx, dy, &w[w_at.range()], t, n, k, accumulate);
+    fn linear_bwd_input(&self, dx: &mut Vec<f32>, dy: &Vec<f32>, w: &[f32], w_at: TensorAt, t: usize, n: usize, k: usize) -> Result<()> {
+        linear_bwd_input_cpu(dx, dy, &w[w_at.range()], t, n, k);
         Ok(())
     }
 
@@ -163,7 +163,7 @@ impl Backend for CpuBackend {
         cross_entropy_cpu(&mut dlogits, losses, correct, &logits, labels, t, v, grad_scale);
         if let Some((dy, dw)) = grads {
             linear_bwd_weight_cpu(&mut dw[w_at.range()], &dlogits, y, t, v, d);
-            linear_bwd_input_cpu(dy, &dlogits, w, t, v, d, false);
+            linear_bwd_input_cpu(dy, &dlogits, w, t, v, d);
         }
         Ok(())
     }

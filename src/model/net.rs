@@ -525,19 +525,19 @@ fn pass_backward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], dw
 fn block_backward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, dw: &mut B::Grads, a: &BlockActs<B>, x: &B::Act, g: &mut BlockGrads<B>, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let Sizes { t, d, nh, c, i, .. } = sz;
     // MLP: x_out = x1 + act @ W_down^T, act = swiglu(rms(x1) @ W_gate_up^T)
-    be.linear_bwd_input(&mut g.dact, &g.dres, w, bw.down, t, d, i, false)?;
+    be.linear_bwd_input(&mut g.dact, &g.dres, w, bw.down, t, d, i)?;
     be.linear_bwd_weight(dw, bw.down, &g.dres, &a.act, t, d, i)?;
     be.swiglu_bwd(&mut g.dgu, &g.dact, &a.gu, t, i)?;
-    be.linear_bwd_input(&mut g.dxn, &g.dgu, w, bw.gate_up, t, 2 * i, d, false)?;
+    be.linear_bwd_input(&mut g.dxn, &g.dgu, w, bw.gate_up, t, 2 * i, d)?;
     be.linear_bwd_weight(dw, bw.gate_up, &g.dgu, &a.xn2, t, 2 * i, d)?;
     be.rmsnorm_bwd(&mut g.dres, &g.dxn, &a.x1, &a.rstd2, t, d)?;
     // attention: x1 = x + ga @ W_o^T, ga = sigmoid(g) * attn(...)
-    be.linear_bwd_input(&mut g.dga, &g.dres, w, bw.o, t, d, c, false)?;
+    be.linear_bwd_input(&mut g.dga, &g.dres, w, bw.o, t, d, c)?;
     be.linear_bwd_weight(dw, bw.o, &g.dres, &a.ga, t, d, c)?;
     be.gate_bwd(&mut g.dg, &mut g.do_, &g.dga, &a.g, &a.o, t * c)?;
     be.attention_bwd(&mut g.dq, &mut g.dk, &mut g.dv, &g.do_, &a.q, &a.k, &a.v, &a.o, &a.lse, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
     be.qkv_rope_bwd(&mut g.dgqkv, &g.dg, &g.dq, &g.dk, &g.dv, &db.positions, t, nh)?;
-    be.linear_bwd_input(&mut g.dxn, &g.dgqkv, w, bw.gqkv, t, 4 * c, d, false)?;
+    be.linear_bwd_input(&mut g.dxn, &g.dgqkv, w, bw.gqkv, t, 4 * c, d)?;
     be.linear_bwd_weight(dw, bw.gqkv, &g.dgqkv, &a.xn1, t, 4 * c, d)?;
     be.rmsnorm_bwd(&mut g.dres, &g.dxn, x, &a.rstd1, t, d)
 }

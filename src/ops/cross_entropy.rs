@@ -322,7 +322,7 @@ pub fn lm_head_cross_entropy(
         linear_fwd(gpu, gemm, &mut block, &z.slice(rd.clone()), w, None, rows, v, d)?;
         cross_entropy_in_place(gpu, kernel, &mut block, &mut losses.slice_mut(r.clone()), &mut correct.slice_mut(r.clone()), &labels.slice(r), rows, v, grad_scale)?;
         let dlogits = block.as_view();
-        linear_bwd_input(gpu, gemm, &mut dz.slice_mut(rd.clone()), &dlogits, w, rows, v, d, false)?;
+        linear_bwd_input(gpu, gemm, &mut dz.slice_mut(rd.clone()), &dlogits, w, rows, v, d)?;
         linear_bwd_weight(gpu, gemm, dw, &dlogits, &z.slice(rd), rows, v, d)?;
     }
     Ok(())
@@ -474,7 +474,7 @@ fn check_lm_head(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         cross_entropy_cpu(&mut dl, &mut loss_want, &mut ok_want, &logits, &labels, t, v, grad_scale);
         let dl = round_bf16(&dl);
         let mut dz_want = vec![0.0; t * d];
-        linear_bwd_input_cpu(&mut dz_want, &dl, &w, t, v, d, false);
+        linear_bwd_input_cpu(&mut dz_want, &dl, &w, t, v, d);
         let mut dw_want = dw0.clone();
         linear_bwd_weight_cpu(&mut dw_want, &dl, &z, t, v, d);
 

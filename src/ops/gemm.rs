@@ -21,7 +21,7 @@
 //! forward      y^T  [N,T] = w  [N,K] (A = w stored [K,N], op T) @ x^T [K,T] (B = x, op N)
 //!              m = N, n = T, k = K;  C = residual (beta = 1) or none (beta = 0), D = y
 //! input grad   dx^T [K,T] = w^T [K,N] (A = w, op N) @ dy^T [N,T] (B = dy, op N)
-//!              m = K, n = T, k = N;  C = D = dx, beta = 1 when accumulating
+//!              m = K, n = T, k = N;  D = dx, beta = 0
 //! weight grad  dw^T [K,N] = x^T [K,T] (A = x, op N) @ dy [T,N] (B = dy stored [N,T], op T)
 //!              m = K, n = N, k = T;  C = D = dw (fp32), beta = 1
 //! ```
@@ -62,13 +62,14 @@ pub fn linear_fwd_cpu(y: &mut [f32], x: &[f32], w: &[f32], residual: Option<&[f3
     sgemm(t, k, n, x, (k, 1), w, (1, k), beta, y);
 }
 
-/// `dx [T,K] = dy [T,N] @ w [N,K]`, or `+=` when `accumulate`.
-pub fn linear_bwd_input_cpu(dx: &mut [f32], dy: &[f32], w: &[f32], t: usize, n: usize, k: usize, accumulate: bool) {
+/// `dx [T,K] = dy [T,N] @ w [N,K]`, written with `=` (activation gradients never accumulate
+/// in a GEMM; the residual stream's `+=` happens in `rmsnorm_bwd`).
+pub fn linear_bwd_input_cpu(dx: &mut [f32], dy: &[f32], w: &[f32], t: usize, n: usize, k: usize) {
     const OP: &str = "linear_bwd_input_cpu";
     expect_len(OP, "dx", dx.len(), &[("T", t), ("K", k)]);
     expect_len(OP, "dy", dy.len(), &[("T", t), ("N", n)]);
     expect_len(OP, "w", w.len(), &[("N", n), ("K", k)]);
-    sgemm(t, n, k, dy, (n, 1), w, (k, 1), if accumulate { 1.0 } else { 0.0 }, dx);
+    sgemm(t, n, k, dy, (n, 1), w, (k, 1), 0.0, dx);
 }
 
 /// `dw [N,K] += dy [T,N]^T @ x [T,K]`.
@@ -393,7 +394,7 @@ pub fn linear_fwd(
     unsafe { gemm.matmul(gpu, shape, beta, w_ptr, x_ptr, c_ptr, y_ptr) }
 }
 
-/// GPU [`linear_bwd_input_cpu`]: dx: [T,K] bf16 (`=`, or `+=` when `accumulate`),
+/// GPU [`linear_bwd_input_cpu`]: dx: [T,K] bf16 (written),
 /// dy: [T,N] bf16, w: [N,K] bf16.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd_input(
@@ -405,7 +406,6 @@ pub fn linear_bwd_input(
     t: usize,
     n: usize,
     k: usize,
-    accumulate: bool,
 ) -> Result<(), GpuError> {
     const OP: &str = "linear_bwd_input";
     check_sizes(OP, t, n, k);
@@ -422,10 +422,9 @@ pub fn linear_bwd_input(
     let (dy_ptr, _dy) = dy.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
     let (dx_ptr, _dx) = dx.device_ptr_mut(&gpu.stream);
-    let beta = if accumulate { 1.0 } else { 0.0 };
-    // SAFETY: A = w [N,K], B = dy [T,N], C = D = dx [T,K], bf16, lengths checked above,
-    // 16-byte aligned, alive until the product has run.
-    unsafe { gemm.matmul(gpu, shape, beta, w_ptr, dy_ptr, dx_ptr, dx_ptr) }
+    // SAFETY: A = w [N,K], B = dy [T,N], D = dx [T,K] (beta = 0: C is not read), bf16,
+    // lengths checked above, 16-byte aligned, alive until the product has run.
+    unsafe { gemm.matmul(gpu, shape, 0.0, w_ptr, dy_ptr, dx_ptr, dx_ptr) }
 }
 
 /// GPU [`linear_bwd_weight_cpu`]: dw: [N,K] fp32 (+=), dy: [T,N] bf16, x: [T,K] bf16.
@@ -506,17 +505,14 @@ fn check_bwd_input(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     let gemm = GemmCache::new(gpu)?;
     let mut rows = Vec::new();
     for (t, n, k, scale) in SHAPES {
-        let (dy, w, dx0) = (bf16_inputs(rng, t * n, scale), bf16_inputs(rng, n * k, 1.0), bf16_inputs(rng, t * k, scale));
+        let (dy, w) = (bf16_inputs(rng, t * n, scale), bf16_inputs(rng, n * k, 1.0));
         let (ddy, dw) = (upload_bf16(gpu, &dy)?, upload_bf16(gpu, &w)?);
         let tol = bf16_out_tol(n, scale, 1.0);
-        for accumulate in [false, true] {
-            let mut want = dx0.clone();
-            linear_bwd_input_cpu(&mut want, &dy, &w, t, n, k, accumulate);
-            let mut dx = if accumulate { upload_bf16(gpu, &dx0)? } else { poisoned_bf16(gpu, t * k)? };
-            linear_bwd_input(gpu, &gemm, &mut dx.as_view_mut(), &ddy.as_view(), &dw.as_view(), t, n, k, accumulate)?;
-            let name = if accumulate { "linear_bwd_input dx += dy w" } else { "linear_bwd_input dx = dy w" };
-            rows.push(Row::new(name, format!("[{t},{n},{k}] x{scale}"), tol, compare(&download_bf16(gpu, &dx)?, &want, tol)));
-        }
+        let mut want = vec![0.0; t * k];
+        linear_bwd_input_cpu(&mut want, &dy, &w, t, n, k);
+        let mut dx = poisoned_bf16(gpu, t * k)?;
+        linear_bwd_input(gpu, &gemm, &mut dx.as_view_mut(), &ddy.as_view(), &dw.as_view(), t, n, k)?;
+        rows.push(Row::new("linear_bwd_input dx = dy w", format!("[{t},{n},{k}] x{scale}"), tol, compare(&download_bf16(gpu, &dx)?, &want, tol)));
     }
     Ok(rows)
 }
@@ -591,13 +587,10 @@ mod tests {
             weighted_sum(&r, &y)
         };
 
-        // dx: written with `=` (NaN before proves it), then `+=` onto itself doubles it.
+        // dx: written with `=` (NaN before proves it).
         let mut dx = vec![f32::NAN; t * k];
-        linear_bwd_input_cpu(&mut dx, &r, &w, t, n, k, false);
+        linear_bwd_input_cpu(&mut dx, &r, &w, t, n, k);
         check_gradient("linear dx", &x, &dx, |x| loss(x, &w), &mut rng, 4);
-        let once = dx.clone();
-        linear_bwd_input_cpu(&mut dx, &r, &w, t, n, k, true);
-        assert!(dx.iter().zip(&once).all(|(a, b)| (a - 2.0 * b).abs() <= 1e-6 * b.abs().max(1.0)));
 
         // dw: accumulates onto a random start.
         let start = rng.uniform_vec(n * k, 1.0);
