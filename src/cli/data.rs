@@ -42,6 +42,25 @@ pub enum DataCommand {
     Inspect(InspectArgs),
     /// Print one rank's multipack schedule of one epoch, one JSON object per step
     Batches(BatchesArgs),
+    /// Write the built-in addition task (train and held-out) as SPEC §8 dataset directories
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Output directory: `train/` and `heldout/` are written inside it
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Digits of the larger operand
+    #[arg(long, default_value_t = 2)]
+    pub digits: usize,
+    /// Distinct training problems
+    #[arg(long, default_value_t = 4000)]
+    pub train_samples: usize,
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Args, Debug)]
@@ -121,7 +140,17 @@ pub fn run(args: DataArgs) -> Result<()> {
         DataCommand::Prepare(a) => prepare_cmd(a),
         DataCommand::Inspect(a) => inspect(a),
         DataCommand::Batches(a) => batches(a),
+        DataCommand::Demo(a) => demo(a),
     }
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let cfg = crate::data::demo::DemoConfig { digits: a.digits, train_samples: a.train_samples, epochs: a.epochs, seed: a.seed, ..Default::default() };
+    let demo = crate::data::demo::build(&cfg)?;
+    demo.train.write(&a.out.join("train"))?;
+    demo.heldout.write(&a.out.join("heldout"))?;
+    println!("wrote {} and {}", a.out.join("train").display(), a.out.join("heldout").display());
+    Ok(())
 }
 
 fn prepare_cmd(a: PrepareArgs) -> Result<()> {
