@@ -1,6 +1,8 @@
 // Shared helpers for every kernel family.
 #pragma once
 #include <cuda_bf16.h>
+#include <limits.h>
+#include <math.h>
 #include <stdint.h>
 
 typedef __nv_bfloat16 bf16;
@@ -9,3 +11,57 @@ typedef __nv_bfloat16 bf16;
 struct __align__(16) bf16x8 {
     bf16 v[8];
 };
+
+// Widening and narrowing of eight values at once (fp32 math on bf16 storage).
+__device__ __forceinline__ void bf16x8_to_float(const bf16x8& in, float out[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) out[i] = __bfloat162float(in.v[i]);
+}
+
+__device__ __forceinline__ bf16x8 float_to_bf16x8(const float in[8]) {
+    bf16x8 out;
+#pragma unroll
+    for (int i = 0; i < 8; i++) out.v[i] = __float2bfloat16_rn(in[i]);
+    return out;
+}
+
+// The accurate expf (not __expf): saturates to 0 and 1 without NaN.
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
+}
+
+// Sum over a 1-D block whose size is a multiple of 32 (<= 1024); every thread gets the total.
+// A fixed-shape tree (warp butterflies, then the warp totals in warp order), so the result
+// is the same on every run. Must be reached by every thread of the block.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float warp_totals[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    v = warp_sum(v);
+    __syncthreads();  // the previous call's readers are done with warp_totals
+    if (lane == 0) warp_totals[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? warp_totals[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// Same as block_sum for the maximum.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float warp_maxima[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) warp_maxima[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? warp_maxima[lane] : -INFINITY;
+    return warp_max(v);
+}

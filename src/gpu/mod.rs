@@ -34,6 +34,8 @@ pub enum GpuError {
     Load { family: String, name: String, source: DriverError },
     #[error("CUDA error during {what}: {source}")]
     Driver { what: String, source: DriverError },
+    #[error("cuBLASLt error during {what}: {source}")]
+    Blas { what: String, source: cudarc::cublaslt::result::CublasError },
 }
 
 /// Shorthand for wrapping a driver error with what was being done.

@@ -12,10 +12,27 @@
 //! Ignored rows get `loss = 0`, `correct = 0`, `dlogits = 0`. `grad_scale` is
 //! `1 / (mean over ranks of the valid-label count)`, so summing `grad_scale * loss` over
 //! ranks gives the gradient of SPEC §5's loss.
+//!
+//! On the GPU (`cuda/cross_entropy.cu`) the logits and their gradient are bf16 (the gradient
+//! may be written over the logits), the softmax fp32, and the metrics are summed on the
+//! device into a `[5]` fp64 accumulator (see [`METRICS_LEN`]) that the host reads only when
+//! it logs.
 
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUfunction_attribute as FuncAttr;
+use half::bf16;
 use rayon::prelude::*;
 
-use crate::ops::shape::expect_len;
+use crate::gpu::{DriverContext, Gpu, GpuError};
+use crate::ops::check::{bf16_inputs, download, download_bf16, max_abs, poisoned_bf16, poisoned_f32, upload, upload_bf16};
+use crate::ops::compare::{compare, Tolerance, BF16_EPS};
+use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
+use crate::rng::Rng;
+use crate::selftest::{Check, Row};
+
+const FAMILY: &str = "cross_entropy";
+/// `CE_THREADS` in `cuda/cross_entropy.cu`: one block of this many threads per row.
+const CE_THREADS: u32 = 1024;
 
 /// The label value of a position that carries no loss.
 pub const IGNORE_LABEL: i32 = -100;
@@ -112,6 +129,244 @@ pub fn metrics_cpu(losses: &[f32], correct: &[u8], labels: &[i32], cu_seqlens: &
         }
     }
     m
+}
+
+/// Length of the device metrics accumulator: `[loss_sum, valid_tokens, correct_tokens,
+/// exact_samples, samples_with_labels]`, fp64 (counts are exact below 2^53).
+pub const METRICS_LEN: usize = 5;
+
+impl StepMetrics {
+    /// The sums held by a device accumulator written by [`metrics`].
+    pub fn from_device(sums: &[f64; METRICS_LEN]) -> StepMetrics {
+        StepMetrics {
+            loss_sum: sums[0],
+            valid_tokens: sums[1] as u64,
+            correct_tokens: sums[2] as u64,
+            exact_samples: sums[3] as u64,
+            samples_with_labels: sums[4] as u64,
+        }
+    }
+}
+
+/// Which cross-entropy kernel runs a row; [`cross_entropy`] picks [`CeKernel::Smem`] when
+/// the row fits in shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CeKernel {
+    /// The row staged in shared memory: logits read once, gradient written once.
+    Smem,
+    /// Any V: the row read twice (the second time mostly from L2).
+    Stream,
+}
+
+impl CeKernel {
+    pub fn for_vocab(gpu: &Gpu, v: usize) -> CeKernel {
+        if 2 * v <= gpu.props.smem_per_block_optin { CeKernel::Smem } else { CeKernel::Stream }
+    }
+}
+
+/// GPU [`cross_entropy_cpu`] with separate buffers. dlogits: [T,V] bf16, losses: [T] fp32,
+/// correct: [T] u8, logits: [T,V] bf16, labels: [T] i32.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy(
+    gpu: &Gpu,
+    dlogits: &mut CudaViewMut<bf16>,
+    losses: &mut CudaViewMut<f32>,
+    correct: &mut CudaViewMut<u8>,
+    logits: &CudaView<bf16>,
+    labels: &CudaView<i32>,
+    t: usize,
+    v: usize,
+    grad_scale: f32,
+) -> Result<(), GpuError> {
+    expect_len("cross_entropy", "logits", logits.len(), &[("T", t), ("V", v)]);
+    expect_aligned16("cross_entropy", "logits", gpu, logits);
+    launch_ce(gpu, CeKernel::for_vocab(gpu, v), dlogits, losses, correct, Some(logits), labels, t, v, grad_scale)
+}
+
+/// [`cross_entropy`] with the gradient written over the logits: logits_grad: [T,V] bf16
+/// (logits in, dlogits out), losses: [T] fp32, correct: [T] u8, labels: [T] i32.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_in_place(
+    gpu: &Gpu,
+    kernel: CeKernel,
+    logits_grad: &mut CudaViewMut<bf16>,
+    losses: &mut CudaViewMut<f32>,
+    correct: &mut CudaViewMut<u8>,
+    labels: &CudaView<i32>,
+    t: usize,
+    v: usize,
+    grad_scale: f32,
+) -> Result<(), GpuError> {
+    launch_ce(gpu, kernel, logits_grad, losses, correct, None, labels, t, v, grad_scale)
+}
+
+/// `logits: None` means "read the logits from `dlogits`" (in place).
+#[allow(clippy::too_many_arguments)]
+fn launch_ce(
+    gpu: &Gpu,
+    kernel: CeKernel,
+    dlogits: &mut CudaViewMut<bf16>,
+    losses: &mut CudaViewMut<f32>,
+    correct: &mut CudaViewMut<u8>,
+    logits: Option<&CudaView<bf16>>,
+    labels: &CudaView<i32>,
+    t: usize,
+    v: usize,
+    grad_scale: f32,
+) -> Result<(), GpuError> {
+    const OP: &str = "cross_entropy";
+    expect_len(OP, "dlogits", dlogits.len(), &[("T", t), ("V", v)]);
+    expect_len(OP, "losses", losses.len(), &[("T", t)]);
+    expect_len(OP, "correct", correct.len(), &[("T", t)]);
+    expect_len(OP, "labels", labels.len(), &[("T", t)]);
+    assert!(v > 0 && v % 8 == 0, "{OP}: V = {v} must be a positive multiple of 8");
+    expect_aligned16(OP, "dlogits", gpu, dlogits);
+    if t == 0 {
+        return Ok(());
+    }
+    let (t_i, v_i) = (as_i32(OP, "T", t), as_i32(OP, "V", v));
+    let (name, smem) = match kernel {
+        CeKernel::Smem => ("cross_entropy_smem", 2 * v),
+        CeKernel::Stream => ("cross_entropy_stream", 0),
+    };
+    assert!(smem <= gpu.props.smem_per_block_optin, "{OP}: V = {v} needs {smem} bytes of shared memory, the device allows {}", gpu.props.smem_per_block_optin);
+    let func = gpu.function(FAMILY, name)?;
+    if smem > 48 * 1024 {
+        func.set_attribute(FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).during("raising the shared-memory limit of cross_entropy_smem")?;
+    }
+    let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (CE_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+    // The kernel takes the logits pointer separately; in place it is dlogits' own address.
+    let logits_ptr = logits.map(|l| cudarc::driver::DevicePtr::device_ptr(l, &gpu.stream));
+    let dlogits_ptr = cudarc::driver::DevicePtr::device_ptr(&*dlogits, &gpu.stream).0;
+    let logits_raw: u64 = logits_ptr.as_ref().map_or(dlogits_ptr, |(p, _)| *p);
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(dlogits).arg(losses).arg(correct).arg(&logits_raw).arg(labels).arg(&t_i).arg(&v_i).arg(&grad_scale);
+    // SAFETY: dlogits and logits hold T*V bf16 (checked above and by the callers), 16-byte
+    // aligned; losses, correct, labels hold T; one block per row, and the kernel reads
+    // every element of a row before the block's first barrier or in the thread that later
+    // overwrites it, so the in-place case is safe. Dynamic shared memory is 2V bytes for
+    // the smem kernel, within the limit raised above.
+    unsafe { args.launch(cfg) }.during(name)?;
+    Ok(())
+}
+
+/// Adds this batch's [`StepMetrics`] sums into `sums` ([`METRICS_LEN`] fp64, +=) on the
+/// device. losses: [T] fp32, correct: [T] u8, labels: [T] i32, cu_seqlens: [S+1] i32.
+pub fn metrics(
+    gpu: &Gpu,
+    sums: &mut CudaViewMut<f64>,
+    losses: &CudaView<f32>,
+    correct: &CudaView<u8>,
+    labels: &CudaView<i32>,
+    cu_seqlens: &CudaView<i32>,
+    t: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "ce_metrics";
+    expect_len(OP, "sums", sums.len(), &[("METRICS_LEN", METRICS_LEN)]);
+    expect_len(OP, "losses", losses.len(), &[("T", t)]);
+    expect_len(OP, "correct", correct.len(), &[("T", t)]);
+    expect_len(OP, "labels", labels.len(), &[("T", t)]);
+    assert!(!cu_seqlens.is_empty(), "{OP}: `cu_seqlens` must hold at least [0]");
+    let (t_i, s_i) = (as_i32(OP, "T", t), as_i32(OP, "S", cu_seqlens.len() - 1));
+    let func = gpu.function(FAMILY, OP)?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(sums).arg(losses).arg(correct).arg(labels).arg(cu_seqlens).arg(&t_i).arg(&s_i);
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (CE_THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: sums holds 5 f64, the token buffers T, cu_seqlens S+1 (checked above); the
+    // kernel clamps sample bounds to 0..T.
+    unsafe { args.launch(cfg) }.during(OP)?;
+    Ok(())
+}
+
+pub fn selftests() -> Vec<Check> {
+    vec![Check { name: "cross_entropy", run: check_cross_entropy }, Check { name: "ce_metrics", run: check_metrics }]
+}
+
+/// Labels for a check: about one in five ignored, the rest uniform, with the first and last
+/// vocabulary entries forced in.
+fn draw_labels(rng: &mut Rng, t: usize, v: usize) -> Vec<i32> {
+    let mut labels: Vec<i32> = (0..t).map(|_| if rng.below(5) == 0 { IGNORE_LABEL } else { rng.below(v as u64) as i32 }).collect();
+    if t >= 2 {
+        labels[0] = 0;
+        labels[t - 1] = v as i32 - 1;
+    }
+    labels
+}
+
+fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    // (T, V, logit scale): a single 8-wide row, odd T, the XL vocabulary, a vocabulary too
+    // large for shared memory (stream kernel only), large logits.
+    let shapes = [(1, 8, 1.0), (37, 1000, 4.0), (67, 65536, 8.0), (9, 140_000, 8.0), (33, 4096, 100.0)];
+    let mut rows = Vec::new();
+    for (t, v, scale) in shapes {
+        let mut logits = bf16_inputs(rng, t * v, scale);
+        // Row 1 all equal: the loss is ln V and the first index is the argmax.
+        if t > 1 {
+            logits[v..2 * v].fill(0.5);
+        }
+        let labels = draw_labels(rng, t, v);
+        let grad_scale = 1.0 / t as f32;
+        let (mut dl_want, mut loss_want, mut ok_want) = (vec![0.0; t * v], vec![0.0; t], vec![0u8; t]);
+        cross_entropy_cpu(&mut dl_want, &mut loss_want, &mut ok_want, &logits, &labels, t, v, grad_scale);
+        let ok_want: Vec<f32> = ok_want.iter().map(|&c| c as f32).collect();
+
+        // Loss: lse - x_y in fp32; exp2f of (x - m) * log2 e is off by |m| * 2^-24 in the
+        // exponent and the sums by ~log2(V) * 2^-24: 1e-6 * (10 + max|x|) absolute.
+        let loss_tol = Tolerance { abs: 1e-6 * (10.0 + max_abs(&logits)), rel: 1e-6 };
+        // Gradient: one bf16 rounding (2^-9) of an fp32 value; where p - 1 cancels, the same
+        // absolute error as the loss, times grad_scale.
+        let grad_tol = Tolerance { abs: grad_scale * loss_tol.abs, rel: 2.0 * BF16_EPS };
+        let exact = Tolerance { abs: 0.0, rel: 0.0 };
+        let kernels: &[CeKernel] = if 2 * v <= gpu.props.smem_per_block_optin { &[CeKernel::Smem, CeKernel::Stream] } else { &[CeKernel::Stream] };
+        let dlabels = upload(gpu, &labels)?;
+        for &kernel in kernels {
+            let shape = format!("[{t},{v}] x{scale} {kernel:?}");
+            // In place, as the LM head runs it: the buffer holds the logits, then the gradient.
+            let mut buf = upload_bf16(gpu, &logits)?;
+            let (mut losses, mut correct) = (poisoned_f32(gpu, t)?, upload(gpu, &vec![7u8; t])?);
+            cross_entropy_in_place(gpu, kernel, &mut buf.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &dlabels.as_view(), t, v, grad_scale)?;
+            let ok: Vec<f32> = download(gpu, &correct)?.iter().map(|&c| c as f32).collect();
+            rows.push(Row::new("cross_entropy loss", &shape, loss_tol, compare(&download(gpu, &losses)?, &loss_want, loss_tol)));
+            rows.push(Row::new("cross_entropy correct", &shape, exact, compare(&ok, &ok_want, exact)));
+            rows.push(Row::new("cross_entropy dlogits", &shape, grad_tol, compare(&download_bf16(gpu, &buf)?, &dl_want, grad_tol)));
+        }
+        // Separate buffers through the public entry point.
+        let dlog = upload_bf16(gpu, &logits)?;
+        let mut dl = poisoned_bf16(gpu, t * v)?;
+        let (mut losses, mut correct) = (poisoned_f32(gpu, t)?, upload(gpu, &vec![7u8; t])?);
+        cross_entropy(gpu, &mut dl.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &dlog.as_view(), &dlabels.as_view(), t, v, grad_scale)?;
+        rows.push(Row::new("cross_entropy dlogits (out of place)", format!("[{t},{v}] x{scale}"), grad_tol, compare(&download_bf16(gpu, &dl)?, &dl_want, grad_tol)));
+    }
+    Ok(rows)
+}
+
+fn check_metrics(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    // (T, number of samples): one token, odd sizes, an XL batch of many samples.
+    for (t, s) in [(1, 1), (37, 5), (16_384, 900)] {
+        // Sample boundaries: S distinct cut points, the last sample ending before T (padding).
+        let mut cuts: Vec<i32> = (0..s - 1).map(|_| rng.below(t as u64) as i32).collect();
+        cuts.push(0);
+        cuts.push((t - t / 10) as i32);
+        cuts.sort_unstable();
+        let labels: Vec<i32> = (0..t).map(|i| if i as i32 >= cuts[s] || rng.below(3) == 0 { IGNORE_LABEL } else { 1 }).collect();
+        // Mostly right, so that some samples are exact.
+        let correct: Vec<u8> = (0..t).map(|_| u8::from(rng.below(50) != 0)).collect();
+        let losses: Vec<f32> = rng.uniform_vec(t, 10.0).iter().map(|x| x.abs()).collect();
+        let want = metrics_cpu(&losses, &correct, &labels, &cuts, t);
+
+        let start = [0.25, 1.0, 2.0, 3.0, 4.0];
+        let mut sums = upload(gpu, &start)?;
+        let (dl, dc, dlab, dcu) = (upload(gpu, &losses)?, upload(gpu, &correct)?, upload(gpu, &labels)?, upload(gpu, &cuts)?);
+        metrics(gpu, &mut sums.as_view_mut(), &dl.as_view(), &dc.as_view(), &dlab.as_view(), &dcu.as_view(), t)?;
+        let got: Vec<f64> = download(gpu, &sums)?;
+        let got: Vec<f32> = got.iter().zip(start).map(|(g, s)| (g - s) as f32).collect();
+        let want_v = [want.loss_sum as f32, want.valid_tokens as f32, want.correct_tokens as f32, want.exact_samples as f32, want.samples_with_labels as f32];
+        // fp64 sums of fp32 values in two orders: far below fp32 resolution. Counts exact.
+        let tol = Tolerance { abs: 0.0, rel: 1e-6 };
+        rows.push(Row::new("ce_metrics (+=)", format!("T={t} S={s}"), tol, compare(&got, &want_v, tol)));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

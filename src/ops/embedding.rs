@@ -6,11 +6,26 @@
 //! ```
 //!
 //! The backward sums the rows of a repeated token in increasing `t` order, so the result
-//! is the same on every run.
+//! is the same on every run. On the GPU (`cuda/embedding.cu`) `w` and `out`/`dout` are bf16
+//! and `dw` fp32; the backward is a stable counting sort of the token ids followed by one
+//! owner block per vocabulary row, with no float atomics, so it is bitwise reproducible too
+//! (in its own fixed order, not the CPU's).
 
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use half::bf16;
 use rayon::prelude::*;
 
-use crate::ops::shape::expect_len;
+use crate::gpu::{DriverContext, Gpu, GpuError};
+use crate::ops::check::{bf16_inputs, download, download_bf16, max_abs, poisoned_bf16, upload, upload_bf16};
+use crate::ops::compare::{compare, Tolerance, BF16_EPS};
+use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
+use crate::rng::Rng;
+use crate::selftest::{Check, Row};
+
+const FAMILY: &str = "embedding";
+const THREADS: u32 = 256;
+/// `SCAN_THREADS` in `cuda/embedding.cu`.
+const SCAN_THREADS: u32 = 1024;
 
 /// Panics with the offending position unless every token id is in `0..v`.
 #[track_caller]
@@ -50,6 +65,204 @@ pub fn embedding_bwd_cpu(dw: &mut [f32], dout: &[f32], tokens: &[i32], t: usize,
         let dst = &mut dw[id as usize * d..(id as usize + 1) * d];
         dst.iter_mut().zip(row).for_each(|(g, &x)| *g += x * scale);
     }
+}
+
+/// Device scratch of the deterministic backward, sized once for `t_max` tokens and a
+/// vocabulary of `v` rows, and reused every step.
+pub struct EmbeddingBwdScratch {
+    t_max: usize,
+    v: usize,
+    /// [2V] i32: per-id token counts, then the per-id fill cursors; zeroed each call.
+    counts_cursor: CudaSlice<i32>,
+    /// [V+1] i32: start of each id's range in `sorted`.
+    offsets: CudaSlice<i32>,
+    /// [T] i32: the ids present, ascending; [1] i32: how many.
+    uniq: CudaSlice<i32>,
+    n_uniq: CudaSlice<i32>,
+    /// [T] i32 each: token positions grouped by id (unordered, then ascending).
+    bucket: CudaSlice<i32>,
+    sorted: CudaSlice<i32>,
+}
+
+impl EmbeddingBwdScratch {
+    pub fn new(gpu: &Gpu, t_max: usize, v: usize) -> Result<EmbeddingBwdScratch, GpuError> {
+        let alloc = |n: usize| gpu.stream.alloc_zeros::<i32>(n.max(1)).during("allocating the embedding backward scratch");
+        Ok(EmbeddingBwdScratch {
+            t_max,
+            v,
+            counts_cursor: alloc(2 * v)?,
+            offsets: alloc(v + 1)?,
+            uniq: alloc(t_max)?,
+            n_uniq: alloc(1)?,
+            bucket: alloc(t_max)?,
+            sorted: alloc(t_max)?,
+        })
+    }
+}
+
+/// GPU [`embedding_fwd_cpu`]. out: [T,D] bf16, tokens: [T] i32, w: [V,D] bf16. Ids outside
+/// `0..V` (which the data pipeline never produces) give zero rows instead of reading out of
+/// bounds.
+pub fn embedding_fwd(gpu: &Gpu, out: &mut CudaViewMut<bf16>, tokens: &CudaView<i32>, w: &CudaView<bf16>, t: usize, d: usize, scale: f32) -> Result<(), GpuError> {
+    const OP: &str = "embedding_fwd";
+    expect_len(OP, "out", out.len(), &[("T", t), ("D", d)]);
+    expect_len(OP, "tokens", tokens.len(), &[("T", t)]);
+    assert!(d > 0 && d % 8 == 0, "{OP}: D = {d} must be a positive multiple of 8");
+    assert_eq!(w.len() % d, 0, "{OP}: `w` has {} elements, not a multiple of D={d}", w.len());
+    expect_aligned16(OP, "out", gpu, out);
+    expect_aligned16(OP, "w", gpu, w);
+    if t == 0 {
+        return Ok(());
+    }
+    let (t_i, d_i, v_i) = (as_i32(OP, "T", t), as_i32(OP, "D", d), as_i32(OP, "V", w.len() / d));
+    let blocks = (t * d / 8).div_ceil(THREADS as usize).clamp(1, gpu.props.sm_count * 16) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let func = gpu.function(FAMILY, OP)?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(out).arg(tokens).arg(w).arg(&t_i).arg(&d_i).arg(&v_i).arg(&scale);
+    // SAFETY: out holds T*D bf16, tokens T i32, w V*D bf16 (checked above), 16-byte aligned;
+    // the kernel reads only rows of w whose id is in 0..V.
+    unsafe { args.launch(cfg) }.during(OP)?;
+    Ok(())
+}
+
+/// GPU [`embedding_bwd_cpu`]. dw: [V,D] fp32 (+=), dout: [T,D] bf16, tokens: [T] i32;
+/// `scratch` sized for at least T tokens and exactly V rows. Bitwise reproducible.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_bwd(
+    gpu: &Gpu,
+    dw: &mut CudaViewMut<f32>,
+    dout: &CudaView<bf16>,
+    tokens: &CudaView<i32>,
+    t: usize,
+    d: usize,
+    scale: f32,
+    scratch: &mut EmbeddingBwdScratch,
+) -> Result<(), GpuError> {
+    const OP: &str = "embedding_bwd";
+    expect_len(OP, "dout", dout.len(), &[("T", t), ("D", d)]);
+    expect_len(OP, "tokens", tokens.len(), &[("T", t)]);
+    assert!(d > 0 && d % 8 == 0 && d <= 8192, "{OP}: D = {d} must be a positive multiple of 8, at most 8192");
+    let v = scratch.v;
+    expect_len(OP, "dw", dw.len(), &[("V", v), ("D", d)]);
+    assert!(t <= scratch.t_max, "{OP}: T = {t} exceeds the scratch's {} tokens", scratch.t_max);
+    expect_aligned16(OP, "dw", gpu, dw);
+    expect_aligned16(OP, "dout", gpu, dout);
+    if t == 0 {
+        return Ok(());
+    }
+    let (t_i, d_i, v_i) = (as_i32(OP, "T", t), as_i32(OP, "D", d), as_i32(OP, "V", v));
+    let s = scratch;
+    gpu.stream.memset_zeros(&mut s.counts_cursor).during("zeroing the embedding backward counts")?;
+    let (mut counts, mut cursor) = s.counts_cursor.split_at_mut(v);
+    let per_token = LaunchConfig { grid_dim: (t.div_ceil(THREADS as usize) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+
+    // 1. counts[id] += 1 for every token.
+    let func = gpu.function(FAMILY, "embedding_bwd_count")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut counts).arg(tokens).arg(&t_i).arg(&v_i);
+    // SAFETY: counts holds V i32, tokens T i32; ids outside 0..V are skipped.
+    unsafe { args.launch(per_token) }.during("embedding_bwd_count")?;
+
+    // 2. offsets = exclusive scan of counts; uniq = the ids present.
+    let func = gpu.function(FAMILY, "embedding_bwd_scan")?;
+    let counts = counts.as_view();
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut s.offsets).arg(&mut s.uniq).arg(&mut s.n_uniq).arg(&counts).arg(&v_i);
+    let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SCAN_THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: offsets holds V+1 i32, uniq t_max >= T >= the number of distinct ids, n_uniq 1,
+    // counts V; one block of SCAN_THREADS threads as the kernel requires.
+    unsafe { args.launch(one_block) }.during("embedding_bwd_scan")?;
+
+    // 3. bucket[offsets[id] + cursor[id]++] = t.
+    let func = gpu.function(FAMILY, "embedding_bwd_fill")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut s.bucket).arg(&mut cursor).arg(&s.offsets).arg(tokens).arg(&t_i).arg(&v_i);
+    // SAFETY: bucket holds t_max >= T i32 and every slot offsets[id] + cursor < offsets[V] = T
+    // (the counts bound the cursors); cursor holds V i32.
+    unsafe { args.launch(per_token) }.during("embedding_bwd_fill")?;
+
+    // 4. sorted = bucket with each id's positions in ascending order.
+    let func = gpu.function(FAMILY, "embedding_bwd_rank")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut s.sorted).arg(&s.bucket).arg(&s.offsets).arg(tokens).arg(&t_i).arg(&v_i);
+    // SAFETY: sorted and bucket hold t_max >= T i32; ranks are < the id's count.
+    unsafe { args.launch(per_token) }.during("embedding_bwd_rank")?;
+
+    // 5. One block per id present: dw[id] += scale * sum of its dout rows, in a fixed order.
+    let cols = (d / 8).next_multiple_of(32);
+    let r = (1024 / cols).clamp(1, 4);
+    let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (cols as u32, r as u32, 1), shared_mem_bytes: (r * d * 4) as u32 };
+    let func = gpu.function(FAMILY, "embedding_bwd_reduce")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(dw).arg(dout).arg(&s.sorted).arg(&s.offsets).arg(&s.uniq).arg(&s.n_uniq).arg(&d_i).arg(&scale);
+    // SAFETY: dw holds V*D fp32, dout T*D bf16 (checked above), both 16-byte aligned; blocks
+    // past n_uniq (<= T = the grid) return at once, the others own distinct rows of dw.
+    // Shared memory r*D floats <= 32 KiB (r*cols <= 1024 and cols >= D/8).
+    unsafe { args.launch(cfg) }.during("embedding_bwd_reduce")?;
+    Ok(())
+}
+
+pub fn selftests() -> Vec<Check> {
+    vec![Check { name: "embedding_fwd", run: check_fwd }, Check { name: "embedding_bwd", run: check_bwd }]
+}
+
+/// (T, D, V, share of the tokens that are one "hot" id): odd sizes, an XL-like batch, and a
+/// batch dominated by one id (padding) that exercises the strided partial sums.
+const SHAPES: [(usize, usize, usize, f64); 4] = [(1, 8, 3, 0.0), (37, 296, 11, 0.0), (4099, 1536, 65536, 0.1), (1000, 2560, 300, 0.8)];
+
+fn draw_tokens(rng: &mut Rng, t: usize, v: usize, hot: f64) -> Vec<i32> {
+    (0..t).map(|_| if rng.uniform() < hot { 0 } else { rng.below(v as u64) as i32 }).collect()
+}
+
+fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (t, d, v, hot) in SHAPES {
+        let tokens = draw_tokens(rng, t, v, hot);
+        let w = bf16_inputs(rng, v * d, 1.0);
+        let scale = (d as f32).sqrt();
+        let mut want = vec![0.0; t * d];
+        embedding_fwd_cpu(&mut want, &tokens, &w, t, d, scale);
+        let (dtok, dw) = (upload(gpu, &tokens)?, upload_bf16(gpu, &w)?);
+        let mut out = poisoned_bf16(gpu, t * d)?;
+        embedding_fwd(gpu, &mut out.as_view_mut(), &dtok.as_view(), &dw.as_view(), t, d, scale)?;
+        // One bf16 rounding of the fp32 product w * scale: 2^-9, checked at 2^-8.
+        let tol = Tolerance { abs: 0.0, rel: BF16_EPS };
+        rows.push(Row::new("embedding_fwd out", format!("[{t},{d}] V={v}"), tol, compare(&download_bf16(gpu, &out)?, &want, tol)));
+    }
+    Ok(rows)
+}
+
+fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (t, d, v, hot) in SHAPES {
+        let tokens = draw_tokens(rng, t, v, hot);
+        let dout = bf16_inputs(rng, t * d, 1.0);
+        let dw0 = rng.uniform_vec(v * d, 1.0);
+        let scale = (d as f32).sqrt();
+        let mut want = dw0.clone();
+        embedding_bwd_cpu(&mut want, &dout, &tokens, t, d, scale);
+
+        let (dtok, ddout) = (upload(gpu, &tokens)?, upload_bf16(gpu, &dout)?);
+        let mut scratch = EmbeddingBwdScratch::new(gpu, t, v)?;
+        let mut run = || -> Result<Vec<f32>, GpuError> {
+            let mut dw = upload(gpu, &dw0)?;
+            embedding_bwd(gpu, &mut dw.as_view_mut(), &ddout.as_view(), &dtok.as_view(), t, d, scale, &mut scratch)?;
+            download(gpu, &dw)
+        };
+        let (first, second) = (run()?, run()?);
+        // fp32 sums of up to n terms in two different orders: each within n * 2^-24 of the
+        // sum of |terms| <= n * scale * max|dout|, so abs 2^-23 * n^2 * scale * max|dout|.
+        let max_count = (0..v as i32).map(|id| tokens.iter().filter(|&&x| x == id).count()).max().unwrap_or(0) as f32;
+        let abs = 2f32.powi(-23) * max_count * max_count * scale * max_abs(&dout);
+        let tol = Tolerance { abs: abs.max(1e-7), rel: 2.0 * f32::EPSILON };
+        let shape = format!("[{t},{d}] V={v} hot={hot}");
+        rows.push(Row::new("embedding_bwd dw (+=)", &shape, tol, compare(&first, &want, tol)));
+        // Same inputs, same bits: no order-dependent float atomics.
+        let exact = Tolerance { abs: 0.0, rel: 0.0 };
+        rows.push(Row::new("embedding_bwd rerun bitwise", &shape, exact, compare(&second, &first, exact)));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -6,11 +6,22 @@
 //!            dg  = dout * a * s * (1 - s)
 //! ```
 //!
-//! Elementwise over `n = T * NH * HD` values; both gradients are written with `=`.
+//! Elementwise over `n = T * NH * HD` values; both gradients are written with `=`. On the
+//! GPU (`cuda/gate.cu`) every buffer is bf16 and the math fp32.
 
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use half::bf16;
 use rayon::prelude::*;
 
-use crate::ops::shape::expect_len;
+use crate::gpu::{DriverContext, Gpu, GpuError};
+use crate::ops::check::{bf16_inputs, download_bf16, max_abs, poisoned_bf16, upload_bf16};
+use crate::ops::compare::{compare, Tolerance, BF16_EPS};
+use crate::ops::shape::{expect_aligned16, expect_len};
+use crate::rng::Rng;
+use crate::selftest::{Check, Row};
+
+const FAMILY: &str = "gate";
+const THREADS: u32 = 256;
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -37,6 +48,103 @@ pub fn gate_bwd_cpu(dg: &mut [f32], da: &mut [f32], dout: &[f32], g: &[f32], a: 
         *da = dout * s;
         *dg = dout * a * s * (1.0 - s);
     });
+}
+
+/// Grid-stride over `n / 8` vectors of 8 (`cuda/gate.cu`), a few waves of the device at most.
+fn elementwise_config(gpu: &Gpu, n: usize) -> LaunchConfig {
+    let blocks = (n / 8).div_ceil(THREADS as usize).clamp(1, gpu.props.sm_count * 16) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// GPU [`gate_fwd_cpu`]. out, g, a: [T,C] bf16, `n = T*C`.
+pub fn gate_fwd(gpu: &Gpu, out: &mut CudaViewMut<bf16>, g: &CudaView<bf16>, a: &CudaView<bf16>, n: usize) -> Result<(), GpuError> {
+    const OP: &str = "gate_fwd";
+    for (name, len) in [("out", out.len()), ("g", g.len()), ("a", a.len())] {
+        expect_len(OP, name, len, &[("T*C", n)]);
+    }
+    expect_aligned16(OP, "out", gpu, out);
+    expect_aligned16(OP, "g", gpu, g);
+    expect_aligned16(OP, "a", gpu, a);
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = n as i64;
+    let func = gpu.function(FAMILY, OP)?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(out).arg(g).arg(a).arg(&n_i);
+    // SAFETY: all three buffers hold n bf16 (checked above), 16-byte aligned; the kernel
+    // touches elements 0..n only.
+    unsafe { args.launch(elementwise_config(gpu, n)) }.during(OP)?;
+    Ok(())
+}
+
+/// GPU [`gate_bwd_cpu`]. dg, da, dout, g, a: [T,C] bf16, `n = T*C`.
+#[allow(clippy::too_many_arguments)]
+pub fn gate_bwd(gpu: &Gpu, dg: &mut CudaViewMut<bf16>, da: &mut CudaViewMut<bf16>, dout: &CudaView<bf16>, g: &CudaView<bf16>, a: &CudaView<bf16>, n: usize) -> Result<(), GpuError> {
+    const OP: &str = "gate_bwd";
+    for (name, len) in [("dg", dg.len()), ("da", da.len()), ("dout", dout.len()), ("g", g.len()), ("a", a.len())] {
+        expect_len(OP, name, len, &[("T*C", n)]);
+    }
+    expect_aligned16(OP, "dg", gpu, dg);
+    expect_aligned16(OP, "da", gpu, da);
+    expect_aligned16(OP, "dout", gpu, dout);
+    expect_aligned16(OP, "g", gpu, g);
+    expect_aligned16(OP, "a", gpu, a);
+    if n == 0 {
+        return Ok(());
+    }
+    let n_i = n as i64;
+    let func = gpu.function(FAMILY, OP)?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(dg).arg(da).arg(dout).arg(g).arg(a).arg(&n_i);
+    // SAFETY: all five buffers hold n bf16 (checked above), 16-byte aligned; the kernel
+    // touches elements 0..n only.
+    unsafe { args.launch(elementwise_config(gpu, n)) }.during(OP)?;
+    Ok(())
+}
+
+pub fn selftests() -> Vec<Check> {
+    vec![Check { name: "gate_fwd", run: check_fwd }, Check { name: "gate_bwd", run: check_bwd }]
+}
+
+/// (n, input scale): the scalar tail alone, a tail of 7, XL-sized [2049, 1536], large inputs
+/// that saturate the sigmoid.
+const SHAPES: [(usize, f32); 4] = [(5, 1.0), (8 * 1001 + 7, 4.0), (2049 * 1536, 8.0), (4096 + 3, 1000.0)];
+
+fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (n, scale) in SHAPES {
+        let (g, a) = (bf16_inputs(rng, n, scale), bf16_inputs(rng, n, scale));
+        let mut want = vec![0.0; n];
+        gate_fwd_cpu(&mut want, &g, &a, n);
+        let (dg, da) = (upload_bf16(gpu, &g)?, upload_bf16(gpu, &a)?);
+        let mut out = poisoned_bf16(gpu, n)?;
+        gate_fwd(gpu, &mut out.as_view_mut(), &dg.as_view(), &da.as_view(), n)?;
+        // One bf16 rounding (2^-9) of an fp32 product whose expf is within 2 ulps: 2^-7.
+        let tol = Tolerance { abs: 1e-30, rel: 2.0 * BF16_EPS };
+        rows.push(Row::new("gate_fwd out", format!("[{n}] x{scale}"), tol, compare(&download_bf16(gpu, &out)?, &want, tol)));
+    }
+    Ok(rows)
+}
+
+fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (n, scale) in SHAPES {
+        let (g, a, dout) = (bf16_inputs(rng, n, scale), bf16_inputs(rng, n, scale), bf16_inputs(rng, n, 1.0));
+        let (mut dg_want, mut da_want) = (vec![0.0; n], vec![0.0; n]);
+        gate_bwd_cpu(&mut dg_want, &mut da_want, &dout, &g, &a, n);
+        let (dd, dgi, dai) = (upload_bf16(gpu, &dout)?, upload_bf16(gpu, &g)?, upload_bf16(gpu, &a)?);
+        let (mut dg, mut da) = (poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?);
+        gate_bwd(gpu, &mut dg.as_view_mut(), &mut da.as_view_mut(), &dd.as_view(), &dgi.as_view(), &dai.as_view(), n)?;
+        let shape = format!("[{n}] x{scale}");
+        let da_tol = Tolerance { abs: 1e-30, rel: 2.0 * BF16_EPS };
+        // s * (1 - s) cancels when s ~ 1: the fp32 error of 1 - s is 2^-24 absolute, so dg
+        // carries up to |dout * a| * 2^-23 absolute error.
+        let dg_tol = Tolerance { abs: max_abs(&dout) * max_abs(&a) * 2f32.powi(-22), rel: 2.0 * BF16_EPS };
+        rows.push(Row::new("gate_bwd dg", &shape, dg_tol, compare(&download_bf16(gpu, &dg)?, &dg_want, dg_tol)));
+        rows.push(Row::new("gate_bwd da", &shape, da_tol, compare(&download_bf16(gpu, &da)?, &da_want, da_tol)));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

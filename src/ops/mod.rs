@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod cast;
+pub mod check;
 pub mod compare;
 pub mod cross_entropy;
 pub mod embedding;

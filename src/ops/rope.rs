@@ -13,11 +13,24 @@
 //!
 //! The backward is the transpose of that rotation, i.e. the rotation by `-a_i`; the gate
 //! and value blocks are plain copies both ways.
+//!
+//! On the GPU (`cuda/rope.cu`) every buffer is bf16 except `pos` (i32); the rotation is fp32.
 
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use half::bf16;
 use rayon::prelude::*;
 
 use crate::config::{HEAD_DIM, ROPE_THETA};
-use crate::ops::shape::expect_len;
+use crate::gpu::{DriverContext, Gpu, GpuError};
+use crate::ops::check::{bf16_inputs, download_bf16, poisoned_bf16, upload, upload_bf16};
+use crate::ops::compare::{compare, Tolerance, BF16_EPS};
+use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
+use crate::rng::Rng;
+use crate::selftest::{Check, Row};
+
+const FAMILY: &str = "rope";
+/// Threads per block (one block per token row); `ROPE_THREADS` in `cuda/rope.cu`.
+const THREADS: u32 = 128;
 
 const HALF: usize = HEAD_DIM / 2;
 
@@ -96,6 +109,149 @@ pub fn qkv_rope_bwd_cpu(dgqkv: &mut [f32], dg: &[f32], dq: &[f32], dk: &[f32], d
         rotate_heads(dst_k, &dk[src.clone()], &rot, -1.0);
         dst_v.copy_from_slice(&dv[src]);
     });
+}
+
+/// GPU [`qkv_rope_fwd_cpu`]. g: [T, NH*HD], q, k, v: [T, NH, HD], gqkv: [T, 4*NH*HD] (bf16),
+/// pos: [T] i32.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_fwd(
+    gpu: &Gpu,
+    g: &mut CudaViewMut<bf16>,
+    q: &mut CudaViewMut<bf16>,
+    k: &mut CudaViewMut<bf16>,
+    v: &mut CudaViewMut<bf16>,
+    gqkv: &CudaView<bf16>,
+    pos: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "qkv_rope_fwd";
+    for (name, len) in [("g", g.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())] {
+        expect_len(OP, name, len, &[("T", t), ("NH", nh), ("HD", HEAD_DIM)]);
+    }
+    expect_len(OP, "gqkv", gqkv.len(), &[("T", t), ("4", 4), ("NH", nh), ("HD", HEAD_DIM)]);
+    expect_len(OP, "pos", pos.len(), &[("T", t)]);
+    expect_aligned16(OP, "g", gpu, g);
+    expect_aligned16(OP, "q", gpu, q);
+    expect_aligned16(OP, "k", gpu, k);
+    expect_aligned16(OP, "v", gpu, v);
+    expect_aligned16(OP, "gqkv", gpu, gqkv);
+    if t == 0 || nh == 0 {
+        return Ok(());
+    }
+    as_i32(OP, "4*NH*HD", 4 * nh * HEAD_DIM);
+    let (t_i, nh_i) = (as_i32(OP, "T", t), nh as i32);
+    let func = gpu.function(FAMILY, OP)?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(g).arg(q).arg(k).arg(v).arg(gqkv).arg(pos).arg(&t_i).arg(&nh_i);
+    // SAFETY: every buffer has the [T, ...] length the kernel indexes (checked above) and is
+    // 16-byte aligned; block `row` reads and writes only row `row` of each.
+    unsafe { args.launch(row_config(t)) }.during(OP)?;
+    Ok(())
+}
+
+/// GPU [`qkv_rope_bwd_cpu`]. dgqkv: [T, 4*NH*HD], dg: [T, NH*HD], dq, dk, dv: [T, NH, HD]
+/// (bf16), pos: [T] i32.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_bwd(
+    gpu: &Gpu,
+    dgqkv: &mut CudaViewMut<bf16>,
+    dg: &CudaView<bf16>,
+    dq: &CudaView<bf16>,
+    dk: &CudaView<bf16>,
+    dv: &CudaView<bf16>,
+    pos: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "qkv_rope_bwd";
+    expect_len(OP, "dgqkv", dgqkv.len(), &[("T", t), ("4", 4), ("NH", nh), ("HD", HEAD_DIM)]);
+    for (name, buf) in [("dg", dg), ("dq", dq), ("dk", dk), ("dv", dv)] {
+        expect_len(OP, name, buf.len(), &[("T", t), ("NH", nh), ("HD", HEAD_DIM)]);
+        expect_aligned16(OP, name, gpu, buf);
+    }
+    expect_len(OP, "pos", pos.len(), &[("T", t)]);
+    expect_aligned16(OP, "dgqkv", gpu, dgqkv);
+    if t == 0 || nh == 0 {
+        return Ok(());
+    }
+    as_i32(OP, "4*NH*HD", 4 * nh * HEAD_DIM);
+    let (t_i, nh_i) = (as_i32(OP, "T", t), nh as i32);
+    let func = gpu.function(FAMILY, OP)?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(dgqkv).arg(dg).arg(dq).arg(dk).arg(dv).arg(pos).arg(&t_i).arg(&nh_i);
+    // SAFETY: as in qkv_rope_fwd, with the roles of the split and fused buffers swapped.
+    unsafe { args.launch(row_config(t)) }.during(OP)?;
+    Ok(())
+}
+
+fn row_config(t: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+pub fn selftests() -> Vec<Check> {
+    vec![Check { name: "qkv_rope_fwd", run: check_fwd }, Check { name: "qkv_rope_bwd", run: check_bwd }]
+}
+
+/// (T, NH, input scale, largest position): odd token counts, 1 to 20 heads (XXL_wide),
+/// positions up to the 4096 context.
+const SHAPES: [(usize, usize, f32, i32); 4] = [(1, 1, 1.0, 1), (37, 2, 1000.0, 4095), (1023, 12, 1.0, 4095), (129, 20, 3.0, 40000)];
+
+/// Tolerance of a rotated value: one bf16 rounding (2^-9, so 2^-7 leaves two ulps of slack)
+/// plus, where x1 cos - x2 sin cancels, the fp32 error of sin/cos (CUDA's sincosf and the
+/// CPU's are each within 2 ulps: 2 * 2.4e-7 * |x|) and of the products (~2^-23 * |x|):
+/// 2e-6 * scale leaves a factor ~3.
+fn rotation_tol(scale: f32) -> Tolerance {
+    Tolerance { abs: 2e-6 * scale, rel: 2.0 * BF16_EPS }
+}
+
+fn positions(rng: &mut Rng, t: usize, max_pos: i32) -> Vec<i32> {
+    (0..t).map(|_| rng.below(max_pos as u64 + 1) as i32).collect()
+}
+
+fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (t, nh, scale, max_pos) in SHAPES {
+        let c = nh * HEAD_DIM;
+        let shape = format!("[{t},{nh}x128] x{scale} p<={max_pos}");
+        let gqkv = bf16_inputs(rng, t * 4 * c, scale);
+        let pos = positions(rng, t, max_pos);
+        let mut want = [vec![0.0; t * c], vec![0.0; t * c], vec![0.0; t * c], vec![0.0; t * c]];
+        let [g, q, k, v] = &mut want;
+        qkv_rope_fwd_cpu(g, q, k, v, &gqkv, &pos, t, nh);
+
+        let (dgqkv, dpos) = (upload_bf16(gpu, &gqkv)?, upload(gpu, &pos)?);
+        let mut out = [poisoned_bf16(gpu, t * c)?, poisoned_bf16(gpu, t * c)?, poisoned_bf16(gpu, t * c)?, poisoned_bf16(gpu, t * c)?];
+        let [g, q, k, v] = &mut out;
+        qkv_rope_fwd(gpu, &mut g.as_view_mut(), &mut q.as_view_mut(), &mut k.as_view_mut(), &mut v.as_view_mut(), &dgqkv.as_view(), &dpos.as_view(), t, nh)?;
+        // Gate and value are copies: exact.
+        let exact = Tolerance { abs: 0.0, rel: 0.0 };
+        let tols = [exact, rotation_tol(scale), rotation_tol(scale), exact];
+        for (i, name) in ["qkv_rope_fwd g", "qkv_rope_fwd q", "qkv_rope_fwd k", "qkv_rope_fwd v"].into_iter().enumerate() {
+            rows.push(Row::new(name, &shape, tols[i], compare(&download_bf16(gpu, &out[i])?, &want[i], tols[i])));
+        }
+    }
+    Ok(rows)
+}
+
+fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (t, nh, scale, max_pos) in SHAPES {
+        let c = nh * HEAD_DIM;
+        let shape = format!("[{t},{nh}x128] x{scale} p<={max_pos}");
+        let grads: Vec<Vec<f32>> = (0..4).map(|_| bf16_inputs(rng, t * c, scale)).collect();
+        let pos = positions(rng, t, max_pos);
+        let mut want = vec![0.0; t * 4 * c];
+        qkv_rope_bwd_cpu(&mut want, &grads[0], &grads[1], &grads[2], &grads[3], &pos, t, nh);
+
+        let d: Vec<_> = grads.iter().map(|g| upload_bf16(gpu, g)).collect::<Result<_, _>>()?;
+        let dpos = upload(gpu, &pos)?;
+        let mut out = poisoned_bf16(gpu, t * 4 * c)?;
+        qkv_rope_bwd(gpu, &mut out.as_view_mut(), &d[0].as_view(), &d[1].as_view(), &d[2].as_view(), &d[3].as_view(), &dpos.as_view(), t, nh)?;
+        let tol = rotation_tol(scale);
+        rows.push(Row::new("qkv_rope_bwd dgqkv", &shape, tol, compare(&download_bf16(gpu, &out)?, &want, tol)));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -34,6 +34,12 @@ impl Row {
 pub fn registry() -> Vec<Check> {
     let mut checks = Vec::new();
     checks.extend(crate::ops::cast::selftests());
+    checks.extend(crate::ops::rmsnorm::selftests());
+    checks.extend(crate::ops::rope::selftests());
+    checks.extend(crate::ops::gate::selftests());
+    checks.extend(crate::ops::swiglu::selftests());
+    checks.extend(crate::ops::embedding::selftests());
+    checks.extend(crate::ops::cross_entropy::selftests());
     checks.extend(crate::optim::adam_atan2::selftests());
     checks
 }

@@ -1,0 +1,49 @@
+// swiglu: the SwiGLU activation of the MLP (SPEC §2); mirrors src/ops/swiglu.rs.
+//
+//   gate_up [T, 2I] = [gate | up];   out = silu(gate) * up,  silu(x) = x * sigmoid(x)
+//   backward   dup = dout * silu(gate);  dgate = dout * up * s * (1 + gate * (1 - s)),  s = sigmoid(gate)
+//
+// Invariants
+// - One thread per 8 output columns of a row (16-byte accesses): I % 8 == 0 and every
+//   pointer 16-byte aligned (the launcher checks). Grid-stride over T * I/8 vectors.
+// - fp32 math on bf16 storage, accurate expf; outputs written with `=`.
+
+#include "common.cuh"
+
+// out: [T, I] bf16, gate_up: [T, 2I] bf16
+extern "C" __global__ void swiglu_fwd(bf16* __restrict__ out, const bf16* __restrict__ gate_up, int T, int I) {
+    const int64_t vecs_per_row = I / 8, n = (int64_t)T * vecs_per_row;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = i / vecs_per_row, col = i % vecs_per_row;
+        const bf16x8* src = reinterpret_cast<const bf16x8*>(gate_up + row * 2 * I);
+        float g[8], u[8], o[8];
+        bf16x8_to_float(src[col], g);
+        bf16x8_to_float(src[vecs_per_row + col], u);
+#pragma unroll
+        for (int e = 0; e < 8; e++) o[e] = g[e] * sigmoid(g[e]) * u[e];
+        reinterpret_cast<bf16x8*>(out)[i] = float_to_bf16x8(o);
+    }
+}
+
+// dgate_up: [T, 2I] bf16, dout: [T, I] bf16, gate_up: [T, 2I] bf16
+extern "C" __global__ void swiglu_bwd(bf16* __restrict__ dgate_up, const bf16* __restrict__ dout,
+                                      const bf16* __restrict__ gate_up, int T, int I) {
+    const int64_t vecs_per_row = I / 8, n = (int64_t)T * vecs_per_row;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = i / vecs_per_row, col = i % vecs_per_row;
+        const bf16x8* src = reinterpret_cast<const bf16x8*>(gate_up + row * 2 * I);
+        bf16x8* dst = reinterpret_cast<bf16x8*>(dgate_up + row * 2 * I);
+        float d[8], g[8], u[8], dg[8], du[8];
+        bf16x8_to_float(reinterpret_cast<const bf16x8*>(dout)[i], d);
+        bf16x8_to_float(src[col], g);
+        bf16x8_to_float(src[vecs_per_row + col], u);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const float s = sigmoid(g[e]);
+            du[e] = d[e] * g[e] * s;
+            dg[e] = d[e] * u[e] * s * (1.0f + g[e] * (1.0f - s));
+        }
+        dst[col] = float_to_bf16x8(dg);
+        dst[vecs_per_row + col] = float_to_bf16x8(du);
+    }
+}
