@@ -10,8 +10,39 @@
 //! ```
 //!
 //! The CPU reference calls `matrixmultiply`'s blocked, multi-threaded sgemm.
+//!
+//! On the GPU the three products go through cuBLASLt: bf16 inputs, fp32 accumulation
+//! (`CUBLAS_COMPUTE_32F`), bf16 `y`/`dx` and fp32 `dw`. cuBLASLt computes
+//! `D = alpha * op(A) op(B) + beta * C` on column-major matrices; a row-major `[R, C]`
+//! buffer is the column-major `[C, R]` matrix, its transpose, so each product is computed
+//! transposed (m, n, k below are cuBLASLt's):
+//!
+//! ```text
+//! forward      y^T  [N,T] = w  [N,K] (A = w stored [K,N], op T) @ x^T [K,T] (B = x, op N)
+//!              m = N, n = T, k = K;  C = residual (beta = 1) or none (beta = 0), D = y
+//! input grad   dx^T [K,T] = w^T [K,N] (A = w, op N) @ dy^T [N,T] (B = dy, op N)
+//!              m = K, n = T, k = N;  C = D = dx, beta = 1 when accumulating
+//! weight grad  dw^T [K,N] = x^T [K,T] (A = x, op N) @ dy [T,N] (B = dy stored [N,T], op T)
+//!              m = K, n = N, k = T;  C = D = dw (fp32), beta = 1
+//! ```
+//!
+//! Descriptors, layouts and the algorithm list come from cuBLASLt's heuristic once per
+//! shape and are cached in a [`GemmCache`] that the caller creates once and keeps.
 
-use crate::ops::shape::expect_len;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use cudarc::cublaslt::result as lt;
+use cudarc::cublaslt::sys;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use half::bf16;
+
+use crate::gpu::{Gpu, GpuError};
+use crate::ops::check::{bf16_inputs, download, download_bf16, poisoned_bf16, upload, upload_bf16};
+use crate::ops::compare::{compare, Tolerance, BF16_EPS};
+use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
+use crate::rng::Rng;
+use crate::selftest::{Check, Row};
 
 /// `y [T,N] = x [T,K] @ w [N,K]^T + residual [T,N]` (no residual: plain product).
 pub fn linear_fwd_cpu(y: &mut [f32], x: &[f32], w: &[f32], residual: Option<&[f32]>, t: usize, n: usize, k: usize) {
@@ -84,6 +115,426 @@ fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_strides: (usize, usize), b: 
             1,
         );
     }
+}
+
+/// Which product of a linear layer (the three layouts of the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GemmOp {
+    /// `y [T,N] = x [T,K] @ w [N,K]^T (+ residual)`, bf16 out.
+    Forward,
+    /// `dx [T,K] (+)= dy [T,N] @ w [N,K]`, bf16 out.
+    BackwardInput,
+    /// `dw [N,K] += dy [T,N]^T @ x [T,K]`, fp32 out.
+    BackwardWeight,
+}
+
+/// The key of a cached plan: the product and its row-major sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmShape {
+    pub op: GemmOp,
+    pub t: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl std::fmt::Display for GemmShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} [T={}, N={}, K={}]", self.op, self.t, self.n, self.k)
+    }
+}
+
+impl GemmShape {
+    /// Multiply-adds times two.
+    pub fn flops(&self) -> f64 {
+        2.0 * self.t as f64 * self.n as f64 * self.k as f64
+    }
+}
+
+/// cuBLASLt's workspace: 32 MiB, NVIDIA's recommendation for Hopper.
+const WORKSPACE_BYTES: usize = 32 << 20;
+/// How many algorithms to ask the heuristic for (best first); the bench times them all.
+const MAX_ALGORITHMS: usize = 8;
+const OP_N: i32 = 0;
+const OP_T: i32 = 1;
+
+/// One shape's descriptors and the heuristic's algorithms, best first.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    /// Shared by C and D.
+    cd: sys::cublasLtMatrixLayout_t,
+    algorithms: Vec<sys::cublasLtMatmulHeuristicResult_t>,
+    choice: usize,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created by cuBLASLt for this plan and is destroyed once;
+        // null ones (a plan whose creation failed half-way) are skipped. Errors on destroy
+        // cannot be acted upon in drop.
+        unsafe {
+            for layout in [self.a, self.b, self.cd] {
+                if !layout.is_null() {
+                    let _ = lt::destroy_matrix_layout(layout);
+                }
+            }
+            if !self.desc.is_null() {
+                let _ = lt::destroy_matmul_desc(self.desc);
+            }
+        }
+    }
+}
+
+/// The cuBLASLt handle, its workspace and one [`Plan`] per shape met so far. Create it once
+/// (at model set-up) and pass it to every GEMM; the first call of each shape builds its plan,
+/// later calls only look it up.
+pub struct GemmCache {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    plans: RefCell<HashMap<GemmShape, Plan>>,
+}
+
+// SAFETY: the handle and descriptors are plain heap objects of cuBLASLt that may be used from
+// any thread; the cache is not Sync (RefCell), so only one thread uses it at a time.
+unsafe impl Send for GemmCache {}
+
+impl Drop for GemmCache {
+    fn drop(&mut self) {
+        self.plans.get_mut().clear();
+        // SAFETY: created in `new`, destroyed once, after every plan that refers to it.
+        unsafe {
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
+fn blas(what: impl Into<String>) -> impl FnOnce(lt::CublasError) -> GpuError {
+    let what = what.into();
+    move |source| GpuError::Blas { what, source }
+}
+
+impl GemmCache {
+    pub fn new(gpu: &Gpu) -> Result<GemmCache, GpuError> {
+        Gpu::require_cublaslt("the GEMMs")?;
+        gpu.ctx.bind_to_thread().map_err(|source| GpuError::Driver { what: "binding the context for cuBLASLt".into(), source })?;
+        let handle = lt::create_handle().map_err(blas("creating the cuBLASLt handle"))?;
+        // SAFETY: the bytes are scratch for cuBLASLt, never read as values.
+        let workspace = unsafe { gpu.stream.alloc::<u8>(WORKSPACE_BYTES) };
+        let workspace = match workspace {
+            Ok(w) => w,
+            Err(source) => {
+                // SAFETY: created just above, not used anywhere else.
+                unsafe {
+                    let _ = lt::destroy_handle(handle);
+                }
+                return Err(GpuError::Driver { what: "allocating the cuBLASLt workspace".into(), source });
+            }
+        };
+        Ok(GemmCache { handle, workspace, plans: RefCell::new(HashMap::new()) })
+    }
+
+    /// How many algorithms the heuristic offered for `shape` (building its plan if needed).
+    pub fn algorithm_count(&self, shape: GemmShape) -> Result<usize, GpuError> {
+        self.ensure_plan(shape)?;
+        Ok(self.plans.borrow()[&shape].algorithms.len())
+    }
+
+    /// Uses the heuristic's `index`-th algorithm (0 = its first choice) for `shape` from now
+    /// on; for benchmarks and autotuning.
+    pub fn choose_algorithm(&self, shape: GemmShape, index: usize) -> Result<(), GpuError> {
+        self.ensure_plan(shape)?;
+        let mut plans = self.plans.borrow_mut();
+        let plan = plans.get_mut(&shape).expect("plan built above");
+        assert!(index < plan.algorithms.len(), "{shape}: algorithm {index} of {}", plan.algorithms.len());
+        plan.choice = index;
+        Ok(())
+    }
+
+    fn ensure_plan(&self, shape: GemmShape) -> Result<(), GpuError> {
+        if !self.plans.borrow().contains_key(&shape) {
+            let plan = self.build_plan(shape)?;
+            self.plans.borrow_mut().insert(shape, plan);
+        }
+        Ok(())
+    }
+
+    fn build_plan(&self, shape: GemmShape) -> Result<Plan, GpuError> {
+        let GemmShape { op, t, n, k } = shape;
+        let (t, n, k) = (t as u64, n as u64, k as u64);
+        let bf = sys::cudaDataType_t::CUDA_R_16BF;
+        // (op A, op B, A rows/cols/ld, B rows/cols/ld, D rows/cols, D type), column-major.
+        let (trans_a, trans_b, a_dims, b_dims, d_dims, d_type) = match op {
+            GemmOp::Forward => (OP_T, OP_N, (k, n, k), (k, t, k), (n, t), bf),
+            GemmOp::BackwardInput => (OP_N, OP_N, (k, n, k), (n, t, n), (k, t), bf),
+            GemmOp::BackwardWeight => (OP_N, OP_T, (k, t, k), (n, t, n), (k, n), sys::cudaDataType_t::CUDA_R_32F),
+        };
+        let what = |step: &str| format!("{step} for GEMM {shape}");
+        let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F).map_err(blas(what("creating the matmul descriptor")))?;
+        let mut plan = Plan { desc, a: std::ptr::null_mut(), b: std::ptr::null_mut(), cd: std::ptr::null_mut(), algorithms: Vec::new(), choice: 0 };
+        for (attr, value) in [(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, trans_a), (sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, trans_b)] {
+            // SAFETY: desc is live; the attribute is an i32 (cublasOperation_t) read from `value`.
+            unsafe { lt::set_matmul_desc_attribute(desc, attr, (&value as *const i32).cast(), std::mem::size_of::<i32>()) }.map_err(blas(what("setting the transposes")))?;
+        }
+        plan.a = lt::create_matrix_layout(bf, a_dims.0, a_dims.1, a_dims.2 as i64).map_err(blas(what("creating the A layout")))?;
+        plan.b = lt::create_matrix_layout(bf, b_dims.0, b_dims.1, b_dims.2 as i64).map_err(blas(what("creating the B layout")))?;
+        plan.cd = lt::create_matrix_layout(d_type, d_dims.0, d_dims.1, d_dims.0 as i64).map_err(blas(what("creating the C/D layout")))?;
+
+        let pref = lt::create_matmul_pref().map_err(blas(what("creating the preference")))?;
+        let workspace = WORKSPACE_BYTES as u64;
+        let align = 16u32;
+        type PrefAttr = sys::cublasLtMatmulPreferenceAttributes_t;
+        // SAFETY: pref is live; each value has the type its attribute expects (u64 bytes for
+        // the workspace, u32 for the alignments).
+        let set_prefs = unsafe {
+            lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&workspace as *const u64).cast(), 8)
+                .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, (&align as *const u32).cast(), 4))
+                .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, (&align as *const u32).cast(), 4))
+                .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, (&align as *const u32).cast(), 4))
+                .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, (&align as *const u32).cast(), 4))
+        };
+        // SAFETY: a zeroed heuristic result is a valid (empty) value of this plain C struct.
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = vec![unsafe { std::mem::zeroed() }; MAX_ALGORITHMS];
+        let mut count = 0i32;
+        let heuristic = set_prefs.and_then(|_| {
+            // SAFETY: every descriptor is live, `results` has room for MAX_ALGORITHMS entries.
+            unsafe {
+                sys::cublasLtMatmulAlgoGetHeuristic(self.handle, plan.desc, plan.a, plan.b, plan.cd, plan.cd, pref, MAX_ALGORITHMS as i32, results.as_mut_ptr(), &mut count).result()
+            }
+        });
+        // SAFETY: created above, used only for the heuristic call.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        heuristic.map_err(blas(what("asking the heuristic for an algorithm")))?;
+        results.truncate(count.max(0) as usize);
+        results.retain(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS);
+        if results.is_empty() {
+            return Err(GpuError::Blas { what: what("finding any algorithm (bf16 in, 16-byte aligned)"), source: lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED) });
+        }
+        plan.algorithms = results;
+        Ok(plan)
+    }
+
+    /// `D = op(A) op(B) + beta * C` for `shape` with device addresses `a`, `b`, `c`, `d`.
+    ///
+    /// # Safety
+    /// The addresses must hold the matrices the plan of `shape` describes (see the module
+    /// doc), 16-byte aligned, and stay alive until the stream has run the product.
+    unsafe fn matmul(&self, gpu: &Gpu, shape: GemmShape, beta: f32, a: u64, b: u64, c: u64, d: u64) -> Result<(), GpuError> {
+        self.ensure_plan(shape)?;
+        let plans = self.plans.borrow();
+        let plan = &plans[&shape];
+        let alpha = 1.0f32;
+        let (workspace, _sync) = self.workspace.device_ptr(&gpu.stream);
+        lt::matmul(
+            self.handle,
+            plan.desc,
+            (&alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            a as *const _,
+            plan.a,
+            b as *const _,
+            plan.b,
+            c as *const _,
+            plan.cd,
+            d as *mut _,
+            plan.cd,
+            &plan.algorithms[plan.choice].algo,
+            workspace as *mut _,
+            WORKSPACE_BYTES,
+            gpu.stream.cu_stream() as sys::cudaStream_t,
+        )
+        .map_err(blas(format!("running GEMM {shape} with algorithm {}", plan.choice)))
+    }
+}
+
+/// GPU [`linear_fwd_cpu`]: y: [T,N] bf16, x: [T,K] bf16, w: [N,K] bf16, residual: [T,N] bf16
+/// (C of the product, so `y` and `residual` are distinct buffers).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd(
+    gpu: &Gpu,
+    gemm: &GemmCache,
+    y: &mut CudaViewMut<bf16>,
+    x: &CudaView<bf16>,
+    w: &CudaView<bf16>,
+    residual: Option<&CudaView<bf16>>,
+    t: usize,
+    n: usize,
+    k: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "linear_fwd";
+    check_sizes(OP, t, n, k);
+    expect_len(OP, "y", y.len(), &[("T", t), ("N", n)]);
+    expect_len(OP, "x", x.len(), &[("T", t), ("K", k)]);
+    expect_len(OP, "w", w.len(), &[("N", n), ("K", k)]);
+    expect_aligned16(OP, "y", gpu, y);
+    expect_aligned16(OP, "x", gpu, x);
+    expect_aligned16(OP, "w", gpu, w);
+    if let Some(r) = residual {
+        expect_len(OP, "residual", r.len(), &[("T", t), ("N", n)]);
+        expect_aligned16(OP, "residual", gpu, r);
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let shape = GemmShape { op: GemmOp::Forward, t, n, k };
+    let (x_ptr, _x) = x.device_ptr(&gpu.stream);
+    let (w_ptr, _w) = w.device_ptr(&gpu.stream);
+    let (y_ptr, _y) = y.device_ptr_mut(&gpu.stream);
+    let residual_ptr = residual.map(|r| r.device_ptr(&gpu.stream));
+    let (c_ptr, beta) = residual_ptr.as_ref().map_or((y_ptr, 0.0), |(p, _)| (*p, 1.0));
+    // SAFETY: A = w [N,K], B = x [T,K], C = residual or y, D = y [T,N], all bf16 of the
+    // lengths checked above and 16-byte aligned; the views outlive the queued product
+    // (their guards are held until return and the buffers by the caller).
+    unsafe { gemm.matmul(gpu, shape, beta, w_ptr, x_ptr, c_ptr, y_ptr) }
+}
+
+/// GPU [`linear_bwd_input_cpu`]: dx: [T,K] bf16 (`=`, or `+=` when `accumulate`),
+/// dy: [T,N] bf16, w: [N,K] bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_input(
+    gpu: &Gpu,
+    gemm: &GemmCache,
+    dx: &mut CudaViewMut<bf16>,
+    dy: &CudaView<bf16>,
+    w: &CudaView<bf16>,
+    t: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+) -> Result<(), GpuError> {
+    const OP: &str = "linear_bwd_input";
+    check_sizes(OP, t, n, k);
+    expect_len(OP, "dx", dx.len(), &[("T", t), ("K", k)]);
+    expect_len(OP, "dy", dy.len(), &[("T", t), ("N", n)]);
+    expect_len(OP, "w", w.len(), &[("N", n), ("K", k)]);
+    expect_aligned16(OP, "dx", gpu, dx);
+    expect_aligned16(OP, "dy", gpu, dy);
+    expect_aligned16(OP, "w", gpu, w);
+    if t == 0 {
+        return Ok(());
+    }
+    let shape = GemmShape { op: GemmOp::BackwardInput, t, n, k };
+    let (dy_ptr, _dy) = dy.device_ptr(&gpu.stream);
+    let (w_ptr, _w) = w.device_ptr(&gpu.stream);
+    let (dx_ptr, _dx) = dx.device_ptr_mut(&gpu.stream);
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    // SAFETY: A = w [N,K], B = dy [T,N], C = D = dx [T,K], bf16, lengths checked above,
+    // 16-byte aligned, alive until the product has run.
+    unsafe { gemm.matmul(gpu, shape, beta, w_ptr, dy_ptr, dx_ptr, dx_ptr) }
+}
+
+/// GPU [`linear_bwd_weight_cpu`]: dw: [N,K] fp32 (+=), dy: [T,N] bf16, x: [T,K] bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_weight(
+    gpu: &Gpu,
+    gemm: &GemmCache,
+    dw: &mut CudaViewMut<f32>,
+    dy: &CudaView<bf16>,
+    x: &CudaView<bf16>,
+    t: usize,
+    n: usize,
+    k: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "linear_bwd_weight";
+    check_sizes(OP, t, n, k);
+    expect_len(OP, "dw", dw.len(), &[("N", n), ("K", k)]);
+    expect_len(OP, "dy", dy.len(), &[("T", t), ("N", n)]);
+    expect_len(OP, "x", x.len(), &[("T", t), ("K", k)]);
+    expect_aligned16(OP, "dw", gpu, dw);
+    expect_aligned16(OP, "dy", gpu, dy);
+    expect_aligned16(OP, "x", gpu, x);
+    if t == 0 {
+        return Ok(());
+    }
+    let shape = GemmShape { op: GemmOp::BackwardWeight, t, n, k };
+    let (dy_ptr, _dy) = dy.device_ptr(&gpu.stream);
+    let (x_ptr, _x) = x.device_ptr(&gpu.stream);
+    let (dw_ptr, _dw) = dw.device_ptr_mut(&gpu.stream);
+    // SAFETY: A = x [T,K], B = dy [T,N] bf16, C = D = dw [N,K] fp32, lengths checked above,
+    // 16-byte aligned, alive until the product has run.
+    unsafe { gemm.matmul(gpu, shape, 1.0, x_ptr, dy_ptr, dw_ptr, dw_ptr) }
+}
+
+/// N and K are positive (an empty sum is not a GEMM worth a plan) and fit cuBLASLt's ints.
+fn check_sizes(op: &str, t: usize, n: usize, k: usize) {
+    assert!(n > 0 && k > 0, "{op}: N = {n} and K = {k} must be positive");
+    as_i32(op, "T", t);
+    as_i32(op, "N", n);
+    as_i32(op, "K", k);
+}
+
+pub fn selftests() -> Vec<Check> {
+    vec![Check { name: "linear_fwd", run: check_fwd }, Check { name: "linear_bwd_input", run: check_bwd_input }, Check { name: "linear_bwd_weight", run: check_bwd_weight }]
+}
+
+/// (T, N, K, input scale): a single row, odd sizes everywhere (leading dimensions that are not
+/// multiples of 8), mid-size, an XL projection slice, large inputs.
+const SHAPES: [(usize, usize, usize, f32); 5] = [(1, 8, 8, 1.0), (33, 35, 37, 1.0), (129, 200, 264, 1.0), (1000, 1536, 1536, 1.0), (77, 512, 128, 100.0)];
+
+/// bf16 output: one rounding (2^-9, checked at 2^-7); where the sum cancels, the two fp32
+/// accumulations (tensor cores, blocked sgemm) each err by ~sqrt(K) * 2^-24 * sqrt(K) *
+/// scale^2; 2^-20 * K * scale^2 is a factor of 8 above that.
+fn bf16_out_tol(k: usize, scale_a: f32, scale_b: f32) -> Tolerance {
+    Tolerance { abs: 2f32.powi(-20) * k as f32 * scale_a * scale_b, rel: 2.0 * BF16_EPS }
+}
+
+fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let gemm = GemmCache::new(gpu)?;
+    let mut rows = Vec::new();
+    for (t, n, k, scale) in SHAPES {
+        let (x, w, res) = (bf16_inputs(rng, t * k, scale), bf16_inputs(rng, n * k, 1.0), bf16_inputs(rng, t * n, scale * 10.0));
+        let (dx, dw, dres) = (upload_bf16(gpu, &x)?, upload_bf16(gpu, &w)?, upload_bf16(gpu, &res)?);
+        let tol = bf16_out_tol(k, scale, 1.0);
+        for residual in [false, true] {
+            let mut want = vec![0.0; t * n];
+            linear_fwd_cpu(&mut want, &x, &w, residual.then_some(&res[..]), t, n, k);
+            let mut y = poisoned_bf16(gpu, t * n)?;
+            linear_fwd(gpu, &gemm, &mut y.as_view_mut(), &dx.as_view(), &dw.as_view(), residual.then(|| dres.as_view()).as_ref(), t, n, k)?;
+            let name = if residual { "linear_fwd y = res + x w^T" } else { "linear_fwd y = x w^T" };
+            rows.push(Row::new(name, format!("[{t},{n},{k}] x{scale}"), tol, compare(&download_bf16(gpu, &y)?, &want, tol)));
+        }
+    }
+    Ok(rows)
+}
+
+fn check_bwd_input(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let gemm = GemmCache::new(gpu)?;
+    let mut rows = Vec::new();
+    for (t, n, k, scale) in SHAPES {
+        let (dy, w, dx0) = (bf16_inputs(rng, t * n, scale), bf16_inputs(rng, n * k, 1.0), bf16_inputs(rng, t * k, scale));
+        let (ddy, dw) = (upload_bf16(gpu, &dy)?, upload_bf16(gpu, &w)?);
+        let tol = bf16_out_tol(n, scale, 1.0);
+        for accumulate in [false, true] {
+            let mut want = dx0.clone();
+            linear_bwd_input_cpu(&mut want, &dy, &w, t, n, k, accumulate);
+            let mut dx = if accumulate { upload_bf16(gpu, &dx0)? } else { poisoned_bf16(gpu, t * k)? };
+            linear_bwd_input(gpu, &gemm, &mut dx.as_view_mut(), &ddy.as_view(), &dw.as_view(), t, n, k, accumulate)?;
+            let name = if accumulate { "linear_bwd_input dx += dy w" } else { "linear_bwd_input dx = dy w" };
+            rows.push(Row::new(name, format!("[{t},{n},{k}] x{scale}"), tol, compare(&download_bf16(gpu, &dx)?, &want, tol)));
+        }
+    }
+    Ok(rows)
+}
+
+fn check_bwd_weight(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let gemm = GemmCache::new(gpu)?;
+    let mut rows = Vec::new();
+    for (t, n, k, scale) in SHAPES {
+        let (dy, x) = (bf16_inputs(rng, t * n, scale), bf16_inputs(rng, t * k, 1.0));
+        let dw0 = rng.uniform_vec(n * k, scale);
+        let mut want = dw0.clone();
+        linear_bwd_weight_cpu(&mut want, &dy, &x, t, n, k);
+        let (ddy, dx) = (upload_bf16(gpu, &dy)?, upload_bf16(gpu, &x)?);
+        let mut dw = upload(gpu, &dw0)?;
+        linear_bwd_weight(gpu, &gemm, &mut dw.as_view_mut(), &ddy.as_view(), &dx.as_view(), t, n, k)?;
+        // fp32 out: only the two accumulations differ (see bf16_out_tol, sum over T) and the
+        // final add to dw0 (a few 2^-24).
+        let tol = Tolerance { abs: 2f32.powi(-20) * t as f32 * scale, rel: 4.0 * f32::EPSILON };
+        rows.push(Row::new("linear_bwd_weight dw += dy^T x", format!("[{t},{n},{k}] x{scale}"), tol, compare(&download(gpu, &dw)?, &want, tol)));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]

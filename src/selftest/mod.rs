@@ -34,6 +34,7 @@ impl Row {
 pub fn registry() -> Vec<Check> {
     let mut checks = Vec::new();
     checks.extend(crate::ops::cast::selftests());
+    checks.extend(crate::ops::gemm::selftests());
     checks.extend(crate::ops::rmsnorm::selftests());
     checks.extend(crate::ops::rope::selftests());
     checks.extend(crate::ops::gate::selftests());
