@@ -27,9 +27,16 @@
 
 use std::ops::Range;
 
+use cudarc::driver::sys::{self, CUfunction_attribute};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use half::bf16;
 use rayon::prelude::*;
 
 use crate::config::HEAD_DIM;
+use crate::gpu::{DriverContext, Gpu, GpuError};
+use crate::ops::compare::{compare, Tolerance};
+use crate::rng::Rng;
+use crate::selftest::{Check, Row};
 
 const HD: usize = HEAD_DIM;
 
@@ -135,6 +142,26 @@ pub fn attention_fwd_cpu(
     t: usize,
     nh: usize,
 ) {
+    fwd_rounded(o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, |x| x);
+}
+
+/// The forward pass with `round` applied where a plain bf16 implementation with fp32
+/// accumulation rounds: the probabilities (an operand of the P V product) and the output.
+/// `attention_fwd_cpu` passes the identity; the selftest passes bf16 rounding to measure the
+/// error such an implementation makes.
+#[allow(clippy::too_many_arguments)]
+fn fwd_rounded(
+    o: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    cu_seqlens: &[i32],
+    prefix_lens: &[i32],
+    t: usize,
+    nh: usize,
+    round: impl Fn(f32) -> f32 + Sync,
+) {
     check_shapes("attention_fwd_cpu", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
     let spans = row_spans(cu_seqlens, prefix_lens, t);
     let mut lse_rows = vec![f32::NEG_INFINITY; t * nh]; // [T, NH]
@@ -153,8 +180,9 @@ pub fn attention_fwd_cpu(
             lse_row[h] = m + sum.ln();
             let oh = &mut o_row[h * HD..][..HD];
             for (&xs, s) in x.iter().zip(keys.clone()) {
-                axpy(oh, (xs - m).exp() / sum, head(v, span.start + s, h, nh));
+                axpy(oh, round((xs - m).exp() / sum), head(v, span.start + s, h, nh));
             }
+            oh.iter_mut().for_each(|y| *y = round(*y));
         }
     });
     transpose_into(lse, &lse_rows, t, nh);
@@ -179,13 +207,36 @@ pub fn attention_bwd_cpu(
     t: usize,
     nh: usize,
 ) {
+    bwd_rounded(dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, |x| x);
+}
+
+/// The backward pass with `round` applied where a plain bf16 implementation with fp32
+/// accumulation rounds: P and dS (operands of the dV, dQ, dK products) and the gradients.
+#[allow(clippy::too_many_arguments)]
+fn bwd_rounded(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    do_: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    lse: &[f32],
+    cu_seqlens: &[i32],
+    prefix_lens: &[i32],
+    t: usize,
+    nh: usize,
+    round: impl Fn(f32) -> f32 + Sync,
+) {
     let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len()), ("o", o.len())];
     check_shapes("attention_bwd_cpu", &tensors, lse.len(), t, nh);
     let spans = row_spans(cu_seqlens, prefix_lens, t);
     // D[t, h] = do[t, h] . o[t, h]: [T, NH]
     let d: Vec<f32> = (0..t * nh).map(|r| dot(&do_[r * HD..][..HD], &o[r * HD..][..HD])).collect();
-    // P[t,s] of head h, recomputed from the saved log-sum-exp.
-    let p = |i: usize, j: usize, h: usize| (SCALE * dot(head(q, i, h, nh), head(k, j, h, nh)) - lse[h * t + i]).exp();
+    // P[i,j] of head h, recomputed from the saved log-sum-exp, and dS[i,j] = P (dP - D).
+    let p = |i: usize, j: usize, h: usize| round((SCALE * dot(head(q, i, h, nh), head(k, j, h, nh)) - lse[h * t + i]).exp());
+    let ds = |p: f32, i: usize, j: usize, h: usize| round(p * (dot(head(do_, i, h, nh), head(v, j, h, nh)) - d[i * nh + h]));
 
     // dq, one query row per task: dq[t] = scale * sum_s dS[t,s] k[s].
     dq.par_chunks_mut(nh * HD).enumerate().for_each(|(i, dq_row)| {
@@ -193,10 +244,10 @@ pub fn attention_bwd_cpu(
         let Some(span) = spans[i] else { return };
         for h in 0..nh {
             let dqh = &mut dq_row[h * HD..][..HD];
-            for s in span.keys_seen_by(i - span.start).map(|s| span.start + s) {
-                let ds = p(i, s, h) * (dot(head(do_, i, h, nh), head(v, s, h, nh)) - d[i * nh + h]);
-                axpy(dqh, SCALE * ds, head(k, s, h, nh));
+            for j in span.keys_seen_by(i - span.start).map(|s| span.start + s) {
+                axpy(dqh, SCALE * ds(p(i, j, h), i, j, h), head(k, j, h, nh));
             }
+            dqh.iter_mut().for_each(|y| *y = round(*y));
         }
     });
 
@@ -211,11 +262,611 @@ pub fn attention_bwd_cpu(
             for i in span.queries_seeing(j - span.start).map(|t| span.start + t) {
                 let pij = p(i, j, h);
                 axpy(dvh, pij, head(do_, i, h, nh));
-                let ds = pij * (dot(head(do_, i, h, nh), head(v, j, h, nh)) - d[i * nh + h]);
-                axpy(dkh, SCALE * ds, head(q, i, h, nh));
+                axpy(dkh, SCALE * ds(pij, i, j, h), head(q, i, h, nh));
             }
+            dkh.iter_mut().chain(dvh.iter_mut()).for_each(|y| *y = round(*y));
         }
     });
+}
+
+/// CPU reference of one decoding step (generation): `nq` new query tokens of each of `s`
+/// samples attend to that sample's KV cache, which already holds their keys and values.
+/// o: [S, NQ, NH, HD] out, q: [S, NQ, NH, HD], k_cache, v_cache: [S, C, NH, HD] (C = `cap`),
+/// kv_lens: [S] (tokens in each cache, the new ones included), prefix_lens: [S].
+/// Query i of sample n sits at position `pos = kv_lens[n] - nq + i` and sees the cache keys
+/// `0..=max(pos, p-1)` (the mask of SPEC §4); a query with `pos < 0` gets o = 0.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_cpu(
+    o: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    kv_lens: &[i32],
+    prefix_lens: &[i32],
+    s: usize,
+    nq: usize,
+    cap: usize,
+    nh: usize,
+) {
+    decode_rounded(o, q, k_cache, v_cache, kv_lens, prefix_lens, s, nq, cap, nh, |x| x);
+}
+
+/// The decoding step with `round` applied as in `fwd_rounded`.
+#[allow(clippy::too_many_arguments)]
+fn decode_rounded(
+    o: &mut [f32],
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    kv_lens: &[i32],
+    prefix_lens: &[i32],
+    s: usize,
+    nq: usize,
+    cap: usize,
+    nh: usize,
+    round: impl Fn(f32) -> f32 + Sync,
+) {
+    check_decode_shapes("attention_decode_cpu", o.len(), q.len(), k_cache.len(), v_cache.len(), kv_lens.len(), prefix_lens.len(), s, nq, cap, nh);
+    o.par_chunks_mut(nh * HD).enumerate().for_each(|(row, o_row)| {
+        o_row.fill(0.0);
+        let (n, i) = (row / nq, row % nq);
+        let len = kv_lens[n].clamp(0, cap as i32) as i64;
+        let pos = len - nq as i64 + i as i64;
+        if pos < 0 {
+            return;
+        }
+        let keys = 0..(pos.max(prefix_lens[n] as i64 - 1).min(len - 1) + 1) as usize;
+        for h in 0..nh {
+            let qi = head(q, row, h, nh);
+            let x: Vec<f32> = keys.clone().map(|j| SCALE * dot(qi, head(k_cache, n * cap + j, h, nh))).collect();
+            let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let sum: f32 = x.iter().map(|&xj| (xj - m).exp()).sum();
+            let oh = &mut o_row[h * HD..][..HD];
+            for (&xj, j) in x.iter().zip(keys.clone()) {
+                axpy(oh, round((xj - m).exp() / sum), head(v_cache, n * cap + j, h, nh));
+            }
+            oh.iter_mut().for_each(|y| *y = round(*y));
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_decode_shapes(what: &str, o: usize, q: usize, k: usize, v: usize, kv_lens: usize, prefix_lens: usize, s: usize, nq: usize, cap: usize, nh: usize) {
+    for (name, len, rows) in [("o", o, s * nq), ("q", q, s * nq), ("k_cache", k, s * cap), ("v_cache", v, s * cap)] {
+        assert_eq!(len, rows * nh * HD, "{what}: {name} has {len} elements, expected [S={s}, {}, NH={nh}, {HD}]", if rows == s * nq { format!("NQ={nq}") } else { format!("C={cap}") });
+    }
+    assert!(kv_lens == s && prefix_lens == s, "{what}: kv_lens and prefix_lens need S={s} entries, got {kv_lens} and {prefix_lens}");
+}
+
+// ---------------------------------------------------------------------------------------
+// GPU launchers (cuda/attention.cu).
+// ---------------------------------------------------------------------------------------
+
+const FAMILY: &str = "attention";
+
+// Tile shapes of cuda/attention.cu (its #defines): the forward and dQ kernels take query tiles
+// of 128 rows and loop over key tiles of 64; the dK/dV kernel takes key tiles of 128 rows and
+// loops over query tiles of 64. Every block has 8 warps of 16 rows.
+const Q_TILE: usize = 128;
+const KEY_STEP: usize = 64;
+const KV_TILE: usize = 128;
+const QUERY_STEP: usize = 64;
+const BLOCK_THREADS: u32 = 256;
+/// Dynamic shared memory: forward sQ + double-buffered sK, sV; dK/dV sK, sV + double-buffered
+/// sQ, sdO (bf16) and lse, delta (fp32); dQ sQ, sdO + double-buffered sK, sV.
+const FWD_SMEM: u32 = ((Q_TILE + 4 * KEY_STEP) * HD * 2) as u32;
+const KV_SMEM: u32 = ((2 * KV_TILE + 4 * QUERY_STEP) * HD * 2 + 4 * QUERY_STEP * 4) as u32;
+const DQ_SMEM: u32 = ((2 * Q_TILE + 4 * KEY_STEP) * HD * 2) as u32;
+/// The schedule kernel ranks tiles in static shared memory's default limit (48 KB of ints).
+const MAX_TILES: usize = 48 * 1024 / 4;
+
+fn config(blocks: usize, threads: u32, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes }
+}
+
+/// Kernel `name`, allowed `smem` bytes of dynamic shared memory (above the default 48 KB).
+fn function_with_smem(gpu: &Gpu, name: &str, smem: u32) -> Result<CudaFunction, GpuError> {
+    let func = gpu.function(FAMILY, name)?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .during(format!("{name}: allowing {smem} bytes of shared memory (the device offers {})", gpu.props.smem_per_block_optin))?;
+    Ok(func)
+}
+
+fn aligned16<T>(gpu: &Gpu, buf: &impl DevicePtr<T>) -> bool {
+    let (ptr, _sync) = buf.device_ptr(&gpu.stream);
+    ptr % 16 == 0
+}
+
+fn check_table(what: &str, cu_seqlens: usize, prefix_lens: usize, t: usize, nh: usize) {
+    assert_eq!(cu_seqlens, prefix_lens + 1, "{what}: cu_seqlens has {cu_seqlens} entries for {prefix_lens} samples");
+    assert!(t > 0 && nh > 0, "{what}: empty batch (T={t}, NH={nh})");
+    assert!(t.div_ceil(Q_TILE).max(t.div_ceil(KV_TILE)) <= MAX_TILES && t * nh < i32::MAX as usize, "{what}: T={t} rows is more than the schedule handles");
+}
+
+/// The row spans of every query and key (`[T, 2]` i32 each, see cuda/attention.cuh), built on
+/// the device from the sample table. Stream-ordered allocations: a captured step records them
+/// as graph memory nodes.
+fn spans(gpu: &Gpu, cu_seqlens: &CudaView<i32>, prefix_lens: &CudaView<i32>, t: usize) -> Result<(CudaSlice<i32>, CudaSlice<i32>), GpuError> {
+    let mut rows = gpu.stream.alloc_zeros::<i32>(2 * t).during("attention: allocating the row spans")?;
+    let mut cols = gpu.stream.alloc_zeros::<i32>(2 * t).during("attention: allocating the column spans")?;
+    let (s, t_i32) = (prefix_lens.len() as i32, t as i32);
+    let func = gpu.function(FAMILY, "attention_spans")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut rows).arg(&mut cols).arg(cu_seqlens).arg(prefix_lens).arg(&s).arg(&t_i32);
+    // SAFETY: block n < S reads cu_seqlens[n..=n+1] and prefix_lens[n] (the views hold S+1 and
+    // S entries); every row index written is clamped to [0, T) and both tables hold T int2.
+    unsafe { args.launch(config(prefix_lens.len() + 1, BLOCK_THREADS, 0)) }.during("attention_spans")?;
+    Ok((rows, cols))
+}
+
+/// The tiles of `tile` rows ordered by decreasing work, counted in `step`-row tiles of the
+/// other axis (`[ceil(T / tile)]` i32).
+fn schedule(gpu: &Gpu, spans: &CudaSlice<i32>, t: usize, tile: usize, step: usize) -> Result<CudaSlice<i32>, GpuError> {
+    let ntiles = t.div_ceil(tile);
+    let mut order = gpu.stream.alloc_zeros::<i32>(ntiles).during("attention: allocating the schedule")?;
+    let (t_i32, tile_i32, step_i32) = (t as i32, tile as i32, step as i32);
+    let func = gpu.function(FAMILY, "attention_schedule")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut order).arg(spans).arg(&t_i32).arg(&tile_i32).arg(&step_i32);
+    // SAFETY: reads T int2 spans (the slice holds 2T i32), writes the ceil(T/tile) entries of
+    // `order` (a permutation of the tile indices), uses ceil(T/tile) ints of shared memory.
+    unsafe { args.launch(config(1, 1024, (ntiles * 4) as u32)) }.during("attention_schedule")?;
+    Ok(order)
+}
+
+/// Forward pass on the GPU; same contract as [`attention_fwd_cpu`].
+/// o: [T, NH, HD] bf16 out, lse: [NH, T] fp32 out, q, k, v: [T, NH, HD] bf16 (16-byte aligned),
+/// cu_seqlens: [S+1] i32, prefix_lens: [S] i32 (device memory, never read by the host).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    check_shapes("attention_fwd", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
+    check_table("attention_fwd", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd: tensors must be 16-byte aligned");
+    let (rows, _cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
+    let order = schedule(gpu, &rows, t, Q_TILE, KEY_STEP)?;
+    let func = function_with_smem(gpu, "attention_fwd", FWD_SMEM)?;
+    let (t_i32, nh_i32) = (t as i32, nh as i32);
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(o).arg(lse).arg(q).arg(k).arg(v).arg(&rows).arg(&order).arg(&t_i32).arg(&nh_i32);
+    // SAFETY: shapes checked above; the kernel reads and writes rows < T of head < NH only,
+    // rows/order were written by `spans`/`schedule` for this T; FWD_SMEM bytes allowed above.
+    unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, FWD_SMEM)) }.during("attention_fwd")?;
+    Ok(())
+}
+
+/// The Hopper forward kernel's family (cuda/attention_sm90.cu, built for sm_90a only), its
+/// tiles (query tiles of 128 rows, key tiles of 128), block (3 warpgroups) and shared memory
+/// (Q, two stages of K and V, 1 KB of alignment slack).
+const SM90_FAMILY: &str = "attention_sm90";
+const SM90_TILE: usize = 128;
+const SM90_THREADS: u32 = 384;
+const SM90_SMEM: u32 = (5 * 128 * HD * 2 + 1024) as u32;
+
+/// A `CUtensorMap` passed by value as a `__grid_constant__` kernel parameter.
+#[repr(C, align(128))]
+#[derive(Clone, Copy)]
+struct TensorMap(sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte, 128-aligned C struct, copied into the kernel's parameter space.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// The TMA descriptor of a `[T, NH, HD]` bf16 tensor at `ptr`, seen as the 3-D tensor
+/// (HD, NH, T) and copied in boxes of (64, 1, 128): half a head row by 128 rows, 128-byte
+/// swizzled (cuda/attention_sm90.cu). Rows past T read as zeros.
+fn tensor_map(ptr: u64, t: usize, nh: usize) -> Result<TensorMap, GpuError> {
+    let dims: [u64; 3] = [HD as u64, nh as u64, t as u64];
+    let strides: [u64; 2] = [(HD * 2) as u64, (nh * HD * 2) as u64]; // bytes, dims 1 and 2
+    let boxes: [u32; 3] = [64, 1, SM90_TILE as u32];
+    let steps: [u32; 3] = [1, 1, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every pointer refers to a live local array of the length the rank (3) implies;
+    // the driver only encodes the descriptor (the global address is not dereferenced here).
+    unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            3,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+        .result()
+        .during(format!("attention_fwd_sm90: encoding the tensor map of a [{t}, {nh}, {HD}] tensor"))?;
+        Ok(TensorMap(map.assume_init()))
+    }
+}
+
+/// Forward pass on a Hopper GPU with the TMA + wgmma kernel; same contract as
+/// [`attention_fwd`]. Not the default yet: `attention_fwd` keeps the portable kernel until this
+/// one has passed `hrm-cu selftest --filter attention_fwd_sm90` on an H100.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_sm90(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    let p = &gpu.props;
+    if !p.is_hopper() {
+        return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
+    }
+    check_shapes("attention_fwd_sm90", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
+    check_table("attention_fwd_sm90", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd_sm90: tensors must be 16-byte aligned");
+    let (rows, _cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
+    let order = schedule(gpu, &rows, t, SM90_TILE, SM90_TILE)?;
+    // The guards keep q, k, v recorded as read by this launch (cudarc's stream tracking).
+    let (q_ptr, _q_read) = q.device_ptr(&gpu.stream);
+    let (k_ptr, _k_read) = k.device_ptr(&gpu.stream);
+    let (v_ptr, _v_read) = v.device_ptr(&gpu.stream);
+    let (tm_q, tm_k, tm_v) = (tensor_map(q_ptr, t, nh)?, tensor_map(k_ptr, t, nh)?, tensor_map(v_ptr, t, nh)?);
+    let func = gpu.function(SM90_FAMILY, "attention_fwd_sm90")?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_SMEM as i32)
+        .during(format!("attention_fwd_sm90: allowing {SM90_SMEM} bytes of shared memory"))?;
+    let (t_i32, nh_i32) = (t as i32, nh as i32);
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(o).arg(lse).arg(&rows).arg(&order).arg(&t_i32).arg(&nh_i32);
+    // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v (alive until the
+    // guards drop after the launch); o, lse shapes checked above; rows/order built for this T;
+    // SM90_SMEM bytes allowed above.
+    unsafe { args.launch(config(t.div_ceil(SM90_TILE) * nh, SM90_THREADS, SM90_SMEM)) }.during("attention_fwd_sm90")?;
+    Ok(())
+}
+
+/// Backward pass on the GPU; same contract as [`attention_bwd_cpu`] (dq, dk, dv written).
+/// dq, dk, dv: [T, NH, HD] bf16 out, do_, q, k, v, o: [T, NH, HD] bf16 (16-byte aligned),
+/// lse: [NH, T] fp32 (from the forward), cu_seqlens: [S+1] i32, prefix_lens: [S] i32.
+/// Deterministic: no atomics, bitwise-identical results from run to run.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    gpu: &Gpu,
+    dq: &mut CudaViewMut<bf16>,
+    dk: &mut CudaViewMut<bf16>,
+    dv: &mut CudaViewMut<bf16>,
+    do_: &CudaView<bf16>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    o: &CudaView<bf16>,
+    lse: &CudaView<f32>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len()), ("o", o.len())];
+    check_shapes("attention_bwd", &tensors, lse.len(), t, nh);
+    check_table("attention_bwd", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    let aligned = aligned16(gpu, dq) && aligned16(gpu, dk) && aligned16(gpu, dv) && aligned16(gpu, do_) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v) && aligned16(gpu, o);
+    assert!(aligned, "attention_bwd: tensors must be 16-byte aligned");
+    let (rows, cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
+    let q_order = schedule(gpu, &rows, t, Q_TILE, KEY_STEP)?;
+    let kv_order = schedule(gpu, &cols, t, KV_TILE, QUERY_STEP)?;
+    let (t_i32, nh_i32) = (t as i32, nh as i32);
+
+    // delta = rowsum(do * o): [NH, T], one warp per (row, head).
+    let mut delta = gpu.stream.alloc_zeros::<f32>(nh * t).during("attention_bwd: allocating delta")?;
+    let func = gpu.function(FAMILY, "attention_bwd_delta")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut delta).arg(do_).arg(o).arg(&t_i32).arg(&nh_i32);
+    // SAFETY: one warp per (row, head) < T * NH reads 128 elements of do_ and o (shapes checked)
+    // and writes one entry of delta ([NH, T]).
+    unsafe { args.launch(config((t * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_delta")?;
+
+    let func = function_with_smem(gpu, "attention_bwd_dkv", KV_SMEM)?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut *dk).arg(&mut *dv).arg(q).arg(k).arg(v).arg(do_).arg(lse).arg(&delta).arg(&cols).arg(&kv_order).arg(&t_i32).arg(&nh_i32);
+    // SAFETY: shapes checked above; rows < T of heads < NH only; cols/kv_order built for this T.
+    unsafe { args.launch(config(t.div_ceil(KV_TILE) * nh, BLOCK_THREADS, KV_SMEM)) }.during("attention_bwd_dkv")?;
+
+    let func = function_with_smem(gpu, "attention_bwd_dq", DQ_SMEM)?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(dq).arg(q).arg(k).arg(v).arg(do_).arg(lse).arg(&delta).arg(&rows).arg(&q_order).arg(&t_i32).arg(&nh_i32);
+    // SAFETY: as above, with rows/q_order built for this T.
+    unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, DQ_SMEM)) }.during("attention_bwd_dq")?;
+    Ok(())
+}
+
+/// One decoding step on the GPU; same contract as [`attention_decode_cpu`].
+/// o: [S, NQ, NH, HD] bf16 out, q: [S, NQ, NH, HD] bf16, k_cache, v_cache: [S, C, NH, HD] bf16,
+/// kv_lens: [S] i32, prefix_lens: [S] i32. Correct, not tuned: one warp per query and head.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    q: &CudaView<bf16>,
+    k_cache: &CudaView<bf16>,
+    v_cache: &CudaView<bf16>,
+    kv_lens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    s: usize,
+    nq: usize,
+    cap: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    check_decode_shapes("attention_decode", o.len(), q.len(), k_cache.len(), v_cache.len(), kv_lens.len(), prefix_lens.len(), s, nq, cap, nh);
+    assert!(s * cap * nh < i32::MAX as usize, "attention_decode: cache of {s} x {cap} x {nh} rows is too large");
+    let aligned = aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k_cache) && aligned16(gpu, v_cache);
+    assert!(aligned, "attention_decode: tensors must be 16-byte aligned");
+    let (s_i32, nq_i32, cap_i32, nh_i32) = (s as i32, nq as i32, cap as i32, nh as i32);
+    let func = gpu.function(FAMILY, "attention_decode")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(o).arg(q).arg(k_cache).arg(v_cache).arg(kv_lens).arg(prefix_lens).arg(&s_i32).arg(&nq_i32).arg(&cap_i32).arg(&nh_i32);
+    // SAFETY: one warp per (sample, query, head) < S*NQ*NH; cache rows read are < min(kv_lens, C)
+    // of their sample (clamped in the kernel); shapes checked above.
+    unsafe { args.launch(config((s * nq * nh).div_ceil(4), 128, 0)) }.during("attention_decode")?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Selftest: GPU against the fp32 CPU reference, FlashAttention's way: the GPU's error must be
+// at most twice that of a plain bf16 implementation (the CPU code on the same bf16 inputs with
+// bf16 rounding of P, dS and the outputs, the operands and results of its bf16 products),
+// plus a small floor. Scores and dP stay fp32 in the baseline, as in a tensor-core kernel:
+// rounding them too would make the baseline, hence the tolerance, loose for large logits.
+// ---------------------------------------------------------------------------------------
+
+/// fp32 accumulation noise over the longest sums here (a few thousand terms of size ~1:
+/// ~1e-7 * sqrt(n) * a few), for outputs a bf16 baseline happens to get exactly right.
+const ABS_FLOOR: f32 = 1e-5;
+
+fn bf16_round(x: f32) -> f32 {
+    bf16::from_f32(x).to_f32()
+}
+
+/// `2 * max |baseline - reference| + ABS_FLOOR`: twice a plain bf16 implementation's error.
+fn tolerance_vs_baseline(baseline: &[f32], reference: &[f32]) -> Tolerance {
+    Tolerance { abs: 2.0 * compare(baseline, reference, Tolerance { abs: 1.0, rel: 0.0 }).max_abs_err as f32 + ABS_FLOOR, rel: 0.0 }
+}
+
+/// lse is fp32 in both the GPU kernel and the baseline, so its tolerance needs a part that
+/// scales with it: the tensor cores' fp32 sums of 128 products err by ~sqrt(128) ulps of
+/// sum |q_i k_i|, up to ~3e-5 of the logit for the "large" batch's logits of size ~50.
+const LSE_REL: f32 = 3e-5;
+
+/// lse is -inf on padding rows: compare it through a finite stand-in, so that -inf matches
+/// -inf while NaN (unwritten) and finite-vs-infinite mismatches still fail.
+fn finite_lse(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| if v == f32::NEG_INFINITY { -1e30 } else { v }).collect()
+}
+
+/// A packed batch for the checks: bf16-representable inputs, the sample table, a name.
+struct TestBatch {
+    name: &'static str,
+    t: usize,
+    nh: usize,
+    cu_seqlens: Vec<i32>,
+    prefix_lens: Vec<i32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl TestBatch {
+    /// `(length, prefix)` per sample then `padding` rows; q, k uniform in ±`qk`, v in ±1.
+    fn new(rng: &mut Rng, name: &'static str, samples: &[(usize, usize)], padding: usize, nh: usize, qk: f32) -> TestBatch {
+        let mut cu_seqlens = vec![0i32];
+        for &(len, _) in samples {
+            cu_seqlens.push(cu_seqlens.last().unwrap() + len as i32);
+        }
+        let t = *cu_seqlens.last().unwrap() as usize + padding;
+        let n = t * nh * HD;
+        let mut bf16_vec = |n, scale| rng.uniform_vec(n, scale).into_iter().map(bf16_round).collect::<Vec<_>>();
+        let (q, k, v) = (bf16_vec(n, qk), bf16_vec(n, qk), bf16_vec(n, 1.0));
+        TestBatch { name, t, nh, cu_seqlens, prefix_lens: samples.iter().map(|&(_, p)| p as i32).collect(), q, k, v }
+    }
+
+    fn shape(&self) -> String {
+        format!("{} T={} NH={}", self.name, self.t, self.nh)
+    }
+}
+
+/// The packed batches of the checks: every edge of the mask and of the tiling.
+fn test_batches(rng: &mut Rng) -> Vec<TestBatch> {
+    // Length 1; an empty sample (a sample table padded for graph capture); prefix-only
+    // (a response of one token: causal length 0); a response of two tokens; one key tile
+    // (64) with a prefix; one query tile (128) prefix-only and fully causal; 37 padding rows.
+    let edge = [(1, 1), (0, 0), (7, 7), (9, 7), (64, 20), (128, 128), (128, 1)];
+    // Many tiny samples: several per tile, tiles straddling samples.
+    let tiny: Vec<(usize, usize)> = (0..300)
+        .map(|_| {
+            let len = 1 + rng.below(8) as usize;
+            (len, 1 + rng.below(len as u64) as usize)
+        })
+        .collect();
+    // Random lengths and prefix fractions, as in training.
+    let mut mixed = Vec::new();
+    let mut total = 0;
+    while total < 1800 {
+        let len = 1 + rng.below(400) as usize;
+        mixed.push((len, (len as f64 * (0.1 + 0.8 * rng.uniform())).ceil() as usize));
+        total += len;
+    }
+    vec![
+        TestBatch::new(rng, "edge", &edge, 37, 2, 2.0),
+        TestBatch::new(rng, "long", &[(1000, 300), (700, 1)], 20, 3, 2.0),
+        TestBatch::new(rng, "aligned", &[(1024, 512)], 0, 2, 2.0),
+        TestBatch::new(rng, "tiny", &tiny, 5, 2, 2.0),
+        TestBatch::new(rng, "mixed", &mixed, 11, 2, 2.0),
+        // Logits of size ~10-30: the online softmax must rescale without overflow.
+        TestBatch::new(rng, "large", &[(600, 200), (300, 1)], 3, 2, 8.0),
+    ]
+}
+
+fn upload_bf16(gpu: &Gpu, x: &[f32]) -> Result<CudaSlice<bf16>, GpuError> {
+    let v: Vec<bf16> = x.iter().map(|&x| bf16::from_f32(x)).collect();
+    gpu.stream.clone_htod(&v).during("upload")
+}
+
+fn download_bf16(gpu: &Gpu, x: &CudaSlice<bf16>) -> Result<Vec<f32>, GpuError> {
+    Ok(gpu.stream.clone_dtoh(x).during("download")?.iter().map(|x| x.to_f32()).collect())
+}
+
+fn poisoned_bf16(gpu: &Gpu, n: usize) -> Result<CudaSlice<bf16>, GpuError> {
+    gpu.stream.clone_htod(&vec![bf16::NAN; n]).during("poison")
+}
+
+pub fn selftests() -> Vec<Check> {
+    vec![
+        Check { name: "attention_fwd", run: check_fwd },
+        Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
+        Check { name: "attention_bwd", run: check_bwd },
+        Check { name: "attention_decode", run: check_decode },
+    ]
+}
+
+/// A forward launcher: [`attention_fwd`] or [`attention_fwd_sm90`].
+type FwdKernel = fn(&Gpu, &mut CudaViewMut<bf16>, &mut CudaViewMut<f32>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<i32>, &CudaView<i32>, usize, usize) -> Result<(), GpuError>;
+
+fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    fwd_rows(gpu, rng, "attention_fwd", attention_fwd)
+}
+
+/// The Hopper kernel on the same batches; no rows on other GPUs (it is not built for them).
+fn check_fwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    if !gpu.props.is_hopper() {
+        return Ok(Vec::new());
+    }
+    fwd_rows(gpu, rng, "attention_fwd_sm90", attention_fwd_sm90)
+}
+
+fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for b in test_batches(rng) {
+        let (t, nh, n) = (b.t, b.nh, b.q.len());
+        let (mut o_ref, mut lse_ref) = (vec![0.0; n], vec![0.0; nh * t]);
+        attention_fwd_cpu(&mut o_ref, &mut lse_ref, &b.q, &b.k, &b.v, &b.cu_seqlens, &b.prefix_lens, t, nh);
+        let (mut o_base, mut lse_base) = (vec![0.0; n], vec![0.0; nh * t]);
+        fwd_rounded(&mut o_base, &mut lse_base, &b.q, &b.k, &b.v, &b.cu_seqlens, &b.prefix_lens, t, nh, bf16_round);
+
+        let (q, k, v) = (upload_bf16(gpu, &b.q)?, upload_bf16(gpu, &b.k)?, upload_bf16(gpu, &b.v)?);
+        let cu = gpu.stream.clone_htod(&b.cu_seqlens).during("upload")?;
+        let pl = gpu.stream.clone_htod(&b.prefix_lens).during("upload")?;
+        let mut o = poisoned_bf16(gpu, n)?;
+        let mut lse = gpu.stream.clone_htod(&vec![f32::NAN; nh * t]).during("poison")?;
+        kernel(gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &q.as_view(), &k.as_view(), &v.as_view(), &cu.as_view(), &pl.as_view(), t, nh)?;
+        let o_gpu = download_bf16(gpu, &o)?;
+        let lse_gpu = gpu.stream.clone_dtoh(&lse).during("download")?;
+
+        let tol = tolerance_vs_baseline(&o_base, &o_ref);
+        rows.push(Row::new(format!("{name} o"), b.shape(), tol, compare(&o_gpu, &o_ref, tol)));
+        let (lse_ref, lse_base) = (finite_lse(&lse_ref), finite_lse(&lse_base));
+        let tol = Tolerance { rel: LSE_REL, ..tolerance_vs_baseline(&lse_base, &lse_ref) };
+        rows.push(Row::new(format!("{name} lse"), b.shape(), tol, compare(&finite_lse(&lse_gpu), &lse_ref, tol)));
+    }
+    Ok(rows)
+}
+
+fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for b in test_batches(rng) {
+        let (t, nh, n) = (b.t, b.nh, b.q.len());
+        let do_: Vec<f32> = rng.uniform_vec(n, 1.0).into_iter().map(bf16_round).collect();
+        let (mut o_ref, mut lse_ref) = (vec![0.0; n], vec![0.0; nh * t]);
+        attention_fwd_cpu(&mut o_ref, &mut lse_ref, &b.q, &b.k, &b.v, &b.cu_seqlens, &b.prefix_lens, t, nh);
+        // The GPU sees o in bf16, as the forward stores it; so does the baseline.
+        let o_bf16: Vec<f32> = o_ref.iter().map(|&x| bf16_round(x)).collect();
+        let table = (&b.cu_seqlens[..], &b.prefix_lens[..]);
+        let mut reference = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
+        let [dq, dk, dv] = &mut reference;
+        attention_bwd_cpu(dq, dk, dv, &do_, &b.q, &b.k, &b.v, &o_ref, &lse_ref, table.0, table.1, t, nh);
+        let mut baseline = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
+        let [dq, dk, dv] = &mut baseline;
+        bwd_rounded(dq, dk, dv, &do_, &b.q, &b.k, &b.v, &o_bf16, &lse_ref, table.0, table.1, t, nh, bf16_round);
+
+        let (q, k, v) = (upload_bf16(gpu, &b.q)?, upload_bf16(gpu, &b.k)?, upload_bf16(gpu, &b.v)?);
+        let (d_do, d_o) = (upload_bf16(gpu, &do_)?, upload_bf16(gpu, &o_bf16)?);
+        let lse = gpu.stream.clone_htod(&lse_ref).during("upload")?;
+        let cu = gpu.stream.clone_htod(&b.cu_seqlens).during("upload")?;
+        let pl = gpu.stream.clone_htod(&b.prefix_lens).during("upload")?;
+        let run = || -> Result<[Vec<f32>; 3], GpuError> {
+            let (mut dq, mut dk, mut dv) = (poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?);
+            attention_bwd(
+                gpu,
+                &mut dq.as_view_mut(),
+                &mut dk.as_view_mut(),
+                &mut dv.as_view_mut(),
+                &d_do.as_view(),
+                &q.as_view(),
+                &k.as_view(),
+                &v.as_view(),
+                &d_o.as_view(),
+                &lse.as_view(),
+                &cu.as_view(),
+                &pl.as_view(),
+                t,
+                nh,
+            )?;
+            Ok([download_bf16(gpu, &dq)?, download_bf16(gpu, &dk)?, download_bf16(gpu, &dv)?])
+        };
+        let first = run()?;
+        for (i, name) in ["attention_bwd dq", "attention_bwd dk", "attention_bwd dv"].into_iter().enumerate() {
+            let tol = tolerance_vs_baseline(&baseline[i], &reference[i]);
+            rows.push(Row::new(name, b.shape(), tol, compare(&first[i], &reference[i], tol)));
+        }
+        // Deterministic: a second run must agree bit for bit.
+        let second = run()?;
+        let exact = Tolerance { abs: 0.0, rel: 0.0 };
+        rows.push(Row::new("attention_bwd rerun", b.shape(), exact, compare(&second.concat(), &first.concat(), exact)));
+    }
+    Ok(rows)
+}
+
+fn check_decode(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    // Five caches of capacity 80: one token; a prompt only (prefill of a prefix); a full cache
+    // with a prefix; fully causal; and 3 tokens (with 4 new queries, one has pos < 0).
+    let (cap, nh) = (80, 2);
+    let kv_lens = [1i32, 17, 80, 40, 3];
+    let prefix_lens = [1i32, 17, 30, 1, 2];
+    let s = kv_lens.len();
+    let mut rows = Vec::new();
+    for nq in [1, 4] {
+        let mut draw = |n, scale| rng.uniform_vec(n, scale).into_iter().map(bf16_round).collect::<Vec<f32>>();
+        let q = draw(s * nq * nh * HD, 2.0);
+        let (mut k_cache, mut v_cache) = (draw(s * cap * nh * HD, 2.0), draw(s * cap * nh * HD, 1.0));
+        // Slots past each cache's length are NaN: reading one would show.
+        for (n, &len) in kv_lens.iter().enumerate() {
+            let unused = (n * cap + len as usize) * nh * HD..(n + 1) * cap * nh * HD;
+            k_cache[unused.clone()].fill(f32::NAN);
+            v_cache[unused].fill(f32::NAN);
+        }
+        let mut o_ref = vec![0.0; q.len()];
+        attention_decode_cpu(&mut o_ref, &q, &k_cache, &v_cache, &kv_lens, &prefix_lens, s, nq, cap, nh);
+        let mut o_base = vec![0.0; q.len()];
+        decode_rounded(&mut o_base, &q, &k_cache, &v_cache, &kv_lens, &prefix_lens, s, nq, cap, nh, bf16_round);
+
+        let (d_q, d_k, d_v) = (upload_bf16(gpu, &q)?, upload_bf16(gpu, &k_cache)?, upload_bf16(gpu, &v_cache)?);
+        let lens = gpu.stream.clone_htod(&kv_lens).during("upload")?;
+        let pl = gpu.stream.clone_htod(&prefix_lens).during("upload")?;
+        let mut o = poisoned_bf16(gpu, q.len())?;
+        attention_decode(gpu, &mut o.as_view_mut(), &d_q.as_view(), &d_k.as_view(), &d_v.as_view(), &lens.as_view(), &pl.as_view(), s, nq, cap, nh)?;
+        let tol = tolerance_vs_baseline(&o_base, &o_ref);
+        rows.push(Row::new("attention_decode o", format!("S={s} NQ={nq} C={cap} NH={nh}"), tol, compare(&download_bf16(gpu, &o)?, &o_ref, tol)));
+    }
+    Ok(rows)
 }
 
 #[cfg(test)]
@@ -345,6 +996,36 @@ mod tests {
                 assert_eq!(changed, visible(&base, i, j), "query row {i}, key row {j}");
             }
         }
+    }
+
+    /// Decoding the last `nq` tokens of each sample against a cache of the sample's rows
+    /// reproduces those rows of the forward pass, bit for bit (same sums in the same order).
+    #[test]
+    fn decode_continues_the_forward() {
+        let (nh, nq, cap) = (2, 2, 9);
+        let samples = [(5, 2), (3, 3), (9, 1), (1, 1)];
+        let b = batch(&mut Rng::new(4), &samples, 0, nh);
+        let (o, _) = forward(&b);
+        let row = nh * HD;
+        let s = samples.len();
+        let (mut q, mut k_cache, mut v_cache) = (vec![0.0; s * nq * row], vec![0.0; s * cap * row], vec![0.0; s * cap * row]);
+        let mut want = vec![0.0; s * nq * row];
+        for (n, &(len, _)) in samples.iter().enumerate() {
+            let start = b.cu_seqlens[n] as usize;
+            k_cache[n * cap * row..][..len * row].copy_from_slice(&b.k[start * row..][..len * row]);
+            v_cache[n * cap * row..][..len * row].copy_from_slice(&b.v[start * row..][..len * row]);
+            for i in 0..nq {
+                // Query i sits at position len - nq + i; before the sample's start it sees nothing.
+                if let Some(pos) = (len + i).checked_sub(nq) {
+                    q[(n * nq + i) * row..][..row].copy_from_slice(&b.q[(start + pos) * row..][..row]);
+                    want[(n * nq + i) * row..][..row].copy_from_slice(&o[(start + pos) * row..][..row]);
+                }
+            }
+        }
+        let kv_lens: Vec<i32> = samples.iter().map(|&(len, _)| len as i32).collect();
+        let mut got = vec![f32::NAN; want.len()];
+        attention_decode_cpu(&mut got, &q, &k_cache, &v_cache, &kv_lens, &b.prefix_lens, s, nq, cap, nh);
+        assert_eq!(got, want);
     }
 
     /// The loss `L = sum(o * g)` and its gradient through `attention_bwd_cpu`.

@@ -41,6 +41,7 @@ pub fn registry() -> Vec<Check> {
     checks.extend(crate::ops::swiglu::selftests());
     checks.extend(crate::ops::embedding::selftests());
     checks.extend(crate::ops::cross_entropy::selftests());
+    checks.extend(crate::ops::attention::selftests());
     checks.extend(crate::optim::adam_atan2::selftests());
     checks
 }

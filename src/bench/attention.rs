@@ -1,0 +1,248 @@
+//! `hrm-cu bench attention`: the PrefixLM attention kernels on the three batches of issue 6.
+//!
+//! - (a) one sample of 16,384 tokens, fully causal (prefix length 1);
+//! - (b) samples of 4,096 tokens with a 25% prefix;
+//! - (c) lengths uniform in 64..4096, prefix fractions uniform in 10..90%;
+//!
+//! each packed into 16,384 rows with 12 heads (size XL). Only the FLOPs of visible (query, key)
+//! pairs count: the forward does two matrix products per pair of 128-vectors, `4 * 128` FLOPs,
+//! the backward `2.5x` that (five products: dV, dP, dQ, dK plus the recomputed S; FlashAttention's
+//! convention, although our deterministic dQ kernel recomputes S and dP once more). Times are
+//! CUDA-event medians after warm-up, the inputs (150 MB of q, k, v) exceed the L2 cache, and
+//! each call includes its span and schedule kernels and workspace allocations.
+//!
+//! [`dump`] writes a small batch with our kernels' outputs, and the three batches' sample tables,
+//! for `tools/attention_torch_check.py`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+use crate::gpu::{Gpu, GpuError};
+use crate::ops::attention::{attention_bwd, attention_fwd};
+use crate::rng::Rng;
+
+const HD: usize = crate::config::HEAD_DIM;
+const ROWS: usize = 16_384;
+const HEADS: usize = 12;
+const WARMUP: usize = 3;
+const ITERS: usize = 20;
+
+/// One packed batch: the sample table and the rows it fills.
+pub struct BenchBatch {
+    pub name: &'static str,
+    pub t: usize,
+    pub cu_seqlens: Vec<i32>,
+    pub prefix_lens: Vec<i32>,
+}
+
+impl BenchBatch {
+    fn new(name: &'static str, t: usize, samples: &[(usize, usize)]) -> BenchBatch {
+        let mut cu_seqlens = vec![0i32];
+        for &(len, _) in samples {
+            cu_seqlens.push(cu_seqlens.last().unwrap() + len as i32);
+        }
+        assert!(*cu_seqlens.last().unwrap() as usize <= t);
+        BenchBatch { name, t, cu_seqlens, prefix_lens: samples.iter().map(|&(_, p)| p as i32).collect() }
+    }
+
+    /// Visible (query, key) pairs per head: a sample of length n with prefix p has p^2 pairs in
+    /// its prefix rows and t + 1 in each response row t >= p.
+    pub fn pairs(&self) -> u64 {
+        let lens = self.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as u64);
+        lens.zip(&self.prefix_lens).map(|(n, &p)| p as u64 * p as u64 + (n * (n + 1) - p as u64 * (p as u64 + 1)) / 2).sum()
+    }
+}
+
+/// The issue's three batches, (c) drawn from `rng` until the next sample would not fit.
+pub fn bench_batches(rng: &mut Rng) -> Vec<BenchBatch> {
+    let mut mixed = Vec::new();
+    let mut used = 0;
+    loop {
+        let len = 64 + rng.below(4096 - 64 + 1) as usize;
+        if used + len > ROWS {
+            break;
+        }
+        let fraction = 0.1 + 0.8 * rng.uniform();
+        mixed.push((len, ((len as f64 * fraction).round() as usize).max(1)));
+        used += len;
+    }
+    vec![
+        BenchBatch::new("(a) 1 x 16384 causal", ROWS, &[(ROWS, 1)]),
+        BenchBatch::new("(b) 4 x 4096, 25% prefix", ROWS, &[(4096, 1024); 4]),
+        BenchBatch::new("(c) 64..4096, 10..90% prefix", ROWS, &mixed),
+    ]
+}
+
+/// Device buffers of one batch: inputs uniform in ±1 (never zeros), outputs, gradients.
+struct Buffers {
+    q: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    o: CudaSlice<bf16>,
+    do_: CudaSlice<bf16>,
+    dq: CudaSlice<bf16>,
+    dk: CudaSlice<bf16>,
+    dv: CudaSlice<bf16>,
+    lse: CudaSlice<f32>,
+    cu_seqlens: CudaSlice<i32>,
+    prefix_lens: CudaSlice<i32>,
+}
+
+impl Buffers {
+    fn new(gpu: &Gpu, rng: &mut Rng, b: &BenchBatch, nh: usize) -> Result<Buffers> {
+        let n = b.t * nh * HD;
+        let mut random = || -> Result<CudaSlice<bf16>> {
+            let host: Vec<bf16> = rng.uniform_vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
+            Ok(gpu.stream.clone_htod(&host)?)
+        };
+        Ok(Buffers {
+            q: random()?,
+            k: random()?,
+            v: random()?,
+            do_: random()?,
+            o: gpu.stream.alloc_zeros(n)?,
+            dq: gpu.stream.alloc_zeros(n)?,
+            dk: gpu.stream.alloc_zeros(n)?,
+            dv: gpu.stream.alloc_zeros(n)?,
+            lse: gpu.stream.alloc_zeros(nh * b.t)?,
+            cu_seqlens: gpu.stream.clone_htod(&b.cu_seqlens)?,
+            prefix_lens: gpu.stream.clone_htod(&b.prefix_lens)?,
+        })
+    }
+
+    fn forward(&mut self, gpu: &Gpu, t: usize, nh: usize) -> Result<(), GpuError> {
+        let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
+        attention_fwd(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.q.as_view(), &self.k.as_view(), &self.v.as_view(), &cu, &pl, t, nh)
+    }
+
+    fn backward(&mut self, gpu: &Gpu, t: usize, nh: usize) -> Result<(), GpuError> {
+        let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
+        attention_bwd(
+            gpu,
+            &mut self.dq.as_view_mut(),
+            &mut self.dk.as_view_mut(),
+            &mut self.dv.as_view_mut(),
+            &self.do_.as_view(),
+            &self.q.as_view(),
+            &self.k.as_view(),
+            &self.v.as_view(),
+            &self.o.as_view(),
+            &self.lse.as_view(),
+            &cu,
+            &pl,
+            t,
+            nh,
+        )
+    }
+}
+
+/// Median milliseconds of `f` over ITERS runs after WARMUP, each between two CUDA events.
+fn median_ms(gpu: &Gpu, mut f: impl FnMut() -> Result<(), GpuError>) -> Result<f64> {
+    for _ in 0..WARMUP {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(ITERS);
+    for _ in 0..ITERS {
+        let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+        start.record(&gpu.stream)?;
+        f()?;
+        end.record(&gpu.stream)?;
+        times.push(start.elapsed_ms(&end)? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[ITERS / 2])
+}
+
+/// Prints the table: per batch, forward and backward time and TFLOP/s over visible pairs.
+pub fn run(gpu: &Gpu) -> Result<()> {
+    let mut rng = Rng::new(6);
+    println!("attention on {} ({} SMs), {HEADS} heads of {HD}, {ROWS} rows per batch", gpu.props.name, gpu.props.sm_count);
+    println!("{:<32} {:>7} {:>14} {:>9} {:>9} {:>9} {:>9}", "batch", "samples", "visible pairs", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s");
+    for b in bench_batches(&mut rng) {
+        let mut bufs = Buffers::new(gpu, &mut rng, &b, HEADS)?;
+        let fwd_ms = median_ms(gpu, || bufs.forward(gpu, b.t, HEADS))?;
+        let bwd_ms = median_ms(gpu, || bufs.backward(gpu, b.t, HEADS))?;
+        let fwd_flops = 4.0 * HD as f64 * b.pairs() as f64 * HEADS as f64;
+        let tflops = |flops: f64, ms: f64| flops / (ms * 1e-3) / 1e12;
+        println!(
+            "{:<32} {:>7} {:>14} {:>9.3} {:>9.1} {:>9.3} {:>9.1}",
+            b.name,
+            b.prefix_lens.len(),
+            b.pairs(),
+            fwd_ms,
+            tflops(fwd_flops, fwd_ms),
+            bwd_ms,
+            tflops(2.5 * fwd_flops, bwd_ms)
+        );
+    }
+    Ok(())
+}
+
+/// Writes into `dir` what `tools/attention_torch_check.py` reads: `meta.json` (the check
+/// batch's sample table and sizes, the three bench batches' tables, the card), the check
+/// batch's inputs `q.bin k.bin v.bin do.bin` and our outputs `o.bin dq.bin dk.bin dv.bin`
+/// (raw little-endian bf16, `[T, NH, HD]`) and `lse.bin` (fp32, `[NH, T]`).
+pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
+    let mut rng = Rng::new(7);
+    // The check batch: small enough for a dense fp32 reference (T x T scores per head).
+    let (nh, t) = (4, 4096);
+    let mut samples = Vec::new();
+    let mut used = 0;
+    loop {
+        let len = 1 + rng.below(1024) as usize;
+        if used + len > t - 13 {
+            break;
+        }
+        samples.push((len, 1 + rng.below(len as u64) as usize));
+        used += len;
+    }
+    let check = BenchBatch::new("check", t, &samples);
+    let mut bufs = Buffers::new(gpu, &mut rng, &check, nh)?;
+    bufs.forward(gpu, t, nh)?;
+    bufs.backward(gpu, t, nh)?;
+
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {}", dir.join(name).display()));
+    for (name, buf) in [("q", &bufs.q), ("k", &bufs.k), ("v", &bufs.v), ("do", &bufs.do_), ("o", &bufs.o), ("dq", &bufs.dq), ("dk", &bufs.dk), ("dv", &bufs.dv)] {
+        let host = gpu.stream.clone_dtoh(buf)?;
+        write(&format!("{name}.bin"), bytemuck::cast_slice(&host))?;
+    }
+    write("lse.bin", bytemuck::cast_slice(&gpu.stream.clone_dtoh(&bufs.lse)?))?;
+
+    let table = |b: &BenchBatch| serde_json::json!({"name": b.name, "t": b.t, "cu_seqlens": b.cu_seqlens, "prefix_lens": b.prefix_lens});
+    let meta = serde_json::json!({
+        "card": gpu.props.name,
+        "head_dim": HD,
+        "check": {"nh": nh, "t": t, "cu_seqlens": check.cu_seqlens, "prefix_lens": check.prefix_lens},
+        "bench": {"nh": HEADS, "batches": bench_batches(&mut Rng::new(6)).iter().map(table).collect::<Vec<_>>()},
+    });
+    write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    println!("attention: wrote the check batch (T={t}, NH={nh}, {} samples) and our outputs to {}", check.prefix_lens.len(), dir.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visible_pairs_match_the_mask() {
+        // Counted by brute force over the SPEC §4 rule `s <= max(t, p-1)`.
+        let b = BenchBatch::new("t", 40, &[(1, 1), (7, 3), (9, 9), (12, 1), (5, 0)]);
+        let brute: u64 = b
+            .cu_seqlens
+            .windows(2)
+            .zip(&b.prefix_lens)
+            .map(|(w, &p)| {
+                let n = (w[1] - w[0]) as i64;
+                (0..n).flat_map(|t| (0..n).map(move |s| (t, s))).filter(|&(t, s)| s <= t.max(p as i64 - 1)).count() as u64
+            })
+            .sum();
+        assert_eq!(b.pairs(), brute);
+    }
+}
