@@ -137,11 +137,14 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
         gpu.ctx.bind_to_thread().during("binding the context")?;
         cudarc::driver::result::mem_get_info().during("querying device memory")?
     };
+    let (used, reserved) = pool_peaks(gpu)?;
     println!(
-        "memory      peak of our allocations {:.2} GiB, device in use {:.2} GiB of {:.2}; predicted {:.2} GiB with the runtime estimate",
-        gib(pool_peak(gpu)?),
+        "memory      peak {:.2} GiB in our buffers ({:.2} GiB reserved by the pool), device in use {:.2} GiB of {:.2}; predicted {:.2} GiB of buffers, {:.2} GiB with the runtime",
+        gib(used),
+        gib(reserved),
         gib((total - free) as u64),
         gib(total as u64),
+        gib(plan.allocations()),
         gib(plan.total())
     );
 
@@ -235,24 +238,28 @@ fn default_pool(gpu: &Gpu) -> Result<sys::CUmemoryPool> {
     Ok(pool)
 }
 
-/// Restarts the pool's high-water mark of memory in use (every buffer of ours comes from it).
+/// Restarts the pool's high-water marks (every buffer of ours comes from the pool).
 fn reset_pool_peak(gpu: &Gpu) -> Result<()> {
-    let mut zero = 0u64;
-    // SAFETY: the attribute is a u64; setting it to 0 resets the high-water mark.
-    unsafe { sys::cuMemPoolSetAttribute(default_pool(gpu)?, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut zero as *mut u64).cast()) }
-        .result()
-        .during("resetting the pool's peak")?;
+    let pool = default_pool(gpu)?;
+    for attr in [sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH] {
+        let mut zero = 0u64;
+        // SAFETY: both attributes are u64; setting one to 0 resets that high-water mark.
+        unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut zero as *mut u64).cast()) }.result().during("resetting the pool's peaks")?;
+    }
     Ok(())
 }
 
-/// The pool's high-water mark of memory in use since [`reset_pool_peak`].
-fn pool_peak(gpu: &Gpu) -> Result<u64> {
-    let mut peak = 0u64;
-    // SAFETY: the attribute is a u64 written into `peak`.
-    unsafe { sys::cuMemPoolGetAttribute(default_pool(gpu)?, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut peak as *mut u64).cast()) }
-        .result()
-        .during("reading the pool's peak")?;
-    Ok(peak)
+/// The pool's high-water marks since [`reset_pool_peak`]: (bytes in use by our buffers,
+/// bytes the pool reserved from the driver to hold them).
+fn pool_peaks(gpu: &Gpu) -> Result<(u64, u64)> {
+    let pool = default_pool(gpu)?;
+    let read = |attr: sys::CUmemPool_attribute| -> Result<u64> {
+        let mut value = 0u64;
+        // SAFETY: the attribute is a u64 written into `value`.
+        unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut value as *mut u64).cast()) }.result().during("reading the pool's peaks")?;
+        Ok(value)
+    };
+    Ok((read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?, read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?))
 }
 
 #[cfg(test)]

@@ -162,8 +162,10 @@ const RUNTIME_RESERVE_BYTES: u64 = 1 << 30;
 /// is allocated.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MemoryPlan {
-    /// (what, bytes), in the order of the table.
+    /// (what, bytes) of every buffer we allocate, in the order of the table.
     pub items: Vec<(String, u64)>,
+    /// What the CUDA runtime itself holds (an estimate).
+    pub runtime: u64,
 }
 
 impl MemoryPlan {
@@ -212,13 +214,17 @@ impl MemoryPlan {
             ("embedding backward scratch".to_string(), embedding_scratch_bytes(t, v) as u64),
             ("attention backward tables (transient)".to_string(), attention),
             ("cuBLASLt workspace".to_string(), GEMM_WORKSPACE_BYTES),
-            ("CUDA context, kernels, cuBLASLt (estimate)".to_string(), RUNTIME_RESERVE_BYTES),
         ];
-        Ok(MemoryPlan { items })
+        Ok(MemoryPlan { items, runtime: RUNTIME_RESERVE_BYTES })
+    }
+
+    /// Bytes of our own buffers.
+    pub fn allocations(&self) -> u64 {
+        self.items.iter().map(|(_, b)| b).sum()
     }
 
     pub fn total(&self) -> u64 {
-        self.items.iter().map(|(_, b)| b).sum()
+        self.allocations() + self.runtime
     }
 
     /// Fails with the whole table when the plan needs more than the device's free memory.
@@ -248,6 +254,7 @@ impl fmt::Display for MemoryPlan {
         for (what, bytes) in &self.items {
             writeln!(f, "  {what:<64} {:>9.2} GiB", gib(*bytes))?;
         }
+        writeln!(f, "  {:<64} {:>9.2} GiB", "CUDA context, kernels, cuBLASLt (estimate)", gib(self.runtime))?;
         write!(f, "  {:<64} {:>9.2} GiB", "total", gib(self.total()))
     }
 }
