@@ -14,6 +14,7 @@
 //! - [`rng`]: the deterministic random number generator
 //! - [`cli`]: the command line
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -35,7 +35,7 @@ pub enum Command {
     /// Dataset tools: prepare, inspect, batches
     Data(Unfinished),
     /// Time kernels and training steps against the card's measured ceilings
-    Bench(Unfinished),
+    Bench(BenchArgs),
     /// Check every GPU kernel against its CPU reference on this machine's GPU
     Selftest(SelftestArgs),
 }
@@ -60,6 +60,17 @@ pub struct SelftestArgs {
     pub gpu: usize,
 }
 
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to time (the targets of `hrm_cu::bench::TARGETS`)
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(
+        crate::bench::TARGETS.iter().map(|t| clap::builder::PossibleValue::new(t.name).help(t.about))))]
+    pub target: String,
+    /// GPU ordinal
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Selftest(args) => selftest(args),
@@ -70,12 +81,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Export(args) => export::run(args),
         Command::Import(args) => import::run(args),
         Command::Data(_) => unfinished("data", "the data issue"),
-        Command::Bench(_) => unfinished("bench", "the kernels issue"),
+        Command::Bench(args) => bench(args),
     }
 }
 
 fn unfinished(command: &str, arrives_with: &str) -> Result<()> {
     bail!("`hrm-cu {command}` is not implemented yet; it arrives with {arrives_with}")
+}
+
+fn bench(args: BenchArgs) -> Result<()> {
+    let target = crate::bench::TARGETS.iter().find(|t| t.name == args.target).expect("clap accepts only listed targets");
+    let gpu = Gpu::open(args.gpu)?;
+    (target.run)(&gpu)
 }
 
 fn selftest(args: SelftestArgs) -> Result<()> {

@@ -323,6 +323,9 @@ impl GemmCache {
     /// doc), 16-byte aligned, and stay alive until the stream has run the product.
     unsafe fn matmul(&self, gpu: &Gpu, shape: GemmShape, beta: f32, a: u64, b: u64, c: u64, d: u64) -> Result<(), GpuError> {
         self.ensure_plan(shape)?;
+        // cuBLASLt runs on the calling thread's current context, which cudarc's own calls
+        // set but a thread that has only called cuBLASLt so far may not have.
+        gpu.ctx.bind_to_thread().map_err(|source| GpuError::Driver { what: format!("binding the context for GEMM {shape}"), source })?;
         let plans = self.plans.borrow();
         let plan = &plans[&shape];
         let alpha = 1.0f32;
@@ -532,7 +535,7 @@ fn check_bwd_weight(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         // fp32 out: only the two accumulations differ (see bf16_out_tol, sum over T) and the
         // final add to dw0 (a few 2^-24).
         let tol = Tolerance { abs: 2f32.powi(-20) * t as f32 * scale, rel: 4.0 * f32::EPSILON };
-        rows.push(Row::new("linear_bwd_weight dw += dy^T x", format!("[{t},{n},{k}] x{scale}"), tol, compare(&download(gpu, &dw)?, &want, tol)));
+        rows.push(Row::new("linear_bwd_weight dw+=dy^T x", format!("[{t},{n},{k}] x{scale}"), tol, compare(&download(gpu, &dw)?, &want, tol)));
     }
     Ok(rows)
 }

@@ -1,0 +1,372 @@
+//! `hrm-cu bench kernels`: every op kernel and every GEMM of a block at the XL shapes
+//! (SPEC §1: hidden 1536, 12 heads of 128, intermediate 4096; 16,384 tokens a batch; vocab
+//! 65,536), against the copy and GEMM ceilings measured first in the same run.
+//!
+//! Byte counts are the fewest each kernel must move: every input read once, every output
+//! written once (`x +=` counts a read and a write), integer side inputs included. GEMM rows
+//! also time every algorithm the cuBLASLt heuristic offers for the shape and report how far
+//! its first choice (the one `GemmCache` uses) is from the fastest.
+
+use std::collections::HashSet;
+
+use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
+use half::bf16;
+
+use crate::bench::{print_table, random_bf16, random_host, random_i32, rotation_sets, time_ms, upload, Ceilings, Measurement, Work};
+use crate::gpu::{DriverContext, Gpu, GpuError};
+use crate::ops::cross_entropy::{cross_entropy_with, lm_head_cross_entropy, metrics, CeKernel, IGNORE_LABEL, METRICS_LEN};
+use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch};
+use crate::ops::gate::{gate_bwd, gate_fwd};
+use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache, GemmOp, GemmShape};
+use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
+use crate::ops::rope::{qkv_rope_bwd, qkv_rope_fwd};
+use crate::ops::swiglu::{swiglu_bwd, swiglu_fwd};
+
+/// Tokens of one batch.
+const T: usize = 16_384;
+const D: usize = 1536;
+const NH: usize = 12;
+/// Columns of the attention heads, `NH * 128`.
+const C: usize = NH * 128;
+const I: usize = 4096;
+const V: usize = 65_536;
+/// Samples in the batch, for the metrics kernel (packed samples of ~256 tokens).
+const SAMPLES: usize = 64;
+/// Rows of the LM head's logits scratch: 4096 x 65,536 bf16 = 512 MiB.
+const LM_CHUNK: usize = 4096;
+
+const WARMUP: usize = 3;
+const ITERS: usize = 20;
+/// Repeats per candidate algorithm when comparing the heuristic's list.
+const CANDIDATE_ITERS: usize = 5;
+
+pub fn run(gpu: &Gpu) -> anyhow::Result<()> {
+    let gemm = GemmCache::new(gpu)?;
+    let mut b = Bench { gpu, rows: Vec::new(), seed: 1 };
+    eprintln!("measuring the ceilings, then each kernel (rows also print as they finish)");
+    let copy_ms = b.copy_ceiling()?;
+    let peak = b.gemm_candidates(&gemm, GemmShape { op: GemmOp::Forward, t: 8192, n: 8192, k: 8192 })?;
+    let ceilings = Ceilings { copy_bytes_per_s: 2.0 * COPY_BYTES as f64 / (copy_ms / 1e3), gemm_flops_per_s: 2.0 * 8192f64.powi(3) / (peak.best_ms / 1e3) };
+    b.push("ceiling: device copy", format!("{} MiB", COPY_BYTES >> 20), copy_ms, Work::Bytes(2.0 * COPY_BYTES as f64), "");
+    b.push("ceiling: bf16 GEMM (fastest algo)", "8192^3", peak.best_ms, Work::Flops(2.0 * 8192f64.powi(3)), &peak.note());
+
+    b.rmsnorm()?;
+    b.rope()?;
+    b.gate()?;
+    b.swiglu()?;
+    b.embedding()?;
+    b.cross_entropy()?;
+    b.gemms(&gemm)?;
+    b.lm_head(&gemm)?;
+    print_table(gpu, &ceilings, &b.rows);
+    Ok(())
+}
+
+/// The heuristic's first choice against the fastest algorithm it offered.
+struct GemmTiming {
+    first_ms: f64,
+    best_ms: f64,
+    best_index: usize,
+    count: usize,
+}
+
+impl GemmTiming {
+    fn note(&self) -> String {
+        if self.best_index == 0 || self.first_ms <= self.best_ms {
+            format!("heuristic's first choice is the fastest of {}", self.count)
+        } else {
+            format!("first choice {:.1}% slower than #{} of {}", 100.0 * (self.first_ms / self.best_ms - 1.0), self.best_index, self.count)
+        }
+    }
+}
+
+/// Times `run` with each of the heuristic's algorithms for `shape`, then with its first choice,
+/// which the cache is left on.
+fn time_candidates(gpu: &Gpu, gemm: &GemmCache, shape: GemmShape, run: &mut dyn FnMut(usize) -> Result<(), GpuError>) -> Result<GemmTiming, GpuError> {
+    let count = gemm.algorithm_count(shape)?;
+    let mut best = (0, f64::INFINITY);
+    for index in 0..count {
+        gemm.choose_algorithm(shape, index)?;
+        // An algorithm that fails to run is left out of the comparison.
+        if let Ok(ms) = time_ms(gpu, 1, CANDIDATE_ITERS, &mut *run) {
+            if ms < best.1 {
+                best = (index, ms);
+            }
+        }
+    }
+    gemm.choose_algorithm(shape, 0)?;
+    let first_ms = time_ms(gpu, WARMUP, ITERS, &mut *run)?;
+    Ok(GemmTiming { first_ms, best_ms: best.1.min(first_ms), best_index: best.0, count })
+}
+
+/// Bytes of the copy ceiling: 1 GiB each way, far beyond L2.
+const COPY_BYTES: usize = 1 << 30;
+
+struct Bench<'a> {
+    gpu: &'a Gpu,
+    rows: Vec<Measurement>,
+    seed: u64,
+}
+
+impl Bench<'_> {
+    fn push(&mut self, name: &str, shape: impl Into<String>, ms: f64, work: Work, note: &str) {
+        let row = Measurement { name: name.into(), shape: shape.into(), ms, work, note: note.into() };
+        eprintln!("  {:<34} {:<30} {:>10.1} us", row.name, row.shape, row.ms * 1e3);
+        self.rows.push(row);
+    }
+
+    fn next_seed(&mut self) -> u64 {
+        self.seed += 1;
+        self.seed
+    }
+
+    /// `sets` independent random bf16 buffers of `n` values.
+    fn bf16_sets(&mut self, sets: usize, n: usize, scale: f32) -> Result<Vec<CudaSlice<bf16>>, GpuError> {
+        (0..sets).map(|_| random_bf16(self.gpu, n, scale, self.next_seed())).collect()
+    }
+
+    fn zero_sets<T: DeviceRepr + ValidAsZeroBits>(&self, sets: usize, n: usize) -> Result<Vec<CudaSlice<T>>, GpuError> {
+        (0..sets).map(|_| self.gpu.stream.alloc_zeros::<T>(n).during("allocating bench outputs")).collect()
+    }
+
+    fn copy_ceiling(&mut self) -> Result<f64, GpuError> {
+        let src = random_bf16(self.gpu, COPY_BYTES / 2, 1.0, self.next_seed())?;
+        let mut dst = self.gpu.stream.alloc_zeros::<bf16>(COPY_BYTES / 2).during("allocating the copy target")?;
+        let gpu = self.gpu;
+        time_ms(gpu, WARMUP, ITERS, |_| gpu.stream.memcpy_dtod(&src, &mut dst).during("device copy"))
+    }
+
+    fn rmsnorm(&mut self) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let n = T * D;
+        let bytes = 4 * n * 2 + T * 4;
+        let sets = rotation_sets(gpu, bytes);
+        let (z, inj) = (self.bf16_sets(sets, n, 1.0)?, self.bf16_sets(sets, n, 1.0)?);
+        let (mut x, mut y, mut rstd) = (self.zero_sets::<bf16>(sets, n)?, self.zero_sets::<bf16>(sets, n)?, self.zero_sets::<f32>(sets, T)?);
+        let shape = format!("[{T},{D}]");
+
+        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
+            let s = i % sets;
+            add_rmsnorm_fwd(gpu, &mut x[s].as_view_mut(), &mut y[s].as_view_mut(), &mut rstd[s].as_view_mut(), &z[s].as_view(), Some(&inj[s].as_view()), T, D)
+        })?;
+        self.push("add_rmsnorm_fwd", &shape, ms, Work::Bytes(bytes as f64), "reads z, inj; writes x, y, rstd");
+
+        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
+            let s = i % sets;
+            rmsnorm_fwd(gpu, &mut y[s].as_view_mut(), &mut rstd[s].as_view_mut(), &z[s].as_view(), T, D)
+        })?;
+        self.push("rmsnorm_fwd", &shape, ms, Work::Bytes((2 * n * 2 + T * 4) as f64), "");
+
+        // dx += ...: dx (read and written), dy, x, rstd.
+        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
+            let s = i % sets;
+            rmsnorm_bwd(gpu, &mut x[s].as_view_mut(), &inj[s].as_view(), &z[s].as_view(), &rstd[s].as_view(), T, D)
+        })?;
+        self.push("rmsnorm_bwd", &shape, ms, Work::Bytes((4 * n * 2 + T * 4) as f64), "dx read + written");
+        Ok(())
+    }
+
+    fn rope(&mut self) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let bytes = 2 * T * 4 * C * 2 + T * 4;
+        let sets = rotation_sets(gpu, bytes);
+        let gqkv = self.bf16_sets(sets, T * 4 * C, 1.0)?;
+        let mut split: Vec<Vec<CudaSlice<bf16>>> = (0..4).map(|_| self.bf16_sets(sets, T * C, 1.0)).collect::<Result<_, _>>()?;
+        let mut dgqkv = self.zero_sets::<bf16>(sets, T * 4 * C)?;
+        let pos: Vec<CudaSlice<i32>> = (0..sets).map(|_| random_i32(gpu, T, 4096, self.next_seed())).collect::<Result<_, _>>()?;
+        let shape = format!("[{T},{NH}x128]");
+
+        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
+            let s = i % sets;
+            let [g, q, k, v] = &mut split[..] else { unreachable!("four split buffers") };
+            qkv_rope_fwd(gpu, &mut g[s].as_view_mut(), &mut q[s].as_view_mut(), &mut k[s].as_view_mut(), &mut v[s].as_view_mut(), &gqkv[s].as_view(), &pos[s].as_view(), T, NH)
+        })?;
+        self.push("qkv_rope_fwd", &shape, ms, Work::Bytes(bytes as f64), "");
+
+        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
+            let s = i % sets;
+            let [g, q, k, v] = &split[..] else { unreachable!("four split buffers") };
+            qkv_rope_bwd(gpu, &mut dgqkv[s].as_view_mut(), &g[s].as_view(), &q[s].as_view(), &k[s].as_view(), &v[s].as_view(), &pos[s].as_view(), T, NH)
+        })?;
+        self.push("qkv_rope_bwd", &shape, ms, Work::Bytes(bytes as f64), "");
+        Ok(())
+    }
+
+    fn gate(&mut self) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let n = T * C;
+        let sets = rotation_sets(gpu, 5 * n * 2);
+        let (g, a, dout) = (self.bf16_sets(sets, n, 4.0)?, self.bf16_sets(sets, n, 1.0)?, self.bf16_sets(sets, n, 1.0)?);
+        let (mut out, mut dg) = (self.zero_sets::<bf16>(sets, n)?, self.zero_sets::<bf16>(sets, n)?);
+        let shape = format!("[{T},{C}]");
+        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
+            let s = i % sets;
+            gate_fwd(gpu, &mut out[s].as_view_mut(), &g[s].as_view(), &a[s].as_view(), n)
+        })?;
+        self.push("gate_fwd", &shape, ms, Work::Bytes((3 * n * 2) as f64), "");
+        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
+            let s = i % sets;
+            gate_bwd(gpu, &mut dg[s].as_view_mut(), &mut out[s].as_view_mut(), &dout[s].as_view(), &g[s].as_view(), &a[s].as_view(), n)
+        })?;
+        self.push("gate_bwd", &shape, ms, Work::Bytes((5 * n * 2) as f64), "");
+        Ok(())
+    }
+
+    fn swiglu(&mut self) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let bytes_bwd = (T * I + 2 * T * 2 * I) * 2;
+        let sets = rotation_sets(gpu, bytes_bwd);
+        let (gate_up, dout) = (self.bf16_sets(sets, T * 2 * I, 3.0)?, self.bf16_sets(sets, T * I, 1.0)?);
+        let (mut out, mut dgu) = (self.zero_sets::<bf16>(sets, T * I)?, self.zero_sets::<bf16>(sets, T * 2 * I)?);
+        let shape = format!("[{T},{I}]");
+        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
+            let s = i % sets;
+            swiglu_fwd(gpu, &mut out[s].as_view_mut(), &gate_up[s].as_view(), T, I)
+        })?;
+        self.push("swiglu_fwd", &shape, ms, Work::Bytes((3 * T * I * 2) as f64), "");
+        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
+            let s = i % sets;
+            swiglu_bwd(gpu, &mut dgu[s].as_view_mut(), &dout[s].as_view(), &gate_up[s].as_view(), T, I)
+        })?;
+        self.push("swiglu_bwd", &shape, ms, Work::Bytes(bytes_bwd as f64), "");
+        Ok(())
+    }
+
+    fn embedding(&mut self) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let tokens_host: Vec<i32> = random_host(T, self.next_seed(), |rng| rng.below(V as u64) as i32);
+        let unique = tokens_host.iter().collect::<HashSet<_>>().len();
+        let tokens = upload(gpu, &tokens_host)?;
+        let w = random_bf16(gpu, V * D, 1.0, self.next_seed())?;
+        let dout = random_bf16(gpu, T * D, 1.0, self.next_seed())?;
+        let mut out = gpu.stream.alloc_zeros::<bf16>(T * D).during("allocating bench outputs")?;
+        let mut dw = gpu.stream.alloc_zeros::<f32>(V * D).during("allocating bench outputs")?;
+        let mut scratch = EmbeddingBwdScratch::new(gpu, T, V)?;
+        let scale = (D as f32).sqrt();
+        let shape = format!("[{T},{D}] V={V}");
+        let note = format!("{unique} distinct ids");
+        // Working sets (unique rows of w or dw, plus the activations) exceed L2: no rotation.
+        let ms = time_ms(gpu, WARMUP, ITERS, |_| embedding_fwd(gpu, &mut out.as_view_mut(), &tokens.as_view(), &w.as_view(), T, D, scale))?;
+        self.push("embedding_fwd", &shape, ms, Work::Bytes((T * 4 + unique * D * 2 + T * D * 2) as f64), &note);
+        let ms = time_ms(gpu, WARMUP, ITERS, |_| embedding_bwd(gpu, &mut dw.as_view_mut(), &dout.as_view(), &tokens.as_view(), T, D, scale, &mut scratch))?;
+        self.push("embedding_bwd (sort + reduce)", &shape, ms, Work::Bytes((T * 4 + T * D * 2 + 2 * unique * D * 4) as f64), &format!("{note}; dw rows read + written"));
+        Ok(())
+    }
+
+    fn cross_entropy(&mut self) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let logits = random_bf16(gpu, T * V, 8.0, self.next_seed())?;
+        let mut dlogits = gpu.stream.alloc_zeros::<bf16>(T * V).during("allocating bench outputs")?;
+        let labels_host: Vec<i32> = random_host(T, self.next_seed(), |rng| if rng.below(10) == 0 { IGNORE_LABEL } else { rng.below(V as u64) as i32 });
+        let labels = upload(gpu, &labels_host)?;
+        let mut losses = gpu.stream.alloc_zeros::<f32>(T).during("allocating bench outputs")?;
+        let mut correct = gpu.stream.alloc_zeros::<u8>(T).during("allocating bench outputs")?;
+        let shape = format!("[{T},{V}]");
+        let bytes = 2 * T * V * 2 + T * (4 + 4 + 1);
+        let kernels: &[CeKernel] = if CeKernel::for_vocab(gpu, V) == CeKernel::Smem { &[CeKernel::Smem, CeKernel::Stream] } else { &[CeKernel::Stream] };
+        for &kernel in kernels {
+            let ms = time_ms(gpu, WARMUP, ITERS, |_| {
+                cross_entropy_with(gpu, kernel, &mut dlogits.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &logits.as_view(), &labels.as_view(), T, V, 1.0 / T as f32)
+            })?;
+            let chosen = if kernel == CeKernel::for_vocab(gpu, V) { "used by cross_entropy" } else { "alternative" };
+            self.push(&format!("cross_entropy ({kernel:?})"), &shape, ms, Work::Bytes(bytes as f64), chosen);
+        }
+
+        // Metrics: SAMPLES samples back to back over 90% of the batch, the rest padding.
+        let mut cuts: Vec<i32> = (0..=SAMPLES).map(|s| (s * (T - T / 10) / SAMPLES) as i32).collect();
+        cuts.dedup();
+        let cu = upload(gpu, &cuts)?;
+        let mut sums = gpu.stream.alloc_zeros::<f64>(METRICS_LEN).during("allocating bench outputs")?;
+        let ms = time_ms(gpu, WARMUP, ITERS, |_| metrics(gpu, &mut sums.as_view_mut(), &losses.as_view(), &correct.as_view(), &labels.as_view(), &cu.as_view(), T))?;
+        self.push("ce_metrics", format!("T={T} S={SAMPLES}"), ms, Work::Latency, "one block; inputs fit in L2");
+        Ok(())
+    }
+
+    /// Times every algorithm the heuristic offers for `shape` on fresh random operands, then
+    /// the first choice again (the one `GemmCache` keeps using).
+    fn gemm_candidates(&mut self, gemm: &GemmCache, shape: GemmShape) -> Result<GemmTiming, GpuError> {
+        let gpu = self.gpu;
+        let GemmShape { op, t, n, k } = shape;
+        // Random inputs, zeroed outputs (written with beta = 0, or accumulated into for dw).
+        match op {
+            GemmOp::Forward => {
+                let (x, w) = (random_bf16(gpu, t * k, 1.0, self.next_seed())?, random_bf16(gpu, n * k, 1.0, self.next_seed())?);
+                let mut y = gpu.stream.alloc_zeros::<bf16>(t * n).during("allocating bench outputs")?;
+                time_candidates(gpu, gemm, shape, &mut |_| linear_fwd(gpu, gemm, &mut y.as_view_mut(), &x.as_view(), &w.as_view(), None, t, n, k))
+            }
+            GemmOp::BackwardInput => {
+                let (dy, w) = (random_bf16(gpu, t * n, 1.0, self.next_seed())?, random_bf16(gpu, n * k, 1.0, self.next_seed())?);
+                let mut dx = gpu.stream.alloc_zeros::<bf16>(t * k).during("allocating bench outputs")?;
+                time_candidates(gpu, gemm, shape, &mut |_| linear_bwd_input(gpu, gemm, &mut dx.as_view_mut(), &dy.as_view(), &w.as_view(), t, n, k, false))
+            }
+            GemmOp::BackwardWeight => {
+                let (dy, x) = (random_bf16(gpu, t * n, 1.0, self.next_seed())?, random_bf16(gpu, t * k, 1.0, self.next_seed())?);
+                let mut dw = gpu.stream.alloc_zeros::<f32>(n * k).during("allocating bench outputs")?;
+                time_candidates(gpu, gemm, shape, &mut |_| linear_bwd_weight(gpu, gemm, &mut dw.as_view_mut(), &dy.as_view(), &x.as_view(), t, n, k))
+            }
+        }
+    }
+
+    fn gemms(&mut self, gemm: &GemmCache) -> Result<(), GpuError> {
+        // The linear layers of an XL block and the LM head: (name, N, K).
+        let layers = [("gqkv_proj", 4 * C, D), ("o_proj", D, C), ("gate_up_proj", 2 * I, D), ("down_proj", D, I), ("lm_head", V, D)];
+        for (name, n, k) in layers {
+            for op in [GemmOp::Forward, GemmOp::BackwardInput, GemmOp::BackwardWeight] {
+                let shape = GemmShape { op, t: T, n, k };
+                let timing = self.gemm_candidates(gemm, shape)?;
+                let label = match op {
+                    GemmOp::Forward => "y = x w^T",
+                    GemmOp::BackwardInput => "dx = dy w",
+                    GemmOp::BackwardWeight => "dw += dy^T x (fp32)",
+                };
+                self.push(&format!("{name} {label}"), format!("T={T} N={n} K={k}"), timing.first_ms, Work::Flops(shape.flops()), &timing.note());
+            }
+        }
+        // The residual form (C = residual, D = y) of the two projections that end a sub-layer.
+        let gpu = self.gpu;
+        for (name, n, k) in [("o_proj", D, C), ("down_proj", D, I)] {
+            let x = random_bf16(gpu, T * k, 1.0, self.next_seed())?;
+            let w = random_bf16(gpu, n * k, 1.0, self.next_seed())?;
+            let res = random_bf16(gpu, T * n, 1.0, self.next_seed())?;
+            let mut y = gpu.stream.alloc_zeros::<bf16>(T * n).during("allocating bench outputs")?;
+            let ms = time_ms(gpu, WARMUP, ITERS, |_| linear_fwd(gpu, gemm, &mut y.as_view_mut(), &x.as_view(), &w.as_view(), Some(&res.as_view()), T, n, k))?;
+            let shape = GemmShape { op: GemmOp::Forward, t: T, n, k };
+            self.push(&format!("{name} y = res + x w^T"), format!("T={T} N={n} K={k}"), ms, Work::Flops(shape.flops()), "beta = 1, C != D");
+        }
+        Ok(())
+    }
+
+    fn lm_head(&mut self, gemm: &GemmCache) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let z = random_bf16(gpu, T * D, 1.0, self.next_seed())?;
+        let w = random_bf16(gpu, V * D, 0.05, self.next_seed())?;
+        let labels_host: Vec<i32> = random_host(T, self.next_seed(), |rng| if rng.below(10) == 0 { IGNORE_LABEL } else { rng.below(V as u64) as i32 });
+        let labels = upload(gpu, &labels_host)?;
+        let mut dz = gpu.stream.alloc_zeros::<bf16>(T * D).during("allocating bench outputs")?;
+        let mut dw = gpu.stream.alloc_zeros::<f32>(V * D).during("allocating bench outputs")?;
+        let mut losses = gpu.stream.alloc_zeros::<f32>(T).during("allocating bench outputs")?;
+        let mut correct = gpu.stream.alloc_zeros::<u8>(T).during("allocating bench outputs")?;
+        let mut scratch = gpu.stream.alloc_zeros::<bf16>(LM_CHUNK * V).during("allocating the logits scratch")?;
+        let ms = time_ms(gpu, 2, 5, |_| {
+            lm_head_cross_entropy(
+                gpu,
+                gemm,
+                &mut dz.as_view_mut(),
+                &mut dw.as_view_mut(),
+                &mut losses.as_view_mut(),
+                &mut correct.as_view_mut(),
+                &z.as_view(),
+                &w.as_view(),
+                &labels.as_view(),
+                T,
+                V,
+                D,
+                1.0 / T as f32,
+                &mut scratch.as_view_mut(),
+            )
+        })?;
+        let flops = 3.0 * 2.0 * (T * V * D) as f64;
+        self.push("lm_head_cross_entropy (fused)", format!("T={T} V={V} D={D} chunk={LM_CHUNK}"), ms, Work::Flops(flops), "3 GEMMs + CE per chunk; rate counts GEMM flops");
+        Ok(())
+    }
+}
