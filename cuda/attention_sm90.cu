@@ -13,17 +13,18 @@
 // - Key and value tiles of 128 rows go through a 2-stage ring. Each stage has a "full"
 //   mbarrier (the producer arms it with the byte count, the copy engine completes it) and an
 //   "empty" mbarrier (all 256 consumer threads arrive when done reading it).
-// - Per key tile, a consumer warpgroup computes S = Q K^T (8 wgmma, A and B from shared
-//   memory), masks on boundary tiles only, runs the online softmax in registers, and adds
-//   P V (8 wgmma, P from registers, V through a transposed descriptor). Its softmax overlaps
-//   the other warpgroup's products: the two warpgroups are independent and the warp
-//   schedulers interleave them.
+// - Per key tile j, a consumer warpgroup issues S_j = Q K_j^T (8 wgmma, A and B from shared
+//   memory) and O += P_{j-1} V_{j-1} (8 wgmma, P from registers, V through a transposed
+//   descriptor) back to back, waits for the first, and runs the softmax of S_j (mask on
+//   boundary tiles only) while the second is still on the tensor cores; then rescales O and
+//   packs P_j. The two consumer warpgroups are independent, so one's softmax also overlaps
+//   the other's products.
 // - Shared memory tiles are [rows][64] bf16 half-tiles (128-byte rows) in the 128-byte
 //   swizzle that both TMA (CU_TENSOR_MAP_SWIZZLE_128B) and wgmma descriptors (layout type 1)
 //   use; a 128-wide row is two half-tiles 16 KB apart. Tiles start on 1024-byte boundaries
 //   (the swizzle repeats every 8 rows of 128 bytes).
-// Not (yet) done from FA3: intra-warpgroup pipelining (S of tile j+1 issued before the
-// softmax of tile j) and explicit ping-pong scheduling of the two consumer warpgroups.
+// Not (yet) done from FA3: explicit ping-pong scheduling of the two consumer warpgroups
+// (named barriers), and the backward pass.
 
 #include "attention.cuh"
 #include <cuda.h>
@@ -86,13 +87,20 @@ __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Waits until at most N committed groups of this thread are pending (groups complete in order).
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
 
-// Pins accumulator registers: the compiler may not move their reads or writes across this
-// point (they are written asynchronously by wgmma between issue and wait).
+// Pins registers that a wgmma in flight reads or writes: the compiler may not move their
+// reads or writes across this point, nor reuse them for anything else while they are live.
+// Used before issue and after wait, on the accumulators and on register A operands (P).
 __device__ __forceinline__ void fence_regs(float (&d)[64]) {
     #pragma unroll
     for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[8][4]) {
+    #pragma unroll
+    for (int i = 0; i < 32; ++i) asm volatile("" : "+r"(a[i / 4][i % 4])::"memory");
 }
 
 template <int N>
@@ -176,12 +184,32 @@ __device__ __forceinline__ void tile_key_range(const int2* rows, int m0, int T, 
     *hi = __reduce_max_sync(FULL_MASK, b);
 }
 
-// Masks (boundary tiles only), runs the online softmax on S (64 rows x 128 keys, this thread's
-// part: rows g and g+8 of its warp, keys 8 nt + 2u, +1), rescales O, and writes P as bf16
-// A fragments p[k16 step][4].
+// S = Q K^T for one key tile: 8 k16 steps over the head dim, 4 in each half-tile. One group.
+__device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t q_base, uint32_t k_base) {
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+        const uint32_t off = (kk / 4) * H_HALF + (kk % 4) * 32;
+        wgmma_ss(s, desc_k_major(q_base + off), desc_k_major(k_base + off), kk > 0);
+    }
+    wgmma_commit();
+}
+
+// O += P V for one key tile: 8 k16 steps over the keys (16 rows = 2048 bytes each); V is
+// MN-major, its dims 64..127 one half-tile further. One group.
+__device__ __forceinline__ void issue_pv(float (&acc)[64], const uint32_t (&p)[8][4], uint32_t v_base) {
+    #pragma unroll
+    for (int kk = 0; kk < 8; ++kk) wgmma_rs_bt(acc, p[kk], desc_mn_major(v_base + kk * 2048, H_HALF));
+    wgmma_commit();
+}
+
+// The softmax of one tile, first half (it runs while the previous tile's P V is in flight, so
+// it touches neither O nor P): masks (boundary tiles only), updates the row maxima m and sums
+// l, turns S (64 rows x 128 keys; this thread's part: rows g and g+8 of its warp, keys
+// 8 nt + 2u, +1) into unnormalised probabilities in place, and returns the factors by which
+// O must be rescaled.
 template <bool MASK>
-__device__ __forceinline__ void softmax_tile(float (&s)[64], float (&o)[64], float (&m)[2], float (&l)[2], uint32_t (&p)[8][4],
-                                             int k0, int2 sp0, int2 sp1, int u) {
+__device__ __forceinline__ void softmax_probs(float (&s)[64], float (&m)[2], float (&l)[2], float (&alpha)[2], int k0, int2 sp0,
+                                              int2 sp1, int u) {
     if (MASK) {
         #pragma unroll
         for (int nt = 0; nt < 16; ++nt) {
@@ -200,7 +228,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&o)[64], flo
         mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
         const float m_new = fmaxf(m[i], mx * ATTN_SCALE_LOG2);
         const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
-        const float alpha = exp2f(m[i] - base);
+        alpha[i] = exp2f(m[i] - base);
         m[i] = m_new;
         float sum = 0.f;
         #pragma unroll
@@ -211,14 +239,21 @@ __device__ __forceinline__ void softmax_tile(float (&s)[64], float (&o)[64], flo
                 sum += s[4 * nt + c];
             }
         }
-        l[i] = l[i] * alpha + sum;
-        #pragma unroll
-        for (int nt = 0; nt < 16; ++nt) {
-            o[4 * nt + 2 * i] *= alpha;
-            o[4 * nt + 2 * i + 1] *= alpha;
-        }
+        l[i] = l[i] * alpha[i] + sum;  // per-thread partial sum; the quad is added at the end
     }
-    // The accumulator layout of keys [16 kk, 16 kk + 16) is the A layout of a k16 step.
+}
+
+// The softmax of one tile, second half (once O is no longer being written): O *= alpha, and P
+// as bf16 A fragments p[k16 step][4]; the accumulator layout of keys [16 kk, 16 kk + 16) is
+// the A layout of a k16 step.
+__device__ __forceinline__ void rescale_and_pack(float (&acc)[64], uint32_t (&p)[8][4], const float (&s)[64], const float (&alpha)[2]) {
+    #pragma unroll
+    for (int nt = 0; nt < 16; ++nt) {
+        acc[4 * nt] *= alpha[0];
+        acc[4 * nt + 1] *= alpha[0];
+        acc[4 * nt + 2] *= alpha[1];
+        acc[4 * nt + 3] *= alpha[1];
+    }
     #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
         p[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
@@ -303,54 +338,86 @@ attention_fwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
     const WarpSpans ws(wa, wb);
 
     const uint32_t q_base = smem_u32(sQ) + 64 * wg * 128;  // this warpgroup's 64 rows
-    float acc[64], s[64], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const uint32_t k_base = smem_u32(sK), v_base = smem_u32(sV);
+    float acc[64], s[64], alpha[2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
     uint32_t p[8][4];
     #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
 
-    mbar_wait(&bars[B_Q], 0);
-    for (int j = 0; j < n_tiles; ++j) {
+    // The tiles this warpgroup sees, [j_first, j_last] counted from n_begin: contiguous, since
+    // every row sees itself. It passes the others on (waits until full, marks empty) so that
+    // the ring's phases stay in step with the producer and the other warpgroup.
+    int j_first = n_tiles, j_last = n_tiles - 1;
+    if (ws.lo <= ws.hi) {
+        j_first = ws.lo / H_BN - n_begin;
+        j_last = ws.hi / H_BN - n_begin;
+    }
+    auto pass_on = [&](int j) {
         const int st = j & 1;
         const uint32_t phase = (j >> 1) & 1;
-        const int k0 = (n_begin + j) * H_BN, k1 = k0 + H_BN - 1;
-        const bool skip = ws.misses(k0, k1);
-
-        // S = Q K^T: 8 k16 steps over the head dim, 4 in each half-tile.
         mbar_wait(&bars[B_KFULL + st], phase);
-        if (!skip) {
-            const uint32_t k_base = smem_u32(sK + st * H_TILE);
-            wgmma_fence();
-            #pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
-                const uint32_t off = (kk / 4) * H_HALF + (kk % 4) * 32;
-                wgmma_ss(s, desc_k_major(q_base + off), desc_k_major(k_base + off), kk > 0);
-            }
-            wgmma_commit();
-            wgmma_wait_all();
-            fence_regs(s);
-        }
         mbar_arrive(&bars[B_KEMPTY + st]);
-
-        if (!skip) {
-            if (ws.covers(k0, k1)) softmax_tile<false>(s, acc, m, l, p, k0, sp0, sp1, u);
-            else softmax_tile<true>(s, acc, m, l, p, k0, sp0, sp1, u);
-        }
-
-        // O += P V: 8 k16 steps over the keys (16 rows = 2048 bytes each); V is MN-major,
-        // its dims 64..127 one half-tile further.
         mbar_wait(&bars[B_VFULL + st], phase);
-        if (!skip) {
-            const uint32_t v_base = smem_u32(sV + st * H_TILE);
+        mbar_arrive(&bars[B_VEMPTY + st]);
+    };
+    auto probs = [&](int j) {
+        const int k0 = (n_begin + j) * H_BN;
+        if (ws.covers(k0, k0 + H_BN - 1)) softmax_probs<false>(s, m, l, alpha, k0, sp0, sp1, u);
+        else softmax_probs<true>(s, m, l, alpha, k0, sp0, sp1, u);
+    };
+
+    mbar_wait(&bars[B_Q], 0);
+    for (int j = 0; j < j_first; ++j) pass_on(j);
+    if (j_first <= j_last) {
+        // First tile: S, then its softmax (O is still 0).
+        mbar_wait(&bars[B_KFULL + (j_first & 1)], (j_first >> 1) & 1);
+        fence_regs(s);
+        wgmma_fence();
+        issue_qk(s, q_base, k_base + (j_first & 1) * H_TILE);
+        wgmma_wait<0>();
+        fence_regs(s);
+        mbar_arrive(&bars[B_KEMPTY + (j_first & 1)]);
+        probs(j_first);
+        rescale_and_pack(acc, p, s, alpha);
+
+        // Tile j: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}; the softmax of S_j runs while
+        // the second product is still in flight (FlashAttention-3's intra-warpgroup overlap).
+        for (int j = j_first + 1; j <= j_last; ++j) {
+            const int st = j & 1, prev = (j - 1) & 1;
+            // V_{j-1} was requested before K_j, so waiting for both first costs nothing, and
+            // keeps the two issues adjacent (nothing between them for ptxas to fence).
+            mbar_wait(&bars[B_KFULL + st], (j >> 1) & 1);
+            mbar_wait(&bars[B_VFULL + prev], ((j - 1) >> 1) & 1);
+            fence_regs(s);
             fence_regs(acc);
+            fence_regs(p);
             wgmma_fence();
-            #pragma unroll
-            for (int kk = 0; kk < 8; ++kk) wgmma_rs_bt(acc, p[kk], desc_mn_major(v_base + kk * 2048, H_HALF));
-            wgmma_commit();
-            wgmma_wait_all();
+            issue_qk(s, q_base, k_base + st * H_TILE);
+            issue_pv(acc, p, v_base + prev * H_TILE);
+            wgmma_wait<1>();  // S_j is done; P V may still run
+            fence_regs(s);
+            mbar_arrive(&bars[B_KEMPTY + st]);
+            probs(j);
+            wgmma_wait<0>();
             fence_regs(acc);
+            fence_regs(p);
+            mbar_arrive(&bars[B_VEMPTY + prev]);
+            rescale_and_pack(acc, p, s, alpha);
         }
+
+        // Last tile's O += P V.
+        const int st = j_last & 1;
+        mbar_wait(&bars[B_VFULL + st], (j_last >> 1) & 1);
+        fence_regs(acc);
+        fence_regs(p);
+        wgmma_fence();
+        issue_pv(acc, p, v_base + st * H_TILE);
+        wgmma_wait<0>();
+        fence_regs(acc);
+        fence_regs(p);
         mbar_arrive(&bars[B_VEMPTY + st]);
     }
+    for (int j = j_last + 1; j < n_tiles; ++j) pass_on(j);
 
     // o = acc / l, lse = (m + log2 l) ln 2; rows that saw nothing get o = 0, lse = -inf.
     float inv[2], row_lse[2];
