@@ -41,6 +41,10 @@ use crate::train::gpu::{GpuEngine, MemoryPlan, PackedSamples};
 pub const H100_BF16_FLOPS: f64 = 989e12;
 /// Distinct batches cycled through the steps.
 const BATCHES: usize = 4;
+const DEFAULT_BATCH_TOKENS: usize = 12_288;
+const DEFAULT_VOCAB: usize = 65_536;
+const DEFAULT_WARMUP: usize = 3;
+const DEFAULT_STEPS: usize = 10;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct TrainBenchArgs {
@@ -54,22 +58,44 @@ pub struct TrainBenchArgs {
     #[arg(long)]
     pub bp_steps: Option<usize>,
     /// Tokens per packed batch
-    #[arg(long, default_value_t = 12_288)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
     pub batch_tokens: usize,
     /// Tokenizer vocabulary (rounded up to 256)
-    #[arg(long, default_value_t = 65_536)]
+    #[arg(long, default_value_t = DEFAULT_VOCAB)]
     pub vocab: usize,
     /// Untimed steps first
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = DEFAULT_WARMUP)]
     pub warmup: usize,
     /// Timed steps
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: usize,
     /// Profiled steps after the timed ones (0: no per-phase split)
     #[arg(long, default_value_t = 0)]
     pub profile: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+impl Default for TrainBenchArgs {
+    /// The command line's defaults: XL hrm at bp_steps 5 on 12,288-token batches, no profile.
+    fn default() -> TrainBenchArgs {
+        TrainBenchArgs {
+            size: SizeName::XL,
+            net: NetName::Hrm,
+            bp_steps: None,
+            batch_tokens: DEFAULT_BATCH_TOKENS,
+            vocab: DEFAULT_VOCAB,
+            warmup: DEFAULT_WARMUP,
+            steps: DEFAULT_STEPS,
+            profile: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// [`run`] with the defaults, in the shape of a `bench::TARGETS` entry.
+pub fn run_default(gpu: &Gpu) -> Result<()> {
+    run(gpu, &TrainBenchArgs::default())
 }
 
 pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
