@@ -227,15 +227,18 @@ impl MemoryPlan {
         self.allocations() + self.runtime
     }
 
-    /// Fails with the whole table when the plan needs more than the device's free memory.
+    /// Fails with the whole table when our buffers need more than the device's free memory.
+    /// Call it with the GPU open and nothing allocated yet: the context then already holds its
+    /// share, so only [`Self::allocations`] must fit (cuBLASLt's kernels still load at the
+    /// first GEMM, within the runtime estimate).
     pub fn check_fits(&self, gpu: &Gpu) -> Result<()> {
         gpu.ctx.bind_to_thread().during("binding the context")?;
         let (free, total) = cudarc::driver::result::mem_get_info().during("querying device memory")?;
-        if self.total() > free as u64 {
+        if self.allocations() > free as u64 {
             bail!(
-                "this configuration needs {:.1} GiB of device memory, {} has {:.1} GiB free of {:.1} GiB; \
+                "this configuration needs {:.1} GiB of device memory for its buffers, {} has {:.1} GiB free of {:.1} GiB; \
                  use fewer batch tokens or a smaller bp_steps:\n{self}",
-                gib(self.total()),
+                gib(self.allocations()),
                 gpu.props.name,
                 gib(free as u64),
                 gib(total as u64)
