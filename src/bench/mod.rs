@@ -9,6 +9,7 @@
 
 pub mod attention;
 pub mod kernels;
+pub mod train;
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, DeviceRepr};
@@ -29,6 +30,7 @@ pub struct Target {
 pub const TARGETS: &[Target] = &[
     Target { name: "kernels", about: "every op kernel and GEMM at the XL shapes", run: kernels::run },
     Target { name: "attention", about: "PrefixLM attention on the three packed batches of the attention issue", run: attention::run },
+    Target { name: "train", about: "training steps of XL hrm (bp_steps 5, 12,288 tokens): tokens/s, MFU, memory", run: train::run_default },
 ];
 
 /// Median time in milliseconds of `run(i)` over `iters` repeats after `warmup` untimed ones;

@@ -7,9 +7,8 @@ use clap::Args;
 
 use crate::data::Dataset;
 use crate::optim::{AdamAtan2, AdamCoeffs};
-use crate::train::engine::CpuEngine;
 use crate::train::eval::{evaluate, Coverage};
-use crate::train::Device;
+use crate::train::{make_engine, open_gpu, Device};
 
 #[derive(Args, Debug)]
 pub struct LossArgs {
@@ -35,12 +34,12 @@ pub struct LossArgs {
 /// Prints `{"loss":..,"accuracy":..,"exact_accuracy":..,"tokens":..,"steps":..}`: each metric
 /// the mean over the steps of its per-step value, `tokens` the valid labels in all.
 pub fn run(args: LossArgs) -> Result<()> {
-    anyhow::ensure!(args.device != Device::Gpu, "GPU evaluation is not available in this build yet; use --device cpu");
     let params = crate::interchange::load_init(&args.model)?;
     let ds = Dataset::open(&args.data)?;
     let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&Default::default()));
-    let mut engine = CpuEngine::new(params, optimizer)?;
-    let m = evaluate(&mut engine, &ds, 0, args.batch_tokens, !args.train_on_instruction, Coverage::FirstSteps(args.steps))?;
+    let gpu = open_gpu(args.device)?;
+    let mut engine = make_engine(gpu.as_ref(), params, optimizer)?;
+    let m = evaluate(&mut *engine, &ds, 0, args.batch_tokens, !args.train_on_instruction, Coverage::FirstSteps(args.steps))?;
     println!("{}", serde_json::to_string(&m)?);
     Ok(())
 }

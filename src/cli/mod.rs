@@ -72,6 +72,9 @@ pub struct BenchArgs {
     /// GPU ordinal
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+    /// Options of `bench train`
+    #[command(flatten, next_help_heading = "bench train")]
+    pub train: crate::bench::train::TrainBenchArgs,
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -95,6 +98,10 @@ fn unfinished(command: &str, arrives_with: &str) -> Result<()> {
 fn bench(args: BenchArgs) -> Result<()> {
     let target = crate::bench::TARGETS.iter().find(|t| t.name == args.target).expect("clap accepts only listed targets");
     let gpu = Gpu::open(args.gpu)?;
+    if target.name == "train" {
+        // The one target with options of its own.
+        return crate::bench::train::run(&gpu, &args.train);
+    }
     (target.run)(&gpu)
 }
 

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod cpu;
+pub mod cuda;
 pub mod net;
 pub mod params;
 pub mod schedule;

@@ -6,6 +6,7 @@ pub mod cast;
 pub mod check;
 pub mod compare;
 pub mod cross_entropy;
+pub mod elementwise;
 pub mod embedding;
 pub mod gate;
 pub mod gemm;

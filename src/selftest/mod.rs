@@ -42,7 +42,9 @@ pub fn registry() -> Vec<Check> {
     checks.extend(crate::ops::embedding::selftests());
     checks.extend(crate::ops::cross_entropy::selftests());
     checks.extend(crate::ops::attention::selftests());
+    checks.extend(crate::ops::elementwise::selftests());
     checks.extend(crate::optim::adam_atan2::selftests());
+    checks.extend(crate::train::gpu::selftests());
     checks
 }
 

@@ -16,6 +16,7 @@
 
 pub mod engine;
 pub mod eval;
+pub mod gpu;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -34,7 +35,9 @@ use crate::data::{total_steps_estimate, DataPosition, Dataset, Loader, LoaderCon
 use crate::model::params::Params;
 use crate::model::schedule::{bp_steps, Schedule};
 use crate::optim::{AdamAtan2, AdamCoeffs, LrSchedule};
+use crate::gpu::Gpu;
 use engine::{CpuEngine, Engine, NonFiniteLoss};
+use gpu::{GpuEngine, MemoryPlan};
 use eval::{batch_view, evaluate, step_ratios, Coverage, MeanMetrics};
 
 /// Where the training data comes from.
@@ -97,11 +100,27 @@ fn load_data(source: &DataSource) -> Result<TrainData> {
     }
 }
 
-/// Picks the engine for `device`. Only the CPU engine exists in this build.
-fn make_engine(device: Device, params: Params, optimizer: AdamAtan2) -> Result<Box<dyn Engine>> {
+/// Opens the GPU `device` asks for: `Gpu` must, `Auto` may (falling back to the CPU with a
+/// note), `Cpu` never.
+pub fn open_gpu(device: Device) -> Result<Option<Gpu>> {
     match device {
-        Device::Cpu | Device::Auto => Ok(Box::new(CpuEngine::new(params, optimizer)?)),
-        Device::Gpu => bail!("GPU training is not available in this build yet (it arrives with the GPU training issue); use --device cpu"),
+        Device::Cpu => Ok(None),
+        Device::Gpu => Ok(Some(Gpu::open(0)?)),
+        Device::Auto => match Gpu::open(0) {
+            Ok(gpu) => Ok(Some(gpu)),
+            Err(e) => {
+                eprintln!("no usable GPU ({e}); running on the CPU");
+                Ok(None)
+            }
+        },
+    }
+}
+
+/// The engine on `gpu` when there is one, else the CPU reference.
+pub fn make_engine(gpu: Option<&Gpu>, params: Params, optimizer: AdamAtan2) -> Result<Box<dyn Engine + '_>> {
+    match gpu {
+        Some(gpu) => Ok(Box::new(GpuEngine::new(gpu, params, optimizer)?)),
+        None => Ok(Box::new(CpuEngine::new(params, optimizer)?)),
     }
 }
 
@@ -165,7 +184,14 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     let total_steps = cfg.max_steps.unwrap_or(estimate).max(1);
     let lr_schedule = LrSchedule::new(&cfg, total_steps);
 
-    let mut engine = make_engine(opts.device, params, optimizer)?;
+    let gpu = open_gpu(opts.device)?;
+    if let Some(gpu) = &gpu {
+        // The deepest schedule the run will use decides the activation memory (SPEC §3).
+        let deepest = Schedule::for_training(&model.net, cfg.fixed_bp_steps.unwrap_or(bp_steps(&model.net, total_steps, total_steps, false).unwrap_or(0)));
+        let plan = MemoryPlan::predict(&model, &deepest, batch_tokens)?;
+        plan.check_fits(gpu).with_context(|| format!("predicted device memory of this run:\n{plan}"))?;
+    }
+    let mut engine = make_engine(gpu.as_ref(), params, optimizer)?;
     let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
     let loader = Loader::new(data.train.clone(), loader_cfg, state.data_position)?;
     let mut log = MetricsLog::open(&opts.run_dir)?;

@@ -1,0 +1,398 @@
+//! The CUDA backend: every [`Backend`] op is the GPU launcher of its family.
+//!
+//! Activations are bf16 device buffers ([`CudaSlice<bf16>`]), `rstd`/`lse`/losses fp32, index
+//! buffers i32, the `correct` flags u8. The weights are the bf16 compute copy of the whole
+//! master buffer and the gradients the master-shaped fp32 buffer; an op takes its tensor as a
+//! view at [`TensorAt`] (every tensor starts at a multiple of 64 elements, so views stay
+//! 16-byte aligned). Weight gradients accumulate in fp32 inside cuBLASLt (`beta = 1`).
+//!
+//! What the backend keeps between steps, so that a step of an already-seen batch shape
+//! allocates nothing of its own:
+//!
+//! - the cuBLASLt handle, its workspace and one plan per GEMM shape ([`GemmCache`]), built
+//!   the first time a shape runs and looked up afterwards;
+//! - the logits of one LM-head chunk (`[rows, V]` bf16, [`lm_head_rows`]);
+//! - the embedding backward's sort scratch.
+//!
+//! The model's own buffers come from `alloc_*` once per batch shape (`net.rs`, `plan`). Two
+//! allocations per step remain outside this file: the batch's index buffers (`upload_i32`,
+//! called by `net.rs` every step) and the attention launchers' span tables. Both are small
+//! and stream-ordered (`cuMemAllocAsync`); [`CudaBackend::new`] keeps the device's memory pool
+//! from handing memory back to the driver at each synchronisation, so they are served from the
+//! pool without a driver call.
+//!
+//! Nothing here synchronises with the host except [`Backend::metrics`] (once per step) and
+//! [`Backend::download_f32`].
+//!
+//! With profiling on ([`CudaBackend::set_profiling`]) every op is bracketed by a pair of CUDA
+//! events tagged with its [`OpClass`]; [`CudaBackend::take_profile`] sums them per class.
+
+use std::cell::{Cell, RefCell};
+
+use anyhow::{Context, Result};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice};
+use half::bf16;
+
+use crate::gpu::{DriverContext, Gpu};
+use crate::model::backend::{Backend, TensorAt};
+use crate::ops::attention::{attention_bwd, attention_fwd};
+use crate::ops::cross_entropy::{cross_entropy_in_place, lm_head_cross_entropy, metrics_cpu, CeKernel, StepMetrics};
+use crate::ops::elementwise::{add_act, broadcast_rows};
+use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch};
+use crate::ops::gate::{gate_bwd, gate_fwd};
+use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache};
+use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
+use crate::ops::rope::{qkv_rope_bwd, qkv_rope_fwd};
+use crate::ops::swiglu::{swiglu_bwd, swiglu_fwd};
+
+/// The LM head's logits scratch holds at most this many bytes by default: 256 MiB is 2048
+/// rows of a 64K vocabulary, a GEMM large enough to run at full rate.
+pub const LM_HEAD_CHUNK_BYTES: usize = 256 << 20;
+
+/// Rows of one LM-head chunk for `t` tokens and a vocabulary of `v`: as many as fit
+/// `chunk_bytes` of bf16 logits, at least one, at most `t`.
+pub fn lm_head_rows(t: usize, v: usize, chunk_bytes: usize) -> usize {
+    (chunk_bytes / (2 * v)).clamp(1, t.max(1))
+}
+
+/// Bytes of the embedding backward's scratch for `t` tokens and `v` rows
+/// ([`EmbeddingBwdScratch::new`]: counts and cursors `2V`, offsets `V+1`, three `[T]` tables
+/// and a count, all i32).
+pub fn embedding_scratch_bytes(t: usize, v: usize) -> usize {
+    4 * (2 * v + (v + 1) + 3 * t + 1)
+}
+
+/// What a profiled op is, for the per-phase split of a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpClass {
+    /// The linear layers of the blocks (forward, input and weight gradients).
+    Gemm,
+    /// Attention forward and backward.
+    Attention,
+    /// The fused LM head: its GEMMs and the cross-entropy.
+    LmHead,
+    /// Norms, RoPE, gate, SwiGLU, embedding, adds, copies and fills.
+    Other,
+    /// The AdamATan2 update (timed by the engine).
+    Optimizer,
+}
+
+impl OpClass {
+    pub const ALL: [OpClass; 5] = [OpClass::Gemm, OpClass::Attention, OpClass::LmHead, OpClass::Other, OpClass::Optimizer];
+}
+
+/// The CUDA implementation of [`Backend`] on one [`Gpu`].
+pub struct CudaBackend<'g> {
+    gpu: &'g Gpu,
+    /// cuBLASLt handle, workspace and one plan per GEMM shape.
+    gemm: GemmCache,
+    /// [rows, V] bf16: one chunk of LM-head logits; grown when a batch needs more.
+    lm_logits: RefCell<Option<CudaSlice<bf16>>>,
+    /// Upper bound on the bytes of `lm_logits` ([`LM_HEAD_CHUNK_BYTES`] unless set).
+    lm_chunk_bytes: usize,
+    /// The embedding backward's scratch and the token count it was sized for.
+    embed_scratch: RefCell<Option<(usize, EmbeddingBwdScratch)>>,
+    profiling: Cell<bool>,
+    /// (class, start, end) of every op since the last [`CudaBackend::take_profile`].
+    spans: RefCell<Vec<(OpClass, CudaEvent, CudaEvent)>>,
+}
+
+impl<'g> CudaBackend<'g> {
+    pub fn new(gpu: &'g Gpu) -> Result<CudaBackend<'g>> {
+        keep_pool_memory(gpu)?;
+        Ok(CudaBackend {
+            gpu,
+            gemm: GemmCache::new(gpu).context("creating the GEMM cache")?,
+            lm_logits: RefCell::new(None),
+            lm_chunk_bytes: LM_HEAD_CHUNK_BYTES,
+            embed_scratch: RefCell::new(None),
+            profiling: Cell::new(false),
+            spans: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// The same backend with LM-head chunks of at most `bytes` of logits (checks use small
+    /// chunks to run several per batch).
+    pub fn with_lm_head_chunk_bytes(self, bytes: usize) -> CudaBackend<'g> {
+        CudaBackend { lm_chunk_bytes: bytes, ..self }
+    }
+
+    /// Turns the per-op event timing on or off (off by default: it costs two event records
+    /// per op).
+    pub fn set_profiling(&self, on: bool) {
+        self.profiling.set(on);
+    }
+
+    /// Runs `f`, bracketed by timing events tagged `class` when profiling is on.
+    pub fn timed<T>(&self, class: OpClass, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !self.profiling.get() {
+            return f();
+        }
+        let event = || -> Result<CudaEvent> {
+            let e = self.gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).during("creating a profiling event")?;
+            e.record(&self.gpu.stream).during("recording a profiling event")?;
+            Ok(e)
+        };
+        let start = event()?;
+        let out = f()?;
+        let end = event()?;
+        self.spans.borrow_mut().push((class, start, end));
+        Ok(out)
+    }
+
+    /// Milliseconds of device time per class since the last call, in [`OpClass::ALL`] order
+    /// (synchronises).
+    pub fn take_profile(&self) -> Result<Vec<(OpClass, f64)>> {
+        let spans = std::mem::take(&mut *self.spans.borrow_mut());
+        let mut totals: Vec<(OpClass, f64)> = OpClass::ALL.iter().map(|&c| (c, 0.0)).collect();
+        for (class, start, end) in &spans {
+            let ms = start.elapsed_ms(end).during("reading a profiling event")?;
+            totals.iter_mut().find(|(c, _)| c == class).expect("every class is listed").1 += ms as f64;
+        }
+        Ok(totals)
+    }
+
+    /// The logits scratch for a batch of `t` tokens: at least `[lm_head_rows(t, v), V]` bf16.
+    fn lm_scratch(&self, t: usize, v: usize) -> Result<std::cell::RefMut<'_, CudaSlice<bf16>>> {
+        let len = lm_head_rows(t, v, self.lm_chunk_bytes) * v;
+        let mut slot = self.lm_logits.borrow_mut();
+        if slot.as_ref().is_none_or(|s| s.len() < len) {
+            *slot = None; // release the smaller buffer first
+            // SAFETY: the logits are written by the GEMM before anything reads them.
+            let buf = unsafe { self.gpu.stream.alloc::<bf16>(len) }.during("allocating the LM-head logits")?;
+            *slot = Some(buf);
+        }
+        Ok(std::cell::RefMut::map(slot, |s| s.as_mut().expect("allocated above")))
+    }
+}
+
+/// Keeps freed memory in the device's default pool instead of returning it to the driver at
+/// every synchronisation (the default release threshold is 0), so the few stream-ordered
+/// allocations a step makes are served from the pool.
+fn keep_pool_memory(gpu: &Gpu) -> Result<()> {
+    use cudarc::driver::sys;
+    gpu.ctx.bind_to_thread().during("binding the context")?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the device's default pool handle; the attribute is a u64 read
+    // from `threshold`, as CU_MEMPOOL_ATTR_RELEASE_THRESHOLD expects.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, gpu.ctx.cu_device()).result().during("getting the default memory pool")?;
+        sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold as *mut u64).cast())
+            .result()
+            .during("setting the memory pool's release threshold")?;
+    }
+    Ok(())
+}
+
+impl<'g> Backend for CudaBackend<'g> {
+    type Act = CudaSlice<bf16>;
+    type F32 = CudaSlice<f32>;
+    type I32 = CudaSlice<i32>;
+    type U8 = CudaSlice<u8>;
+    type Weights = CudaSlice<bf16>;
+    type Grads = CudaSlice<f32>;
+
+    fn alloc_act(&self, n: usize) -> Result<CudaSlice<bf16>> {
+        self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating an activation of {n} bf16"))
+    }
+
+    fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating {n} fp32"))
+    }
+
+    fn alloc_u8(&self, n: usize) -> Result<CudaSlice<u8>> {
+        self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating {n} u8"))
+    }
+
+    fn upload_i32(&self, host: &[i32]) -> Result<CudaSlice<i32>> {
+        self.gpu.stream.clone_htod(host).with_context(|| format!("uploading {} i32", host.len()))
+    }
+
+    fn upload_act(&self, host: &[f32]) -> Result<CudaSlice<bf16>> {
+        let rounded: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
+        self.gpu.stream.clone_htod(&rounded).with_context(|| format!("uploading {} bf16", host.len()))
+    }
+
+    fn zero_act(&self, x: &mut CudaSlice<bf16>) -> Result<()> {
+        self.timed(OpClass::Other, || self.gpu.stream.memset_zeros(x).context("zero_act"))
+    }
+
+    fn add_act(&self, dst: &mut CudaSlice<bf16>, src: &CudaSlice<bf16>, n: usize) -> Result<()> {
+        self.timed(OpClass::Other, || add_act(self.gpu, &mut dst.slice_mut(..n), &src.slice(..n), n).with_context(|| format!("add_act [{n}]")))
+    }
+
+    fn broadcast_rows(&self, out: &mut CudaSlice<bf16>, row: &CudaSlice<bf16>, t: usize, d: usize) -> Result<()> {
+        self.timed(OpClass::Other, || broadcast_rows(self.gpu, &mut out.as_view_mut(), &row.as_view(), t, d).with_context(|| format!("broadcast_rows [{t}, {d}]")))
+    }
+
+    fn weights_len(&self, w: &CudaSlice<bf16>) -> usize {
+        w.len()
+    }
+
+    fn grads_len(&self, g: &CudaSlice<f32>) -> usize {
+        g.len()
+    }
+
+    fn download_f32(&self, x: &CudaSlice<f32>) -> Result<Vec<f32>> {
+        self.gpu.stream.clone_dtoh(x).context("downloading an fp32 buffer")
+    }
+
+    fn linear_fwd(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, residual: Option<&CudaSlice<bf16>>, t: usize, n: usize, k: usize) -> Result<()> {
+        self.timed(OpClass::Gemm, || {
+            let residual = residual.map(|r| r.as_view());
+            linear_fwd(self.gpu, &self.gemm, &mut y.as_view_mut(), &x.as_view(), &w.slice(w_at.range()), residual.as_ref(), t, n, k)
+                .with_context(|| format!("linear_fwd [T={t}, N={n}, K={k}]"))
+        })
+    }
+
+    fn linear_bwd_input(&self, dx: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, t: usize, n: usize, k: usize) -> Result<()> {
+        self.timed(OpClass::Gemm, || {
+            linear_bwd_input(self.gpu, &self.gemm, &mut dx.as_view_mut(), &dy.as_view(), &w.slice(w_at.range()), t, n, k)
+                .with_context(|| format!("linear_bwd_input [T={t}, N={n}, K={k}]"))
+        })
+    }
+
+    fn linear_bwd_weight(&self, dw: &mut CudaSlice<f32>, dw_at: TensorAt, dy: &CudaSlice<bf16>, x: &CudaSlice<bf16>, t: usize, n: usize, k: usize) -> Result<()> {
+        self.timed(OpClass::Gemm, || {
+            linear_bwd_weight(self.gpu, &self.gemm, &mut dw.slice_mut(dw_at.range()), &dy.as_view(), &x.as_view(), t, n, k)
+                .with_context(|| format!("linear_bwd_weight [T={t}, N={n}, K={k}]"))
+        })
+    }
+
+    fn add_rmsnorm_fwd(&self, x: &mut CudaSlice<bf16>, y: &mut CudaSlice<bf16>, rstd: &mut CudaSlice<f32>, z: &CudaSlice<bf16>, inj: Option<&CudaSlice<bf16>>, t: usize, d: usize) -> Result<()> {
+        self.timed(OpClass::Other, || {
+            let inj = inj.map(|i| i.as_view());
+            add_rmsnorm_fwd(self.gpu, &mut x.as_view_mut(), &mut y.as_view_mut(), &mut rstd.as_view_mut(), &z.as_view(), inj.as_ref(), t, d)
+                .with_context(|| format!("add_rmsnorm_fwd [T={t}, D={d}]"))
+        })
+    }
+
+    fn rmsnorm_fwd(&self, y: &mut CudaSlice<bf16>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, t: usize, d: usize) -> Result<()> {
+        self.timed(OpClass::Other, || {
+            rmsnorm_fwd(self.gpu, &mut y.as_view_mut(), &mut rstd.as_view_mut(), &x.as_view(), t, d).with_context(|| format!("rmsnorm_fwd [T={t}, D={d}]"))
+        })
+    }
+
+    fn rmsnorm_bwd(&self, dx: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, x: &CudaSlice<bf16>, rstd: &CudaSlice<f32>, t: usize, d: usize) -> Result<()> {
+        self.timed(OpClass::Other, || {
+            rmsnorm_bwd(self.gpu, &mut dx.as_view_mut(), &dy.as_view(), &x.as_view(), &rstd.as_view(), t, d).with_context(|| format!("rmsnorm_bwd [T={t}, D={d}]"))
+        })
+    }
+
+    fn qkv_rope_fwd(&self, g: &mut CudaSlice<bf16>, q: &mut CudaSlice<bf16>, k: &mut CudaSlice<bf16>, v: &mut CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+        self.timed(OpClass::Other, || {
+            qkv_rope_fwd(self.gpu, &mut g.as_view_mut(), &mut q.as_view_mut(), &mut k.as_view_mut(), &mut v.as_view_mut(), &gqkv.as_view(), &pos.as_view(), t, nh)
+                .with_context(|| format!("qkv_rope_fwd [T={t}, NH={nh}]"))
+        })
+    }
+
+    fn qkv_rope_bwd(&self, dgqkv: &mut CudaSlice<bf16>, dg: &CudaSlice<bf16>, dq: &CudaSlice<bf16>, dk: &CudaSlice<bf16>, dv: &CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+        self.timed(OpClass::Other, || {
+            qkv_rope_bwd(self.gpu, &mut dgqkv.as_view_mut(), &dg.as_view(), &dq.as_view(), &dk.as_view(), &dv.as_view(), &pos.as_view(), t, nh)
+                .with_context(|| format!("qkv_rope_bwd [T={t}, NH={nh}]"))
+        })
+    }
+
+    fn attention_fwd(&self, o: &mut CudaSlice<bf16>, lse: &mut CudaSlice<f32>, q: &CudaSlice<bf16>, k: &CudaSlice<bf16>, v: &CudaSlice<bf16>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+        self.timed(OpClass::Attention, || {
+            attention_fwd(self.gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &q.as_view(), &k.as_view(), &v.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh)
+                .with_context(|| format!("attention_fwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
+        })
+    }
+
+    fn attention_bwd(&self, dq: &mut CudaSlice<bf16>, dk: &mut CudaSlice<bf16>, dv: &mut CudaSlice<bf16>, do_: &CudaSlice<bf16>, q: &CudaSlice<bf16>, k: &CudaSlice<bf16>, v: &CudaSlice<bf16>, o: &CudaSlice<bf16>, lse: &CudaSlice<f32>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+        self.timed(OpClass::Attention, || {
+            attention_bwd(
+                self.gpu,
+                &mut dq.as_view_mut(),
+                &mut dk.as_view_mut(),
+                &mut dv.as_view_mut(),
+                &do_.as_view(),
+                &q.as_view(),
+                &k.as_view(),
+                &v.as_view(),
+                &o.as_view(),
+                &lse.as_view(),
+                &cu_seqlens.as_view(),
+                &prefix_lens.as_view(),
+                t,
+                nh,
+            )
+            .with_context(|| format!("attention_bwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
+        })
+    }
+
+    fn gate_fwd(&self, out: &mut CudaSlice<bf16>, g: &CudaSlice<bf16>, a: &CudaSlice<bf16>, n: usize) -> Result<()> {
+        self.timed(OpClass::Other, || gate_fwd(self.gpu, &mut out.as_view_mut(), &g.as_view(), &a.as_view(), n).with_context(|| format!("gate_fwd [{n}]")))
+    }
+
+    fn gate_bwd(&self, dg: &mut CudaSlice<bf16>, da: &mut CudaSlice<bf16>, dout: &CudaSlice<bf16>, g: &CudaSlice<bf16>, a: &CudaSlice<bf16>, n: usize) -> Result<()> {
+        self.timed(OpClass::Other, || {
+            gate_bwd(self.gpu, &mut dg.as_view_mut(), &mut da.as_view_mut(), &dout.as_view(), &g.as_view(), &a.as_view(), n).with_context(|| format!("gate_bwd [{n}]"))
+        })
+    }
+
+    fn swiglu_fwd(&self, out: &mut CudaSlice<bf16>, gate_up: &CudaSlice<bf16>, t: usize, i: usize) -> Result<()> {
+        self.timed(OpClass::Other, || swiglu_fwd(self.gpu, &mut out.as_view_mut(), &gate_up.as_view(), t, i).with_context(|| format!("swiglu_fwd [T={t}, I={i}]")))
+    }
+
+    fn swiglu_bwd(&self, dgate_up: &mut CudaSlice<bf16>, dout: &CudaSlice<bf16>, gate_up: &CudaSlice<bf16>, t: usize, i: usize) -> Result<()> {
+        self.timed(OpClass::Other, || {
+            swiglu_bwd(self.gpu, &mut dgate_up.as_view_mut(), &dout.as_view(), &gate_up.as_view(), t, i).with_context(|| format!("swiglu_bwd [T={t}, I={i}]"))
+        })
+    }
+
+    fn embedding_fwd(&self, out: &mut CudaSlice<bf16>, tokens: &CudaSlice<i32>, w: &CudaSlice<bf16>, w_at: TensorAt, t: usize, d: usize, scale: f32) -> Result<()> {
+        self.timed(OpClass::Other, || {
+            embedding_fwd(self.gpu, &mut out.as_view_mut(), &tokens.as_view(), &w.slice(w_at.range()), t, d, scale).with_context(|| format!("embedding_fwd [T={t}, D={d}]"))
+        })
+    }
+
+    fn embedding_bwd(&self, dw: &mut CudaSlice<f32>, dw_at: TensorAt, dout: &CudaSlice<bf16>, tokens: &CudaSlice<i32>, t: usize, d: usize, scale: f32) -> Result<()> {
+        let v = dw_at.len / d;
+        let mut slot = self.embed_scratch.borrow_mut();
+        if slot.as_ref().is_none_or(|(t_max, _)| *t_max < t) {
+            *slot = None;
+            *slot = Some((t, EmbeddingBwdScratch::new(self.gpu, t, v).context("allocating the embedding backward scratch")?));
+        }
+        let (_, scratch) = slot.as_mut().expect("allocated above");
+        self.timed(OpClass::Other, || {
+            embedding_bwd(self.gpu, &mut dw.slice_mut(dw_at.range()), &dout.as_view(), &tokens.as_view(), t, d, scale, scratch).with_context(|| format!("embedding_bwd [T={t}, D={d}, V={v}]"))
+        })
+    }
+
+    fn lm_head_loss(&self, losses: &mut CudaSlice<f32>, correct: &mut CudaSlice<u8>, grads: Option<(&mut CudaSlice<bf16>, &mut CudaSlice<f32>)>, y: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, labels: &CudaSlice<i32>, t: usize, v: usize, d: usize, grad_scale: f32) -> Result<()> {
+        let mut logits = self.lm_scratch(t, v)?;
+        let rows = lm_head_rows(t, v, self.lm_chunk_bytes);
+        let mut logits = logits.slice_mut(..rows * v); // [rows, V]
+        let w = w.slice(w_at.range()); // [V, D]
+        let what = || format!("lm_head_loss [T={t}, V={v}, D={d}] in chunks of {rows} rows");
+        self.timed(OpClass::LmHead, || {
+            if let Some((dy, dw)) = grads {
+                let mut dw = dw.slice_mut(w_at.range());
+                return lm_head_cross_entropy(self.gpu, &self.gemm, &mut dy.as_view_mut(), &mut dw, &mut losses.as_view_mut(), &mut correct.as_view_mut(), &y.as_view(), &w, &labels.as_view(), t, v, d, grad_scale, &mut logits)
+                    .with_context(what);
+            }
+            // Forward only: the same chunks without the two backward GEMMs.
+            let kernel = CeKernel::for_vocab(self.gpu, v);
+            for start in (0..t).step_by(rows) {
+                let n = rows.min(t - start);
+                let mut block = logits.slice_mut(..n * v);
+                linear_fwd(self.gpu, &self.gemm, &mut block, &y.slice(start * d..(start + n) * d), &w, None, n, v, d).with_context(what)?;
+                let r = start..start + n;
+                cross_entropy_in_place(self.gpu, kernel, &mut block, &mut losses.slice_mut(r.clone()), &mut correct.slice_mut(r.clone()), &labels.slice(r), n, v, grad_scale).with_context(what)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn metrics(&self, losses: &CudaSlice<f32>, correct: &CudaSlice<u8>, labels: &[i32], cu_seqlens: &[i32], t: usize) -> Result<StepMetrics> {
+        // [T] losses and flags are a few tens of KB: reduce them on the host with the CPU
+        // reference, exactly as the CPU backend does. Each download synchronises.
+        let losses = self.gpu.stream.clone_dtoh(losses).context("downloading the per-token losses")?;
+        let correct = self.gpu.stream.clone_dtoh(correct).context("downloading the per-token flags")?;
+        Ok(metrics_cpu(&losses, &correct, labels, cu_seqlens, t))
+    }
+}

@@ -1,0 +1,711 @@
+//! The GPU engine: one training step on one CUDA device, and what it needs in memory.
+//!
+//! Everything the optimiser touches lives on the device as flat master-shaped buffers, laid
+//! out by `spec.rs` (embedding, one bucket per block, LM head, each tensor 64-element
+//! aligned), so that a multi-GPU version can reduce-scatter the gradients and shard the
+//! optimiser bucket by bucket without changing the layout:
+//!
+//! ```text
+//! master   [N] fp32   the weights
+//! compute  [N] bf16   their compute copy, what every forward reads (refreshed by the update)
+//! m, v     [N] fp32   AdamATan2 moments
+//! ema      [N] fp32   EMA of the master weights
+//! grads    [N] fp32   zeroed, then accumulated by the backward (cuBLASLt beta = 1)
+//! ```
+//!
+//! One step is `grads = 0`, [`Model::forward_backward`] on the [`CudaBackend`], then the fused
+//! AdamATan2 launch, which reads this step's learning rate and per-tensor gradient flags from
+//! its [`AdamDeviceTable`] and also writes the bf16 compute copy. The step's only host
+//! synchronisation is the metrics read-back at the end of the backward; the optimiser runs
+//! while the host prepares the next batch.
+//!
+//! [`MemoryPlan`] predicts the device memory of a training configuration before anything is
+//! allocated, by running the model's own buffer planning against a backend that only counts.
+//!
+//! `hrm-cu selftest` runs [`selftests`]: every net's loss and gradients on the GPU against
+//! the fp32 CPU model, and three optimiser steps of [`GpuEngine`] against [`CpuEngine`].
+
+use std::cell::Cell;
+use std::fmt;
+
+use anyhow::{bail, ensure, Context, Result};
+use cudarc::driver::{CudaSlice, DriverError};
+use half::bf16;
+
+use crate::config::{intermediate_size, Dims, ModelConfig, NetName, TrainConfig, HEAD_DIM};
+use crate::gpu::{DriverContext, Gpu, GpuError};
+use crate::model::backend::{Backend, TensorAt};
+use crate::model::cpu::CpuBackend;
+use crate::model::cuda::{embedding_scratch_bytes, lm_head_rows, CudaBackend, OpClass, LM_HEAD_CHUNK_BYTES};
+use crate::model::net::{Batch, Model, StepOutput};
+use crate::model::params::Params;
+use crate::model::schedule::Schedule;
+use crate::model::spec::{ParamLayout, Role};
+use crate::ops::cast::cast_f32_to_bf16;
+use crate::ops::compare::{compare, Comparison, Tolerance, BF16_EPS};
+use crate::ops::cross_entropy::{StepMetrics, IGNORE_LABEL};
+use crate::ops::elementwise::sum_squares;
+use crate::optim::adam_atan2::{adam_atan2, AdamDeviceTable, CHUNK};
+use crate::optim::{AdamAtan2, AdamCoeffs};
+use crate::rng::Rng;
+use crate::selftest::{Check, Row};
+use crate::train::engine::{CpuEngine, Engine};
+
+/// The training state of one model on one GPU (see the module doc).
+pub struct GpuEngine<'g> {
+    gpu: &'g Gpu,
+    model: Model<CudaBackend<'g>>,
+    /// `z_L_init` [D] (empty for transformer), kept for snapshots: it is never trained.
+    z_l_init: Vec<bf16>,
+    coeffs: AdamCoeffs,
+    /// Trainable tensors: a prefix of `layout.tensors` (`z_L_init`, untrained, comes last).
+    n_trainable: usize,
+    master: CudaSlice<f32>,   // [N]
+    compute: CudaSlice<bf16>, // [N]
+    m: CudaSlice<f32>,        // [N]
+    v: CudaSlice<f32>,        // [N]
+    ema: CudaSlice<f32>,      // [N]
+    grads: CudaSlice<f32>,    // [N]
+    table: AdamDeviceTable,
+}
+
+impl<'g> GpuEngine<'g> {
+    /// Uploads `params` and `optimizer` (fresh or resumed from a checkpoint) to `gpu`.
+    /// Check the configuration with [`MemoryPlan::check_fits`] first for a clear message when
+    /// it cannot fit.
+    pub fn new(gpu: &'g Gpu, params: Params, optimizer: AdamAtan2) -> Result<GpuEngine<'g>> {
+        let layout = &params.layout;
+        let n = layout.master_len;
+        ensure!(params.master.len() == n, "master holds {} elements, the layout {n}", params.master.len());
+        ensure!(
+            optimizer.m.len() == n && optimizer.v.len() == n && optimizer.ema.len() == n,
+            "optimiser state does not match the model's layout ({n} elements)"
+        );
+        let n_trainable = layout.trainable().count();
+        ensure!(
+            layout.tensors[..n_trainable].iter().all(|t| t.offset.is_some()),
+            "the trainable tensors must come first in the layout (the step's gradient flags are indexed that way)"
+        );
+        ensure!(optimizer.steps.len() == n_trainable, "optimiser has {} step counts for {n_trainable} trainable tensors", optimizer.steps.len());
+
+        let s = &gpu.stream;
+        let upload = |host: &[f32], what: &str| s.clone_htod(host).with_context(|| format!("uploading the {what} ({n} fp32)"));
+        let master = upload(&params.master, "master weights")?;
+        // SAFETY: every element is written by the cast below before anything reads it.
+        let mut compute = unsafe { s.alloc::<bf16>(n) }.with_context(|| format!("allocating the bf16 compute copy ({n})"))?;
+        cast_f32_to_bf16(gpu, &mut compute.as_view_mut(), &master.as_view()).context("making the bf16 compute copy")?;
+        let m = upload(&optimizer.m, "first moment")?;
+        let v = upload(&optimizer.v, "second moment")?;
+        let ema = upload(&optimizer.ema, "EMA")?;
+        let grads = s.alloc_zeros(n).with_context(|| format!("allocating the gradients ({n} fp32)"))?;
+        let table = AdamDeviceTable::for_layout(gpu, layout, &optimizer.steps).context("building the optimiser table")?;
+        let model = Model::new(CudaBackend::new(gpu)?, params.config, &params.z_l_init)?;
+        Ok(GpuEngine { gpu, model, z_l_init: params.z_l_init, coeffs: optimizer.coeffs, n_trainable, master, compute, m, v, ema, grads, table })
+    }
+
+    /// The backend, for profiling ([`CudaBackend::set_profiling`]).
+    pub fn backend(&self) -> &CudaBackend<'g> {
+        self.model.backend()
+    }
+}
+
+impl Engine for GpuEngine<'_> {
+    fn train_step(&mut self, batch: &Batch, schedule: &Schedule, lr: f32, loss_divisor: f32) -> Result<StepOutput> {
+        let be = self.model.backend();
+        be.timed(OpClass::Other, || self.gpu.stream.memset_zeros(&mut self.grads).context("zeroing the gradients"))?;
+        let out = self.model.forward_backward(&self.compute, batch, schedule, &mut self.grads, loss_divisor)?;
+        self.table.set_step(self.gpu, &out.tensors_with_grad[..self.n_trainable], lr).context("writing the optimiser's step inputs")?;
+        let (gpu, coeffs) = (self.gpu, &self.coeffs);
+        let (master, m, v, ema, grads, compute, table) = (&mut self.master, &mut self.m, &mut self.v, &mut self.ema, &self.grads, &mut self.compute, &mut self.table);
+        self.model.backend().timed(OpClass::Optimizer, || {
+            adam_atan2(gpu, &mut master.as_view_mut(), &mut m.as_view_mut(), &mut v.as_view_mut(), &mut ema.as_view_mut(), &grads.as_view(), &mut compute.as_view_mut(), table, coeffs)
+                .context("AdamATan2 step")
+        })?;
+        Ok(out)
+    }
+
+    fn grad_norm(&mut self) -> Result<f64> {
+        Ok(sum_squares(self.gpu, &self.grads.as_view())?.sqrt())
+    }
+
+    fn eval_batch(&mut self, batch: &Batch) -> Result<StepMetrics> {
+        self.model.forward_loss(&self.compute, batch)
+    }
+
+    fn snapshot(&mut self) -> Result<(Params, AdamAtan2)> {
+        let s = &self.gpu.stream;
+        let download = |buf: &CudaSlice<f32>, what: &str| s.clone_dtoh(buf).with_context(|| format!("downloading the {what}"));
+        let params = Params { config: *self.model.config(), layout: self.model.layout().clone(), master: download(&self.master, "master weights")?, z_l_init: self.z_l_init.clone() };
+        let optimizer = AdamAtan2 {
+            coeffs: self.coeffs,
+            m: download(&self.m, "first moment")?,
+            v: download(&self.v, "second moment")?,
+            ema: download(&self.ema, "EMA")?,
+            steps: self.table.download_steps(self.gpu).context("downloading the step counts")?,
+        };
+        Ok((params, optimizer))
+    }
+
+    fn describe(&self) -> String {
+        let p = &self.gpu.props;
+        format!("{} (GPU {}, sm_{}{}, bf16 compute, fp32 master)", p.name, p.ordinal, p.major, p.minor)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory prediction.
+// ---------------------------------------------------------------------------------------
+
+/// cuBLASLt's workspace, as `GemmCache` allocates it (32 MiB).
+const GEMM_WORKSPACE_BYTES: u64 = 32 << 20;
+/// What the device holds outside our allocations: the CUDA context, the loaded kernels and
+/// cuBLASLt's own kernels. An estimate, checked by `hrm-cu bench train` (device memory in
+/// use after the run against the prediction).
+const RUNTIME_RESERVE_BYTES: u64 = 1 << 30;
+
+/// The device memory a training configuration needs, line by line, predicted before anything
+/// is allocated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryPlan {
+    /// (what, bytes) of every buffer we allocate, in the order of the table.
+    pub items: Vec<(String, u64)>,
+    /// What the CUDA runtime itself holds (an estimate).
+    pub runtime: u64,
+}
+
+impl MemoryPlan {
+    /// The memory of training `config` with `schedule` (take the deepest one of a run: saved
+    /// activations grow with the passes that carry gradient and are kept) on packed batches
+    /// of `batch_tokens` tokens.
+    pub fn predict(config: &ModelConfig, schedule: &Schedule, batch_tokens: usize) -> Result<MemoryPlan> {
+        ensure!(batch_tokens > 0, "batch_tokens must be positive");
+        let t = batch_tokens;
+        let layout = ParamLayout::new(config);
+        let n = layout.master_len as u64;
+        let n_trainable = layout.trainable().count() as u64;
+        let chunks: u64 = layout.trainable().map(|s| s.numel().div_ceil(CHUNK) as u64).sum();
+
+        // The model's own buffers: a step's workspace with and without the saved passes.
+        let counted = |grad: bool| -> Result<u64> {
+            let mut model = Model::new(Footprint::default(), *config, &vec![bf16::ZERO; config.dims.hidden])?;
+            let packed = PackedSamples::worst_case(t);
+            let batch = packed.batch();
+            let (weights, mut grads) = (layout.master_len, layout.master_len);
+            if grad {
+                model.forward_backward(&weights, &batch, schedule, &mut grads, 1.0)?;
+            } else {
+                model.forward_loss(&weights, &batch)?;
+            }
+            Ok(model.backend().bytes.get())
+        };
+        let workspace = counted(false)?;
+        let with_saved = counted(true)?;
+
+        let (v, nh) = (config.vocab, config.dims.heads);
+        let lm_rows = lm_head_rows(t, v, LM_HEAD_CHUNK_BYTES) as u64;
+        // The attention backward's transient tables (row and column spans, two tile orders,
+        // delta), freed after each call.
+        let attention = 4 * (8 * t + 2 * t.div_ceil(128) + nh * t) as u64;
+        let passes = schedule.grad_passes();
+        let items = vec![
+            ("fp32 master weights".to_string(), 4 * n),
+            ("bf16 compute copy".to_string(), 2 * n),
+            ("AdamATan2 m, v, EMA (fp32)".to_string(), 12 * n),
+            ("fp32 gradients".to_string(), 4 * n),
+            ("optimiser tables".to_string(), 20 * chunks + 8 * n_trainable + 4),
+            (format!("saved activations ({passes} passes with gradient)"), with_saved - workspace),
+            ("step workspace (states, scratch pass, gradient scratch, batch)".to_string(), workspace),
+            (format!("LM-head logits chunk ({lm_rows} rows)"), 2 * lm_rows * v as u64),
+            ("embedding backward scratch".to_string(), embedding_scratch_bytes(t, v) as u64),
+            ("attention backward tables (transient)".to_string(), attention),
+            ("cuBLASLt workspace".to_string(), GEMM_WORKSPACE_BYTES),
+        ];
+        Ok(MemoryPlan { items, runtime: RUNTIME_RESERVE_BYTES })
+    }
+
+    /// Bytes of our own buffers.
+    pub fn allocations(&self) -> u64 {
+        self.items.iter().map(|(_, b)| b).sum()
+    }
+
+    pub fn total(&self) -> u64 {
+        self.allocations() + self.runtime
+    }
+
+    /// Fails with the whole table when our buffers need more than the device's free memory.
+    /// Call it with the GPU open and nothing allocated yet: the context then already holds its
+    /// share, so only [`Self::allocations`] must fit (cuBLASLt's kernels still load at the
+    /// first GEMM, within the runtime estimate).
+    pub fn check_fits(&self, gpu: &Gpu) -> Result<()> {
+        gpu.ctx.bind_to_thread().during("binding the context")?;
+        let (free, total) = cudarc::driver::result::mem_get_info().during("querying device memory")?;
+        if self.allocations() > free as u64 {
+            bail!(
+                "this configuration needs {:.1} GiB of device memory for its buffers, {} has {:.1} GiB free of {:.1} GiB; \
+                 use fewer batch tokens or a smaller bp_steps:\n{self}",
+                gib(self.allocations()),
+                gpu.props.name,
+                gib(free as u64),
+                gib(total as u64)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+impl fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (what, bytes) in &self.items {
+            writeln!(f, "  {what:<64} {:>9.2} GiB", gib(*bytes))?;
+        }
+        writeln!(f, "  {:<64} {:>9.2} GiB", "CUDA context, kernels, cuBLASLt (estimate)", gib(self.runtime))?;
+        write!(f, "  {:<64} {:>9.2} GiB", "total", gib(self.total()))
+    }
+}
+
+/// A backend that runs nothing and counts the bytes the model allocates through it (bf16
+/// activations, fp32, i32 and u8 buffers as the CUDA backend stores them). Buffers are their
+/// element counts; the weights and gradients are the master length.
+#[derive(Default)]
+struct Footprint {
+    bytes: Cell<u64>,
+}
+
+impl Footprint {
+    fn count(&self, n: usize, size: usize) -> Result<usize> {
+        self.bytes.set(self.bytes.get() + (n * size) as u64);
+        Ok(n)
+    }
+}
+
+impl Backend for Footprint {
+    type Act = usize;
+    type F32 = usize;
+    type I32 = usize;
+    type U8 = usize;
+    type Weights = usize;
+    type Grads = usize;
+
+    fn alloc_act(&self, n: usize) -> Result<usize> {
+        self.count(n, 2)
+    }
+    fn alloc_f32(&self, n: usize) -> Result<usize> {
+        self.count(n, 4)
+    }
+    fn alloc_u8(&self, n: usize) -> Result<usize> {
+        self.count(n, 1)
+    }
+    fn upload_i32(&self, host: &[i32]) -> Result<usize> {
+        self.count(host.len(), 4)
+    }
+    fn upload_act(&self, host: &[f32]) -> Result<usize> {
+        self.count(host.len(), 2)
+    }
+    fn zero_act(&self, _: &mut usize) -> Result<()> {
+        Ok(())
+    }
+    fn add_act(&self, _: &mut usize, _: &usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn broadcast_rows(&self, _: &mut usize, _: &usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn weights_len(&self, w: &usize) -> usize {
+        *w
+    }
+    fn grads_len(&self, g: &usize) -> usize {
+        *g
+    }
+    fn download_f32(&self, x: &usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; *x])
+    }
+    fn linear_fwd(&self, _: &mut usize, _: &usize, _: &usize, _: TensorAt, _: Option<&usize>, _: usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn linear_bwd_input(&self, _: &mut usize, _: &usize, _: &usize, _: TensorAt, _: usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn linear_bwd_weight(&self, _: &mut usize, _: TensorAt, _: &usize, _: &usize, _: usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn add_rmsnorm_fwd(&self, _: &mut usize, _: &mut usize, _: &mut usize, _: &usize, _: Option<&usize>, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn rmsnorm_fwd(&self, _: &mut usize, _: &mut usize, _: &usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn rmsnorm_bwd(&self, _: &mut usize, _: &usize, _: &usize, _: &usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn qkv_rope_fwd(&self, _: &mut usize, _: &mut usize, _: &mut usize, _: &mut usize, _: &usize, _: &usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn qkv_rope_bwd(&self, _: &mut usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn attention_fwd(&self, _: &mut usize, _: &mut usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn attention_bwd(&self, _: &mut usize, _: &mut usize, _: &mut usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn gate_fwd(&self, _: &mut usize, _: &usize, _: &usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn gate_bwd(&self, _: &mut usize, _: &mut usize, _: &usize, _: &usize, _: &usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn swiglu_fwd(&self, _: &mut usize, _: &usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn swiglu_bwd(&self, _: &mut usize, _: &usize, _: &usize, _: usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn embedding_fwd(&self, _: &mut usize, _: &usize, _: &usize, _: TensorAt, _: usize, _: usize, _: f32) -> Result<()> {
+        Ok(())
+    }
+    fn embedding_bwd(&self, _: &mut usize, _: TensorAt, _: &usize, _: &usize, _: usize, _: usize, _: f32) -> Result<()> {
+        Ok(())
+    }
+    fn lm_head_loss(&self, _: &mut usize, _: &mut usize, _: Option<(&mut usize, &mut usize)>, _: &usize, _: &usize, _: TensorAt, _: &usize, _: usize, _: usize, _: usize, _: f32) -> Result<()> {
+        Ok(())
+    }
+    fn metrics(&self, _: &usize, _: &usize, _: &[i32], _: &[i32], _: usize) -> Result<StepMetrics> {
+        Ok(StepMetrics::default())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Packed batches for checks and benchmarks.
+// ---------------------------------------------------------------------------------------
+
+/// A packed batch owned by its builder (SPEC §4 with `target_only`): inputs `I ++ R[:-1]`,
+/// labels `-100` for the first `len(I) - 1` inputs then `R`, positions from 0 per sample,
+/// padding (input 0, label -100, position 0) after the last sample.
+#[derive(Clone, Debug)]
+pub struct PackedSamples {
+    pub inputs: Vec<i32>,      // [T]
+    pub labels: Vec<i32>,      // [T]
+    pub positions: Vec<i32>,   // [T]
+    pub cu_seqlens: Vec<i32>,  // [S+1]
+    pub prefix_lens: Vec<i32>, // [S]
+}
+
+impl PackedSamples {
+    /// Packs (instruction, response) pairs, each part non-empty, into `rows` slots.
+    pub fn pack(samples: &[(Vec<i32>, Vec<i32>)], rows: usize) -> Result<PackedSamples> {
+        let mut p = PackedSamples { inputs: vec![], labels: vec![], positions: vec![], cu_seqlens: vec![0], prefix_lens: vec![] };
+        for (i, (inst, resp)) in samples.iter().enumerate() {
+            ensure!(!inst.is_empty() && !resp.is_empty(), "sample {i}: instruction and response must be non-empty");
+            let len = inst.len() + resp.len() - 1;
+            p.inputs.extend(inst.iter().chain(&resp[..resp.len() - 1]));
+            p.labels.extend(std::iter::repeat_n(IGNORE_LABEL, inst.len() - 1).chain(resp.iter().copied()));
+            p.positions.extend(0..len as i32);
+            p.cu_seqlens.push(p.inputs.len() as i32);
+            p.prefix_lens.push(inst.len() as i32);
+        }
+        ensure!(p.inputs.len() <= rows, "{} tokens of samples do not fit {rows} rows", p.inputs.len());
+        let pad = rows - p.inputs.len();
+        p.inputs.extend(std::iter::repeat_n(0, pad));
+        p.labels.extend(std::iter::repeat_n(IGNORE_LABEL, pad));
+        p.positions.extend(std::iter::repeat_n(0, pad));
+        Ok(p)
+    }
+
+    /// `rows` slots filled completely with random samples: lengths `len(I) + len(R) - 1`
+    /// uniform in `lens`, instruction fractions uniform in `prefix_frac`, the last sample cut
+    /// to the rows left; tokens uniform in `1..vocab`.
+    pub fn random(rng: &mut Rng, rows: usize, vocab: usize, lens: std::ops::Range<usize>, prefix_frac: (f64, f64)) -> Result<PackedSamples> {
+        ensure!(lens.start >= 2 && lens.start < lens.end, "sample lengths {lens:?}: need at least 2 tokens");
+        ensure!(vocab > 1, "vocabulary of {vocab}");
+        let mut samples = Vec::new();
+        let mut left = rows;
+        while left >= 2 {
+            let len = (lens.start + rng.below((lens.end - lens.start) as u64) as usize).min(left);
+            let frac = prefix_frac.0 + (prefix_frac.1 - prefix_frac.0) * rng.uniform();
+            let inst = ((len as f64 * frac).round() as usize).clamp(1, len - 1);
+            let mut draw = |n: usize| (0..n).map(|_| 1 + rng.below(vocab as u64 - 1) as i32).collect::<Vec<i32>>();
+            samples.push((draw(inst), draw(len + 1 - inst)));
+            left -= len;
+        }
+        PackedSamples::pack(&samples, rows)
+    }
+
+    /// The largest index tables a batch of `rows` tokens can have: one-token samples.
+    fn worst_case(rows: usize) -> PackedSamples {
+        PackedSamples {
+            inputs: vec![0; rows],
+            labels: vec![0; rows],
+            positions: vec![0; rows],
+            cu_seqlens: (0..=rows as i32).collect(),
+            prefix_lens: vec![1; rows],
+        }
+    }
+
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { inputs: &self.inputs, labels: &self.labels, positions: &self.positions, cu_seqlens: &self.cu_seqlens, prefix_lens: &self.prefix_lens }
+    }
+
+    /// Labels that carry a loss.
+    pub fn valid_labels(&self) -> usize {
+        self.labels.iter().filter(|&&y| y != IGNORE_LABEL).count()
+    }
+
+    /// Real (non-padding) tokens.
+    pub fn tokens(&self) -> usize {
+        *self.cu_seqlens.last().expect("cu_seqlens starts with 0") as usize
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// selftest: the model and the engine on the GPU against the CPU.
+// ---------------------------------------------------------------------------------------
+
+pub fn selftests() -> Vec<Check> {
+    vec![Check { name: "model_gpu_vs_cpu", run: check_model_gpu_vs_cpu }]
+}
+
+/// The mean loss agrees to one bf16 rounding of itself. The CPU runs on the same (bf16-
+/// representable) weights in fp32; the GPU stores every activation in bf16, and the loss
+/// averages a few hundred per-token errors of mixed sign, so its error stays well under the
+/// per-token one.
+const LOSS_TOL: Tolerance = Tolerance { abs: 0.0, rel: BF16_EPS };
+/// Per-token losses (about ln V = 6.2 nats here): the logits are O(1) dot products of the
+/// final state, whose bf16 error builds up over the recurrence (up to 16 blocks deep); 2^-4
+/// nats is a few percent of a logit. Ignored and padding rows are 0 on both sides.
+const TOKEN_LOSS_TOL: Tolerance = Tolerance { abs: 1.0 / 16.0, rel: 0.0 };
+/// Gradients, as ‖gpu - cpu‖ / ‖cpu‖ over all tensors of one role. Each gradient is a product
+/// of ~20-40 bf16-rounded factors along the backward (unit roundoff 2^-9 = 2e-3 each, errors
+/// of random sign: ~sqrt(40) * 2e-3 = 1.3e-2), plus bf16 accumulation of the states'
+/// gradients across passes: 2e-2.
+const GRAD_TOL: f32 = 2e-2;
+/// AdamATan2's second moment is quadratic in the gradient: twice the gradient's error.
+const V_TOL: f32 = 2.0 * GRAD_TOL;
+/// After three steps the fp32 master weights (and their EMA) agree to the precision of the
+/// bf16 compute copy the next forward reads. At lr = 2.2e-4 an update the GPU failed to apply
+/// would show as ~1e-2 (three updates of ~lr against weights of RMS 1/16).
+const MASTER_TOL: f32 = BF16_EPS;
+
+/// (net, n_layers, bp_steps): 1-2 blocks per module; hrm at its deepest gradient (H pass 0
+/// injected into L passes 3-5) and at bp_steps = 2, where the embedding gets no gradient.
+const CASES: [(NetName, usize, usize); 7] = [
+    (NetName::Hrm, 4, 5),
+    (NetName::Hrm, 2, 2),
+    (NetName::Transformer, 2, 0),
+    (NetName::Trm, 2, 0),
+    (NetName::TrmMatchRecurrence, 4, 0),
+    (NetName::Rins, 2, 0),
+    (NetName::Ut, 2, 0),
+];
+/// Rows of the check's batches; LM-head chunks of 64 rows, so a batch spans five of them.
+const ROWS: usize = 300;
+const VOCAB: usize = 512;
+const LM_CHUNK_BYTES: usize = 64 * VOCAB * 2;
+
+fn check_model_gpu_vs_cpu(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    model_gpu_vs_cpu(gpu, rng).map_err(|e| {
+        // `Check::run` reports a GpuError; keep the whole chain (op, shape, cause) as its text.
+        GpuError::Driver { what: format!("model_gpu_vs_cpu: {e:#}"), source: DriverError(cudarc::driver::sys::cudaError_enum::CUDA_ERROR_UNKNOWN) }
+    })
+}
+
+fn small_config(net: NetName, n_layers: usize) -> ModelConfig {
+    let dims = Dims { n_layers, hidden: 256, heads: 2, head_dim: HEAD_DIM, intermediate: intermediate_size(256) };
+    ModelConfig { dims, net: net.default_net(), vocab: VOCAB }
+}
+
+/// Fresh weights, rounded to bf16 so that the CPU reference and the GPU's compute copy hold
+/// the same values and the comparison measures the GPU's activation arithmetic only.
+fn bf16_params(config: ModelConfig, seed: u64) -> Params {
+    let mut p = Params::init(config, seed);
+    p.master.iter_mut().for_each(|w| *w = bf16::from_f32(*w).to_f32());
+    p
+}
+
+/// Samples of 99, 12 (a one-token response: causal length 0), 80 (prefix 1: plain causal),
+/// 79 and 2 rows, then 28 rows of padding.
+fn check_batch(rng: &mut Rng) -> Result<PackedSamples> {
+    let mut draw = |n: usize| (0..n).map(|_| 1 + rng.below(VOCAB as u64 - 1) as i32).collect::<Vec<i32>>();
+    let samples = [(40, 60), (12, 1), (1, 80), (50, 30), (1, 2)].map(|(i, r)| (draw(i), draw(r)));
+    PackedSamples::pack(&samples, ROWS)
+}
+
+fn model_gpu_vs_cpu(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let packed = check_batch(rng)?;
+    let batch = packed.batch();
+    let divisor = packed.valid_labels() as f32;
+    for (net, n_layers, bp_steps) in CASES {
+        let config = small_config(net, n_layers);
+        let params = bf16_params(config, rng.next_u64());
+        let schedule = Schedule::for_training(&config.net, bp_steps);
+        let label = |what: &str| format!("{} {what}", short(net));
+        let shape = format!("L{n_layers} bp{bp_steps} T{ROWS}");
+
+        let mut cpu = Model::new(CpuBackend, config, &params.z_l_init)?;
+        let mut cpu_grads = params.zeros_like_master();
+        let cpu_out = cpu.forward_backward(&params.master, &batch, &schedule, &mut cpu_grads, divisor)?;
+        let cpu_tokens = cpu.token_losses()?;
+        let cpu_eval = cpu.forward_loss(&params.master, &batch)?;
+
+        let backend = CudaBackend::new(gpu)?.with_lm_head_chunk_bytes(LM_CHUNK_BYTES);
+        let mut model = Model::new(backend, config, &params.z_l_init)?;
+        let host_bf16: Vec<bf16> = params.master.iter().map(|&w| bf16::from_f32(w)).collect();
+        let weights = gpu.stream.clone_htod(&host_bf16).context("uploading the weights")?;
+        let mut grads = gpu.stream.alloc_zeros::<f32>(params.layout.master_len).context("allocating the gradients")?;
+        let out = model.forward_backward(&weights, &batch, &schedule, &mut grads, divisor)?;
+        let tokens = model.token_losses()?;
+        let eval = model.forward_loss(&weights, &batch)?;
+        let grads = gpu.stream.clone_dtoh(&grads).context("downloading the gradients")?;
+
+        let mean = |m: &StepMetrics| (m.loss_sum / m.valid_tokens.max(1) as f64) as f32;
+        rows.push(Row::new(label("loss"), &shape, LOSS_TOL, compare(&[mean(&out.metrics)], &[mean(&cpu_out.metrics)], LOSS_TOL)));
+        rows.push(Row::new(label("token losses"), &shape, TOKEN_LOSS_TOL, compare(&tokens, &cpu_tokens, TOKEN_LOSS_TOL)));
+        rows.push(Row::new(label("eval loss"), &shape, LOSS_TOL, compare(&[mean(&eval)], &[mean(&cpu_eval)], LOSS_TOL)));
+        for (role, got, want) in grads_by_role(&params.layout, &grads, &cpu_grads) {
+            let tol = Tolerance { abs: 0.0, rel: GRAD_TOL };
+            rows.push(Row::new(label(&format!("d{role} rel-L2")), &shape, tol, rel_l2(&got, &want, GRAD_TOL)));
+        }
+    }
+    rows.extend(engine_rows(gpu, rng)?);
+    Ok(rows)
+}
+
+fn short(net: NetName) -> &'static str {
+    match net {
+        NetName::Hrm => "hrm",
+        NetName::Transformer => "transformer",
+        NetName::Trm => "trm",
+        NetName::TrmMatchRecurrence => "trm_match",
+        NetName::Rins => "rins",
+        NetName::Ut => "ut",
+    }
+}
+
+/// The gradients gathered by role (embedding, LM head, each module's four weight kinds over
+/// its blocks), in layout order: (role, gpu, cpu).
+fn grads_by_role(layout: &ParamLayout, got: &[f32], want: &[f32]) -> Vec<(String, Vec<f32>, Vec<f32>)> {
+    let mut groups: Vec<(String, Vec<f32>, Vec<f32>)> = Vec::new();
+    for spec in layout.trainable() {
+        let role = match spec.role {
+            Role::Embedding => "embed".to_string(),
+            Role::LmHead => "lm_head".to_string(),
+            Role::Gqkv { module, .. } => format!("{module:?}.gqkv"),
+            Role::AttnOut { module, .. } => format!("{module:?}.o"),
+            Role::GateUp { module, .. } => format!("{module:?}.gate_up"),
+            Role::Down { module, .. } => format!("{module:?}.down"),
+            Role::ZLInit => continue,
+        };
+        let r = spec.range().expect("trainable tensors have offsets");
+        let i = match groups.iter().position(|(name, _, _)| *name == role) {
+            Some(i) => i,
+            None => {
+                groups.push((role, Vec::new(), Vec::new()));
+                groups.len() - 1
+            }
+        };
+        groups[i].1.extend_from_slice(&got[r.clone()]);
+        groups[i].2.extend_from_slice(&want[r]);
+    }
+    groups
+}
+
+/// A norm-wise comparison in the table's terms: `max_abs_err` is ‖got - want‖₂,
+/// `max_rel_err` that over ‖want‖₂, passing when it is at most `tol` (a zero reference must be
+/// matched exactly: a tensor without gradient).
+fn rel_l2(got: &[f32], want: &[f32], tol: f32) -> Comparison {
+    let (mut err2, mut ref2, mut non_finite) = (0.0f64, 0.0f64, 0);
+    for (&g, &w) in got.iter().zip(want) {
+        if !g.is_finite() {
+            non_finite += 1;
+            continue;
+        }
+        err2 += (g as f64 - w as f64).powi(2);
+        ref2 += (w as f64).powi(2);
+    }
+    let (err, norm) = (err2.sqrt(), ref2.sqrt());
+    let rel = if norm > 0.0 { err / norm } else if err == 0.0 { 0.0 } else { f64::INFINITY };
+    Comparison { len: got.len(), max_abs_err: err, max_rel_err: rel, worst_ratio: rel / tol as f64, worst_index: 0, non_finite }
+}
+
+/// Three AdamATan2 steps of [`GpuEngine`] and [`CpuEngine`] from the same state on the same
+/// three batches, with hrm's gradient depth warming up (bp_steps 2, 3, 5: the embedding gets
+/// its first gradient in step 2, H pass 0 joins in step 3).
+fn engine_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
+    let config = small_config(NetName::Hrm, 4);
+    let params = bf16_params(config, rng.next_u64());
+    // SPEC §7 defaults, with an EMA decay short enough for three steps to move it.
+    let defaults = TrainConfig::default();
+    let coeffs = AdamCoeffs { ema_decay: 0.9, ..AdamCoeffs::from_config(&defaults) };
+    let lr = defaults.lr;
+    let optimizer = AdamAtan2::new(&params, coeffs);
+    let mut cpu = CpuEngine::new(params.clone(), optimizer.clone())?;
+    let mut gpu_engine = GpuEngine::new(gpu, params, optimizer)?;
+    let mut rows = Vec::new();
+    for (step, bp_steps) in [2, 3, 5].into_iter().enumerate() {
+        let packed = PackedSamples::random(rng, ROWS, VOCAB, 8..120, (0.1, 0.9))?;
+        let schedule = Schedule::for_training(&config.net, bp_steps);
+        let divisor = packed.valid_labels() as f32;
+        let want = cpu.train_step(&packed.batch(), &schedule, lr, divisor)?;
+        let got = gpu_engine.train_step(&packed.batch(), &schedule, lr, divisor)?;
+        let mean = |m: &StepMetrics| (m.loss_sum / m.valid_tokens.max(1) as f64) as f32;
+        rows.push(Row::new(format!("engine step {} loss", step + 1), format!("hrm bp{bp_steps} T{ROWS}"), LOSS_TOL, compare(&[mean(&got.metrics)], &[mean(&want.metrics)], LOSS_TOL)));
+    }
+    let (p_gpu, o_gpu) = gpu_engine.snapshot()?;
+    let (p_cpu, o_cpu) = cpu.snapshot()?;
+    let shape = "hrm L4, 3 steps";
+    let row = |what: &str, got: &[f32], want: &[f32], tol: f32| Row::new(format!("engine {what} rel-L2"), shape, Tolerance { abs: 0.0, rel: tol }, rel_l2(got, want, tol));
+    rows.push(row("master", &p_gpu.master, &p_cpu.master, MASTER_TOL));
+    rows.push(row("ema", &o_gpu.ema, &o_cpu.ema, MASTER_TOL));
+    rows.push(row("m", &o_gpu.m, &o_cpu.m, GRAD_TOL));
+    rows.push(row("v", &o_gpu.v, &o_cpu.v, V_TOL));
+    let exact = Tolerance { abs: 0.0, rel: 0.0 };
+    let steps = |s: &[u32]| s.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    rows.push(Row::new("engine step counts", shape, exact, compare(&steps(&o_gpu.steps), &steps(&o_cpu.steps), exact)));
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SizeName;
+
+    #[test]
+    fn random_batches_fill_every_row() {
+        let mut rng = Rng::new(3);
+        let p = PackedSamples::random(&mut rng, 12_288, 65_536, 64..4096, (0.1, 0.9)).unwrap();
+        assert_eq!(p.tokens(), 12_288);
+        p.batch().check(65_536).unwrap();
+        assert!(p.valid_labels() > 0);
+    }
+
+    #[test]
+    fn memory_plan_counts_the_saved_passes() {
+        // One more pass with gradient adds exactly one pass of saved activations.
+        let cfg = ModelConfig::new(SizeName::Tiny, NetName::Hrm, 512);
+        let saved = |bp: usize| {
+            let plan = MemoryPlan::predict(&cfg, &Schedule::for_training(&cfg.net, bp), 1024).unwrap();
+            plan.items.iter().find(|(w, _)| w.starts_with("saved activations")).unwrap().1
+        };
+        let per_pass = saved(3) - saved(2);
+        assert!(per_pass > 0);
+        assert_eq!(saved(5) - saved(4), per_pass);
+        // Tiny has 2 blocks per module: 3 stream buffers of [T, D] and 2 blocks' activations.
+        let (t, d, c, i, nh) = (1024u64, 256u64, 256u64, 768u64, 2u64);
+        let block = 2 * (3 * t * d + 6 * t * c + 3 * t * i) + 4 * (2 * t + nh * t);
+        assert_eq!(per_pass, 3 * 2 * t * d + 2 * block + 4 * t);
+    }
+
+    #[test]
+    fn xl_hrm_at_bp5_and_12k_tokens_fits_80_gb() {
+        let cfg = ModelConfig::new(SizeName::XL, NetName::Hrm, 65_536);
+        let plan = MemoryPlan::predict(&cfg, &Schedule::for_training(&cfg.net, 5), 12_288).unwrap();
+        println!("{plan}");
+        // An H100 80GB offers 79.1 GiB to the process.
+        assert!(plan.total() < (79u64 << 30), "{plan}");
+    }
+}
