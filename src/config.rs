@@ -11,9 +11,13 @@ pub enum SizeName {
     #[serde(rename = "tiny")]
     #[value(name = "tiny")]
     Tiny,
+    #[value(name = "B")]
     B,
+    #[value(name = "L")]
     L,
+    #[value(name = "XL")]
     XL,
+    #[value(name = "XXL")]
     XXL,
     #[serde(rename = "XXL_wide")]
     #[value(name = "XXL_wide")]
