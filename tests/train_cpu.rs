@@ -11,7 +11,7 @@ use hrm_cu::train::{self, DataSource, Device, ModelSource, TrainOptions};
 fn options(run: &Path, net: NetName, demo: DemoConfig, train: TrainConfig) -> TrainOptions {
     TrainOptions {
         data: DataSource::Demo(demo),
-        model: ModelSource::Fresh { size: SizeName::Tiny, net, seed: 1 },
+        model: ModelSource::Fresh { size: SizeName::Tiny, net, seed: 0 },
         train,
         run_dir: run.to_path_buf(),
         resume: false,
@@ -26,13 +26,14 @@ fn options(run: &Path, net: NetName, demo: DemoConfig, train: TrainConfig) -> Tr
 
 /// `tiny` learns 2-digit addition: the held-out exact accuracy (whole answer right, teacher
 /// forced, which equals greedy decoding's exact match) ends far above chance (about 1% for
-/// guessing a 2-3 digit sum). The transformer net keeps this test to about a minute on two
-/// cores; `hrm` learns the same task (README demo) at ~4x the cost per step.
+/// guessing a 2-3 digit sum): 0.565 with these settings (deterministic on the CPU). The
+/// transformer net keeps this test to a few minutes on two cores; `hrm` learns the same task
+/// better (the README demo: 0.985 after 30 epochs on a GPU) at ~4x the cost per step.
 #[test]
 fn tiny_learns_the_demo_task() {
     let dir = tempfile::tempdir().unwrap();
-    let demo = DemoConfig { epochs: 8, ..DemoConfig::default() };
-    let cfg = TrainConfig { lr: 2e-3, warmup_steps: 20, global_batch_tokens: 2048, epochs: 8, ema_decay: 0.99, ..TrainConfig::default() };
+    let demo = DemoConfig { epochs: 12, ..DemoConfig::default() };
+    let cfg = TrainConfig { lr: 2e-3, warmup_steps: 20, global_batch_tokens: 2048, epochs: 12, ema_decay: 0.99, ..TrainConfig::default() };
     let heldout = train::run(&options(dir.path(), NetName::Transformer, demo, cfg)).unwrap().expect("the demo has a held-out split");
     assert!(heldout.exact_accuracy > 0.2, "held-out exact accuracy {:.3} (loss {:.3})", heldout.exact_accuracy, heldout.loss);
 }

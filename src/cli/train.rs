@@ -44,6 +44,7 @@ pub struct TrainArgs {
     /// Stop after this many steps (also the schedule's length); default: the data's epochs
     #[arg(long)]
     pub steps: Option<u64>,
+    /// Passes over the data (default 4; 30 for the demo)
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Peak learning rate (default 2.2e-4; 1e-3 for the demo)
@@ -90,11 +91,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let demo = args.data == "demo";
     let mut cfg = if args.sft { TrainConfig::sft() } else { TrainConfig::default() };
     if demo {
-        // A small task for a small model: bigger steps, no long warm-up.
+        // A small task for a small model: bigger steps, no long warm-up, 30 passes over the
+        // 4000 problems (a tiny hrm reaches ~98% held-out exact accuracy; docs/perf.md).
         cfg.lr = 1e-3;
         cfg.warmup_steps = 20;
         cfg.global_batch_tokens = 2048;
         cfg.ema_decay = 0.99;
+        cfg.epochs = 30;
     }
     cfg.seed = args.seed;
     cfg.max_steps = args.steps;
