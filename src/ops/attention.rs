@@ -414,9 +414,14 @@ fn schedule(gpu: &Gpu, spans: &CudaSlice<i32>, t: usize, tile: usize, step: usiz
     Ok(order)
 }
 
-/// Forward pass on the GPU; same contract as [`attention_fwd_cpu`].
-/// o: [T, NH, HD] bf16 out, lse: [NH, T] fp32 out, q, k, v: [T, NH, HD] bf16 (16-byte aligned),
-/// cu_seqlens: [S+1] i32, prefix_lens: [S] i32 (device memory, never read by the host).
+/// A forward launcher: [`attention_fwd`], [`attention_fwd_sm80`] or [`attention_fwd_sm90`].
+pub type FwdKernel = fn(&Gpu, &mut CudaViewMut<bf16>, &mut CudaViewMut<f32>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<i32>, &CudaView<i32>, usize, usize) -> Result<(), GpuError>;
+
+/// Forward pass on the GPU; same contract as [`attention_fwd_cpu`]. Runs the Hopper kernel
+/// ([`attention_fwd_sm90`]) on sm_90 devices and the portable one ([`attention_fwd_sm80`])
+/// elsewhere. o: [T, NH, HD] bf16 out, lse: [NH, T] fp32 out, q, k, v: [T, NH, HD] bf16
+/// (16-byte aligned), cu_seqlens: [S+1] i32, prefix_lens: [S] i32 (device memory, never read
+/// by the host).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
     gpu: &Gpu,
@@ -430,9 +435,28 @@ pub fn attention_fwd(
     t: usize,
     nh: usize,
 ) -> Result<(), GpuError> {
-    check_shapes("attention_fwd", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
-    check_table("attention_fwd", cu_seqlens.len(), prefix_lens.len(), t, nh);
-    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd: tensors must be 16-byte aligned");
+    let kernel: FwdKernel = if gpu.props.is_hopper() { attention_fwd_sm90 } else { attention_fwd_sm80 };
+    kernel(gpu, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// Forward pass with the portable kernel (cuda/attention.cu, sm_80+, `mma.sync`); same
+/// contract as [`attention_fwd`]. The default off Hopper; selftested explicitly on every GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_sm80(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    check_shapes("attention_fwd_sm80", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
+    check_table("attention_fwd_sm80", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd_sm80: tensors must be 16-byte aligned");
     let (rows, _cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
     let order = schedule(gpu, &rows, t, Q_TILE, KEY_STEP)?;
     let func = function_with_smem(gpu, "attention_fwd", FWD_SMEM)?;
@@ -493,9 +517,8 @@ fn tensor_map(ptr: u64, t: usize, nh: usize) -> Result<TensorMap, GpuError> {
     }
 }
 
-/// Forward pass on a Hopper GPU with the TMA + wgmma kernel; same contract as
-/// [`attention_fwd`]. Not the default yet: `attention_fwd` keeps the portable kernel until this
-/// one has passed `hrm-cu selftest --filter attention_fwd_sm90` on an H100.
+/// Forward pass on a Hopper GPU with the TMA + wgmma kernel (cuda/attention_sm90.cu); same
+/// contract as [`attention_fwd`], which calls it on sm_90 devices. Errors on other GPUs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_sm90(
     gpu: &Gpu,
@@ -731,18 +754,16 @@ fn poisoned_bf16(gpu: &Gpu, n: usize) -> Result<CudaSlice<bf16>, GpuError> {
 
 pub fn selftests() -> Vec<Check> {
     vec![
-        Check { name: "attention_fwd", run: check_fwd },
+        Check { name: "attention_fwd_sm80", run: check_fwd_sm80 },
         Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
         Check { name: "attention_bwd", run: check_bwd },
         Check { name: "attention_decode", run: check_decode },
     ]
 }
 
-/// A forward launcher: [`attention_fwd`] or [`attention_fwd_sm90`].
-type FwdKernel = fn(&Gpu, &mut CudaViewMut<bf16>, &mut CudaViewMut<f32>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<i32>, &CudaView<i32>, usize, usize) -> Result<(), GpuError>;
-
-fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
-    fwd_rows(gpu, rng, "attention_fwd", attention_fwd)
+/// The portable kernel, on every GPU (on Hopper `attention_fwd` does not run it).
+fn check_fwd_sm80(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    fwd_rows(gpu, rng, "attention_fwd_sm80", attention_fwd_sm80)
 }
 
 /// The Hopper kernel on the same batches; no rows on other GPUs (it is not built for them).
