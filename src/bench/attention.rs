@@ -5,12 +5,12 @@
 //! - (c) lengths uniform in 64..4096, prefix fractions uniform in 10..90%;
 //!
 //! each packed into 16,384 rows with 12 heads (size XL). One row per kernel this GPU runs: the
-//! portable forward (sm_80), the Hopper forward (sm_90a, on Hopper only) and the backward that
-//! `attention_bwd` dispatches to; the dispatcher's choice for each pass is what training uses.
+//! portable forward and backward (sm_80) and, on Hopper only, the Hopper ones (sm_90a), which
+//! `attention_fwd` and `attention_bwd` dispatch to there.
 //! Only the FLOPs of visible (query, key)
 //! pairs count: the forward does two matrix products per pair of 128-vectors, `4 * 128` FLOPs,
 //! the backward `2.5x` that (five products: dV, dP, dQ, dK plus the recomputed S; FlashAttention's
-//! convention, although our deterministic dQ kernel recomputes S and dP once more). Times are
+//! convention, although the portable deterministic dQ kernel recomputes S and dP once more). Times are
 //! CUDA-event medians after warm-up, the inputs (150 MB of q, k, v) exceed the L2 cache, and
 //! each call includes its span and schedule kernels and workspace allocations.
 //!
@@ -25,7 +25,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
-use crate::ops::attention::{attention_bwd, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, FwdKernel};
+use crate::ops::attention::{attention_bwd, attention_bwd_sm80, attention_bwd_sm90, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, BwdKernel, FwdKernel};
 use crate::rng::Rng;
 
 const HD: usize = crate::config::HEAD_DIM;
@@ -122,9 +122,9 @@ impl Buffers {
         kernel(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.q.as_view(), &self.k.as_view(), &self.v.as_view(), &cu, &pl, t, nh)
     }
 
-    fn backward(&mut self, gpu: &Gpu, t: usize, nh: usize) -> Result<(), GpuError> {
+    fn backward(&mut self, gpu: &Gpu, kernel: BwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        attention_bwd(
+        kernel(
             gpu,
             &mut self.dq.as_view_mut(),
             &mut self.dk.as_view_mut(),
@@ -167,15 +167,19 @@ fn routes(gpu: &Gpu) -> Vec<(&'static str, Pass)> {
     if gpu.props.is_hopper() {
         routes.push(("fwd sm90 (TMA + wgmma)", Pass::Forward(attention_fwd_sm90)));
     }
-    routes.push(("bwd (attention_bwd)", Pass::Backward));
+    routes.push(("bwd sm80 (mma.sync)", Pass::Backward(attention_bwd_sm80)));
+    if gpu.props.is_hopper() {
+        routes.push(("bwd sm90 (TMA + wgmma)", Pass::Backward(attention_bwd_sm90)));
+    }
     routes
 }
 
-/// What one row runs: a forward launcher (the backward runs after it, on its outputs).
+/// What one row runs: a forward or a backward launcher (a backward row first runs the
+/// dispatched forward once, so that it starts from real o and lse).
 #[derive(Clone, Copy)]
 enum Pass {
     Forward(FwdKernel),
-    Backward,
+    Backward(BwdKernel),
 }
 
 /// Prints the table: per batch and kernel, the time and TFLOP/s over visible pairs.
@@ -189,9 +193,9 @@ pub fn run(gpu: &Gpu) -> Result<()> {
         for (i, (name, pass)) in routes(gpu).into_iter().enumerate() {
             let (ms, flops) = match pass {
                 Pass::Forward(kernel) => (median_ms(gpu, || bufs.forward(gpu, kernel, b.t, HEADS))?, fwd_flops),
-                Pass::Backward => {
+                Pass::Backward(kernel) => {
                     bufs.forward(gpu, attention_fwd, b.t, HEADS)?;
-                    (median_ms(gpu, || bufs.backward(gpu, b.t, HEADS))?, 2.5 * fwd_flops)
+                    (median_ms(gpu, || bufs.backward(gpu, kernel, b.t, HEADS))?, 2.5 * fwd_flops)
                 }
             };
             let (label, samples, pairs) = if i == 0 { (b.name, b.prefix_lens.len().to_string(), b.pairs().to_string()) } else { ("", String::new(), String::new()) };
@@ -222,7 +226,7 @@ pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
     let check = BenchBatch::new("check", t, &samples);
     let mut bufs = Buffers::new(gpu, &mut rng, &check, nh)?;
     bufs.forward(gpu, attention_fwd, t, nh)?;
-    bufs.backward(gpu, t, nh)?;
+    bufs.backward(gpu, attention_bwd, t, nh)?;
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {}", dir.join(name).display()));

@@ -486,12 +486,12 @@ struct TensorMap(sys::CUtensorMap);
 unsafe impl DeviceRepr for TensorMap {}
 
 /// The TMA descriptor of a `[T, NH, HD]` bf16 tensor at `ptr`, seen as the 3-D tensor
-/// (HD, NH, T) and copied in boxes of (64, 1, 128): half a head row by 128 rows, 128-byte
-/// swizzled (cuda/attention_sm90.cu). Rows past T read as zeros.
-fn tensor_map(ptr: u64, t: usize, nh: usize) -> Result<TensorMap, GpuError> {
+/// (HD, NH, T) and copied in boxes of (64, 1, `box_rows`): half a head row by `box_rows` rows,
+/// 128-byte swizzled (cuda/attention_sm90.cuh). Rows past T read as zeros.
+fn tensor_map(ptr: u64, t: usize, nh: usize, box_rows: usize) -> Result<TensorMap, GpuError> {
     let dims: [u64; 3] = [HD as u64, nh as u64, t as u64];
     let strides: [u64; 2] = [(HD * 2) as u64, (nh * HD * 2) as u64]; // bytes, dims 1 and 2
-    let boxes: [u32; 3] = [64, 1, SM90_TILE as u32];
+    let boxes: [u32; 3] = [64, 1, box_rows as u32];
     let steps: [u32; 3] = [1, 1, 1];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every pointer refers to a live local array of the length the rank (3) implies;
@@ -512,7 +512,7 @@ fn tensor_map(ptr: u64, t: usize, nh: usize) -> Result<TensorMap, GpuError> {
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
         .result()
-        .during(format!("attention_fwd_sm90: encoding the tensor map of a [{t}, {nh}, {HD}] tensor"))?;
+        .during(format!("attention (sm_90): encoding the tensor map of a [{t}, {nh}, {HD}] tensor"))?;
         Ok(TensorMap(map.assume_init()))
     }
 }
@@ -545,7 +545,7 @@ pub fn attention_fwd_sm90(
     let (q_ptr, _q_read) = q.device_ptr(&gpu.stream);
     let (k_ptr, _k_read) = k.device_ptr(&gpu.stream);
     let (v_ptr, _v_read) = v.device_ptr(&gpu.stream);
-    let (tm_q, tm_k, tm_v) = (tensor_map(q_ptr, t, nh)?, tensor_map(k_ptr, t, nh)?, tensor_map(v_ptr, t, nh)?);
+    let (tm_q, tm_k, tm_v) = (tensor_map(q_ptr, t, nh, SM90_TILE)?, tensor_map(k_ptr, t, nh, SM90_TILE)?, tensor_map(v_ptr, t, nh, SM90_TILE)?);
     let func = gpu.function(SM90_FAMILY, "attention_fwd_sm90")?;
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_SMEM as i32)
         .during(format!("attention_fwd_sm90: allowing {SM90_SMEM} bytes of shared memory"))?;
@@ -559,10 +559,29 @@ pub fn attention_fwd_sm90(
     Ok(())
 }
 
+/// A backward launcher: [`attention_bwd`], [`attention_bwd_sm80`] or [`attention_bwd_sm90`].
+pub type BwdKernel = fn(
+    &Gpu,
+    &mut CudaViewMut<bf16>,
+    &mut CudaViewMut<bf16>,
+    &mut CudaViewMut<bf16>,
+    &CudaView<bf16>,
+    &CudaView<bf16>,
+    &CudaView<bf16>,
+    &CudaView<bf16>,
+    &CudaView<bf16>,
+    &CudaView<f32>,
+    &CudaView<i32>,
+    &CudaView<i32>,
+    usize,
+    usize,
+) -> Result<(), GpuError>;
+
 /// Backward pass on the GPU; same contract as [`attention_bwd_cpu`] (dq, dk, dv written).
+/// Runs [`attention_bwd_sm90`] on sm_90 devices and [`attention_bwd_sm80`] elsewhere.
 /// dq, dk, dv: [T, NH, HD] bf16 out, do_, q, k, v, o: [T, NH, HD] bf16 (16-byte aligned),
 /// lse: [NH, T] fp32 (from the forward), cu_seqlens: [S+1] i32, prefix_lens: [S] i32.
-/// Deterministic: no atomics, bitwise-identical results from run to run.
+/// Deterministic: bitwise-identical results from run to run.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     gpu: &Gpu,
@@ -580,11 +599,35 @@ pub fn attention_bwd(
     t: usize,
     nh: usize,
 ) -> Result<(), GpuError> {
+    let kernel: BwdKernel = if gpu.props.is_hopper() { attention_bwd_sm90 } else { attention_bwd_sm80 };
+    kernel(gpu, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// Backward pass with the portable kernels (cuda/attention.cu, sm_80+ with 129 KB of shared
+/// memory per block); same contract as [`attention_bwd`]. No atomics: dK/dV and dQ are separate
+/// kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_sm80(
+    gpu: &Gpu,
+    dq: &mut CudaViewMut<bf16>,
+    dk: &mut CudaViewMut<bf16>,
+    dv: &mut CudaViewMut<bf16>,
+    do_: &CudaView<bf16>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    o: &CudaView<bf16>,
+    lse: &CudaView<f32>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
     let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len()), ("o", o.len())];
-    check_shapes("attention_bwd", &tensors, lse.len(), t, nh);
-    check_table("attention_bwd", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    check_shapes("attention_bwd_sm80", &tensors, lse.len(), t, nh);
+    check_table("attention_bwd_sm80", cu_seqlens.len(), prefix_lens.len(), t, nh);
     let aligned = aligned16(gpu, dq) && aligned16(gpu, dk) && aligned16(gpu, dv) && aligned16(gpu, do_) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v) && aligned16(gpu, o);
-    assert!(aligned, "attention_bwd: tensors must be 16-byte aligned");
+    assert!(aligned, "attention_bwd_sm80: tensors must be 16-byte aligned");
     let (rows, cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
     let q_order = schedule(gpu, &rows, t, Q_TILE, KEY_STEP)?;
     let kv_order = schedule(gpu, &cols, t, KV_TILE, QUERY_STEP)?;
@@ -610,6 +653,99 @@ pub fn attention_bwd(
     args.arg(dq).arg(q).arg(k).arg(v).arg(do_).arg(lse).arg(&delta).arg(&rows).arg(&q_order).arg(&t_i32).arg(&nh_i32);
     // SAFETY: as above, with rows/q_order built for this T.
     unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, DQ_SMEM)) }.during("attention_bwd_dq")?;
+    Ok(())
+}
+
+/// The Hopper backward's family (cuda/attention_bwd_sm90.cu, sm_90a only): blocks of 3
+/// warpgroups own key tiles of 128 rows and walk query tiles of 64; dQ partials are added into
+/// an fp32 workspace of query tiles of 64 rows in a fixed order. Shared memory: K, V (64 KB),
+/// two stages of Q, dO (64 KB), dS^T (16 KB), two dQ partials (64 KB), two stages of lse2 and
+/// delta (1 KB), 1 KB of alignment slack.
+const SM90_BWD_FAMILY: &str = "attention_bwd_sm90";
+const SM90_BWD_KEYS: usize = 128;
+const SM90_BWD_QUERIES: usize = 64;
+const SM90_BWD_SMEM: u32 = (2 * 32768 + 2 * 32768 + 16384 + 2 * 32768 + 2 * 2 * 64 * 4 + 1024) as u32;
+
+/// Backward pass on a Hopper GPU with the TMA + wgmma kernels (cuda/attention_bwd_sm90.cu);
+/// same contract as [`attention_bwd`], which calls it on sm_90 devices. Errors on other GPUs.
+/// Deterministic: the dQ contributions of the key tiles are added in the order of the key-tile
+/// schedule (a semaphore per query tile), never in arrival order.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_sm90(
+    gpu: &Gpu,
+    dq: &mut CudaViewMut<bf16>,
+    dk: &mut CudaViewMut<bf16>,
+    dv: &mut CudaViewMut<bf16>,
+    do_: &CudaView<bf16>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    o: &CudaView<bf16>,
+    lse: &CudaView<f32>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    let p = &gpu.props;
+    if !p.is_hopper() {
+        return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
+    }
+    let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len()), ("o", o.len())];
+    check_shapes("attention_bwd_sm90", &tensors, lse.len(), t, nh);
+    check_table("attention_bwd_sm90", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    let aligned = aligned16(gpu, dq) && aligned16(gpu, dk) && aligned16(gpu, dv) && aligned16(gpu, do_) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v) && aligned16(gpu, o);
+    assert!(aligned, "attention_bwd_sm90: tensors must be 16-byte aligned");
+    let (rows, cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
+    let kv_order = schedule(gpu, &cols, t, SM90_BWD_KEYS, SM90_BWD_QUERIES)?;
+    let (n_kv, n_q) = (t.div_ceil(SM90_BWD_KEYS), t.div_ceil(SM90_BWD_QUERIES));
+    let t_pad = n_q * SM90_BWD_QUERIES;
+    let (t_i32, t_pad_i32, nh_i32, n_kv_i32) = (t as i32, t_pad as i32, nh as i32, n_kv as i32);
+
+    // Workspaces. lse2, delta, rank and dqacc are written before they are read (dqacc by the
+    // first contribution to each query tile, a bulk store); the semaphores start at 0.
+    let what = "attention_bwd_sm90: allocating workspaces";
+    // SAFETY: see above; every element read was written earlier in the same stream.
+    let (mut lse2, mut delta, mut rank, mut dqacc) = unsafe {
+        (gpu.stream.alloc::<f32>(nh * t_pad).during(what)?, gpu.stream.alloc::<f32>(nh * t_pad).during(what)?, gpu.stream.alloc::<i32>(n_kv).during(what)?, gpu.stream.alloc::<f32>(nh * t_pad * HD).during(what)?)
+    };
+    let mut sem = gpu.stream.alloc_zeros::<i32>(nh * n_q).during(what)?;
+
+    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_prep")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut lse2).arg(&mut delta).arg(&mut rank).arg(do_).arg(o).arg(lse).arg(&kv_order).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&n_kv_i32);
+    // SAFETY: one warp per (row < T_pad, head) writes lse2/delta[h * T_pad + row] and reads do_, o
+    // rows < T (shapes checked) and lse[h * T + row]; threads < n_kv write rank[order[i]], a
+    // permutation of 0..n_kv. The grid has at least n_kv threads (T_pad * NH * 32 >= T / 128).
+    unsafe { args.launch(config((t_pad * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_prep")?;
+
+    // The guards keep q, k, v, do recorded as read by this launch (cudarc's stream tracking).
+    let (q_ptr, _q_read) = q.device_ptr(&gpu.stream);
+    let (k_ptr, _k_read) = k.device_ptr(&gpu.stream);
+    let (v_ptr, _v_read) = v.device_ptr(&gpu.stream);
+    let (do_ptr, _do_read) = do_.device_ptr(&gpu.stream);
+    let tm_q = tensor_map(q_ptr, t, nh, SM90_BWD_QUERIES)?;
+    let tm_do = tensor_map(do_ptr, t, nh, SM90_BWD_QUERIES)?;
+    let tm_k = tensor_map(k_ptr, t, nh, SM90_BWD_KEYS)?;
+    let tm_v = tensor_map(v_ptr, t, nh, SM90_BWD_KEYS)?;
+    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90")?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_BWD_SMEM as i32)
+        .during(format!("attention_bwd_sm90: allowing {SM90_BWD_SMEM} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_do).arg(&mut *dk).arg(&mut *dv).arg(&mut dqacc).arg(&mut sem);
+    args.arg(&lse2).arg(&delta).arg(&rows).arg(&cols).arg(&kv_order).arg(&rank).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32);
+    // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v, do (alive until the
+    // guards drop after the launch); dk, dv shapes checked above; dqacc holds NH * T_pad * HD
+    // fp32, sem NH * T_pad / 64 ints, lse2 and delta NH * T_pad; rows/cols/kv_order/rank built
+    // for this T; SM90_BWD_SMEM bytes allowed above.
+    unsafe { args.launch(config(n_kv * nh, SM90_THREADS, SM90_BWD_SMEM)) }.during("attention_bwd_sm90")?;
+
+    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_dq")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(dq).arg(&dqacc).arg(&rows).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32);
+    // SAFETY: one block per (query tile < T_pad / 64, head) reads its 32 KB of dqacc and writes
+    // dq rows < T of that head (shape checked).
+    unsafe { args.launch(config(n_q * nh, BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_dq")?;
     Ok(())
 }
 
@@ -756,7 +892,8 @@ pub fn selftests() -> Vec<Check> {
     vec![
         Check { name: "attention_fwd_sm80", run: check_fwd_sm80 },
         Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
-        Check { name: "attention_bwd", run: check_bwd },
+        Check { name: "attention_bwd_sm80", run: check_bwd_sm80 },
+        Check { name: "attention_bwd_sm90", run: check_bwd_sm90 },
         Check { name: "attention_decode", run: check_decode },
     ]
 }
@@ -801,7 +938,20 @@ fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<V
     Ok(rows)
 }
 
-fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+/// The portable kernels, on every GPU (on Hopper `attention_bwd` does not run them).
+fn check_bwd_sm80(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    bwd_rows(gpu, rng, "attention_bwd_sm80", attention_bwd_sm80)
+}
+
+/// The Hopper kernels on the same batches; no rows on other GPUs (they are not built for them).
+fn check_bwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    if !gpu.props.is_hopper() {
+        return Ok(Vec::new());
+    }
+    bwd_rows(gpu, rng, "attention_bwd_sm90", attention_bwd_sm90)
+}
+
+fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel) -> Result<Vec<Row>, GpuError> {
     let mut rows = Vec::new();
     for b in test_batches(rng) {
         let (t, nh, n) = (b.t, b.nh, b.q.len());
@@ -825,7 +975,7 @@ fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         let pl = gpu.stream.clone_htod(&b.prefix_lens).during("upload")?;
         let run = || -> Result<[Vec<f32>; 3], GpuError> {
             let (mut dq, mut dk, mut dv) = (poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?);
-            attention_bwd(
+            kernel(
                 gpu,
                 &mut dq.as_view_mut(),
                 &mut dk.as_view_mut(),
@@ -844,14 +994,14 @@ fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
             Ok([download_bf16(gpu, &dq)?, download_bf16(gpu, &dk)?, download_bf16(gpu, &dv)?])
         };
         let first = run()?;
-        for (i, name) in ["attention_bwd dq", "attention_bwd dk", "attention_bwd dv"].into_iter().enumerate() {
+        for (i, grad) in ["dq", "dk", "dv"].into_iter().enumerate() {
             let tol = tolerance_vs_baseline(&baseline[i], &reference[i]);
-            rows.push(Row::new(name, b.shape(), tol, compare(&first[i], &reference[i], tol)));
+            rows.push(Row::new(format!("{name} {grad}"), b.shape(), tol, compare(&first[i], &reference[i], tol)));
         }
         // Deterministic: a second run must agree bit for bit.
         let second = run()?;
         let exact = Tolerance { abs: 0.0, rel: 0.0 };
-        rows.push(Row::new("attention_bwd rerun", b.shape(), exact, compare(&second.concat(), &first.concat(), exact)));
+        rows.push(Row::new(format!("{name} rerun"), b.shape(), exact, compare(&second.concat(), &first.concat(), exact)));
     }
     Ok(rows)
 }
