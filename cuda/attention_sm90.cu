@@ -141,14 +141,13 @@ __device__ __forceinline__ void rescale_and_pack(float (&acc)[64], uint32_t (&p)
     }
 }
 
-// tm_q, tm_k, tm_v: tensor maps of q, k, v [T, NH, HD] bf16 as 3-D tensors (HD, NH, T), boxes
-// of (64, 1, 128) with 128-byte swizzle; o: [T, NH, HD] out; lse: [NH, T] out; rows: [T] int2;
-// order: [ceil(T / H_BM)] (attention_schedule with tile H_BM, step H_BN).
-// Grid: ceil(T / H_BM) * NH blocks of H_THREADS; dynamic shared memory H_SMEM.
-extern "C" __global__ void __launch_bounds__(H_THREADS, 1)
-attention_fwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                   const __grid_constant__ CUtensorMap tm_v, bf16* __restrict__ o, float* __restrict__ lse,
-                   const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
+// The kernel body; PINGPONG adds FlashAttention-3's ping-pong schedule of the two consumer
+// warpgroups (v5, see the kernel versions in docs/attention.md). The tensor maps are the
+// kernels' __grid_constant__ parameters, passed by reference so that TMA reads them in place.
+template <bool PINGPONG>
+__device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v, bf16* __restrict__ o,
+                                         float* __restrict__ lse, const int2* __restrict__ rows, const int* __restrict__ order, int T,
+                                         int NH) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) uint64_t bars[B_COUNT];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -244,14 +243,38 @@ attention_fwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         else softmax_probs<true>(s, m, l, alpha, k0, sp0, sp1, u);
     };
 
+    // Ping-pong (v5): the two warpgroups take turns issuing their products, so that one's
+    // softmax runs while the other's products occupy the tensor cores. Turn k of warpgroup wg
+    // waits on named barrier 1 + wg until the other warpgroup has issued its turn k - 1 (or,
+    // for warpgroup 0's turn 0, has started), and ends by arriving on the other's barrier.
+    // Both take n_tiles + 1 turns (one per key tile, passed-on tiles included, plus the last
+    // P V), whatever tiles they see, so the counts match; warpgroup 1 skips its last arrival,
+    // which nobody waits for.
+    int turn = 0;
+    auto turn_begin = [&]() {
+        if (PINGPONG) named_barrier_sync(1 + wg, 256);
+    };
+    auto turn_end = [&]() {
+        if (PINGPONG && !(wg == 1 && turn == n_tiles)) named_barrier_arrive(2 - wg, 256);
+        ++turn;
+    };
+    auto pass_turn = [&](int j) {
+        turn_begin();
+        turn_end();
+        pass_on(j);
+    };
+    if (PINGPONG && wg == 1) named_barrier_arrive(1, 256);
+
     mbar_wait(&bars[B_Q], 0);
-    for (int j = 0; j < j_first; ++j) pass_on(j);
+    for (int j = 0; j < j_first; ++j) pass_turn(j);
     if (j_first <= j_last) {
         // First tile: S, then its softmax (O is still 0).
         mbar_wait(&bars[B_KFULL + (j_first & 1)], (j_first >> 1) & 1);
         fence_regs(s);
+        turn_begin();
         wgmma_fence();
         issue_qk(s, q_base, k_base + (j_first & 1) * H_TILE);
+        turn_end();
         wgmma_wait<0>();
         fence_regs(s);
         mbar_arrive(&bars[B_KEMPTY + (j_first & 1)]);
@@ -269,9 +292,11 @@ attention_fwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
             fence_regs(s);
             fence_regs(acc);
             fence_regs(p);
+            turn_begin();
             wgmma_fence();
             issue_qk(s, q_base, k_base + st * H_TILE);
             issue_pv(acc, p, v_base + prev * H_TILE);
+            turn_end();
             wgmma_wait<1>();  // S_j is done; P V may still run
             fence_regs(s);
             mbar_arrive(&bars[B_KEMPTY + st]);
@@ -288,14 +313,19 @@ attention_fwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         mbar_wait(&bars[B_VFULL + st], (j_last >> 1) & 1);
         fence_regs(acc);
         fence_regs(p);
+        turn_begin();
         wgmma_fence();
         issue_pv(acc, p, v_base + st * H_TILE);
+        turn_end();
         wgmma_wait<0>();
         fence_regs(acc);
         fence_regs(p);
         mbar_arrive(&bars[B_VEMPTY + st]);
+    } else {
+        turn_begin();  // the turn of the last P V, empty
+        turn_end();
     }
-    for (int j = j_last + 1; j < n_tiles; ++j) pass_on(j);
+    for (int j = j_last + 1; j < n_tiles; ++j) pass_turn(j);
 
     // o = acc / l, lse = (m + log2 l) ln 2; rows that saw nothing get o = 0, lse = -inf.
     float inv[2], row_lse[2];
@@ -332,4 +362,23 @@ attention_fwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         if (r0 < T) lse[(size_t)h * T + r0] = row_lse[0];
         if (r1 < T) lse[(size_t)h * T + r1] = row_lse[1];
     }
+}
+
+// tm_q, tm_k, tm_v: tensor maps of q, k, v [T, NH, HD] bf16 as 3-D tensors (HD, NH, T), boxes
+// of (64, 1, 128) with 128-byte swizzle; o: [T, NH, HD] out; lse: [NH, T] out; rows: [T] int2;
+// order: [ceil(T / H_BM)] (attention_schedule with tile H_BM, step H_BN).
+// Grid: ceil(T / H_BM) * NH blocks of H_THREADS; dynamic shared memory H_SMEM.
+extern "C" __global__ void __launch_bounds__(H_THREADS, 1)
+attention_fwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                   const __grid_constant__ CUtensorMap tm_v, bf16* __restrict__ o, float* __restrict__ lse,
+                   const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
+    fwd_sm90<false>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH);
+}
+
+// The same with the ping-pong schedule (v5); same arguments.
+extern "C" __global__ void __launch_bounds__(H_THREADS, 1)
+attention_fwd_sm90_pingpong(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                            const __grid_constant__ CUtensorMap tm_v, bf16* __restrict__ o, float* __restrict__ lse,
+                            const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
+    fwd_sm90<true>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH);
 }

@@ -194,6 +194,8 @@ __device__ __forceinline__ void fence_async_global() { asm volatile("fence.proxy
 // A barrier among `count` threads (a multiple of 32) on hardware barrier `id` (1..15; 0 is
 // __syncthreads).
 __device__ __forceinline__ void named_barrier_sync(int id, int count) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory"); }
+// Arrives on named barrier `id` without waiting (the producer side of a hand-over).
+__device__ __forceinline__ void named_barrier_arrive(int id, int count) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory"); }
 
 __device__ __forceinline__ int ld_acquire(const int* p) {
     int v;

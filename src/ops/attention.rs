@@ -517,11 +517,49 @@ fn tensor_map(ptr: u64, t: usize, nh: usize, box_rows: usize) -> Result<TensorMa
     }
 }
 
-/// Forward pass on a Hopper GPU with the TMA + wgmma kernel (cuda/attention_sm90.cu); same
-/// contract as [`attention_fwd`], which calls it on sm_90 devices. Errors on other GPUs.
+/// Forward pass on a Hopper GPU with the TMA + wgmma kernel (cuda/attention_sm90.cu, v3 in
+/// docs/attention.md); same contract as [`attention_fwd`], which calls it on sm_90 devices.
+/// Errors on other GPUs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_sm90(
     gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    fwd_sm90(gpu, "attention_fwd_sm90", o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// The Hopper forward with FlashAttention-3's ping-pong schedule of the two consumer
+/// warpgroups (v5 in docs/attention.md); same contract as [`attention_fwd_sm90`]. Not the
+/// default until it has passed selftest and beaten v3 in `hrm-cu bench attention`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_sm90_pingpong(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    fwd_sm90(gpu, "attention_fwd_sm90_pingpong", o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// Launches the Hopper forward kernel `name` (both take the same arguments).
+#[allow(clippy::too_many_arguments)]
+fn fwd_sm90(
+    gpu: &Gpu,
+    name: &str,
     o: &mut CudaViewMut<bf16>,
     lse: &mut CudaViewMut<f32>,
     q: &CudaView<bf16>,
@@ -536,9 +574,9 @@ pub fn attention_fwd_sm90(
     if !p.is_hopper() {
         return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
     }
-    check_shapes("attention_fwd_sm90", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
-    check_table("attention_fwd_sm90", cu_seqlens.len(), prefix_lens.len(), t, nh);
-    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd_sm90: tensors must be 16-byte aligned");
+    check_shapes(name, &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
+    check_table(name, cu_seqlens.len(), prefix_lens.len(), t, nh);
+    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "{name}: tensors must be 16-byte aligned");
     let (rows, _cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
     let order = schedule(gpu, &rows, t, SM90_TILE, SM90_TILE)?;
     // The guards keep q, k, v recorded as read by this launch (cudarc's stream tracking).
@@ -546,16 +584,16 @@ pub fn attention_fwd_sm90(
     let (k_ptr, _k_read) = k.device_ptr(&gpu.stream);
     let (v_ptr, _v_read) = v.device_ptr(&gpu.stream);
     let (tm_q, tm_k, tm_v) = (tensor_map(q_ptr, t, nh, SM90_TILE)?, tensor_map(k_ptr, t, nh, SM90_TILE)?, tensor_map(v_ptr, t, nh, SM90_TILE)?);
-    let func = gpu.function(SM90_FAMILY, "attention_fwd_sm90")?;
+    let func = gpu.function(SM90_FAMILY, name)?;
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_SMEM as i32)
-        .during(format!("attention_fwd_sm90: allowing {SM90_SMEM} bytes of shared memory"))?;
+        .during(format!("{name}: allowing {SM90_SMEM} bytes of shared memory"))?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(o).arg(lse).arg(&rows).arg(&order).arg(&t_i32).arg(&nh_i32);
     // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v (alive until the
     // guards drop after the launch); o, lse shapes checked above; rows/order built for this T;
     // SM90_SMEM bytes allowed above.
-    unsafe { args.launch(config(t.div_ceil(SM90_TILE) * nh, SM90_THREADS, SM90_SMEM)) }.during("attention_fwd_sm90")?;
+    unsafe { args.launch(config(t.div_ceil(SM90_TILE) * nh, SM90_THREADS, SM90_SMEM)) }.during(name.to_string())?;
     Ok(())
 }
 
@@ -892,6 +930,7 @@ pub fn selftests() -> Vec<Check> {
     vec![
         Check { name: "attention_fwd_sm80", run: check_fwd_sm80 },
         Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
+        Check { name: "attention_fwd_sm90_pingpong", run: check_fwd_sm90_pingpong },
         Check { name: "attention_bwd_sm80", run: check_bwd_sm80 },
         Check { name: "attention_bwd_sm90", run: check_bwd_sm90 },
         Check { name: "attention_decode", run: check_decode },
@@ -909,6 +948,13 @@ fn check_fwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         return Ok(Vec::new());
     }
     fwd_rows(gpu, rng, "attention_fwd_sm90", attention_fwd_sm90)
+}
+
+fn check_fwd_sm90_pingpong(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    if !gpu.props.is_hopper() {
+        return Ok(Vec::new());
+    }
+    fwd_rows(gpu, rng, "attention_fwd_sm90_pingpong", attention_fwd_sm90_pingpong)
 }
 
 fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<Vec<Row>, GpuError> {
