@@ -17,7 +17,8 @@
 //      (2 x 64 fp32 per thread) over the query tiles the block's keys are seen by. Per query
 //      tile, everything transposed (keys are the M dimension, as in attention_bwd_dkv):
 //        S^T = K Q^T, dP^T = V dO^T          wgmma m64n64k16, both operands in shared memory
-//        P^T = exp2(S^T c - lse2), dS^T = P^T (dP^T - delta)     in registers; masked -> 0
+//        P^T = exp2(S^T c - lse2) (while dP^T is still in flight), dS^T = P^T (dP^T - delta)
+//                                            in registers; masked P^T -> 0
 //        dV += P^T dO, dK += dS^T Q          wgmma m64n128k16, P^T / dS^T from registers
 //        dQ_part = dS K                      wgmma m64n64k16: dS^T goes through shared memory
 //                                            (both warpgroups' 64 keys form the k dimension);
@@ -148,32 +149,39 @@ __device__ __forceinline__ void issue_acc(float (&acc)[64], const uint32_t (&a)[
     for (int kk = 0; kk < 4; ++kk) wgmma_rs_bt(acc, a[kk], desc_mn_major(y_base + kk * 2048, BW_Q_HALF));
 }
 
-// P^T and dS^T of one query tile from S^T (in s) and dP^T (in dp), packed as bf16 A fragments
-// (k16 step kk = queries [16 kk, 16 kk + 16)). This thread's entries: keys kr, kr + 8 (spans
-// cs0, cs1: the queries that see them), queries q0 + 8 nt + 2u, +1.
+// P^T of one query tile from S^T (in s, in place): this thread's entries are keys kr, kr + 8
+// (spans cs0, cs1: the queries that see them) by queries q0 + 8 nt + 2u, +1. Masked entries
+// are selected to exactly 0 (padding queries have lse2 = -inf: exp2 would give inf).
 template <bool MASK>
-__device__ __forceinline__ void grads_tile(uint32_t (&pf)[4][4], uint32_t (&dsf)[4][4], float (&s)[32], float (&dp)[32], const float* lse2,
-                                           const float* dlt, int q0, int2 cs0, int2 cs1, int u) {
+__device__ __forceinline__ void probs_t(float (&s)[32], const float* lse2, int q0, int2 cs0, int2 cs1, int u) {
     #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
         const float2 l = *reinterpret_cast<const float2*>(lse2 + 8 * nt + 2 * u);
-        const float2 d = *reinterpret_cast<const float2*>(dlt + 8 * nt + 2 * u);
         #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            const float lc = (c & 1) ? l.y : l.x, dc = (c & 1) ? d.y : d.x;
-            const float p = exp2f(fmaf(s[4 * nt + c], ATTN_SCALE_LOG2, -lc));
-            const float ds = p * (dp[4 * nt + c] - dc);
-            const bool masked = MASK && !attn_visible(c < 2 ? cs0 : cs1, q0 + 8 * nt + 2 * u + (c & 1));
-            s[4 * nt + c] = masked ? 0.f : p;
-            dp[4 * nt + c] = masked ? 0.f : ds;
+            const float p = exp2f(fmaf(s[4 * nt + c], ATTN_SCALE_LOG2, (c & 1) ? -l.y : -l.x));
+            s[4 * nt + c] = MASK && !attn_visible(c < 2 ? cs0 : cs1, q0 + 8 * nt + 2 * u + (c & 1)) ? 0.f : p;
         }
+    }
+}
+
+// dS^T = P^T (dP^T - delta) (masked entries have P^T = 0, and dP^T, delta are finite), then P^T
+// and dS^T packed as bf16 A fragments: k16 step kk covers queries [16 kk, 16 kk + 16).
+__device__ __forceinline__ void pack_grads(uint32_t (&pf)[4][4], uint32_t (&dsf)[4][4], const float (&p)[32], const float (&dp)[32],
+                                           const float* dlt, int u) {
+    float ds[32];
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+        const float2 d = *reinterpret_cast<const float2*>(dlt + 8 * nt + 2 * u);
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) ds[4 * nt + c] = p[4 * nt + c] * (dp[4 * nt + c] - ((c & 1) ? d.y : d.x));
     }
     #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
         #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            pf[kk][i] = pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
-            dsf[kk][i] = pack_bf16(dp[8 * kk + 2 * i], dp[8 * kk + 2 * i + 1]);
+            pf[kk][i] = pack_bf16(p[8 * kk + 2 * i], p[8 * kk + 2 * i + 1]);
+            dsf[kk][i] = pack_bf16(ds[8 * kk + 2 * i], ds[8 * kk + 2 * i + 1]);
         }
     }
 }
@@ -309,13 +317,14 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
             wgmma_fence();
             issue_xyt(s, kw_base, q_base);
             issue_xyt(dp, vw_base, do_base);
-            wgmma_wait<0>();
+            wgmma_wait<1>();  // S^T is done; P^T is computed while dP^T is still in flight
             fence_regs(s);
-            fence_regs(dp);
             const float* l2 = sLse + st * BW_BM;
-            const float* dl = sDelta + st * BW_BM;
-            if (ws.covers(q0, q0 + BW_BM - 1)) grads_tile<false>(pf, dsf, s, dp, l2, dl, q0, cs0, cs1, u);
-            else grads_tile<true>(pf, dsf, s, dp, l2, dl, q0, cs0, cs1, u);
+            if (ws.covers(q0, q0 + BW_BM - 1)) probs_t<false>(s, l2, q0, cs0, cs1, u);
+            else probs_t<true>(s, l2, q0, cs0, cs1, u);
+            wgmma_wait<0>();
+            fence_regs(dp);
+            pack_grads(pf, dsf, s, dp, sDelta + st * BW_BM, u);
         } else {
             #pragma unroll
             for (int i2 = 0; i2 < 16; ++i2) pf[i2 / 4][i2 % 4] = dsf[i2 / 4][i2 % 4] = 0u;
