@@ -23,8 +23,8 @@
 //   swizzle that both TMA (CU_TENSOR_MAP_SWIZZLE_128B) and wgmma descriptors (layout type 1)
 //   use; a 128-wide row is two half-tiles 16 KB apart. Tiles start on 1024-byte boundaries
 //   (the swizzle repeats every 8 rows of 128 bytes).
-// Not (yet) done from FA3: explicit ping-pong scheduling of the two consumer warpgroups
-// (named barriers), and the backward pass.
+// - v5 and v6 add the ping-pong of the consumer warpgroups and a persistent grid (see
+//   fwd_sm90 below); the backward is attention_bwd_sm90.cu.
 
 #include "attention_sm90.cuh"
 
@@ -33,16 +33,19 @@
 #define H_THREADS 384          // producer warpgroup + 2 consumer warpgroups
 #define H_HALF (128 * 128)     // bytes of one [128][64] bf16 half-tile
 #define H_TILE (2 * H_HALF)    // bytes of one [128][128] tile
-// sQ, sK[2], sV[2], plus 1 KB to align the base to 1024 bytes: 161 KB.
+// sQ, sK[2], sV[2], plus 1 KB to align the base to 1024 bytes: 161 KB; v6 double-buffers sQ:
+// 193 KB.
 #define H_SMEM (5 * H_TILE + 1024)
+#define H_SMEM_PERSISTENT (6 * H_TILE + 1024)
 
 // mbarrier indices
-#define B_Q 0
-#define B_KFULL 1   // + stage
-#define B_VFULL 3   // + stage
-#define B_KEMPTY 5  // + stage
-#define B_VEMPTY 7  // + stage
-#define B_COUNT 9
+#define B_Q 0        // + Q buffer: Q landed
+#define B_QEMPTY 2   // + Q buffer: both consumer warpgroups are done with it (v6)
+#define B_KFULL 4    // + stage
+#define B_VFULL 6    // + stage
+#define B_KEMPTY 8   // + stage
+#define B_VEMPTY 10  // + stage
+#define B_COUNT 12
 
 // ---------------------------------------------------------------------------------------
 // The kernel.
@@ -141,27 +144,33 @@ __device__ __forceinline__ void rescale_and_pack(float (&acc)[64], uint32_t (&p)
     }
 }
 
-// The kernel body; PINGPONG adds FlashAttention-3's ping-pong schedule of the two consumer
-// warpgroups (v5, see the kernel versions in docs/attention.md). The tensor maps are the
-// kernels' __grid_constant__ parameters, passed by reference so that TMA reads them in place.
-template <bool PINGPONG>
+// The kernel body, for three versions (docs/attention.md):
+//   v3 <false, false>: one block per (query tile, head), the warpgroups free-running;
+//   v5 <true, false>:  plus FlashAttention-3's ping-pong of the two consumer warpgroups;
+//   v6 <true, true>:   plus persistence: one block per SM takes (query tile, head) items from a
+//                      queue in schedule order (longest first), with Q double-buffered so that
+//                      the next item's Q and first K/V tiles load during this item's last tiles.
+// The tensor maps are the kernels' __grid_constant__ parameters, passed by reference so that
+// TMA reads them in place. `next_item` (v6 only): a zeroed counter, the head of the queue.
+template <bool PINGPONG, bool PERSISTENT>
 __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v, bf16* __restrict__ o,
                                          float* __restrict__ lse, const int2* __restrict__ rows, const int* __restrict__ order, int T,
-                                         int NH) {
+                                         int NH, int* __restrict__ next_item) {
+    constexpr int Q_BUFS = PERSISTENT ? 2 : 1;
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) uint64_t bars[B_COUNT];
+    __shared__ int item_slot[2];  // v6: the item in each Q buffer, -1 when the queue is empty
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-    unsigned char* sQ = smem;
-    unsigned char* sK = smem + H_TILE;      // [2 stages]
-    unsigned char* sV = smem + 3 * H_TILE;  // [2 stages]
-
-    const int h = blockIdx.x % NH;
-    const int m0 = order[blockIdx.x / NH] * H_BM;
+    unsigned char* sQ = smem;                     // [Q_BUFS]
+    unsigned char* sK = smem + Q_BUFS * H_TILE;   // [2 stages]
+    unsigned char* sV = sK + 2 * H_TILE;          // [2 stages]
+    const int n_items = (T + H_BM - 1) / H_BM * NH;
     const int lane = threadIdx.x % 32;
 
     if (threadIdx.x == 0) {
-        mbar_init(&bars[B_Q], 1);
         for (int st = 0; st < 2; ++st) {
+            mbar_init(&bars[B_Q + st], 1);
+            mbar_init(&bars[B_QEMPTY + st], 2 * 128);
             mbar_init(&bars[B_KFULL + st], 1);
             mbar_init(&bars[B_VFULL + st], 1);
             mbar_init(&bars[B_KEMPTY + st], 2 * 128);
@@ -171,214 +180,249 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
     }
     __syncthreads();
 
-    int key_lo, key_hi;
-    tile_key_range(rows, m0, T, lane, &key_lo, &key_hi);
-    const int n_begin = key_lo <= key_hi ? key_lo / H_BN : 0;
-    const int n_tiles = key_lo <= key_hi ? key_hi / H_BN + 1 - n_begin : 0;
-
+    // Item k of this block: (query tile order[item / NH], head item % NH) in Q buffer k % Q_BUFS.
+    // Its key tiles are numbered on from the previous items' (jbase), so that the K/V ring's
+    // stages and phases run on across items.
     if (threadIdx.x < 128) {
-        // Producer. One thread issues every copy; K before V so S = Q K^T can start early.
-        setmaxnreg_dec<40>();
-        if (threadIdx.x == 0) {
-            mbar_expect_tx(&bars[B_Q], H_TILE);
-            tma_load(sQ, &tm_q, &bars[B_Q], 0, h, m0);
-            tma_load(sQ + H_HALF, &tm_q, &bars[B_Q], 64, h, m0);
-            for (int j = 0; j < n_tiles; ++j) {
-                const int st = j & 1;
-                const uint32_t phase = (j >> 1) & 1;
-                const int row = (n_begin + j) * H_BN;
-                mbar_wait(&bars[B_KEMPTY + st], phase ^ 1);
-                mbar_expect_tx(&bars[B_KFULL + st], H_TILE);
-                tma_load(sK + st * H_TILE, &tm_k, &bars[B_KFULL + st], 0, h, row);
-                tma_load(sK + st * H_TILE + H_HALF, &tm_k, &bars[B_KFULL + st], 64, h, row);
-                mbar_wait(&bars[B_VEMPTY + st], phase ^ 1);
-                mbar_expect_tx(&bars[B_VFULL + st], H_TILE);
-                tma_load(sV + st * H_TILE, &tm_v, &bars[B_VFULL + st], 0, h, row);
-                tma_load(sV + st * H_TILE + H_HALF, &tm_v, &bars[B_VFULL + st], 64, h, row);
+        // Producer warp: one thread issues every copy; K before V so S = Q K^T can start early.
+        // v6's producer also runs the queue and the ring across items: 56 registers, not 40.
+        setmaxnreg_dec<PERSISTENT ? 56 : 40>();
+        if (threadIdx.x >= 32) return;
+        int jbase = 0;
+        for (int k = 0;; ++k) {
+            const int b = k % Q_BUFS;
+            int item = k == 0 ? (int)blockIdx.x : -1;
+            if (PERSISTENT) {
+                item = lane == 0 ? atomicAdd(next_item, 1) : 0;
+                item = __shfl_sync(FULL_MASK, item, 0);
+                if (item >= n_items) item = -1;
+                if (lane == 0) {
+                    // Buffer b is free once both consumer warpgroups are done with item k - 2.
+                    mbar_wait(&bars[B_QEMPTY + b], ((k >> 1) & 1) ^ 1);
+                    item_slot[b] = item;
+                    if (item < 0) mbar_arrive(&bars[B_Q + b]);  // "no more items", no copy
+                }
             }
+            if (item < 0) break;
+            const int h = item % NH, m0 = order[item / NH] * H_BM;
+            int key_lo, key_hi;
+            tile_key_range(rows, m0, T, lane, &key_lo, &key_hi);
+            const int n_begin = key_lo <= key_hi ? key_lo / H_BN : 0;
+            const int n_tiles = key_lo <= key_hi ? key_hi / H_BN + 1 - n_begin : 0;
+            if (lane == 0) {
+                mbar_expect_tx(&bars[B_Q + b], H_TILE);
+                tma_load(sQ + b * H_TILE, &tm_q, &bars[B_Q + b], 0, h, m0);
+                tma_load(sQ + b * H_TILE + H_HALF, &tm_q, &bars[B_Q + b], 64, h, m0);
+                for (int j = 0; j < n_tiles; ++j) {
+                    const int st = (jbase + j) & 1;
+                    const uint32_t phase = ((jbase + j) >> 1) & 1;
+                    const int row = (n_begin + j) * H_BN;
+                    mbar_wait(&bars[B_KEMPTY + st], phase ^ 1);
+                    mbar_expect_tx(&bars[B_KFULL + st], H_TILE);
+                    tma_load(sK + st * H_TILE, &tm_k, &bars[B_KFULL + st], 0, h, row);
+                    tma_load(sK + st * H_TILE + H_HALF, &tm_k, &bars[B_KFULL + st], 64, h, row);
+                    mbar_wait(&bars[B_VEMPTY + st], phase ^ 1);
+                    mbar_expect_tx(&bars[B_VFULL + st], H_TILE);
+                    tma_load(sV + st * H_TILE, &tm_v, &bars[B_VFULL + st], 0, h, row);
+                    tma_load(sV + st * H_TILE + H_HALF, &tm_v, &bars[B_VFULL + st], 64, h, row);
+                }
+            }
+            jbase += n_tiles;
+            __syncwarp();
         }
         return;
     }
 
-    // Consumers: warpgroup wg owns rows [64 wg, 64 wg + 64) of the tile.
-    setmaxnreg_inc<232>();
+    // Consumers: warpgroup wg owns rows [64 wg, 64 wg + 64) of each item's tile.
+    setmaxnreg_inc<PERSISTENT ? 224 : 232>();  // 128 x 56 + 256 x 224 = 64,512 of 65,536
     const int wg = threadIdx.x / 128 - 1;
     const int warp = (threadIdx.x % 128) / 32, g = lane >> 2, u = lane & 3;
-    const int row0 = m0 + 64 * wg;
-    const int r0 = row0 + 16 * warp + g, r1 = r0 + 8;  // this thread's two rows
-    const int2 sp0 = r0 < T ? rows[r0] : attn_empty_span();
-    const int2 sp1 = r1 < T ? rows[r1] : attn_empty_span();
-    // The warpgroup's 64 spans, reduced by every warp alike: skip/full/mask decisions are
-    // uniform across the warpgroup, as wgmma requires.
-    const int2 wa = row0 + lane < T ? rows[row0 + lane] : attn_empty_span();
-    const int2 wb = row0 + 32 + lane < T ? rows[row0 + 32 + lane] : attn_empty_span();
-    const WarpSpans ws(wa, wb);
-
-    const uint32_t q_base = smem_u32(sQ) + 64 * wg * 128;  // this warpgroup's 64 rows
     const uint32_t k_base = smem_u32(sK), v_base = smem_u32(sV);
-    float acc[64], s[64], alpha[2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    uint32_t p[8][4];
-    #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
 
-    // The tiles this warpgroup sees, [j_first, j_last] counted from n_begin: contiguous, since
-    // every row sees itself. It passes the others on (waits until full, marks empty) so that
-    // the ring's phases stay in step with the producer and the other warpgroup.
-    int j_first = n_tiles, j_last = n_tiles - 1;
-    if (ws.lo <= ws.hi) {
-        j_first = ws.lo / H_BN - n_begin;
-        j_last = ws.hi / H_BN - n_begin;
-    }
-    auto pass_on = [&](int j) {
-        const int st = j & 1;
-        const uint32_t phase = (j >> 1) & 1;
-        mbar_wait(&bars[B_KFULL + st], phase);
-        mbar_arrive(&bars[B_KEMPTY + st]);
-        mbar_wait(&bars[B_VFULL + st], phase);
-        mbar_arrive(&bars[B_VEMPTY + st]);
-    };
-    auto probs = [&](int j) {
-        const int k0 = (n_begin + j) * H_BN;
-        if (ws.covers(k0, k0 + H_BN - 1)) softmax_probs<false>(s, m, l, alpha, k0, sp0, sp1, u);
-        else softmax_probs<true>(s, m, l, alpha, k0, sp0, sp1, u);
-    };
-
-    // Ping-pong (v5): the two warpgroups take turns issuing their products, so that one's
-    // softmax runs while the other's products occupy the tensor cores. Turn k of warpgroup wg
-    // waits on named barrier 1 + wg until the other warpgroup has issued its turn k - 1 (or,
-    // for warpgroup 0's turn 0, has started), and ends by arriving on the other's barrier.
-    // Both take n_tiles + 1 turns (one per key tile, passed-on tiles included, plus the last
-    // P V), whatever tiles they see, so the counts match; warpgroup 1 skips its last arrival,
-    // which nobody waits for.
-    int turn = 0;
+    // Ping-pong (v5, v6): the two warpgroups take turns issuing their products, so that one's
+    // softmax runs while the other's products occupy the tensor cores. A turn of warpgroup wg
+    // waits on named barrier 1 + wg until the other warpgroup has issued its previous turn
+    // (warpgroup 1 arrives once up front, so warpgroup 0 goes first), and ends by arriving on
+    // the other's barrier. Both take n_tiles + 1 turns per item (one per key tile of the block,
+    // passed-on tiles included, plus the last P V), whatever tiles they see, so the turns pair
+    // up; at the end warpgroup 0 absorbs warpgroup 1's last arrival.
     auto turn_begin = [&]() {
         if (PINGPONG) named_barrier_sync(1 + wg, 256);
     };
     auto turn_end = [&]() {
-        if (PINGPONG && !(wg == 1 && turn == n_tiles)) named_barrier_arrive(2 - wg, 256);
-        ++turn;
-    };
-    auto pass_turn = [&](int j) {
-        turn_begin();
-        turn_end();
-        pass_on(j);
+        if (PINGPONG) named_barrier_arrive(2 - wg, 256);
     };
     if (PINGPONG && wg == 1) named_barrier_arrive(1, 256);
 
-    mbar_wait(&bars[B_Q], 0);
-    for (int j = 0; j < j_first; ++j) pass_turn(j);
-    if (j_first <= j_last) {
-        // First tile: S, then its softmax (O is still 0).
-        mbar_wait(&bars[B_KFULL + (j_first & 1)], (j_first >> 1) & 1);
-        fence_regs(s);
-        turn_begin();
-        wgmma_fence();
-        issue_qk(s, q_base, k_base + (j_first & 1) * H_TILE);
-        turn_end();
-        wgmma_wait<0>();
-        fence_regs(s);
-        mbar_arrive(&bars[B_KEMPTY + (j_first & 1)]);
-        probs(j_first);
-        rescale_and_pack(acc, p, s, alpha);
+    int jbase = 0;
+    for (int k = 0;; ++k) {
+        const int b = k % Q_BUFS;
+        int item = blockIdx.x;
+        if (PERSISTENT) {
+            mbar_wait(&bars[B_Q + b], (k >> 1) & 1);
+            item = item_slot[b];
+            if (item < 0) break;
+        } else if (k > 0) {
+            break;
+        }
+        const int h = item % NH, m0 = order[item / NH] * H_BM;
+        int key_lo, key_hi;
+        tile_key_range(rows, m0, T, lane, &key_lo, &key_hi);
+        const int n_begin = key_lo <= key_hi ? key_lo / H_BN : 0;
+        const int n_tiles = key_lo <= key_hi ? key_hi / H_BN + 1 - n_begin : 0;
 
-        // Tile j: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}; the softmax of S_j runs while
-        // the second product is still in flight (FlashAttention-3's intra-warpgroup overlap).
-        for (int j = j_first + 1; j <= j_last; ++j) {
-            const int st = j & 1, prev = (j - 1) & 1;
-            // V_{j-1} was requested before K_j, so waiting for both first costs nothing, and
-            // keeps the two issues adjacent (nothing between them for ptxas to fence).
-            mbar_wait(&bars[B_KFULL + st], (j >> 1) & 1);
-            mbar_wait(&bars[B_VFULL + prev], ((j - 1) >> 1) & 1);
+        const int row0 = m0 + 64 * wg;
+        const int r0 = row0 + 16 * warp + g, r1 = r0 + 8;  // this thread's two rows
+        const int2 sp0 = r0 < T ? rows[r0] : attn_empty_span();
+        const int2 sp1 = r1 < T ? rows[r1] : attn_empty_span();
+        // The warpgroup's 64 spans, reduced by every warp alike: skip/full/mask decisions are
+        // uniform across the warpgroup, as wgmma requires.
+        const int2 wa = row0 + lane < T ? rows[row0 + lane] : attn_empty_span();
+        const int2 wb = row0 + 32 + lane < T ? rows[row0 + 32 + lane] : attn_empty_span();
+        const WarpSpans ws(wa, wb);
+
+        unsigned char* sQb = sQ + b * H_TILE;
+        const uint32_t q_base = smem_u32(sQb) + 64 * wg * 128;  // this warpgroup's 64 rows
+        float acc[64], s[64], alpha[2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+        uint32_t p[8][4];
+        #pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+        // The tiles this warpgroup sees, [j_first, j_last] counted from n_begin: contiguous,
+        // since every row sees itself. It passes the others on (waits until full, marks empty)
+        // so that the ring's phases stay in step with the producer and the other warpgroup.
+        int j_first = n_tiles, j_last = n_tiles - 1;
+        if (ws.lo <= ws.hi) {
+            j_first = ws.lo / H_BN - n_begin;
+            j_last = ws.hi / H_BN - n_begin;
+        }
+        auto stage = [&](int j) { return (jbase + j) & 1; };
+        auto phase = [&](int j) { return (uint32_t)((jbase + j) >> 1) & 1; };
+        auto pass_on = [&](int j) {
+            turn_begin();
+            turn_end();
+            mbar_wait(&bars[B_KFULL + stage(j)], phase(j));
+            mbar_arrive(&bars[B_KEMPTY + stage(j)]);
+            mbar_wait(&bars[B_VFULL + stage(j)], phase(j));
+            mbar_arrive(&bars[B_VEMPTY + stage(j)]);
+        };
+        auto probs = [&](int j) {
+            const int k0 = (n_begin + j) * H_BN;
+            if (ws.covers(k0, k0 + H_BN - 1)) softmax_probs<false>(s, m, l, alpha, k0, sp0, sp1, u);
+            else softmax_probs<true>(s, m, l, alpha, k0, sp0, sp1, u);
+        };
+
+        if (!PERSISTENT) mbar_wait(&bars[B_Q], 0);
+        for (int j = 0; j < j_first; ++j) pass_on(j);
+        if (j_first <= j_last) {
+            // First tile: S, then its softmax (O is still 0).
+            mbar_wait(&bars[B_KFULL + stage(j_first)], phase(j_first));
             fence_regs(s);
+            turn_begin();
+            wgmma_fence();
+            issue_qk(s, q_base, k_base + stage(j_first) * H_TILE);
+            turn_end();
+            wgmma_wait<0>();
+            fence_regs(s);
+            mbar_arrive(&bars[B_KEMPTY + stage(j_first)]);
+            probs(j_first);
+            rescale_and_pack(acc, p, s, alpha);
+
+            // Tile j: issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}; the softmax of S_j runs
+            // while the second product is still in flight (FlashAttention-3's intra-warpgroup
+            // overlap).
+            for (int j = j_first + 1; j <= j_last; ++j) {
+                const int st = stage(j), prev = stage(j - 1);
+                // V_{j-1} was requested before K_j, so waiting for both first costs nothing, and
+                // keeps the two issues adjacent (nothing between them for ptxas to fence).
+                mbar_wait(&bars[B_KFULL + st], phase(j));
+                mbar_wait(&bars[B_VFULL + prev], phase(j - 1));
+                fence_regs(s);
+                fence_regs(acc);
+                fence_regs(p);
+                turn_begin();
+                wgmma_fence();
+                issue_qk(s, q_base, k_base + st * H_TILE);
+                issue_pv(acc, p, v_base + prev * H_TILE);
+                turn_end();
+                wgmma_wait<1>();  // S_j is done; P V may still run
+                fence_regs(s);
+                mbar_arrive(&bars[B_KEMPTY + st]);
+                probs(j);
+                wgmma_wait<0>();
+                fence_regs(acc);
+                fence_regs(p);
+                mbar_arrive(&bars[B_VEMPTY + prev]);
+                rescale_and_pack(acc, p, s, alpha);
+            }
+
+            // Last tile's O += P V.
+            const int st = stage(j_last);
+            mbar_wait(&bars[B_VFULL + st], phase(j_last));
             fence_regs(acc);
             fence_regs(p);
             turn_begin();
             wgmma_fence();
-            issue_qk(s, q_base, k_base + st * H_TILE);
-            issue_pv(acc, p, v_base + prev * H_TILE);
+            issue_pv(acc, p, v_base + st * H_TILE);
             turn_end();
-            wgmma_wait<1>();  // S_j is done; P V may still run
-            fence_regs(s);
-            mbar_arrive(&bars[B_KEMPTY + st]);
-            probs(j);
             wgmma_wait<0>();
             fence_regs(acc);
             fence_regs(p);
-            mbar_arrive(&bars[B_VEMPTY + prev]);
-            rescale_and_pack(acc, p, s, alpha);
+            mbar_arrive(&bars[B_VEMPTY + st]);
+        } else {
+            turn_begin();  // the turn of the last P V, empty
+            turn_end();
         }
+        for (int j = j_last + 1; j < n_tiles; ++j) pass_on(j);
 
-        // Last tile's O += P V.
-        const int st = j_last & 1;
-        mbar_wait(&bars[B_VFULL + st], (j_last >> 1) & 1);
-        fence_regs(acc);
-        fence_regs(p);
-        turn_begin();
-        wgmma_fence();
-        issue_pv(acc, p, v_base + st * H_TILE);
-        turn_end();
-        wgmma_wait<0>();
-        fence_regs(acc);
-        fence_regs(p);
-        mbar_arrive(&bars[B_VEMPTY + st]);
-    } else {
-        turn_begin();  // the turn of the last P V, empty
-        turn_end();
-    }
-    for (int j = j_last + 1; j < n_tiles; ++j) pass_turn(j);
-
-    // o = acc / l, lse = (m + log2 l) ln 2; rows that saw nothing get o = 0, lse = -inf.
-    float inv[2], row_lse[2];
-    #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(FULL_MASK, l[i], 1);
-        l[i] += __shfl_xor_sync(FULL_MASK, l[i], 2);
-        inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
-        row_lse[i] = l[i] > 0.f ? (m[i] + log2f(l[i])) * ATTN_LN2 : -INFINITY;
-    }
-    // Stage O as bf16 in this warp's 16 rows of sQ (no longer read), in the same swizzle, then
-    // write whole 16-byte chunks.
-    const int lrow = 64 * wg + 16 * warp + g;  // row within the tile
-    #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-        unsigned char* half = sQ + (nt / 8) * H_HALF;
-        const int c = nt % 8;
-        *reinterpret_cast<uint32_t*>(half + lrow * 128 + ((c ^ (lrow & 7)) << 4) + 4 * u) =
-            pack_bf16(acc[4 * nt] * inv[0], acc[4 * nt + 1] * inv[0]);
-        *reinterpret_cast<uint32_t*>(half + (lrow + 8) * 128 + ((c ^ ((lrow + 8) & 7)) << 4) + 4 * u) =
-            pack_bf16(acc[4 * nt + 2] * inv[1], acc[4 * nt + 3] * inv[1]);
-    }
-    __syncwarp();
-    #pragma unroll
-    for (int it = 0; it < 8; ++it) {
-        const int idx = it * 32 + lane, r = idx / 16, chunk = idx % 16, c = chunk % 8;
-        const int trow = 64 * wg + 16 * warp + r;
-        if (m0 + trow < T) {
-            *reinterpret_cast<uint4*>(o + ((size_t)(m0 + trow) * NH + h) * ATTN_HD + chunk * 8) =
-                *reinterpret_cast<const uint4*>(sQ + (chunk / 8) * H_HALF + trow * 128 + ((c ^ (trow & 7)) << 4));
+        // o = acc / l, lse = (m + log2 l) ln 2; rows that saw nothing get o = 0, lse = -inf.
+        float inv[2], row_lse[2];
+        #pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            l[i] += __shfl_xor_sync(FULL_MASK, l[i], 1);
+            l[i] += __shfl_xor_sync(FULL_MASK, l[i], 2);
+            inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
+            row_lse[i] = l[i] > 0.f ? (m[i] + log2f(l[i])) * ATTN_LN2 : -INFINITY;
         }
+        // Stage O as bf16 in this warp's 16 rows of the Q buffer (no longer read), in the same
+        // swizzle, then write whole 16-byte chunks; then (v6) hand the buffer back.
+        store_acc_rows(o, sQb, H_HALF, acc, inv[0], inv[1], 64 * wg + 16 * warp + g, 64 * wg + 16 * warp, row0 + 16 * warp, T, NH, h, lane);
+        if (u == 0) {
+            if (r0 < T) lse[(size_t)h * T + r0] = row_lse[0];
+            if (r1 < T) lse[(size_t)h * T + r1] = row_lse[1];
+        }
+        if (PERSISTENT) mbar_arrive(&bars[B_QEMPTY + b]);
+        jbase += n_tiles;
     }
-    if (u == 0) {
-        if (r0 < T) lse[(size_t)h * T + r0] = row_lse[0];
-        if (r1 < T) lse[(size_t)h * T + r1] = row_lse[1];
-    }
+    if (PINGPONG && wg == 0) named_barrier_sync(1, 256);  // warpgroup 1's last arrival
 }
 
 // tm_q, tm_k, tm_v: tensor maps of q, k, v [T, NH, HD] bf16 as 3-D tensors (HD, NH, T), boxes
 // of (64, 1, 128) with 128-byte swizzle; o: [T, NH, HD] out; lse: [NH, T] out; rows: [T] int2;
 // order: [ceil(T / H_BM)] (attention_schedule with tile H_BM, step H_BN).
-// Grid: ceil(T / H_BM) * NH blocks of H_THREADS; dynamic shared memory H_SMEM.
+// Grid: ceil(T / H_BM) * NH blocks of H_THREADS, head fastest; dynamic shared memory H_SMEM.
 extern "C" __global__ void __launch_bounds__(H_THREADS, 1)
 attention_fwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                    const __grid_constant__ CUtensorMap tm_v, bf16* __restrict__ o, float* __restrict__ lse,
                    const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
-    fwd_sm90<false>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH);
+    fwd_sm90<false, false>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH, nullptr);
 }
 
-// The same with the ping-pong schedule (v5); same arguments.
+// v5: the same with the ping-pong schedule; same arguments.
 extern "C" __global__ void __launch_bounds__(H_THREADS, 1)
 attention_fwd_sm90_pingpong(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                             const __grid_constant__ CUtensorMap tm_v, bf16* __restrict__ o, float* __restrict__ lse,
                             const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
-    fwd_sm90<true>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH);
+    fwd_sm90<true, false>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH, nullptr);
+}
+
+// v6: ping-pong and persistent. Same arguments plus next_item: [1] int, zeroed. Grid:
+// min(items, SMs) blocks of H_THREADS (items = ceil(T / H_BM) * NH, item i = query tile
+// order[i / NH] of head i % NH); dynamic shared memory H_SMEM_PERSISTENT.
+extern "C" __global__ void __launch_bounds__(H_THREADS, 1)
+attention_fwd_sm90_persistent(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                              const __grid_constant__ CUtensorMap tm_v, bf16* __restrict__ o, float* __restrict__ lse,
+                              const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH,
+                              int* __restrict__ next_item) {
+    fwd_sm90<true, true>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH, next_item);
 }

@@ -25,7 +25,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
-use crate::ops::attention::{attention_bwd, attention_bwd_sm80, attention_bwd_sm90, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, attention_fwd_sm90_pingpong, BwdKernel, FwdKernel};
+use crate::ops::attention::{attention_bwd, attention_bwd_sm80, attention_bwd_sm90, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, attention_fwd_sm90_persistent, attention_fwd_sm90_pingpong, BwdKernel, FwdKernel};
 use crate::rng::Rng;
 
 const HD: usize = crate::config::HEAD_DIM;
@@ -167,6 +167,7 @@ fn routes(gpu: &Gpu) -> Vec<(&'static str, Pass)> {
     if gpu.props.is_hopper() {
         routes.push(("fwd sm90 (TMA + wgmma)", Pass::Forward(attention_fwd_sm90)));
         routes.push(("fwd sm90 ping-pong", Pass::Forward(attention_fwd_sm90_pingpong)));
+        routes.push(("fwd sm90 persistent", Pass::Forward(attention_fwd_sm90_persistent)));
     }
     routes.push(("bwd sm80 (mma.sync)", Pass::Backward(attention_bwd_sm80)));
     if gpu.props.is_hopper() {

@@ -476,6 +476,19 @@ const SM90_FAMILY: &str = "attention_sm90";
 const SM90_TILE: usize = 128;
 const SM90_THREADS: u32 = 384;
 const SM90_SMEM: u32 = (5 * 128 * HD * 2 + 1024) as u32;
+/// v6 (persistent) double-buffers Q: one more tile.
+const SM90_SMEM_PERSISTENT: u32 = (6 * 128 * HD * 2 + 1024) as u32;
+
+/// The Hopper forward kernels of cuda/attention_sm90.cu (docs/attention.md, kernel versions).
+#[derive(Clone, Copy, PartialEq)]
+enum Sm90Fwd {
+    /// v3: one block per (query tile, head).
+    Plain,
+    /// v5: v3 with the ping-pong of the two consumer warpgroups.
+    PingPong,
+    /// v6: v5 on a persistent grid of one block per SM, items taken from a queue.
+    Persistent,
+}
 
 /// A `CUtensorMap` passed by value as a `__grid_constant__` kernel parameter.
 #[repr(C, align(128))]
@@ -533,7 +546,7 @@ pub fn attention_fwd_sm90(
     t: usize,
     nh: usize,
 ) -> Result<(), GpuError> {
-    fwd_sm90(gpu, "attention_fwd_sm90", o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+    fwd_sm90(gpu, Sm90Fwd::Plain, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
 }
 
 /// The Hopper forward with FlashAttention-3's ping-pong schedule of the two consumer
@@ -552,14 +565,33 @@ pub fn attention_fwd_sm90_pingpong(
     t: usize,
     nh: usize,
 ) -> Result<(), GpuError> {
-    fwd_sm90(gpu, "attention_fwd_sm90_pingpong", o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+    fwd_sm90(gpu, Sm90Fwd::PingPong, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
 }
 
-/// Launches the Hopper forward kernel `name` (both take the same arguments).
+/// The Hopper forward with ping-pong on a persistent grid (v6 in docs/attention.md): one block
+/// per SM takes (query tile, head) items longest first from a queue; same contract as
+/// [`attention_fwd_sm90`]. Not the default until it has passed selftest and beaten v3 and v5.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_sm90_persistent(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    fwd_sm90(gpu, Sm90Fwd::Persistent, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// Launches one of the Hopper forward kernels (they share all arguments but v6's queue head).
 #[allow(clippy::too_many_arguments)]
 fn fwd_sm90(
     gpu: &Gpu,
-    name: &str,
+    variant: Sm90Fwd,
     o: &mut CudaViewMut<bf16>,
     lse: &mut CudaViewMut<f32>,
     q: &CudaView<bf16>,
@@ -574,6 +606,11 @@ fn fwd_sm90(
     if !p.is_hopper() {
         return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
     }
+    let (name, smem) = match variant {
+        Sm90Fwd::Plain => ("attention_fwd_sm90", SM90_SMEM),
+        Sm90Fwd::PingPong => ("attention_fwd_sm90_pingpong", SM90_SMEM),
+        Sm90Fwd::Persistent => ("attention_fwd_sm90_persistent", SM90_SMEM_PERSISTENT),
+    };
     check_shapes(name, &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
     check_table(name, cu_seqlens.len(), prefix_lens.len(), t, nh);
     assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "{name}: tensors must be 16-byte aligned");
@@ -585,15 +622,25 @@ fn fwd_sm90(
     let (v_ptr, _v_read) = v.device_ptr(&gpu.stream);
     let (tm_q, tm_k, tm_v) = (tensor_map(q_ptr, t, nh, SM90_TILE)?, tensor_map(k_ptr, t, nh, SM90_TILE)?, tensor_map(v_ptr, t, nh, SM90_TILE)?);
     let func = gpu.function(SM90_FAMILY, name)?;
-    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_SMEM as i32)
-        .during(format!("{name}: allowing {SM90_SMEM} bytes of shared memory"))?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .during(format!("{name}: allowing {smem} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
+    let items = t.div_ceil(SM90_TILE) * nh;
+    // v6's queue head, zeroed on the stream (a graph memory node under capture).
+    let mut next_item = if variant == Sm90Fwd::Persistent { Some(gpu.stream.alloc_zeros::<i32>(1).during("attention_fwd_sm90_persistent: allocating the queue head")?) } else { None };
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(o).arg(lse).arg(&rows).arg(&order).arg(&t_i32).arg(&nh_i32);
+    let blocks = match next_item.as_mut() {
+        Some(head) => {
+            args.arg(head);
+            items.min(p.sm_count)
+        }
+        None => items,
+    };
     // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v (alive until the
     // guards drop after the launch); o, lse shapes checked above; rows/order built for this T;
-    // SM90_SMEM bytes allowed above.
-    unsafe { args.launch(config(t.div_ceil(SM90_TILE) * nh, SM90_THREADS, SM90_SMEM)) }.during(name.to_string())?;
+    // `smem` bytes allowed above; v6 takes items < ceil(T / 128) * NH from its zeroed counter.
+    unsafe { args.launch(config(blocks, SM90_THREADS, smem)) }.during(name.to_string())?;
     Ok(())
 }
 
@@ -927,13 +974,16 @@ fn poisoned_bf16(gpu: &Gpu, n: usize) -> Result<CudaSlice<bf16>, GpuError> {
 }
 
 pub fn selftests() -> Vec<Check> {
+    // The portable kernels and the Hopper defaults first; the opt-in Hopper forwards last, so
+    // that a hang in one of them (a barrier protocol bug) still leaves the others reported.
     vec![
         Check { name: "attention_fwd_sm80", run: check_fwd_sm80 },
-        Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
-        Check { name: "attention_fwd_sm90_pingpong", run: check_fwd_sm90_pingpong },
         Check { name: "attention_bwd_sm80", run: check_bwd_sm80 },
-        Check { name: "attention_bwd_sm90", run: check_bwd_sm90 },
         Check { name: "attention_decode", run: check_decode },
+        Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
+        Check { name: "attention_bwd_sm90", run: check_bwd_sm90 },
+        Check { name: "attention_fwd_sm90_pingpong", run: check_fwd_sm90_pingpong },
+        Check { name: "attention_fwd_sm90_persistent", run: check_fwd_sm90_persistent },
     ]
 }
 
@@ -955,6 +1005,13 @@ fn check_fwd_sm90_pingpong(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuErro
         return Ok(Vec::new());
     }
     fwd_rows(gpu, rng, "attention_fwd_sm90_pingpong", attention_fwd_sm90_pingpong)
+}
+
+fn check_fwd_sm90_persistent(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    if !gpu.props.is_hopper() {
+        return Ok(Vec::new());
+    }
+    fwd_rows(gpu, rng, "attention_fwd_sm90_persistent", attention_fwd_sm90_persistent)
 }
 
 fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<Vec<Row>, GpuError> {
