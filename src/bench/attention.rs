@@ -4,10 +4,13 @@
 //! - (b) samples of 4,096 tokens with a 25% prefix;
 //! - (c) lengths uniform in 64..4096, prefix fractions uniform in 10..90%;
 //!
-//! each packed into 16,384 rows with 12 heads (size XL). Only the FLOPs of visible (query, key)
+//! each packed into 16,384 rows with 12 heads (size XL). One row per kernel this GPU runs: the
+//! portable forward and backward (sm_80) and, on Hopper only, the Hopper ones (sm_90a), which
+//! `attention_fwd` and `attention_bwd` dispatch to there.
+//! Only the FLOPs of visible (query, key)
 //! pairs count: the forward does two matrix products per pair of 128-vectors, `4 * 128` FLOPs,
 //! the backward `2.5x` that (five products: dV, dP, dQ, dK plus the recomputed S; FlashAttention's
-//! convention, although our deterministic dQ kernel recomputes S and dP once more). Times are
+//! convention, although the portable deterministic dQ kernel recomputes S and dP once more). Times are
 //! CUDA-event medians after warm-up, the inputs (150 MB of q, k, v) exceed the L2 cache, and
 //! each call includes its span and schedule kernels and workspace allocations.
 //!
@@ -22,7 +25,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
-use crate::ops::attention::{attention_bwd, attention_fwd};
+use crate::ops::attention::{attention_bwd, attention_bwd_sm80, attention_bwd_sm90, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, attention_fwd_sm90_persistent, attention_fwd_sm90_pingpong, BwdKernel, FwdKernel};
 use crate::rng::Rng;
 
 const HD: usize = crate::config::HEAD_DIM;
@@ -114,14 +117,14 @@ impl Buffers {
         })
     }
 
-    fn forward(&mut self, gpu: &Gpu, t: usize, nh: usize) -> Result<(), GpuError> {
+    fn forward(&mut self, gpu: &Gpu, kernel: FwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        attention_fwd(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.q.as_view(), &self.k.as_view(), &self.v.as_view(), &cu, &pl, t, nh)
+        kernel(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.q.as_view(), &self.k.as_view(), &self.v.as_view(), &cu, &pl, t, nh)
     }
 
-    fn backward(&mut self, gpu: &Gpu, t: usize, nh: usize) -> Result<(), GpuError> {
+    fn backward(&mut self, gpu: &Gpu, kernel: BwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        attention_bwd(
+        kernel(
             gpu,
             &mut self.dq.as_view_mut(),
             &mut self.dk.as_view_mut(),
@@ -158,27 +161,48 @@ fn median_ms(gpu: &Gpu, mut f: impl FnMut() -> Result<(), GpuError>) -> Result<f
     Ok(times[ITERS / 2])
 }
 
-/// Prints the table: per batch, forward and backward time and TFLOP/s over visible pairs.
+/// The kernels a row can time: every launcher this GPU can run, the portable ones first.
+fn routes(gpu: &Gpu) -> Vec<(&'static str, Pass)> {
+    let mut routes = vec![("fwd sm80 (mma.sync)", Pass::Forward(attention_fwd_sm80))];
+    if gpu.props.is_hopper() {
+        routes.push(("fwd sm90 (TMA + wgmma)", Pass::Forward(attention_fwd_sm90)));
+        routes.push(("fwd sm90 ping-pong", Pass::Forward(attention_fwd_sm90_pingpong)));
+        routes.push(("fwd sm90 persistent", Pass::Forward(attention_fwd_sm90_persistent)));
+    }
+    routes.push(("bwd sm80 (mma.sync)", Pass::Backward(attention_bwd_sm80)));
+    if gpu.props.is_hopper() {
+        routes.push(("bwd sm90 (TMA + wgmma)", Pass::Backward(attention_bwd_sm90)));
+    }
+    routes
+}
+
+/// What one row runs: a forward or a backward launcher (a backward row first runs the
+/// dispatched forward once, so that it starts from real o and lse).
+#[derive(Clone, Copy)]
+enum Pass {
+    Forward(FwdKernel),
+    Backward(BwdKernel),
+}
+
+/// Prints the table: per batch and kernel, the time and TFLOP/s over visible pairs.
 pub fn run(gpu: &Gpu) -> Result<()> {
     let mut rng = Rng::new(6);
     println!("attention on {} ({} SMs), {HEADS} heads of {HD}, {ROWS} rows per batch", gpu.props.name, gpu.props.sm_count);
-    println!("{:<32} {:>7} {:>14} {:>9} {:>9} {:>9} {:>9}", "batch", "samples", "visible pairs", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s");
+    println!("{:<30} {:>7} {:>14}  {:<24} {:>9} {:>9}", "batch", "samples", "visible pairs", "kernel", "ms", "TFLOP/s");
     for b in bench_batches(&mut rng) {
         let mut bufs = Buffers::new(gpu, &mut rng, &b, HEADS)?;
-        let fwd_ms = median_ms(gpu, || bufs.forward(gpu, b.t, HEADS))?;
-        let bwd_ms = median_ms(gpu, || bufs.backward(gpu, b.t, HEADS))?;
         let fwd_flops = 4.0 * HD as f64 * b.pairs() as f64 * HEADS as f64;
-        let tflops = |flops: f64, ms: f64| flops / (ms * 1e-3) / 1e12;
-        println!(
-            "{:<32} {:>7} {:>14} {:>9.3} {:>9.1} {:>9.3} {:>9.1}",
-            b.name,
-            b.prefix_lens.len(),
-            b.pairs(),
-            fwd_ms,
-            tflops(fwd_flops, fwd_ms),
-            bwd_ms,
-            tflops(2.5 * fwd_flops, bwd_ms)
-        );
+        for (i, (name, pass)) in routes(gpu).into_iter().enumerate() {
+            let (ms, flops) = match pass {
+                Pass::Forward(kernel) => (median_ms(gpu, || bufs.forward(gpu, kernel, b.t, HEADS))?, fwd_flops),
+                Pass::Backward(kernel) => {
+                    bufs.forward(gpu, attention_fwd, b.t, HEADS)?;
+                    (median_ms(gpu, || bufs.backward(gpu, kernel, b.t, HEADS))?, 2.5 * fwd_flops)
+                }
+            };
+            let (label, samples, pairs) = if i == 0 { (b.name, b.prefix_lens.len().to_string(), b.pairs().to_string()) } else { ("", String::new(), String::new()) };
+            println!("{label:<30} {samples:>7} {pairs:>14}  {name:<24} {ms:>9.3} {:>9.1}", flops / (ms * 1e-3) / 1e12);
+        }
     }
     Ok(())
 }
@@ -203,8 +227,8 @@ pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
     }
     let check = BenchBatch::new("check", t, &samples);
     let mut bufs = Buffers::new(gpu, &mut rng, &check, nh)?;
-    bufs.forward(gpu, t, nh)?;
-    bufs.backward(gpu, t, nh)?;
+    bufs.forward(gpu, attention_fwd, t, nh)?;
+    bufs.backward(gpu, attention_bwd, t, nh)?;
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {}", dir.join(name).display()));

@@ -414,9 +414,14 @@ fn schedule(gpu: &Gpu, spans: &CudaSlice<i32>, t: usize, tile: usize, step: usiz
     Ok(order)
 }
 
-/// Forward pass on the GPU; same contract as [`attention_fwd_cpu`].
-/// o: [T, NH, HD] bf16 out, lse: [NH, T] fp32 out, q, k, v: [T, NH, HD] bf16 (16-byte aligned),
-/// cu_seqlens: [S+1] i32, prefix_lens: [S] i32 (device memory, never read by the host).
+/// A forward launcher: [`attention_fwd`], [`attention_fwd_sm80`] or [`attention_fwd_sm90`].
+pub type FwdKernel = fn(&Gpu, &mut CudaViewMut<bf16>, &mut CudaViewMut<f32>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<i32>, &CudaView<i32>, usize, usize) -> Result<(), GpuError>;
+
+/// Forward pass on the GPU; same contract as [`attention_fwd_cpu`]. Runs the Hopper kernel
+/// ([`attention_fwd_sm90`]) on sm_90 devices and the portable one ([`attention_fwd_sm80`])
+/// elsewhere. o: [T, NH, HD] bf16 out, lse: [NH, T] fp32 out, q, k, v: [T, NH, HD] bf16
+/// (16-byte aligned), cu_seqlens: [S+1] i32, prefix_lens: [S] i32 (device memory, never read
+/// by the host).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
     gpu: &Gpu,
@@ -430,9 +435,28 @@ pub fn attention_fwd(
     t: usize,
     nh: usize,
 ) -> Result<(), GpuError> {
-    check_shapes("attention_fwd", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
-    check_table("attention_fwd", cu_seqlens.len(), prefix_lens.len(), t, nh);
-    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd: tensors must be 16-byte aligned");
+    let kernel: FwdKernel = if gpu.props.is_hopper() { attention_fwd_sm90 } else { attention_fwd_sm80 };
+    kernel(gpu, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// Forward pass with the portable kernel (cuda/attention.cu, sm_80+, `mma.sync`); same
+/// contract as [`attention_fwd`]. The default off Hopper; selftested explicitly on every GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_sm80(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    check_shapes("attention_fwd_sm80", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
+    check_table("attention_fwd_sm80", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd_sm80: tensors must be 16-byte aligned");
     let (rows, _cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
     let order = schedule(gpu, &rows, t, Q_TILE, KEY_STEP)?;
     let func = function_with_smem(gpu, "attention_fwd", FWD_SMEM)?;
@@ -452,6 +476,19 @@ const SM90_FAMILY: &str = "attention_sm90";
 const SM90_TILE: usize = 128;
 const SM90_THREADS: u32 = 384;
 const SM90_SMEM: u32 = (5 * 128 * HD * 2 + 1024) as u32;
+/// v6 (persistent) double-buffers Q: one more tile.
+const SM90_SMEM_PERSISTENT: u32 = (6 * 128 * HD * 2 + 1024) as u32;
+
+/// The Hopper forward kernels of cuda/attention_sm90.cu (docs/attention.md, kernel versions).
+#[derive(Clone, Copy, PartialEq)]
+enum Sm90Fwd {
+    /// v3: one block per (query tile, head).
+    Plain,
+    /// v5: v3 with the ping-pong of the two consumer warpgroups.
+    PingPong,
+    /// v6: v5 on a persistent grid of one block per SM, items taken from a queue.
+    Persistent,
+}
 
 /// A `CUtensorMap` passed by value as a `__grid_constant__` kernel parameter.
 #[repr(C, align(128))]
@@ -462,12 +499,12 @@ struct TensorMap(sys::CUtensorMap);
 unsafe impl DeviceRepr for TensorMap {}
 
 /// The TMA descriptor of a `[T, NH, HD]` bf16 tensor at `ptr`, seen as the 3-D tensor
-/// (HD, NH, T) and copied in boxes of (64, 1, 128): half a head row by 128 rows, 128-byte
-/// swizzled (cuda/attention_sm90.cu). Rows past T read as zeros.
-fn tensor_map(ptr: u64, t: usize, nh: usize) -> Result<TensorMap, GpuError> {
+/// (HD, NH, T) and copied in boxes of (64, 1, `box_rows`): half a head row by `box_rows` rows,
+/// 128-byte swizzled (cuda/attention_sm90.cuh). Rows past T read as zeros.
+fn tensor_map(ptr: u64, t: usize, nh: usize, box_rows: usize) -> Result<TensorMap, GpuError> {
     let dims: [u64; 3] = [HD as u64, nh as u64, t as u64];
     let strides: [u64; 2] = [(HD * 2) as u64, (nh * HD * 2) as u64]; // bytes, dims 1 and 2
-    let boxes: [u32; 3] = [64, 1, SM90_TILE as u32];
+    let boxes: [u32; 3] = [64, 1, box_rows as u32];
     let steps: [u32; 3] = [1, 1, 1];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every pointer refers to a live local array of the length the rank (3) implies;
@@ -488,17 +525,73 @@ fn tensor_map(ptr: u64, t: usize, nh: usize) -> Result<TensorMap, GpuError> {
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
         .result()
-        .during(format!("attention_fwd_sm90: encoding the tensor map of a [{t}, {nh}, {HD}] tensor"))?;
+        .during(format!("attention (sm_90): encoding the tensor map of a [{t}, {nh}, {HD}] tensor"))?;
         Ok(TensorMap(map.assume_init()))
     }
 }
 
-/// Forward pass on a Hopper GPU with the TMA + wgmma kernel; same contract as
-/// [`attention_fwd`]. Not the default yet: `attention_fwd` keeps the portable kernel until this
-/// one has passed `hrm-cu selftest --filter attention_fwd_sm90` on an H100.
+/// Forward pass on a Hopper GPU with the TMA + wgmma kernel (cuda/attention_sm90.cu, v3 in
+/// docs/attention.md); same contract as [`attention_fwd`], which calls it on sm_90 devices.
+/// Errors on other GPUs.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd_sm90(
     gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    fwd_sm90(gpu, Sm90Fwd::Plain, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// The Hopper forward with FlashAttention-3's ping-pong schedule of the two consumer
+/// warpgroups (v5 in docs/attention.md); same contract as [`attention_fwd_sm90`]. Not the
+/// default until it has passed selftest and beaten v3 in `hrm-cu bench attention`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_sm90_pingpong(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    fwd_sm90(gpu, Sm90Fwd::PingPong, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// The Hopper forward with ping-pong on a persistent grid (v6 in docs/attention.md): one block
+/// per SM takes (query tile, head) items longest first from a queue; same contract as
+/// [`attention_fwd_sm90`]. Not the default until it has passed selftest and beaten v3 and v5.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fwd_sm90_persistent(
+    gpu: &Gpu,
+    o: &mut CudaViewMut<bf16>,
+    lse: &mut CudaViewMut<f32>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    fwd_sm90(gpu, Sm90Fwd::Persistent, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// Launches one of the Hopper forward kernels (they share all arguments but v6's queue head).
+#[allow(clippy::too_many_arguments)]
+fn fwd_sm90(
+    gpu: &Gpu,
+    variant: Sm90Fwd,
     o: &mut CudaViewMut<bf16>,
     lse: &mut CudaViewMut<f32>,
     q: &CudaView<bf16>,
@@ -513,33 +606,67 @@ pub fn attention_fwd_sm90(
     if !p.is_hopper() {
         return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
     }
-    check_shapes("attention_fwd_sm90", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
-    check_table("attention_fwd_sm90", cu_seqlens.len(), prefix_lens.len(), t, nh);
-    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd_sm90: tensors must be 16-byte aligned");
+    let (name, smem) = match variant {
+        Sm90Fwd::Plain => ("attention_fwd_sm90", SM90_SMEM),
+        Sm90Fwd::PingPong => ("attention_fwd_sm90_pingpong", SM90_SMEM),
+        Sm90Fwd::Persistent => ("attention_fwd_sm90_persistent", SM90_SMEM_PERSISTENT),
+    };
+    check_shapes(name, &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
+    check_table(name, cu_seqlens.len(), prefix_lens.len(), t, nh);
+    assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "{name}: tensors must be 16-byte aligned");
     let (rows, _cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
     let order = schedule(gpu, &rows, t, SM90_TILE, SM90_TILE)?;
     // The guards keep q, k, v recorded as read by this launch (cudarc's stream tracking).
     let (q_ptr, _q_read) = q.device_ptr(&gpu.stream);
     let (k_ptr, _k_read) = k.device_ptr(&gpu.stream);
     let (v_ptr, _v_read) = v.device_ptr(&gpu.stream);
-    let (tm_q, tm_k, tm_v) = (tensor_map(q_ptr, t, nh)?, tensor_map(k_ptr, t, nh)?, tensor_map(v_ptr, t, nh)?);
-    let func = gpu.function(SM90_FAMILY, "attention_fwd_sm90")?;
-    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_SMEM as i32)
-        .during(format!("attention_fwd_sm90: allowing {SM90_SMEM} bytes of shared memory"))?;
+    let (tm_q, tm_k, tm_v) = (tensor_map(q_ptr, t, nh, SM90_TILE)?, tensor_map(k_ptr, t, nh, SM90_TILE)?, tensor_map(v_ptr, t, nh, SM90_TILE)?);
+    let func = gpu.function(SM90_FAMILY, name)?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .during(format!("{name}: allowing {smem} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
+    let items = t.div_ceil(SM90_TILE) * nh;
+    // v6's queue head, zeroed on the stream (a graph memory node under capture).
+    let mut next_item = if variant == Sm90Fwd::Persistent { Some(gpu.stream.alloc_zeros::<i32>(1).during("attention_fwd_sm90_persistent: allocating the queue head")?) } else { None };
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(o).arg(lse).arg(&rows).arg(&order).arg(&t_i32).arg(&nh_i32);
+    let blocks = match next_item.as_mut() {
+        Some(head) => {
+            args.arg(head);
+            items.min(p.sm_count)
+        }
+        None => items,
+    };
     // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v (alive until the
     // guards drop after the launch); o, lse shapes checked above; rows/order built for this T;
-    // SM90_SMEM bytes allowed above.
-    unsafe { args.launch(config(t.div_ceil(SM90_TILE) * nh, SM90_THREADS, SM90_SMEM)) }.during("attention_fwd_sm90")?;
+    // `smem` bytes allowed above; v6 takes items < ceil(T / 128) * NH from its zeroed counter.
+    unsafe { args.launch(config(blocks, SM90_THREADS, smem)) }.during(name.to_string())?;
     Ok(())
 }
 
+/// A backward launcher: [`attention_bwd`], [`attention_bwd_sm80`] or [`attention_bwd_sm90`].
+pub type BwdKernel = fn(
+    &Gpu,
+    &mut CudaViewMut<bf16>,
+    &mut CudaViewMut<bf16>,
+    &mut CudaViewMut<bf16>,
+    &CudaView<bf16>,
+    &CudaView<bf16>,
+    &CudaView<bf16>,
+    &CudaView<bf16>,
+    &CudaView<bf16>,
+    &CudaView<f32>,
+    &CudaView<i32>,
+    &CudaView<i32>,
+    usize,
+    usize,
+) -> Result<(), GpuError>;
+
 /// Backward pass on the GPU; same contract as [`attention_bwd_cpu`] (dq, dk, dv written).
+/// Runs [`attention_bwd_sm90`] on sm_90 devices and [`attention_bwd_sm80`] elsewhere.
 /// dq, dk, dv: [T, NH, HD] bf16 out, do_, q, k, v, o: [T, NH, HD] bf16 (16-byte aligned),
 /// lse: [NH, T] fp32 (from the forward), cu_seqlens: [S+1] i32, prefix_lens: [S] i32.
-/// Deterministic: no atomics, bitwise-identical results from run to run.
+/// Deterministic: bitwise-identical results from run to run.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     gpu: &Gpu,
@@ -557,11 +684,35 @@ pub fn attention_bwd(
     t: usize,
     nh: usize,
 ) -> Result<(), GpuError> {
+    let kernel: BwdKernel = if gpu.props.is_hopper() { attention_bwd_sm90 } else { attention_bwd_sm80 };
+    kernel(gpu, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// Backward pass with the portable kernels (cuda/attention.cu, sm_80+ with 129 KB of shared
+/// memory per block); same contract as [`attention_bwd`]. No atomics: dK/dV and dQ are separate
+/// kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_sm80(
+    gpu: &Gpu,
+    dq: &mut CudaViewMut<bf16>,
+    dk: &mut CudaViewMut<bf16>,
+    dv: &mut CudaViewMut<bf16>,
+    do_: &CudaView<bf16>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    o: &CudaView<bf16>,
+    lse: &CudaView<f32>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
     let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len()), ("o", o.len())];
-    check_shapes("attention_bwd", &tensors, lse.len(), t, nh);
-    check_table("attention_bwd", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    check_shapes("attention_bwd_sm80", &tensors, lse.len(), t, nh);
+    check_table("attention_bwd_sm80", cu_seqlens.len(), prefix_lens.len(), t, nh);
     let aligned = aligned16(gpu, dq) && aligned16(gpu, dk) && aligned16(gpu, dv) && aligned16(gpu, do_) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v) && aligned16(gpu, o);
-    assert!(aligned, "attention_bwd: tensors must be 16-byte aligned");
+    assert!(aligned, "attention_bwd_sm80: tensors must be 16-byte aligned");
     let (rows, cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
     let q_order = schedule(gpu, &rows, t, Q_TILE, KEY_STEP)?;
     let kv_order = schedule(gpu, &cols, t, KV_TILE, QUERY_STEP)?;
@@ -587,6 +738,99 @@ pub fn attention_bwd(
     args.arg(dq).arg(q).arg(k).arg(v).arg(do_).arg(lse).arg(&delta).arg(&rows).arg(&q_order).arg(&t_i32).arg(&nh_i32);
     // SAFETY: as above, with rows/q_order built for this T.
     unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, DQ_SMEM)) }.during("attention_bwd_dq")?;
+    Ok(())
+}
+
+/// The Hopper backward's family (cuda/attention_bwd_sm90.cu, sm_90a only): blocks of 3
+/// warpgroups own key tiles of 128 rows and walk query tiles of 64; dQ partials are added into
+/// an fp32 workspace of query tiles of 64 rows in a fixed order. Shared memory: K, V (64 KB),
+/// two stages of Q, dO (64 KB), dS^T (16 KB), two dQ partials (64 KB), two stages of lse2 and
+/// delta (1 KB), 1 KB of alignment slack.
+const SM90_BWD_FAMILY: &str = "attention_bwd_sm90";
+const SM90_BWD_KEYS: usize = 128;
+const SM90_BWD_QUERIES: usize = 64;
+const SM90_BWD_SMEM: u32 = (2 * 32768 + 2 * 32768 + 16384 + 2 * 32768 + 2 * 2 * 64 * 4 + 1024) as u32;
+
+/// Backward pass on a Hopper GPU with the TMA + wgmma kernels (cuda/attention_bwd_sm90.cu);
+/// same contract as [`attention_bwd`], which calls it on sm_90 devices. Errors on other GPUs.
+/// Deterministic: the dQ contributions of the key tiles are added in the order of the key-tile
+/// schedule (a semaphore per query tile), never in arrival order.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_sm90(
+    gpu: &Gpu,
+    dq: &mut CudaViewMut<bf16>,
+    dk: &mut CudaViewMut<bf16>,
+    dv: &mut CudaViewMut<bf16>,
+    do_: &CudaView<bf16>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    o: &CudaView<bf16>,
+    lse: &CudaView<f32>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    let p = &gpu.props;
+    if !p.is_hopper() {
+        return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
+    }
+    let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len()), ("o", o.len())];
+    check_shapes("attention_bwd_sm90", &tensors, lse.len(), t, nh);
+    check_table("attention_bwd_sm90", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    let aligned = aligned16(gpu, dq) && aligned16(gpu, dk) && aligned16(gpu, dv) && aligned16(gpu, do_) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v) && aligned16(gpu, o);
+    assert!(aligned, "attention_bwd_sm90: tensors must be 16-byte aligned");
+    let (rows, cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
+    let kv_order = schedule(gpu, &cols, t, SM90_BWD_KEYS, SM90_BWD_QUERIES)?;
+    let (n_kv, n_q) = (t.div_ceil(SM90_BWD_KEYS), t.div_ceil(SM90_BWD_QUERIES));
+    let t_pad = n_q * SM90_BWD_QUERIES;
+    let (t_i32, t_pad_i32, nh_i32, n_kv_i32) = (t as i32, t_pad as i32, nh as i32, n_kv as i32);
+
+    // Workspaces. lse2, delta, rank and dqacc are written before they are read (dqacc by the
+    // first contribution to each query tile, a bulk store); the semaphores start at 0.
+    let what = "attention_bwd_sm90: allocating workspaces";
+    // SAFETY: see above; every element read was written earlier in the same stream.
+    let (mut lse2, mut delta, mut rank, mut dqacc) = unsafe {
+        (gpu.stream.alloc::<f32>(nh * t_pad).during(what)?, gpu.stream.alloc::<f32>(nh * t_pad).during(what)?, gpu.stream.alloc::<i32>(n_kv).during(what)?, gpu.stream.alloc::<f32>(nh * t_pad * HD).during(what)?)
+    };
+    let mut sem = gpu.stream.alloc_zeros::<i32>(nh * n_q).during(what)?;
+
+    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_prep")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut lse2).arg(&mut delta).arg(&mut rank).arg(do_).arg(o).arg(lse).arg(&kv_order).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&n_kv_i32);
+    // SAFETY: one warp per (row < T_pad, head) writes lse2/delta[h * T_pad + row] and reads do_, o
+    // rows < T (shapes checked) and lse[h * T + row]; threads < n_kv write rank[order[i]], a
+    // permutation of 0..n_kv. The grid has at least n_kv threads (T_pad * NH * 32 >= T / 128).
+    unsafe { args.launch(config((t_pad * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_prep")?;
+
+    // The guards keep q, k, v, do recorded as read by this launch (cudarc's stream tracking).
+    let (q_ptr, _q_read) = q.device_ptr(&gpu.stream);
+    let (k_ptr, _k_read) = k.device_ptr(&gpu.stream);
+    let (v_ptr, _v_read) = v.device_ptr(&gpu.stream);
+    let (do_ptr, _do_read) = do_.device_ptr(&gpu.stream);
+    let tm_q = tensor_map(q_ptr, t, nh, SM90_BWD_QUERIES)?;
+    let tm_do = tensor_map(do_ptr, t, nh, SM90_BWD_QUERIES)?;
+    let tm_k = tensor_map(k_ptr, t, nh, SM90_BWD_KEYS)?;
+    let tm_v = tensor_map(v_ptr, t, nh, SM90_BWD_KEYS)?;
+    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90")?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_BWD_SMEM as i32)
+        .during(format!("attention_bwd_sm90: allowing {SM90_BWD_SMEM} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_do).arg(&mut *dk).arg(&mut *dv).arg(&mut dqacc).arg(&mut sem);
+    args.arg(&lse2).arg(&delta).arg(&rows).arg(&cols).arg(&kv_order).arg(&rank).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32);
+    // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v, do (alive until the
+    // guards drop after the launch); dk, dv shapes checked above; dqacc holds NH * T_pad * HD
+    // fp32, sem NH * T_pad / 64 ints, lse2 and delta NH * T_pad; rows/cols/kv_order/rank built
+    // for this T; SM90_BWD_SMEM bytes allowed above.
+    unsafe { args.launch(config(n_kv * nh, SM90_THREADS, SM90_BWD_SMEM)) }.during("attention_bwd_sm90")?;
+
+    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_dq")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(dq).arg(&dqacc).arg(&rows).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32);
+    // SAFETY: one block per (query tile < T_pad / 64, head) reads its 32 KB of dqacc and writes
+    // dq rows < T of that head (shape checked).
+    unsafe { args.launch(config(n_q * nh, BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_dq")?;
     Ok(())
 }
 
@@ -730,19 +974,22 @@ fn poisoned_bf16(gpu: &Gpu, n: usize) -> Result<CudaSlice<bf16>, GpuError> {
 }
 
 pub fn selftests() -> Vec<Check> {
+    // The portable kernels and the Hopper defaults first; the opt-in Hopper forwards last, so
+    // that a hang in one of them (a barrier protocol bug) still leaves the others reported.
     vec![
-        Check { name: "attention_fwd", run: check_fwd },
-        Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
-        Check { name: "attention_bwd", run: check_bwd },
+        Check { name: "attention_fwd_sm80", run: check_fwd_sm80 },
+        Check { name: "attention_bwd_sm80", run: check_bwd_sm80 },
         Check { name: "attention_decode", run: check_decode },
+        Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
+        Check { name: "attention_bwd_sm90", run: check_bwd_sm90 },
+        Check { name: "attention_fwd_sm90_pingpong", run: check_fwd_sm90_pingpong },
+        Check { name: "attention_fwd_sm90_persistent", run: check_fwd_sm90_persistent },
     ]
 }
 
-/// A forward launcher: [`attention_fwd`] or [`attention_fwd_sm90`].
-type FwdKernel = fn(&Gpu, &mut CudaViewMut<bf16>, &mut CudaViewMut<f32>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<i32>, &CudaView<i32>, usize, usize) -> Result<(), GpuError>;
-
-fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
-    fwd_rows(gpu, rng, "attention_fwd", attention_fwd)
+/// The portable kernel, on every GPU (on Hopper `attention_fwd` does not run it).
+fn check_fwd_sm80(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    fwd_rows(gpu, rng, "attention_fwd_sm80", attention_fwd_sm80)
 }
 
 /// The Hopper kernel on the same batches; no rows on other GPUs (it is not built for them).
@@ -751,6 +998,20 @@ fn check_fwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         return Ok(Vec::new());
     }
     fwd_rows(gpu, rng, "attention_fwd_sm90", attention_fwd_sm90)
+}
+
+fn check_fwd_sm90_pingpong(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    if !gpu.props.is_hopper() {
+        return Ok(Vec::new());
+    }
+    fwd_rows(gpu, rng, "attention_fwd_sm90_pingpong", attention_fwd_sm90_pingpong)
+}
+
+fn check_fwd_sm90_persistent(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    if !gpu.props.is_hopper() {
+        return Ok(Vec::new());
+    }
+    fwd_rows(gpu, rng, "attention_fwd_sm90_persistent", attention_fwd_sm90_persistent)
 }
 
 fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<Vec<Row>, GpuError> {
@@ -780,7 +1041,20 @@ fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<V
     Ok(rows)
 }
 
-fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+/// The portable kernels, on every GPU (on Hopper `attention_bwd` does not run them).
+fn check_bwd_sm80(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    bwd_rows(gpu, rng, "attention_bwd_sm80", attention_bwd_sm80)
+}
+
+/// The Hopper kernels on the same batches; no rows on other GPUs (they are not built for them).
+fn check_bwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    if !gpu.props.is_hopper() {
+        return Ok(Vec::new());
+    }
+    bwd_rows(gpu, rng, "attention_bwd_sm90", attention_bwd_sm90)
+}
+
+fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel) -> Result<Vec<Row>, GpuError> {
     let mut rows = Vec::new();
     for b in test_batches(rng) {
         let (t, nh, n) = (b.t, b.nh, b.q.len());
@@ -804,7 +1078,7 @@ fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         let pl = gpu.stream.clone_htod(&b.prefix_lens).during("upload")?;
         let run = || -> Result<[Vec<f32>; 3], GpuError> {
             let (mut dq, mut dk, mut dv) = (poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?);
-            attention_bwd(
+            kernel(
                 gpu,
                 &mut dq.as_view_mut(),
                 &mut dk.as_view_mut(),
@@ -823,14 +1097,14 @@ fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
             Ok([download_bf16(gpu, &dq)?, download_bf16(gpu, &dk)?, download_bf16(gpu, &dv)?])
         };
         let first = run()?;
-        for (i, name) in ["attention_bwd dq", "attention_bwd dk", "attention_bwd dv"].into_iter().enumerate() {
+        for (i, grad) in ["dq", "dk", "dv"].into_iter().enumerate() {
             let tol = tolerance_vs_baseline(&baseline[i], &reference[i]);
-            rows.push(Row::new(name, b.shape(), tol, compare(&first[i], &reference[i], tol)));
+            rows.push(Row::new(format!("{name} {grad}"), b.shape(), tol, compare(&first[i], &reference[i], tol)));
         }
         // Deterministic: a second run must agree bit for bit.
         let second = run()?;
         let exact = Tolerance { abs: 0.0, rel: 0.0 };
-        rows.push(Row::new("attention_bwd rerun", b.shape(), exact, compare(&second.concat(), &first.concat(), exact)));
+        rows.push(Row::new(format!("{name} rerun"), b.shape(), exact, compare(&second.concat(), &first.concat(), exact)));
     }
     Ok(rows)
 }
