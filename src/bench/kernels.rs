@@ -16,7 +16,7 @@ use half::bf16;
 use crate::bench::{print_table, random_bf16, random_host, random_i32, rotation_sets, time_ms, upload, Ceilings, Measurement, Work};
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::cross_entropy::{cross_entropy_with, lm_head_cross_entropy, metrics, CeKernel, IGNORE_LABEL, METRICS_LEN};
-use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch};
+use crate::ops::embedding::{embedding_bwd, embedding_fwd, sort_tokens, EmbeddingBwdScratch};
 use crate::ops::gate::{gate_bwd, gate_fwd};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache, GemmOp, GemmShape};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
@@ -270,6 +270,14 @@ impl Bench<'_> {
         self.push("embedding_fwd", &shape, ms, Work::Bytes((T * 4 + unique * D * 2 + T * D * 2) as f64), &note);
         let ms = time_ms(gpu, WARMUP, ITERS, |_| embedding_bwd(gpu, &mut dw.as_view_mut(), &dout.as_view(), &tokens.as_view(), T, D, scale, &mut scratch))?;
         self.push("embedding_bwd (sort + reduce)", &shape, ms, Work::Bytes((T * 4 + T * D * 2 + 2 * unique * D * 4) as f64), &format!("{note}; dw rows read + written"));
+        let ms = time_ms(gpu, WARMUP, ITERS, |_| sort_tokens(gpu, &tokens.as_view(), T as i32, V as i32, &mut scratch))?;
+        self.push("  of which the sort (4 kernels)", &shape, ms, Work::Latency, "memset, count, scan, fill, rank");
+        // A packed batch with 10% padding: one id holds 1638 of the positions.
+        let padded_host: Vec<i32> = tokens_host.iter().enumerate().map(|(t, &id)| if t >= T - T / 10 { 0 } else { id }).collect();
+        let padded = upload(gpu, &padded_host)?;
+        let unique = padded_host.iter().collect::<HashSet<_>>().len();
+        let ms = time_ms(gpu, WARMUP, ITERS, |_| embedding_bwd(gpu, &mut dw.as_view_mut(), &dout.as_view(), &padded.as_view(), T, D, scale, &mut scratch))?;
+        self.push("embedding_bwd, 10% one id", &shape, ms, Work::Bytes((T * 4 + T * D * 2 + 2 * unique * D * 4) as f64), &format!("{unique} distinct ids"));
         Ok(())
     }
 
