@@ -36,8 +36,12 @@ __device__ __forceinline__ bf16x8 float_to_bf16x8(const float in[8]) {
     return out;
 }
 
-// The accurate expf (not __expf): saturates to 0 and 1 without NaN.
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+// sigmoid(x) = 1 / (1 + exp(-x)). The accurate expf (not __expf) saturates to 0 and inf
+// without NaN. The reciprocal is __fdividef's (MUFU.RCP and a multiply, 2 ulp): it gives 0
+// for denominators above 2^126 (x < -87, where the sigmoid is below fp32's normal range
+// anyway) and avoids the IEEE division's slow-path call, whose calling convention pushed
+// gate_fwd to 67 registers (spilling once capped) when unrolled.
+__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.0f, 1.0f + expf(-x)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -30,6 +30,8 @@ const THREADS: u32 = 256;
 const SCAN_THREADS: u32 = 1024;
 /// `CHUNK` in `cuda/embedding.cu`: sorted positions per block of the reduce step.
 const CHUNK: usize = 16;
+/// `FWD_WARPS` in `cuda/embedding.cu`: rows per block of the forward; `THREADS` = 32 of it.
+const FWD_WARPS: usize = 8;
 
 /// Panics with the offending position unless every token id is in `0..v`.
 #[track_caller]
@@ -129,7 +131,8 @@ pub fn embedding_fwd(gpu: &Gpu, out: &mut CudaViewMut<bf16>, tokens: &CudaView<i
         return Ok(());
     }
     let (t_i, d_i, v_i) = (as_i32(OP, "T", t), as_i32(OP, "D", d), as_i32(OP, "V", w.len() / d));
-    let blocks = (t * d / 8).div_ceil(THREADS as usize).clamp(1, gpu.props.sm_count * 16) as u32;
+    // One warp per row, FWD_WARPS rows (THREADS = FWD_WARPS * 32 threads) a block.
+    let blocks = t.div_ceil(FWD_WARPS) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let func = gpu.function(FAMILY, OP)?;
     let mut args = gpu.stream.launch_builder(&func);
