@@ -266,6 +266,7 @@ extern "C" __global__ void embedding_bwd_reduce(float* __restrict__ dw, float* _
         }
     }
     __syncthreads();
+    __threadfence();  // the other blocks' pieces, published before their tickets, are read after ours
     for (int side = 0; side < 2; side++) {
         const int k = side == 0 ? 0 : n - 1;
         if (finishes[side] && active) combine_pieces(dw + (int64_t)pos_id[k] * D, partials, run_begin[k], run_end[k], D, c);
