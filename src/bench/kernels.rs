@@ -360,11 +360,8 @@ impl Bench<'_> {
     /// of the LM head at its default chunk (host wall time, tuning included).
     fn gemm_tuning(&mut self) -> Result<(), GpuError> {
         let gemm = GemmCache::new(self.gpu)?;
-        let mut shapes = Vec::new();
-        for (t, n, k, residual) in [(T, 4 * C, D, false), (T, D, C, true), (T, 2 * I, D, false), (T, D, I, true), (LM_CHUNKS[0], V, D, false)] {
-            let forward = if residual { GemmOp::ForwardResidual } else { GemmOp::Forward };
-            shapes.extend([forward, GemmOp::BackwardInput, GemmOp::BackwardWeight].map(|op| GemmShape { op, t, n, k }));
-        }
+        let layers = [(T, 4 * C, D, false), (T, D, C, true), (T, 2 * I, D, false), (T, D, I, true), (LM_CHUNKS[0], V, D, false)];
+        let shapes: Vec<GemmShape> = layers.iter().flat_map(|&(t, n, k, residual)| GemmShape::linear_layer(t, n, k, residual)).collect();
         let start = std::time::Instant::now();
         gemm.prepare(&shapes)?;
         self.gpu.sync()?;

@@ -161,6 +161,13 @@ impl std::fmt::Display for GemmShape {
 }
 
 impl GemmShape {
+    /// The three products of a linear layer `y [T,N] = x [T,K] @ w [N,K]^T (+ residual)`:
+    /// forward, input gradient, weight gradient; for [`GemmCache::prepare`].
+    pub fn linear_layer(t: usize, n: usize, k: usize, residual: bool) -> [GemmShape; 3] {
+        let forward = if residual { GemmOp::ForwardResidual } else { GemmOp::Forward };
+        [forward, GemmOp::BackwardInput, GemmOp::BackwardWeight].map(|op| GemmShape { op, t, n, k })
+    }
+
     /// Multiply-adds times two.
     pub fn flops(&self) -> f64 {
         2.0 * self.t as f64 * self.n as f64 * self.k as f64
