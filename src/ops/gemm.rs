@@ -383,11 +383,23 @@ impl GemmCache {
         let pref = lt::create_matmul_pref().map_err(blas(what("creating the preference")))?;
         let workspace = WORKSPACE_BYTES as u64;
         let align = 16u32;
+        // Split-K candidates must reduce their partial products in fp32, in the workspace
+        // (COMPUTE_TYPE), or, for the fp32 dW, in the output type. Excluded: reducing in a
+        // bf16 output, which rounds every partial sum (far outside the GEMM tolerances where
+        // a sum cancels), and reducing in place in the output buffer. Only the heuristic's
+        // first choice used to run, and it passed selftest; with the tuner free to pick any
+        // of 8 candidates, those that could not are ruled out up front.
+        type Scheme = sys::cublasLtReductionScheme_t;
+        let reductions = match op {
+            GemmOp::BackwardWeight => Scheme::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32 | Scheme::CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE as u32,
+            _ => Scheme::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32,
+        };
         type PrefAttr = sys::cublasLtMatmulPreferenceAttributes_t;
         // SAFETY: pref is live; each value has the type its attribute expects (u64 bytes for
-        // the workspace, u32 for the alignments).
+        // the workspace, u32 for the alignments and the reduction-scheme mask).
         let set_prefs = unsafe {
-            lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&workspace as *const u64).cast(), 8)
+            lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, (&reductions as *const u32).cast(), 4)
+                .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&workspace as *const u64).cast(), 8))
                 .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, (&align as *const u32).cast(), 4))
                 .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, (&align as *const u32).cast(), 4))
                 .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, (&align as *const u32).cast(), 4))
