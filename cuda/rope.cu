@@ -34,8 +34,8 @@ __device__ __forceinline__ void rope_table(int pos, float* cos_a, float* sin_a) 
 __device__ __forceinline__ void rotate_pair_item(bf16* __restrict__ dst, const bf16* __restrict__ src, int c,
                                                  const float* cos_a, const float* sin_a, float sign) {
     float x1[8], x2[8], o1[8], o2[8];
-    bf16x8_to_float(*reinterpret_cast<const bf16x8*>(src + c), x1);
-    bf16x8_to_float(*reinterpret_cast<const bf16x8*>(src + c + HALF_DIM), x2);
+    bf16x8_to_float(load_bf16x8(src + c), x1);
+    bf16x8_to_float(load_bf16x8(src + c + HALF_DIM), x2);
 #pragma unroll
     for (int e = 0; e < 8; e++) {
         const float cs = cos_a[c + e], sn = sign * sin_a[c + e];

@@ -15,10 +15,10 @@ extern "C" __global__ void swiglu_fwd(bf16* __restrict__ out, const bf16* __rest
     const int64_t vecs_per_row = I / 8, n = (int64_t)T * vecs_per_row;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t row = i / vecs_per_row, col = i % vecs_per_row;
-        const bf16x8* src = reinterpret_cast<const bf16x8*>(gate_up + row * 2 * I);
+        const bf16* src = gate_up + row * 2 * I + 8 * col;
         float g[8], u[8], o[8];
-        bf16x8_to_float(src[col], g);
-        bf16x8_to_float(src[vecs_per_row + col], u);
+        bf16x8_to_float(load_bf16x8(src), g);
+        bf16x8_to_float(load_bf16x8(src + I), u);
 #pragma unroll
         for (int e = 0; e < 8; e++) o[e] = g[e] * sigmoid(g[e]) * u[e];
         reinterpret_cast<bf16x8*>(out)[i] = float_to_bf16x8(o);
@@ -31,12 +31,12 @@ extern "C" __global__ void swiglu_bwd(bf16* __restrict__ dgate_up, const bf16* _
     const int64_t vecs_per_row = I / 8, n = (int64_t)T * vecs_per_row;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
         const int64_t row = i / vecs_per_row, col = i % vecs_per_row;
-        const bf16x8* src = reinterpret_cast<const bf16x8*>(gate_up + row * 2 * I);
+        const bf16* src = gate_up + row * 2 * I + 8 * col;
         bf16x8* dst = reinterpret_cast<bf16x8*>(dgate_up + row * 2 * I);
         float d[8], g[8], u[8], dg[8], du[8];
-        bf16x8_to_float(reinterpret_cast<const bf16x8*>(dout)[i], d);
-        bf16x8_to_float(src[col], g);
-        bf16x8_to_float(src[vecs_per_row + col], u);
+        bf16x8_to_float(load_bf16x8(dout + 8 * i), d);
+        bf16x8_to_float(load_bf16x8(src), g);
+        bf16x8_to_float(load_bf16x8(src + I), u);
 #pragma unroll
         for (int e = 0; e < 8; e++) {
             const float s = sigmoid(g[e]);

@@ -4,8 +4,9 @@
 //!
 //! Byte counts are the fewest each kernel must move: every input read once, every output
 //! written once (`x +=` counts a read and a write), integer side inputs included. GEMM rows
-//! also time every algorithm the cuBLASLt heuristic offers for the shape and report how far
-//! its first choice (the one `GemmCache` uses) is from the fastest.
+//! time the algorithm `GemmCache`'s tuner chose, then every algorithm the cuBLASLt
+//! heuristic offers for the shape, and report how far the chosen one and the heuristic's
+//! first choice are from the fastest.
 
 use std::collections::HashSet;
 
@@ -15,7 +16,7 @@ use half::bf16;
 use crate::bench::{print_table, random_bf16, random_host, random_i32, rotation_sets, time_ms, upload, Ceilings, Measurement, Work};
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::cross_entropy::{cross_entropy_with, lm_head_cross_entropy, metrics, CeKernel, IGNORE_LABEL, METRICS_LEN};
-use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch};
+use crate::ops::embedding::{embedding_bwd, embedding_fwd, sort_tokens, EmbeddingBwdScratch};
 use crate::ops::gate::{gate_bwd, gate_fwd};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache, GemmOp, GemmShape};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
@@ -32,13 +33,16 @@ const I: usize = 4096;
 const V: usize = 65_536;
 /// Samples in the batch, for the metrics kernel (packed samples of ~256 tokens).
 const SAMPLES: usize = 64;
-/// Rows of the LM head's logits scratch: 4096 x 65,536 bf16 = 512 MiB.
-const LM_CHUNK: usize = 4096;
+/// Rows of the LM head's logits scratch, the model's default first: 4096 x 65,536 bf16 =
+/// 512 MiB. The others show whether a smaller or larger chunk would pay.
+const LM_CHUNKS: [usize; 3] = [4096, 2048, 8192];
 
 const WARMUP: usize = 3;
 const ITERS: usize = 20;
-/// Repeats per candidate algorithm when comparing the heuristic's list.
-const CANDIDATE_ITERS: usize = 5;
+/// Comparing the heuristic's list: rounds over all candidates, each timing every candidate
+/// `CANDIDATE_ITERS` times (interleaved, so drift spreads over all of them).
+const CANDIDATE_ROUNDS: usize = 3;
+const CANDIDATE_ITERS: usize = 3;
 
 pub fn run(gpu: &Gpu) -> anyhow::Result<()> {
     let gemm = GemmCache::new(gpu)?;
@@ -57,46 +61,62 @@ pub fn run(gpu: &Gpu) -> anyhow::Result<()> {
     b.embedding()?;
     b.cross_entropy()?;
     b.gemms(&gemm)?;
+    b.gemm_tuning()?;
     b.lm_head(&gemm)?;
     print_table(gpu, &ceilings, &b.rows);
     Ok(())
 }
 
-/// The heuristic's first choice against the fastest algorithm it offered.
+/// The tuner's choice against every algorithm the heuristic offered.
 struct GemmTiming {
-    first_ms: f64,
+    /// The chosen algorithm, timed like every other row.
+    chosen_ms: f64,
+    chosen_index: usize,
+    /// Median time of each candidate (infinite: failed to run), in the heuristic's order.
+    candidates: Vec<f64>,
     best_ms: f64,
     best_index: usize,
-    count: usize,
 }
 
 impl GemmTiming {
     fn note(&self) -> String {
-        if self.best_index == 0 || self.first_ms <= self.best_ms {
-            format!("heuristic's first choice is the fastest of {}", self.count)
-        } else {
-            format!("first choice {:.1}% slower than #{} of {}", 100.0 * (self.first_ms / self.best_ms - 1.0), self.best_index, self.count)
-        }
+        let gap = |index: usize| 100.0 * (self.candidates[index] / self.best_ms - 1.0);
+        format!(
+            "tuned #{} ({:+.1}% vs #{} of {}); heuristic #0 {:+.1}%",
+            self.chosen_index,
+            gap(self.chosen_index),
+            self.best_index,
+            self.candidates.len(),
+            gap(0)
+        )
     }
 }
 
-/// Times `run` with each of the heuristic's algorithms for `shape`, then with its first choice,
-/// which the cache is left on.
+/// Times `run` with each of the heuristic's algorithms for `shape` (the medians of
+/// `CANDIDATE_ROUNDS` interleaved rounds), then with the tuner's choice, which the cache
+/// is left on.
 fn time_candidates(gpu: &Gpu, gemm: &GemmCache, shape: GemmShape, run: &mut dyn FnMut(usize) -> Result<(), GpuError>) -> Result<GemmTiming, GpuError> {
+    let chosen_index = gemm.chosen_algorithm(shape)?;
     let count = gemm.algorithm_count(shape)?;
-    let mut best = (0, f64::INFINITY);
-    for index in 0..count {
-        gemm.choose_algorithm(shape, index)?;
-        // An algorithm that fails to run is left out of the comparison.
-        if let Ok(ms) = time_ms(gpu, 1, CANDIDATE_ITERS, &mut *run) {
-            if ms < best.1 {
-                best = (index, ms);
-            }
+    let mut rounds = vec![Vec::new(); count];
+    for _ in 0..CANDIDATE_ROUNDS {
+        for (index, times) in rounds.iter_mut().enumerate() {
+            gemm.choose_algorithm(shape, index)?;
+            // An algorithm that fails to run is left out of the comparison.
+            times.push(time_ms(gpu, 1, CANDIDATE_ITERS, &mut *run).unwrap_or(f64::INFINITY));
         }
     }
-    gemm.choose_algorithm(shape, 0)?;
-    let first_ms = time_ms(gpu, WARMUP, ITERS, &mut *run)?;
-    Ok(GemmTiming { first_ms, best_ms: best.1.min(first_ms), best_index: best.0, count })
+    let candidates: Vec<f64> = rounds
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect();
+    let (best_index, best_ms) = candidates.iter().copied().enumerate().fold((0, f64::INFINITY), |b, (i, ms)| if ms < b.1 { (i, ms) } else { b });
+    gemm.choose_algorithm(shape, chosen_index)?;
+    let chosen_ms = time_ms(gpu, WARMUP, ITERS, &mut *run)?;
+    Ok(GemmTiming { chosen_ms, chosen_index, candidates, best_ms, best_index })
 }
 
 /// Bytes of the copy ceiling: 1 GiB each way, far beyond L2.
@@ -250,6 +270,14 @@ impl Bench<'_> {
         self.push("embedding_fwd", &shape, ms, Work::Bytes((T * 4 + unique * D * 2 + T * D * 2) as f64), &note);
         let ms = time_ms(gpu, WARMUP, ITERS, |_| embedding_bwd(gpu, &mut dw.as_view_mut(), &dout.as_view(), &tokens.as_view(), T, D, scale, &mut scratch))?;
         self.push("embedding_bwd (sort + reduce)", &shape, ms, Work::Bytes((T * 4 + T * D * 2 + 2 * unique * D * 4) as f64), &format!("{note}; dw rows read + written"));
+        let ms = time_ms(gpu, WARMUP, ITERS, |_| sort_tokens(gpu, &tokens.as_view(), T as i32, V as i32, &mut scratch))?;
+        self.push("  of which the sort (4 kernels)", &shape, ms, Work::Latency, "memset, count, scan, fill, rank");
+        // A packed batch with 10% padding: one id holds 1638 of the positions.
+        let padded_host: Vec<i32> = tokens_host.iter().enumerate().map(|(t, &id)| if t >= T - T / 10 { 0 } else { id }).collect();
+        let padded = upload(gpu, &padded_host)?;
+        let unique = padded_host.iter().collect::<HashSet<_>>().len();
+        let ms = time_ms(gpu, WARMUP, ITERS, |_| embedding_bwd(gpu, &mut dw.as_view_mut(), &dout.as_view(), &padded.as_view(), T, D, scale, &mut scratch))?;
+        self.push("embedding_bwd, 10% one id", &shape, ms, Work::Bytes((T * 4 + T * D * 2 + 2 * unique * D * 4) as f64), &format!("{unique} distinct ids"));
         Ok(())
     }
 
@@ -263,12 +291,11 @@ impl Bench<'_> {
         let mut correct = gpu.stream.alloc_zeros::<u8>(T).during("allocating bench outputs")?;
         let shape = format!("[{T},{V}]");
         let bytes = 2 * T * V * 2 + T * (4 + 4 + 1);
-        let kernels: &[CeKernel] = if CeKernel::for_vocab(gpu, V) == CeKernel::Smem { &[CeKernel::Smem, CeKernel::Stream] } else { &[CeKernel::Stream] };
-        for &kernel in kernels {
+        for kernel in CeKernel::all_for_vocab(gpu, V) {
             let ms = time_ms(gpu, WARMUP, ITERS, |_| {
                 cross_entropy_with(gpu, kernel, &mut dlogits.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &logits.as_view(), &labels.as_view(), T, V, 1.0 / T as f32)
             })?;
-            let chosen = if kernel == CeKernel::for_vocab(gpu, V) { "used by cross_entropy" } else { "alternative" };
+            let chosen = if kernel == CeKernel::for_vocab(gpu, V) { "used by cross_entropy; 10% ignored rows (not read)" } else { "alternative" };
             self.push(&format!("cross_entropy ({kernel:?})"), &shape, ms, Work::Bytes(bytes as f64), chosen);
         }
 
@@ -283,16 +310,17 @@ impl Bench<'_> {
     }
 
     /// Times every algorithm the heuristic offers for `shape` on fresh random operands, then
-    /// the first choice again (the one `GemmCache` keeps using).
+    /// the tuner's choice again (the one `GemmCache` keeps using).
     fn gemm_candidates(&mut self, gemm: &GemmCache, shape: GemmShape) -> Result<GemmTiming, GpuError> {
         let gpu = self.gpu;
         let GemmShape { op, t, n, k } = shape;
         // Random inputs, zeroed outputs (written with beta = 0, or accumulated into for dw).
         match op {
-            GemmOp::Forward => {
+            GemmOp::Forward | GemmOp::ForwardResidual => {
                 let (x, w) = (random_bf16(gpu, t * k, 1.0, self.next_seed())?, random_bf16(gpu, n * k, 1.0, self.next_seed())?);
+                let res = if op == GemmOp::ForwardResidual { Some(random_bf16(gpu, t * n, 1.0, self.next_seed())?) } else { None };
                 let mut y = gpu.stream.alloc_zeros::<bf16>(t * n).during("allocating bench outputs")?;
-                time_candidates(gpu, gemm, shape, &mut |_| linear_fwd(gpu, gemm, &mut y.as_view_mut(), &x.as_view(), &w.as_view(), None, t, n, k))
+                time_candidates(gpu, gemm, shape, &mut |_| linear_fwd(gpu, gemm, &mut y.as_view_mut(), &x.as_view(), &w.as_view(), res.as_ref().map(|r| r.as_view()).as_ref(), t, n, k))
             }
             GemmOp::BackwardInput => {
                 let (dy, w) = (random_bf16(gpu, t * n, 1.0, self.next_seed())?, random_bf16(gpu, n * k, 1.0, self.next_seed())?);
@@ -308,31 +336,37 @@ impl Bench<'_> {
     }
 
     fn gemms(&mut self, gemm: &GemmCache) -> Result<(), GpuError> {
-        // The linear layers of an XL block and the LM head: (name, N, K).
-        let layers = [("gqkv_proj", 4 * C, D), ("o_proj", D, C), ("gate_up_proj", 2 * I, D), ("down_proj", D, I), ("lm_head", V, D)];
-        for (name, n, k) in layers {
-            for op in [GemmOp::Forward, GemmOp::BackwardInput, GemmOp::BackwardWeight] {
+        // The linear layers of an XL block and the LM head: (name, N, K). The two
+        // projections that end a sub-layer run with the residual as C (beta = 1, C != D).
+        let layers = [("gqkv_proj", 4 * C, D, false), ("o_proj", D, C, true), ("gate_up_proj", 2 * I, D, false), ("down_proj", D, I, true), ("lm_head", V, D, false)];
+        for (name, n, k, residual) in layers {
+            let forwards: &[GemmOp] = if residual { &[GemmOp::Forward, GemmOp::ForwardResidual] } else { &[GemmOp::Forward] };
+            for &op in forwards.iter().chain(&[GemmOp::BackwardInput, GemmOp::BackwardWeight]) {
                 let shape = GemmShape { op, t: T, n, k };
                 let timing = self.gemm_candidates(gemm, shape)?;
                 let label = match op {
                     GemmOp::Forward => "y = x w^T",
+                    GemmOp::ForwardResidual => "y = res + x w^T",
                     GemmOp::BackwardInput => "dx = dy w",
                     GemmOp::BackwardWeight => "dw += dy^T x (fp32)",
                 };
-                self.push(&format!("{name} {label}"), format!("T={T} N={n} K={k}"), timing.first_ms, Work::Flops(shape.flops()), &timing.note());
+                self.push(&format!("{name} {label}"), format!("T={T} N={n} K={k}"), timing.chosen_ms, Work::Flops(shape.flops()), &timing.note());
             }
         }
-        // The residual form (C = residual, D = y) of the two projections that end a sub-layer.
-        let gpu = self.gpu;
-        for (name, n, k) in [("o_proj", D, C), ("down_proj", D, I)] {
-            let x = random_bf16(gpu, T * k, 1.0, self.next_seed())?;
-            let w = random_bf16(gpu, n * k, 1.0, self.next_seed())?;
-            let res = random_bf16(gpu, T * n, 1.0, self.next_seed())?;
-            let mut y = gpu.stream.alloc_zeros::<bf16>(T * n).during("allocating bench outputs")?;
-            let ms = time_ms(gpu, WARMUP, ITERS, |_| linear_fwd(gpu, gemm, &mut y.as_view_mut(), &x.as_view(), &w.as_view(), Some(&res.as_view()), T, n, k))?;
-            let shape = GemmShape { op: GemmOp::Forward, t: T, n, k };
-            self.push(&format!("{name} y = res + x w^T"), format!("T={T} N={n} K={k}"), ms, Work::Flops(shape.flops()), "beta = 1, C != D");
-        }
+        Ok(())
+    }
+
+    /// What tuning costs at set-up: a fresh cache prepares every product of an XL block and
+    /// of the LM head at its default chunk (host wall time, tuning included).
+    fn gemm_tuning(&mut self) -> Result<(), GpuError> {
+        let gemm = GemmCache::new(self.gpu)?;
+        let layers = [(T, 4 * C, D, false), (T, D, C, true), (T, 2 * I, D, false), (T, D, I, true), (LM_CHUNKS[0], V, D, false)];
+        let shapes: Vec<GemmShape> = layers.iter().flat_map(|&(t, n, k, residual)| GemmShape::linear_layer(t, n, k, residual)).collect();
+        let start = std::time::Instant::now();
+        gemm.prepare(&shapes)?;
+        self.gpu.sync()?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        self.push("GemmCache::prepare (autotune)", format!("{} XL shapes", shapes.len()), ms, Work::Latency, "once at set-up; host wall time");
         Ok(())
     }
 
@@ -346,27 +380,31 @@ impl Bench<'_> {
         let mut dw = gpu.stream.alloc_zeros::<f32>(V * D).during("allocating bench outputs")?;
         let mut losses = gpu.stream.alloc_zeros::<f32>(T).during("allocating bench outputs")?;
         let mut correct = gpu.stream.alloc_zeros::<u8>(T).during("allocating bench outputs")?;
-        let mut scratch = gpu.stream.alloc_zeros::<bf16>(LM_CHUNK * V).during("allocating the logits scratch")?;
-        let ms = time_ms(gpu, 2, 5, |_| {
-            lm_head_cross_entropy(
-                gpu,
-                gemm,
-                &mut dz.as_view_mut(),
-                &mut dw.as_view_mut(),
-                &mut losses.as_view_mut(),
-                &mut correct.as_view_mut(),
-                &z.as_view(),
-                &w.as_view(),
-                &labels.as_view(),
-                T,
-                V,
-                D,
-                1.0 / T as f32,
-                &mut scratch.as_view_mut(),
-            )
-        })?;
-        let flops = 3.0 * 2.0 * (T * V * D) as f64;
-        self.push("lm_head_cross_entropy (fused)", format!("T={T} V={V} D={D} chunk={LM_CHUNK}"), ms, Work::Flops(flops), "3 GEMMs + CE per chunk; rate counts GEMM flops");
+        for chunk in LM_CHUNKS {
+            let mut scratch = gpu.stream.alloc_zeros::<bf16>(chunk * V).during("allocating the logits scratch")?;
+            // The warm-up runs also build and tune the chunk's three GEMM plans.
+            let ms = time_ms(gpu, 2, 5, |_| {
+                lm_head_cross_entropy(
+                    gpu,
+                    gemm,
+                    &mut dz.as_view_mut(),
+                    &mut dw.as_view_mut(),
+                    &mut losses.as_view_mut(),
+                    &mut correct.as_view_mut(),
+                    &z.as_view(),
+                    &w.as_view(),
+                    &labels.as_view(),
+                    T,
+                    V,
+                    D,
+                    1.0 / T as f32,
+                    &mut scratch.as_view_mut(),
+                )
+            })?;
+            let flops = 3.0 * 2.0 * (T * V * D) as f64;
+            let note = if chunk == LM_CHUNKS[0] { "3 GEMMs + CE per chunk; rate counts GEMM flops" } else { "other chunk size" };
+            self.push("lm_head_cross_entropy (fused)", format!("T={T} V={V} D={D} chunk={chunk}"), ms, Work::Flops(flops), note);
+        }
         Ok(())
     }
 }

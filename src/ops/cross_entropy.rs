@@ -149,24 +149,56 @@ impl StepMetrics {
     }
 }
 
-/// Which cross-entropy kernel runs a row; [`cross_entropy`] picks [`CeKernel::Smem`] when
-/// the row fits in shared memory.
+/// Which cross-entropy kernel runs a row (see `cuda/cross_entropy.cu`); [`cross_entropy`]
+/// picks the first of these that fits V.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CeKernel {
-    /// The row staged in shared memory: logits read once, gradient written once.
+    /// V <= 65,536: a persistent grid; the row being reduced sits in shared memory while
+    /// the block's next row is loaded into registers. Logits read once, gradient written
+    /// once, and the reads overlap the reductions and the writes.
+    Pipelined,
+    /// The row staged in shared memory: logits read once, gradient written once, but a
+    /// block's reads and writes take turns.
     Smem,
     /// Any V: the row read twice (the second time mostly from L2).
     Stream,
 }
 
+/// `CE_VPT` in `cuda/cross_entropy.cu`: 16-byte vectors of a row per thread of the
+/// pipelined kernel, so V <= 8 * CE_VPT * CE_THREADS.
+const CE_VPT: usize = 8;
+
 impl CeKernel {
     pub fn for_vocab(gpu: &Gpu, v: usize) -> CeKernel {
-        if smem_bytes(v) <= gpu.props.smem_per_block_optin { CeKernel::Smem } else { CeKernel::Stream }
+        let fits_smem = smem_bytes(v) <= gpu.props.smem_per_block_optin;
+        if fits_smem && v <= 8 * CE_VPT * CE_THREADS as usize {
+            CeKernel::Pipelined
+        } else if fits_smem {
+            CeKernel::Smem
+        } else {
+            CeKernel::Stream
+        }
+    }
+
+    /// Every kernel that can run rows of `v` logits, the one [`CeKernel::for_vocab`] picks
+    /// first; for tests and benchmarks.
+    pub fn all_for_vocab(gpu: &Gpu, v: usize) -> Vec<CeKernel> {
+        let first = CeKernel::for_vocab(gpu, v);
+        std::iter::once(first).chain([CeKernel::Pipelined, CeKernel::Smem, CeKernel::Stream].into_iter().filter(|&k| k != first && k.fits(gpu, v))).collect()
+    }
+
+    fn fits(self, gpu: &Gpu, v: usize) -> bool {
+        let fits_smem = smem_bytes(v) <= gpu.props.smem_per_block_optin;
+        match self {
+            CeKernel::Pipelined => fits_smem && v <= 8 * CE_VPT * CE_THREADS as usize,
+            CeKernel::Smem => fits_smem,
+            CeKernel::Stream => true,
+        }
     }
 }
 
-/// Shared memory of the smem kernel for a row of `v` logits: the row, plus 1 KiB for the
-/// static arrays of its block reductions.
+/// Shared memory of the pipelined and smem kernels for a row of `v` logits: the row, plus
+/// 1 KiB for the static arrays of their block reductions.
 fn smem_bytes(v: usize) -> usize {
     2 * v + 1024
 }
@@ -250,15 +282,26 @@ fn launch_ce(
     }
     let (t_i, v_i) = (as_i32(OP, "T", t), as_i32(OP, "V", v));
     let (name, smem) = match kernel {
+        CeKernel::Pipelined => ("cross_entropy_pipelined", 2 * v),
         CeKernel::Smem => ("cross_entropy_smem", 2 * v),
         CeKernel::Stream => ("cross_entropy_stream", 0),
     };
-    assert!(kernel == CeKernel::Stream || smem_bytes(v) <= gpu.props.smem_per_block_optin, "{OP}: V = {v} needs {smem} bytes of shared memory, the device allows {}", gpu.props.smem_per_block_optin);
+    assert!(kernel.fits(gpu, v), "{OP}: V = {v} is too large for the {kernel:?} kernel on this device ({} bytes of shared memory a block)", gpu.props.smem_per_block_optin);
     let func = gpu.function(FAMILY, name)?;
     if smem > 48 * 1024 {
-        func.set_attribute(FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).during("raising the shared-memory limit of cross_entropy_smem")?;
+        func.set_attribute(FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).during(format!("raising the shared-memory limit of {name}"))?;
     }
-    let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (CE_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = match kernel {
+        // Just enough threads for CE_VPT vectors each, and a persistent grid of as many
+        // blocks as fit on the device at once (one per SM at V = 65,536).
+        CeKernel::Pipelined => {
+            let threads = (v / 8).div_ceil(CE_VPT).next_multiple_of(32).clamp(32, CE_THREADS as usize) as u32;
+            let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(threads, smem, None).during(format!("querying the occupancy of {name}"))?.max(1) as usize;
+            let blocks = t.min(per_sm * gpu.props.sm_count) as u32;
+            LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 }
+        }
+        CeKernel::Smem | CeKernel::Stream => LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (CE_THREADS, 1, 1), shared_mem_bytes: smem as u32 },
+    };
     // The kernel takes the logits pointer separately; in place it is dlogits' own address.
     let logits_ptr = logits.map(|l| cudarc::driver::DevicePtr::device_ptr(l, &gpu.stream));
     let dlogits_ptr = cudarc::driver::DevicePtr::device_ptr(&*dlogits, &gpu.stream).0;
@@ -266,10 +309,11 @@ fn launch_ce(
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(dlogits).arg(losses).arg(correct).arg(&logits_raw).arg(labels).arg(&t_i).arg(&v_i).arg(&grad_scale);
     // SAFETY: dlogits and logits hold T*V bf16 (checked above and by the callers), 16-byte
-    // aligned; losses, correct, labels hold T; one block per row, and the kernel reads
-    // every element of a row before the block's first barrier or in the thread that later
-    // overwrites it, so the in-place case is safe. Dynamic shared memory is 2V bytes for
-    // the smem kernel, within the limit raised above.
+    // aligned; losses, correct, labels hold T; each row belongs to one block, which reads
+    // all of it (into registers or shared memory, or in the thread that later overwrites
+    // the element) before writing any of it, so the in-place case is safe. Dynamic shared
+    // memory is 2V bytes for the pipelined and smem kernels, within the limit raised above;
+    // the pipelined kernel's block holds V/8 <= CE_VPT * threads vectors.
     unsafe { args.launch(cfg) }.during(name)?;
     Ok(())
 }
@@ -376,9 +420,11 @@ fn draw_labels(rng: &mut Rng, t: usize, v: usize) -> Vec<i32> {
 }
 
 fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
-    // (T, V, logit scale): a single 8-wide row, odd T, the XL vocabulary, a vocabulary too
-    // large for shared memory (stream kernel only), large logits.
-    let shapes = [(1, 8, 1.0), (37, 1000, 4.0), (67, 65536, 8.0), (9, 140_000, 8.0), (33, 4096, 100.0)];
+    // (T, V, logit scale): a single 8-wide row, odd T, the XL vocabulary and half of it
+    // with more rows than the pipelined kernel's persistent grid has blocks (so blocks
+    // carry a prefetched row from one iteration to the next), a vocabulary too large for
+    // shared memory (stream kernel only), large logits.
+    let shapes = [(1, 8, 1.0), (37, 1000, 4.0), (300, 65536, 8.0), (700, 32768, 8.0), (9, 140_000, 8.0), (33, 4096, 100.0)];
     let mut rows = Vec::new();
     for (t, v, scale) in shapes {
         let mut logits = bf16_inputs(rng, t * v, scale);
@@ -399,9 +445,8 @@ fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         // absolute error as the loss, times grad_scale.
         let grad_tol = Tolerance { abs: grad_scale * loss_tol.abs, rel: 2.0 * BF16_EPS };
         let exact = Tolerance { abs: 0.0, rel: 0.0 };
-        let kernels: &[CeKernel] = if CeKernel::for_vocab(gpu, v) == CeKernel::Smem { &[CeKernel::Smem, CeKernel::Stream] } else { &[CeKernel::Stream] };
         let dlabels = upload(gpu, &labels)?;
-        for &kernel in kernels {
+        for kernel in CeKernel::all_for_vocab(gpu, v) {
             let shape = format!("[{t},{v}] x{scale} {kernel:?}");
             // In place, as the LM head runs it: the buffer holds the logits, then the gradient.
             let mut buf = upload_bf16(gpu, &logits)?;

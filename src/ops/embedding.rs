@@ -7,9 +7,11 @@
 //!
 //! The backward sums the rows of a repeated token in increasing `t` order, so the result
 //! is the same on every run. On the GPU (`cuda/embedding.cu`) `w` and `out`/`dout` are bf16
-//! and `dw` fp32; the backward is a stable counting sort of the token ids followed by one
-//! owner block per vocabulary row, with no float atomics, so it is bitwise reproducible too
-//! (in its own fixed order, not the CPU's).
+//! and `dw` fp32; the backward is a stable counting sort of the token ids, then fixed-size
+//! chunks of the sorted positions, each summing its ids' runs of `dout` rows in `t` order
+//! (a run that crosses chunks is summed piece by piece, the pieces added in chunk order).
+//! No float atomics, so it is bitwise reproducible too (in its own fixed order, which
+//! groups the CPU's sum differently).
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -26,6 +28,10 @@ const FAMILY: &str = "embedding";
 const THREADS: u32 = 256;
 /// `SCAN_THREADS` in `cuda/embedding.cu`.
 const SCAN_THREADS: u32 = 1024;
+/// `CHUNK` in `cuda/embedding.cu`: sorted positions per block of the reduce step.
+const CHUNK: usize = 16;
+/// `FWD_WARPS` in `cuda/embedding.cu`: rows per block of the forward; `THREADS` = 32 of it.
+const FWD_WARPS: usize = 8;
 
 /// Panics with the offending position unless every token id is in `0..v`.
 #[track_caller]
@@ -72,16 +78,17 @@ pub fn embedding_bwd_cpu(dw: &mut [f32], dout: &[f32], tokens: &[i32], t: usize,
 pub struct EmbeddingBwdScratch {
     t_max: usize,
     v: usize,
-    /// [2V] i32: per-id token counts, then the per-id fill cursors; zeroed each call.
-    counts_cursor: CudaSlice<i32>,
-    /// [V+1] i32: start of each id's range in `sorted`.
+    /// [2V + ceil(t_max/CHUNK)] i32: per-id token counts, per-id fill cursors, per-chunk
+    /// tickets of the runs that cross chunks; zeroed each call (one memset).
+    counters: CudaSlice<i32>,
+    /// [V+1] i32: start of each id's run in `sorted`.
     offsets: CudaSlice<i32>,
-    /// [T] i32: the ids present, ascending; [1] i32: how many.
-    uniq: CudaSlice<i32>,
-    n_uniq: CudaSlice<i32>,
     /// [T] i32 each: token positions grouped by id (unordered, then ascending).
     bucket: CudaSlice<i32>,
     sorted: CudaSlice<i32>,
+    /// [ceil(t_max/CHUNK), 2, D] fp32: the pieces of runs that cross chunks. D is not known
+    /// until the first call, which allocates it (6 MiB at 16k tokens and D = 1536).
+    partials: Option<CudaSlice<f32>>,
 }
 
 impl EmbeddingBwdScratch {
@@ -90,13 +97,22 @@ impl EmbeddingBwdScratch {
         Ok(EmbeddingBwdScratch {
             t_max,
             v,
-            counts_cursor: alloc(2 * v)?,
+            counters: alloc(2 * v + t_max.div_ceil(CHUNK))?,
             offsets: alloc(v + 1)?,
-            uniq: alloc(t_max)?,
-            n_uniq: alloc(1)?,
             bucket: alloc(t_max)?,
             sorted: alloc(t_max)?,
+            partials: None,
         })
+    }
+
+    /// Allocates the partial rows for hidden size `d` on first use.
+    fn ensure_partials(&mut self, gpu: &Gpu, d: usize) -> Result<(), GpuError> {
+        let len = self.t_max.div_ceil(CHUNK) * 2 * d;
+        if self.partials.as_ref().is_none_or(|p| p.len() < len) {
+            // SAFETY: a partial row is always written before it is read (see the kernel).
+            self.partials = Some(unsafe { gpu.stream.alloc::<f32>(len.max(1)) }.during("allocating the embedding backward partials")?);
+        }
+        Ok(())
     }
 }
 
@@ -115,7 +131,8 @@ pub fn embedding_fwd(gpu: &Gpu, out: &mut CudaViewMut<bf16>, tokens: &CudaView<i
         return Ok(());
     }
     let (t_i, d_i, v_i) = (as_i32(OP, "T", t), as_i32(OP, "D", d), as_i32(OP, "V", w.len() / d));
-    let blocks = (t * d / 8).div_ceil(THREADS as usize).clamp(1, gpu.props.sm_count * 16) as u32;
+    // One warp per row, FWD_WARPS rows (THREADS = FWD_WARPS * 32 threads) a block.
+    let blocks = t.div_ceil(FWD_WARPS) as u32;
     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let func = gpu.function(FAMILY, OP)?;
     let mut args = gpu.stream.launch_builder(&func);
@@ -152,33 +169,60 @@ pub fn embedding_bwd(
         return Ok(());
     }
     let (t_i, d_i, v_i) = (as_i32(OP, "T", t), as_i32(OP, "D", d), as_i32(OP, "V", v));
+    as_i32(OP, "2V + T/CHUNK", 2 * v + t.div_ceil(CHUNK));
+    sort_tokens(gpu, tokens, t_i, v_i, scratch)?;
+    scratch.ensure_partials(gpu, d)?;
     let s = scratch;
-    gpu.stream.memset_zeros(&mut s.counts_cursor).during("zeroing the embedding backward counts")?;
-    let (mut counts, mut cursor) = s.counts_cursor.split_at_mut(v);
+    let chunks = t.div_ceil(CHUNK);
+    let cols = (d / 8).next_multiple_of(32) as u32;
+    let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (cols, 1, 1), shared_mem_bytes: 0 };
+    let partials = s.partials.as_mut().expect("allocated by ensure_partials");
+    let mut tickets = s.counters.slice_mut(2 * v..2 * v + chunks);
+    let func = gpu.function(FAMILY, "embedding_bwd_reduce")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(dw).arg(partials).arg(&mut tickets).arg(dout).arg(tokens).arg(&s.sorted).arg(&s.offsets).arg(&d_i).arg(&v_i).arg(&scale);
+    // SAFETY: dw holds V*D fp32, dout T*D bf16 (checked above), both 16-byte aligned;
+    // partials hold ceil(t_max/CHUNK)*2*D fp32 and tickets one i32 per chunk (the grid),
+    // zeroed by sort_tokens; sorted positions past offsets[V] are never read. Each row of
+    // dw is written by one block (the run's own chunk, or the one that draws its last
+    // ticket).
+    unsafe { args.launch(cfg) }.during("embedding_bwd_reduce")?;
+    Ok(())
+}
+
+/// Steps 1-4 of the backward (`cuda/embedding.cu`): zero the counters, then the stable
+/// counting sort of the token positions by id into `scratch.sorted`, with each id's run
+/// starting at `scratch.offsets[id]`. Public to the crate so the bench can time it alone.
+pub(crate) fn sort_tokens(gpu: &Gpu, tokens: &CudaView<i32>, t_i: i32, v_i: i32, scratch: &mut EmbeddingBwdScratch) -> Result<(), GpuError> {
+    let (t, v) = (t_i as usize, v_i as usize);
+    let s = scratch;
+    gpu.stream.memset_zeros(&mut s.counters).during("zeroing the embedding backward counters")?;
     let per_token = LaunchConfig { grid_dim: (t.div_ceil(THREADS as usize) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
 
     // 1. counts[id] += 1 for every token.
+    let (mut counts, mut rest) = s.counters.split_at_mut(v);
+    let mut cursor = rest.slice_mut(..v);
     let func = gpu.function(FAMILY, "embedding_bwd_count")?;
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(&mut counts).arg(tokens).arg(&t_i).arg(&v_i);
     // SAFETY: counts holds V i32, tokens T i32; ids outside 0..V are skipped.
     unsafe { args.launch(per_token) }.during("embedding_bwd_count")?;
 
-    // 2. offsets = exclusive scan of counts; uniq = the ids present.
+    // 2. offsets = exclusive scan of counts.
     let func = gpu.function(FAMILY, "embedding_bwd_scan")?;
     let counts = counts.as_view();
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut s.offsets).arg(&mut s.uniq).arg(&mut s.n_uniq).arg(&counts).arg(&v_i);
+    args.arg(&mut s.offsets).arg(&counts).arg(&v_i);
     let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SCAN_THREADS, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: offsets holds V+1 i32, uniq t_max >= T >= the number of distinct ids, n_uniq 1,
-    // counts V; one block of SCAN_THREADS threads as the kernel requires.
+    // SAFETY: offsets holds V+1 i32, counts V; one block of SCAN_THREADS threads as the
+    // kernel requires.
     unsafe { args.launch(one_block) }.during("embedding_bwd_scan")?;
 
     // 3. bucket[offsets[id] + cursor[id]++] = t.
     let func = gpu.function(FAMILY, "embedding_bwd_fill")?;
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(&mut s.bucket).arg(&mut cursor).arg(&s.offsets).arg(tokens).arg(&t_i).arg(&v_i);
-    // SAFETY: bucket holds t_max >= T i32 and every slot offsets[id] + cursor < offsets[V] = T
+    // SAFETY: bucket holds t_max >= T i32 and every slot offsets[id] + cursor < offsets[V] <= T
     // (the counts bound the cursors); cursor holds V i32.
     unsafe { args.launch(per_token) }.during("embedding_bwd_fill")?;
 
@@ -188,16 +232,6 @@ pub fn embedding_bwd(
     args.arg(&mut s.sorted).arg(&s.bucket).arg(&s.offsets).arg(tokens).arg(&t_i).arg(&v_i);
     // SAFETY: sorted and bucket hold t_max >= T i32; ranks are < the id's count.
     unsafe { args.launch(per_token) }.during("embedding_bwd_rank")?;
-
-    // 5. One block per id present: dw[id] += scale * sum of its dout rows, in a fixed order.
-    let cols = (d / 8).next_multiple_of(32) as u32;
-    let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: (cols, 1, 1), shared_mem_bytes: 0 };
-    let func = gpu.function(FAMILY, "embedding_bwd_reduce")?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(dw).arg(dout).arg(&s.sorted).arg(&s.offsets).arg(&s.uniq).arg(&s.n_uniq).arg(&d_i).arg(&scale);
-    // SAFETY: dw holds V*D fp32, dout T*D bf16 (checked above), both 16-byte aligned; blocks
-    // past n_uniq (<= T = the grid) return at once, the others own distinct rows of dw.
-    unsafe { args.launch(cfg) }.during("embedding_bwd_reduce")?;
     Ok(())
 }
 

@@ -28,16 +28,29 @@
 //!
 //! Descriptors, layouts and the algorithm list come from cuBLASLt's heuristic once per
 //! shape and are cached in a [`GemmCache`] that the caller creates once and keeps.
+//!
+//! The heuristic's first choice is not always the fastest of its own list: on an H200 it
+//! missed the best of 8 by 5.5-7.9% on four XL shapes (`docs/perf.md`). So when a shape's
+//! plan is built the cache times every candidate on scratch operands of that shape (random
+//! values, CUDA events, interleaved rounds, the median of each) and keeps the fastest. Call
+//! [`GemmCache::prepare`] with the model's shapes at set-up so that this happens before the
+//! first step; a shape first met later is tuned on its first call, once.
+//!
+//! The choice depends on timings, so two processes may pick different algorithms for one
+//! shape, which round differently: bitwise-equal reruns need the same choice, which
+//! [`GemmCache::chosen_algorithm`] reports and [`GemmCache::choose_algorithm`] sets.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 use half::bf16;
 
-use crate::gpu::{Gpu, GpuError};
+use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::check::{bf16_inputs, download, download_bf16, poisoned_bf16, upload, upload_bf16};
 use crate::ops::compare::{compare, Tolerance, BF16_EPS};
 use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
@@ -121,8 +134,11 @@ fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_strides: (usize, usize), b: 
 /// Which product of a linear layer (the three layouts of the module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GemmOp {
-    /// `y [T,N] = x [T,K] @ w [N,K]^T (+ residual)`, bf16 out.
+    /// `y [T,N] = x [T,K] @ w [N,K]^T`, bf16 out (beta = 0).
     Forward,
+    /// `y [T,N] = residual [T,N] + x [T,K] @ w [N,K]^T`, bf16 out (C = residual, beta = 1);
+    /// a plan of its own because reading C can change which algorithm is fastest.
+    ForwardResidual,
     /// `dx [T,K] (+)= dy [T,N] @ w [N,K]`, bf16 out.
     BackwardInput,
     /// `dw [N,K] += dy [T,N]^T @ x [T,K]`, fp32 out.
@@ -145,6 +161,13 @@ impl std::fmt::Display for GemmShape {
 }
 
 impl GemmShape {
+    /// The three products of a linear layer `y [T,N] = x [T,K] @ w [N,K]^T (+ residual)`:
+    /// forward, input gradient, weight gradient; for [`GemmCache::prepare`].
+    pub fn linear_layer(t: usize, n: usize, k: usize, residual: bool) -> [GemmShape; 3] {
+        let forward = if residual { GemmOp::ForwardResidual } else { GemmOp::Forward };
+        [forward, GemmOp::BackwardInput, GemmOp::BackwardWeight].map(|op| GemmShape { op, t, n, k })
+    }
+
     /// Multiply-adds times two.
     pub fn flops(&self) -> f64 {
         2.0 * self.t as f64 * self.n as f64 * self.k as f64
@@ -153,10 +176,22 @@ impl GemmShape {
 
 /// cuBLASLt's workspace: 32 MiB, NVIDIA's recommendation for Hopper.
 const WORKSPACE_BYTES: usize = 32 << 20;
-/// How many algorithms to ask the heuristic for (best first); the bench times them all.
+/// How many algorithms to ask the heuristic for (best first); the tuner times them all.
 const MAX_ALGORITHMS: usize = 8;
 const OP_N: i32 = 0;
 const OP_T: i32 = 1;
+
+/// Autotuning: untimed runs of each candidate first, then `TUNE_ROUNDS` rounds that each
+/// time every candidate `TUNE_RUNS` times. Interleaving the candidates spreads clock and
+/// temperature drift over all of them instead of penalising the last ones; the median of
+/// the 9 samples is robust to a stray slow run. For the largest XL shape (the LM head's
+/// 4096-row chunk, ~1.2 ms a product) the 8 candidates cost about 0.1 s, once.
+const TUNE_WARMUP: usize = 2;
+const TUNE_ROUNDS: usize = 3;
+const TUNE_RUNS: usize = 3;
+/// Tuning allocates the shape's operands; it is skipped (the heuristic's first choice is
+/// kept) when they would take more than this share of the free device memory.
+const TUNE_MAX_FREE_SHARE: f64 = 0.5;
 
 /// One shape's descriptors and the heuristic's algorithms, best first.
 struct Plan {
@@ -166,6 +201,7 @@ struct Plan {
     /// Shared by C and D.
     cd: sys::cublasLtMatrixLayout_t,
     algorithms: Vec<sys::cublasLtMatmulHeuristicResult_t>,
+    /// The algorithm in use: the tuner's fastest, or whatever `choose_algorithm` set.
     choice: usize,
 }
 
@@ -193,6 +229,8 @@ impl Drop for Plan {
 pub struct GemmCache {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
+    /// The stream the tuner times candidates on (the Gpu's own stream).
+    stream: Arc<CudaStream>,
     plans: RefCell<HashMap<GemmShape, Plan>>,
 }
 
@@ -232,7 +270,13 @@ impl GemmCache {
                 return Err(GpuError::Driver { what: "allocating the cuBLASLt workspace".into(), source });
             }
         };
-        Ok(GemmCache { handle, workspace, plans: RefCell::new(HashMap::new()) })
+        Ok(GemmCache { handle, workspace, stream: gpu.stream.clone(), plans: RefCell::new(HashMap::new()) })
+    }
+
+    /// Builds and tunes the plan of every shape in `shapes` not seen yet: call once at
+    /// model set-up with every product the model runs, so no step pays for tuning.
+    pub fn prepare(&self, shapes: &[GemmShape]) -> Result<(), GpuError> {
+        shapes.iter().try_for_each(|&shape| self.ensure_plan(shape))
     }
 
     /// How many algorithms the heuristic offered for `shape` (building its plan if needed).
@@ -241,8 +285,15 @@ impl GemmCache {
         Ok(self.plans.borrow()[&shape].algorithms.len())
     }
 
+    /// The index (in the heuristic's order, 0 = its first choice) of the algorithm `shape`
+    /// uses: the tuner's fastest unless [`GemmCache::choose_algorithm`] set another.
+    pub fn chosen_algorithm(&self, shape: GemmShape) -> Result<usize, GpuError> {
+        self.ensure_plan(shape)?;
+        Ok(self.plans.borrow()[&shape].choice)
+    }
+
     /// Uses the heuristic's `index`-th algorithm (0 = its first choice) for `shape` from now
-    /// on; for benchmarks and autotuning.
+    /// on, overriding the tuner; for benchmarks and for replaying a recorded choice.
     pub fn choose_algorithm(&self, shape: GemmShape, index: usize) -> Result<(), GpuError> {
         self.ensure_plan(shape)?;
         let mut plans = self.plans.borrow_mut();
@@ -254,10 +305,58 @@ impl GemmCache {
 
     fn ensure_plan(&self, shape: GemmShape) -> Result<(), GpuError> {
         if !self.plans.borrow().contains_key(&shape) {
-            let plan = self.build_plan(shape)?;
+            let mut plan = self.build_plan(shape)?;
+            plan.choice = self.tune(shape, &plan)?;
             self.plans.borrow_mut().insert(shape, plan);
         }
         Ok(())
+    }
+
+    /// Times every algorithm of `plan` on random operands of `shape` and returns the index
+    /// of the fastest (median of its samples; ties keep the heuristic's order). Returns 0,
+    /// the heuristic's choice, when there is nothing to compare or too little free memory
+    /// for the operands. Candidates that fail to launch are left out.
+    fn tune(&self, shape: GemmShape, plan: &Plan) -> Result<usize, GpuError> {
+        if plan.algorithms.len() < 2 {
+            return Ok(0);
+        }
+        let Some(operands) = TuneOperands::new(&self.stream, shape)? else {
+            return Ok(0);
+        };
+        let beta = operands.beta;
+        let (a, b, c, d) = operands.pointers(&self.stream);
+        let event = || self.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).during("recording a GEMM tuning event");
+        let mut usable = vec![true; plan.algorithms.len()];
+        let mut pairs: Vec<Vec<(CudaEvent, CudaEvent)>> = (0..plan.algorithms.len()).map(|_| Vec::new()).collect();
+        for round in 0..TUNE_ROUNDS {
+            for index in 0..plan.algorithms.len() {
+                let warmup = if round == 0 { TUNE_WARMUP } else { 0 };
+                for run in 0..warmup + TUNE_RUNS {
+                    if !usable[index] {
+                        break;
+                    }
+                    let start = event()?;
+                    // SAFETY: the operands were allocated for this shape by TuneOperands and
+                    // live until the events below have been waited on.
+                    if unsafe { self.launch(shape, plan, index, beta, a, b, c, d) }.is_err() {
+                        usable[index] = false;
+                    } else if run >= warmup {
+                        pairs[index].push((start, event()?));
+                    }
+                }
+            }
+        }
+        let mut best = (0, f64::INFINITY);
+        for (index, samples) in pairs.iter().enumerate().filter(|(i, _)| usable[*i]) {
+            let mut ms = samples.iter().map(|(s, e)| s.elapsed_ms(e).map(f64::from)).collect::<Result<Vec<_>, _>>().during("reading GEMM tuning events")?;
+            ms.sort_by(f64::total_cmp);
+            let median = ms[ms.len() / 2];
+            if median < best.1 {
+                best = (index, median);
+            }
+        }
+        drop(operands);
+        Ok(best.0)
     }
 
     fn build_plan(&self, shape: GemmShape) -> Result<Plan, GpuError> {
@@ -266,7 +365,7 @@ impl GemmCache {
         let bf = sys::cudaDataType_t::CUDA_R_16BF;
         // (op A, op B, A rows/cols/ld, B rows/cols/ld, D rows/cols, D type), column-major.
         let (trans_a, trans_b, a_dims, b_dims, d_dims, d_type) = match op {
-            GemmOp::Forward => (OP_T, OP_N, (k, n, k), (k, t, k), (n, t), bf),
+            GemmOp::Forward | GemmOp::ForwardResidual => (OP_T, OP_N, (k, n, k), (k, t, k), (n, t), bf),
             GemmOp::BackwardInput => (OP_N, OP_N, (k, n, k), (n, t, n), (k, t), bf),
             GemmOp::BackwardWeight => (OP_N, OP_T, (k, t, k), (n, t, n), (k, n), sys::cudaDataType_t::CUDA_R_32F),
         };
@@ -284,11 +383,23 @@ impl GemmCache {
         let pref = lt::create_matmul_pref().map_err(blas(what("creating the preference")))?;
         let workspace = WORKSPACE_BYTES as u64;
         let align = 16u32;
+        // Split-K candidates must reduce their partial products in fp32, in the workspace
+        // (COMPUTE_TYPE), or, for the fp32 dW, in the output type. Excluded: reducing in a
+        // bf16 output, which rounds every partial sum (far outside the GEMM tolerances where
+        // a sum cancels), and reducing in place in the output buffer. Only the heuristic's
+        // first choice used to run, and it passed selftest; with the tuner free to pick any
+        // of 8 candidates, those that could not are ruled out up front.
+        type Scheme = sys::cublasLtReductionScheme_t;
+        let reductions = match op {
+            GemmOp::BackwardWeight => Scheme::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32 | Scheme::CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE as u32,
+            _ => Scheme::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32,
+        };
         type PrefAttr = sys::cublasLtMatmulPreferenceAttributes_t;
         // SAFETY: pref is live; each value has the type its attribute expects (u64 bytes for
-        // the workspace, u32 for the alignments).
+        // the workspace, u32 for the alignments and the reduction-scheme mask).
         let set_prefs = unsafe {
-            lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&workspace as *const u64).cast(), 8)
+            lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, (&reductions as *const u32).cast(), 4)
+                .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, (&workspace as *const u64).cast(), 8))
                 .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, (&align as *const u32).cast(), 4))
                 .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, (&align as *const u32).cast(), 4))
                 .and_then(|_| lt::set_matmul_pref_attribute(pref, PrefAttr::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, (&align as *const u32).cast(), 4))
@@ -329,8 +440,18 @@ impl GemmCache {
         gpu.ctx.bind_to_thread().map_err(|source| GpuError::Driver { what: format!("binding the context for GEMM {shape}"), source })?;
         let plans = self.plans.borrow();
         let plan = &plans[&shape];
+        self.launch(shape, plan, plan.choice, beta, a, b, c, d)
+    }
+
+    /// Queues `D = op(A) op(B) + beta * C` with algorithm `index` of `plan` on the cache's
+    /// stream.
+    ///
+    /// # Safety
+    /// As [`GemmCache::matmul`]; the context must be current on this thread.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch(&self, shape: GemmShape, plan: &Plan, index: usize, beta: f32, a: u64, b: u64, c: u64, d: u64) -> Result<(), GpuError> {
         let alpha = 1.0f32;
-        let (workspace, _sync) = self.workspace.device_ptr(&gpu.stream);
+        let (workspace, _sync) = self.workspace.device_ptr(&self.stream);
         lt::matmul(
             self.handle,
             plan.desc,
@@ -344,13 +465,92 @@ impl GemmCache {
             plan.cd,
             d as *mut _,
             plan.cd,
-            &plan.algorithms[plan.choice].algo,
+            &plan.algorithms[index].algo,
             workspace as *mut _,
             WORKSPACE_BYTES,
-            gpu.stream.cu_stream() as sys::cudaStream_t,
+            self.stream.cu_stream() as sys::cudaStream_t,
         )
-        .map_err(blas(format!("running GEMM {shape} with algorithm {}", plan.choice)))
+        .map_err(blas(format!("running GEMM {shape} with algorithm {index}")))
     }
+}
+
+/// Scratch operands of one shape for the tuner: A, B, D (and a separate C for the
+/// residual form), filled with random values in [-1, 1) — never zeros, which can run
+/// measurably faster than real data. Freed as soon as tuning is done.
+struct TuneOperands {
+    a: CudaSlice<bf16>,
+    b: CudaSlice<bf16>,
+    c: Option<CudaSlice<bf16>>,
+    d: TuneOutput,
+    beta: f32,
+}
+
+enum TuneOutput {
+    Bf16(CudaSlice<bf16>),
+    F32(CudaSlice<f32>),
+}
+
+impl TuneOperands {
+    /// None when the operands would take more than `TUNE_MAX_FREE_SHARE` of free memory.
+    fn new(stream: &Arc<CudaStream>, shape: GemmShape) -> Result<Option<TuneOperands>, GpuError> {
+        let GemmShape { op, t, n, k } = shape;
+        // (A, B, C, D) element counts; A and B as the module doc lays them out.
+        let (a_len, b_len, c_len, d_len) = match op {
+            GemmOp::Forward => (n * k, t * k, 0, t * n),
+            GemmOp::ForwardResidual => (n * k, t * k, t * n, t * n),
+            GemmOp::BackwardInput => (n * k, t * n, 0, t * k),
+            GemmOp::BackwardWeight => (t * k, t * n, 0, n * k),
+        };
+        let d_bytes = if op == GemmOp::BackwardWeight { 4 } else { 2 };
+        let bytes = 2 * (a_len + b_len + c_len) + d_bytes * d_len;
+        stream.context().bind_to_thread().during("binding the context for GEMM tuning")?;
+        let (free, _total) = cudarc::driver::result::mem_get_info().during("querying free memory for GEMM tuning")?;
+        if bytes as f64 > TUNE_MAX_FREE_SHARE * free as f64 {
+            return Ok(None);
+        }
+        let mut rng = Rng::new(0x6E_6D6D);
+        let pattern_bf16: Vec<bf16> = (0..TUNE_PATTERN).map(|_| bf16::from_f32((rng.uniform() * 2.0 - 1.0) as f32)).collect();
+        let bf16_buffer = |len: usize| random_fill(stream, len, &pattern_bf16);
+        let d = if op == GemmOp::BackwardWeight {
+            let pattern: Vec<f32> = (0..TUNE_PATTERN).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect();
+            TuneOutput::F32(random_fill(stream, d_len, &pattern)?)
+        } else {
+            TuneOutput::Bf16(bf16_buffer(d_len)?)
+        };
+        let c = if c_len > 0 { Some(bf16_buffer(c_len)?) } else { None };
+        let beta = if matches!(op, GemmOp::ForwardResidual | GemmOp::BackwardWeight) { 1.0 } else { 0.0 };
+        Ok(Some(TuneOperands { a: bf16_buffer(a_len)?, b: bf16_buffer(b_len)?, c, d, beta }))
+    }
+
+    /// Device addresses (A, B, C, D); C is D unless the residual form has its own.
+    fn pointers(&self, stream: &Arc<CudaStream>) -> (u64, u64, u64, u64) {
+        let d = match &self.d {
+            TuneOutput::Bf16(d) => d.device_ptr(stream).0,
+            TuneOutput::F32(d) => d.device_ptr(stream).0,
+        };
+        let c = self.c.as_ref().map_or(d, |c| c.device_ptr(stream).0);
+        (self.a.device_ptr(stream).0, self.b.device_ptr(stream).0, c, d)
+    }
+}
+
+/// Elements of the random pattern the tuner's operands repeat (256 KiB of bf16).
+const TUNE_PATTERN: usize = 1 << 17;
+
+/// A device buffer of `len` values repeating `pattern`: one upload, then doubling
+/// device-to-device copies (a few dozen launches for a GiB instead of a host upload).
+fn random_fill<T: DeviceRepr>(stream: &Arc<CudaStream>, len: usize, pattern: &[T]) -> Result<CudaSlice<T>, GpuError> {
+    // SAFETY: every element is written below before the buffer is read.
+    let mut buf = unsafe { stream.alloc::<T>(len.max(1)) }.during("allocating GEMM tuning operands")?;
+    let first = pattern.len().min(len);
+    stream.memcpy_htod(&pattern[..first], &mut buf.slice_mut(..first)).during("uploading GEMM tuning operands")?;
+    let mut filled = first;
+    while filled < len {
+        let count = filled.min(len - filled);
+        let (done, mut rest) = buf.split_at_mut(filled);
+        stream.memcpy_dtod(&done.slice(..count), &mut rest.slice_mut(..count)).during("filling GEMM tuning operands")?;
+        filled += count;
+    }
+    Ok(buf)
 }
 
 /// GPU [`linear_fwd_cpu`]: y: [T,N] bf16, x: [T,K] bf16, w: [N,K] bf16, residual: [T,N] bf16
@@ -382,7 +582,8 @@ pub fn linear_fwd(
     if t == 0 {
         return Ok(());
     }
-    let shape = GemmShape { op: GemmOp::Forward, t, n, k };
+    let op = if residual.is_some() { GemmOp::ForwardResidual } else { GemmOp::Forward };
+    let shape = GemmShape { op, t, n, k };
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
     let (y_ptr, _y) = y.device_ptr_mut(&gpu.stream);

@@ -79,10 +79,27 @@ pub fn rmsnorm_bwd_cpu(dx: &mut [f32], dy: &[f32], x: &[f32], rstd: &[f32], t: u
     });
 }
 
-/// One block per row, one thread per 8 columns (`cuda/rmsnorm.cu`).
-fn row_config(op: &str, t: usize, d: usize) -> LaunchConfig {
+/// `RMS_WARPS` in `cuda/rmsnorm.cu` (rows per block of the warp layout), and the numbers of
+/// 16-byte vectors a lane holds for which that layout is instantiated.
+const RMS_WARPS: usize = 4;
+const WARP_VPLS: [usize; 5] = [2, 4, 6, 8, 10];
+
+/// The kernel of `op` and its launch for rows of `d` (`cuda/rmsnorm.cu`): one warp per row
+/// when some instantiation holds a row (D <= 2560), else one block per row with one thread
+/// per 8 columns.
+fn row_launch(op: &str, t: usize, d: usize) -> (String, LaunchConfig) {
     assert!(d > 0 && d % 8 == 0 && d <= 8192, "{op}: D = {d} must be a positive multiple of 8, at most 8192");
-    LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: ((d / 8).next_multiple_of(32) as u32, 1, 1), shared_mem_bytes: 0 }
+    let per_lane = (d / 8).div_ceil(32);
+    match WARP_VPLS.iter().find(|&&vpl| vpl >= per_lane) {
+        Some(vpl) => {
+            let cfg = LaunchConfig { grid_dim: (t.div_ceil(RMS_WARPS) as u32, 1, 1), block_dim: (32 * RMS_WARPS as u32, 1, 1), shared_mem_bytes: 0 };
+            (format!("{op}_warp_{vpl}"), cfg)
+        }
+        None => {
+            let cfg = LaunchConfig { grid_dim: (t as u32, 1, 1), block_dim: ((d / 8).next_multiple_of(32) as u32, 1, 1), shared_mem_bytes: 0 };
+            (format!("{op}_block"), cfg)
+        }
+    }
 }
 
 /// GPU [`add_rmsnorm_fwd_cpu`]. x: [T,D] bf16 (written), y: [T,D] bf16, rstd: [T] fp32,
@@ -110,7 +127,7 @@ pub fn add_rmsnorm_fwd(
         expect_len(OP, "inj", inj.len(), &[("T", t), ("D", d)]);
         expect_aligned16(OP, "inj", gpu, inj);
     }
-    let cfg = row_config(OP, t, d);
+    let (name, cfg) = row_launch(OP, t, d);
     if t == 0 {
         return Ok(());
     }
@@ -118,11 +135,12 @@ pub fn add_rmsnorm_fwd(
     let inj_ptr = inj.map(|v| v.device_ptr(&gpu.stream));
     let inj_raw: u64 = inj_ptr.as_ref().map_or(0, |(p, _)| *p);
     let (t_i, d_i) = (as_i32(OP, "T", t), as_i32(OP, "D", d));
-    let func = gpu.function(FAMILY, OP)?;
+    let func = gpu.function(FAMILY, &name)?;
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(x).arg(y).arg(rstd).arg(z).arg(&inj_raw).arg(&t_i).arg(&d_i);
     // SAFETY: x, y, z (and inj when not null) hold T*D bf16, rstd T fp32 (checked above), all
-    // 16-byte aligned; the grid has one block per row and the kernel touches only its row.
+    // 16-byte aligned; the grid covers the T rows (a warp or a block each), rows past T
+    // return at once, and each row is touched only by its own warp or block.
     unsafe { args.launch(cfg) }.during(OP)?;
     Ok(())
 }
@@ -135,16 +153,16 @@ pub fn rmsnorm_fwd(gpu: &Gpu, y: &mut CudaViewMut<bf16>, rstd: &mut CudaViewMut<
     expect_len(OP, "x", x.len(), &[("T", t), ("D", d)]);
     expect_aligned16(OP, "y", gpu, y);
     expect_aligned16(OP, "x", gpu, x);
-    let cfg = row_config(OP, t, d);
+    let (name, cfg) = row_launch(OP, t, d);
     if t == 0 {
         return Ok(());
     }
     let (t_i, d_i) = (as_i32(OP, "T", t), as_i32(OP, "D", d));
-    let func = gpu.function(FAMILY, OP)?;
+    let func = gpu.function(FAMILY, &name)?;
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(y).arg(rstd).arg(x).arg(&t_i).arg(&d_i);
-    // SAFETY: y and x hold T*D bf16, rstd T fp32, 16-byte aligned (checked above); one block
-    // per row.
+    // SAFETY: y and x hold T*D bf16, rstd T fp32, 16-byte aligned (checked above); one warp
+    // or block per row, rows past T return at once.
     unsafe { args.launch(cfg) }.during(OP)?;
     Ok(())
 }
@@ -159,16 +177,16 @@ pub fn rmsnorm_bwd(gpu: &Gpu, dx: &mut CudaViewMut<bf16>, dy: &CudaView<bf16>, x
     expect_aligned16(OP, "dx", gpu, dx);
     expect_aligned16(OP, "dy", gpu, dy);
     expect_aligned16(OP, "x", gpu, x);
-    let cfg = row_config(OP, t, d);
+    let (name, cfg) = row_launch(OP, t, d);
     if t == 0 {
         return Ok(());
     }
     let (t_i, d_i) = (as_i32(OP, "T", t), as_i32(OP, "D", d));
-    let func = gpu.function(FAMILY, OP)?;
+    let func = gpu.function(FAMILY, &name)?;
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(dx).arg(dy).arg(x).arg(rstd).arg(&t_i).arg(&d_i);
     // SAFETY: dx, dy, x hold T*D bf16, rstd T fp32, 16-byte aligned (checked above); one
-    // block per row, each row read and written only by its block.
+    // warp or block per row, each row read and written only by it, rows past T return.
     unsafe { args.launch(cfg) }.during(OP)?;
     Ok(())
 }
