@@ -36,6 +36,12 @@
 //      row, reach each query tile at the same step and the chain of adds stays short.
 // 3. attention_bwd_sm90_dq: dq = scale * dqacc as bf16, rows that see nothing get 0.
 //
+// attention_bwd_sm90_overlap (v7 in docs/attention.md) is the same kernel body with sdS in two
+// buffers (template parameter OVERLAP), which removes the first of the two consumer barriers per
+// query tile (below): a warpgroup writes its dS^T and issues dV, dK without waiting for the other,
+// and the one remaining barrier (the hand-over of dS^T) waits with those products in flight.
+// 16 KB more shared memory (226 KB).
+//
 // Invariants of the main kernel
 // - Every consumer warpgroup takes part in every query tile of the block's range (dQ needs both
 //   halves of dS); a warpgroup whose 64 keys see none of the tile's queries skips S, dP, dV, dK
@@ -45,7 +51,10 @@
 //   lse = -inf).
 // - sdS is single-buffered: barrier 1 (256 consumer threads) before writing it guarantees both
 //   warpgroups finished the previous tile's dQ product; a second one after writing it (with
-//   fence.proxy.async) hands it to the tensor cores.
+//   fence.proxy.async) hands it to the tensor cores. With OVERLAP, tile i writes buffer i & 1,
+//   last read by the dQ products of tile i - 2; a warpgroup at tile i has passed the hand-over
+//   barrier of tile i - 1, which the other warpgroup reached only after waiting for its dQ
+//   product of tile i - 2. So only the hand-over barrier remains.
 
 #include "attention_sm90.cuh"
 
@@ -58,7 +67,7 @@
 #define BW_DQ_BYTES (BW_BM * ATTN_HD * 4)  // one fp32 dQ partial, 32 KB
 // Shared memory, from a 1024-aligned base: sK, sV [2 halves][128][64]; sQ, sdO [2 stages][2
 // halves][64][64]; sdS [128 keys][64 queries] bf16; sdQ [2][64 x 128] fp32; sLse2, sDelta
-// [2 stages][64] fp32. 210 KB.
+// [2 stages][64] fp32. 210 KB. OVERLAP adds a second sdS buffer at the end (226 KB).
 #define OFF_K 0
 #define OFF_V (OFF_K + 2 * BW_KV_HALF)
 #define OFF_Q (OFF_V + 2 * BW_KV_HALF)
@@ -67,7 +76,10 @@
 #define OFF_DQ (OFF_DS + BW_KV_HALF)
 #define OFF_LSE (OFF_DQ + 2 * BW_DQ_BYTES)
 #define OFF_DELTA (OFF_LSE + 2 * BW_BM * 4)
-#define BW_SMEM (OFF_DELTA + 2 * BW_BM * 4 + 1024)
+#define OFF_DS1 (OFF_DELTA + 2 * BW_BM * 4)  // OVERLAP's second sdS buffer (1024-aligned)
+#define BW_SMEM (OFF_DS1 + 1024)
+#define BW_SMEM_OVERLAP (OFF_DS1 + BW_KV_HALF + 1024)
+static_assert(OFF_DS1 % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
 
 // mbarrier indices
 #define BB_KV 0
@@ -192,13 +204,15 @@ __device__ __forceinline__ void pack_grads(uint32_t (&pf)[4][4], uint32_t (&dsf)
 // the consumers' fragment order, see attention_bwd_sm90_dq); sem: [NH, T_pad / 64] zeroed;
 // lse2, delta: [NH, T_pad]; rows, cols: [T] int2; order: [ceil(T / 128)] key tiles by decreasing
 // work (attention_schedule over cols, tile 128, step 64); rank: its inverse.
-// Grid: ceil(T / 128) * NH blocks of BW_THREADS, head fastest; dynamic shared memory BW_SMEM.
-extern "C" __global__ void __launch_bounds__(BW_THREADS, 1)
-attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                   const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dk,
-                   bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
-                   const float* __restrict__ delta, const int2* __restrict__ rows, const int2* __restrict__ cols,
-                   const int* __restrict__ order, const int* __restrict__ rank, int T, int T_pad, int NH) {
+// Grid: ceil(T / 128) * NH blocks of BW_THREADS, head fastest; dynamic shared memory BW_SMEM
+// (BW_SMEM_OVERLAP with OVERLAP).
+template <bool OVERLAP>
+__device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
+                                         const CUtensorMap& tm_do, bf16* __restrict__ dk, bf16* __restrict__ dv,
+                                         float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
+                                         const float* __restrict__ delta, const int2* __restrict__ rows,
+                                         const int2* __restrict__ cols, const int* __restrict__ order,
+                                         const int* __restrict__ rank, int T, int T_pad, int NH) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) uint64_t bars[BB_COUNT];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -294,8 +308,6 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
 
     const uint32_t k_base = smem_u32(smem + OFF_K), v_base = smem_u32(smem + OFF_V);
     const uint32_t kw_base = k_base + 64 * wg * 128, vw_base = v_base + 64 * wg * 128;  // this warpgroup's keys
-    const uint32_t ds_base = smem_u32(smem + OFF_DS);
-    unsigned char* sdS = smem + OFF_DS;
     float acc_dk[64], acc_dv[64];
     #pragma unroll
     for (int i = 0; i < 64; ++i) acc_dk[i] = acc_dv[i] = 0.f;
@@ -307,6 +319,8 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         const int q0 = (m_hi - i) * BW_BM;
         const uint32_t q_base = smem_u32(smem + OFF_Q + st * BW_Q_TILE), do_base = smem_u32(smem + OFF_DO + st * BW_Q_TILE);
         const bool skip = ws.misses(q0, q0 + BW_BM - 1);
+        unsigned char* sdS = smem + (OVERLAP && b ? OFF_DS1 : OFF_DS);
+        const uint32_t ds_base = smem_u32(sdS);
         uint32_t pf[4][4], dsf[4][4];
 
         mbar_wait(&bars[BB_FULL + st], phase);
@@ -332,7 +346,7 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
 
         // dS^T into sdS ([128 keys][64 queries], swizzled): row kr (and kr + 8), queries
         // 16 kk + 2u, +1 (fragment entries 0, 1) and 16 kk + 8 + 2u, +1 (entries 2, 3).
-        named_barrier_sync(BAR_CONSUMERS, 256);  // both warpgroups' previous dQ products are done
+        if (!OVERLAP) named_barrier_sync(BAR_CONSUMERS, 256);  // both warpgroups' previous dQ products are done
         #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             #pragma unroll
@@ -390,6 +404,27 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
     named_barrier_sync(BAR_CONSUMERS, 256);
     store_acc_rows(dk, smem + OFF_K, BW_KV_HALF, acc_dk, ATTN_SCALE, ATTN_SCALE, kr, 64 * wg + 16 * warp, n0 + 64 * wg + 16 * warp, T, NH, h, lane);
     store_acc_rows(dv, smem + OFF_V, BW_KV_HALF, acc_dv, 1.f, 1.f, kr, 64 * wg + 16 * warp, n0 + 64 * wg + 16 * warp, T, NH, h, lane);
+}
+
+// v4: the default on Hopper.
+extern "C" __global__ void __launch_bounds__(BW_THREADS, 1)
+attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                   const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dk,
+                   bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
+                   const float* __restrict__ delta, const int2* __restrict__ rows, const int2* __restrict__ cols,
+                   const int* __restrict__ order, const int* __restrict__ rank, int T, int T_pad, int NH) {
+    bwd_sm90<false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
+}
+
+// v7: sdS double-buffered, one consumer barrier per query tile (opt-in until measured).
+extern "C" __global__ void __launch_bounds__(BW_THREADS, 1)
+attention_bwd_sm90_overlap(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                           const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
+                           bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem,
+                           const float* __restrict__ lse2, const float* __restrict__ delta, const int2* __restrict__ rows,
+                           const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank, int T,
+                           int T_pad, int NH) {
+    bwd_sm90<true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -750,6 +750,17 @@ const SM90_BWD_FAMILY: &str = "attention_bwd_sm90";
 const SM90_BWD_KEYS: usize = 128;
 const SM90_BWD_QUERIES: usize = 64;
 const SM90_BWD_SMEM: u32 = (2 * 32768 + 2 * 32768 + 16384 + 2 * 32768 + 2 * 2 * 64 * 4 + 1024) as u32;
+/// v7 double-buffers dS^T: 16 KB more (226 KB of the 227 KB a block may have).
+const SM90_BWD_SMEM_OVERLAP: u32 = SM90_BWD_SMEM + 16384;
+
+/// The Hopper backward kernels of cuda/attention_bwd_sm90.cu (docs/attention.md, kernel versions).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sm90Bwd {
+    /// v4: two consumer barriers per query tile.
+    Plain,
+    /// v7: dS^T double-buffered, one consumer barrier per query tile.
+    Overlap,
+}
 
 /// Backward pass on a Hopper GPU with the TMA + wgmma kernels (cuda/attention_bwd_sm90.cu);
 /// same contract as [`attention_bwd`], which calls it on sm_90 devices. Errors on other GPUs.
@@ -772,15 +783,64 @@ pub fn attention_bwd_sm90(
     t: usize,
     nh: usize,
 ) -> Result<(), GpuError> {
+    bwd_sm90(gpu, Sm90Bwd::Plain, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// The Hopper backward with dS^T double-buffered, so that the two consumer warpgroups meet once
+/// per query tile instead of twice (v7 in docs/attention.md); same contract as
+/// [`attention_bwd_sm90`]. Not the default until it has passed selftest and beaten v4.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd_sm90_overlap(
+    gpu: &Gpu,
+    dq: &mut CudaViewMut<bf16>,
+    dk: &mut CudaViewMut<bf16>,
+    dv: &mut CudaViewMut<bf16>,
+    do_: &CudaView<bf16>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    o: &CudaView<bf16>,
+    lse: &CudaView<f32>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
+    bwd_sm90(gpu, Sm90Bwd::Overlap, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh)
+}
+
+/// The body of the Hopper backward launchers: prep, the main kernel of `variant`, dq.
+#[allow(clippy::too_many_arguments)]
+fn bwd_sm90(
+    gpu: &Gpu,
+    variant: Sm90Bwd,
+    dq: &mut CudaViewMut<bf16>,
+    dk: &mut CudaViewMut<bf16>,
+    dv: &mut CudaViewMut<bf16>,
+    do_: &CudaView<bf16>,
+    q: &CudaView<bf16>,
+    k: &CudaView<bf16>,
+    v: &CudaView<bf16>,
+    o: &CudaView<bf16>,
+    lse: &CudaView<f32>,
+    cu_seqlens: &CudaView<i32>,
+    prefix_lens: &CudaView<i32>,
+    t: usize,
+    nh: usize,
+) -> Result<(), GpuError> {
     let p = &gpu.props;
     if !p.is_hopper() {
         return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
     }
+    let (name, smem) = match variant {
+        Sm90Bwd::Plain => ("attention_bwd_sm90", SM90_BWD_SMEM),
+        Sm90Bwd::Overlap => ("attention_bwd_sm90_overlap", SM90_BWD_SMEM_OVERLAP),
+    };
     let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len()), ("o", o.len())];
-    check_shapes("attention_bwd_sm90", &tensors, lse.len(), t, nh);
-    check_table("attention_bwd_sm90", cu_seqlens.len(), prefix_lens.len(), t, nh);
+    check_shapes(name, &tensors, lse.len(), t, nh);
+    check_table(name, cu_seqlens.len(), prefix_lens.len(), t, nh);
     let aligned = aligned16(gpu, dq) && aligned16(gpu, dk) && aligned16(gpu, dv) && aligned16(gpu, do_) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v) && aligned16(gpu, o);
-    assert!(aligned, "attention_bwd_sm90: tensors must be 16-byte aligned");
+    assert!(aligned, "{name}: tensors must be 16-byte aligned");
     let (rows, cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
     let kv_order = schedule(gpu, &cols, t, SM90_BWD_KEYS, SM90_BWD_QUERIES)?;
     let (n_kv, n_q) = (t.div_ceil(SM90_BWD_KEYS), t.div_ceil(SM90_BWD_QUERIES));
@@ -813,17 +873,17 @@ pub fn attention_bwd_sm90(
     let tm_do = tensor_map(do_ptr, t, nh, SM90_BWD_QUERIES)?;
     let tm_k = tensor_map(k_ptr, t, nh, SM90_BWD_KEYS)?;
     let tm_v = tensor_map(v_ptr, t, nh, SM90_BWD_KEYS)?;
-    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90")?;
-    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_BWD_SMEM as i32)
-        .during(format!("attention_bwd_sm90: allowing {SM90_BWD_SMEM} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
+    let func = gpu.function(SM90_BWD_FAMILY, name)?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .during(format!("{name}: allowing {smem} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
     let mut args = gpu.stream.launch_builder(&func);
     args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_do).arg(&mut *dk).arg(&mut *dv).arg(&mut dqacc).arg(&mut sem);
     args.arg(&lse2).arg(&delta).arg(&rows).arg(&cols).arg(&kv_order).arg(&rank).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32);
     // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v, do (alive until the
     // guards drop after the launch); dk, dv shapes checked above; dqacc holds NH * T_pad * HD
     // fp32, sem NH * T_pad / 64 ints, lse2 and delta NH * T_pad; rows/cols/kv_order/rank built
-    // for this T; SM90_BWD_SMEM bytes allowed above.
-    unsafe { args.launch(config(n_kv * nh, SM90_THREADS, SM90_BWD_SMEM)) }.during("attention_bwd_sm90")?;
+    // for this T; `smem` bytes allowed above.
+    unsafe { args.launch(config(n_kv * nh, SM90_THREADS, smem)) }.during(name.to_string())?;
 
     let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_dq")?;
     let mut args = gpu.stream.launch_builder(&func);
@@ -974,7 +1034,7 @@ fn poisoned_bf16(gpu: &Gpu, n: usize) -> Result<CudaSlice<bf16>, GpuError> {
 }
 
 pub fn selftests() -> Vec<Check> {
-    // The portable kernels and the Hopper defaults first; the opt-in Hopper forwards last, so
+    // The portable kernels and the Hopper defaults first; the opt-in Hopper kernels last, so
     // that a hang in one of them (a barrier protocol bug) still leaves the others reported.
     vec![
         Check { name: "attention_fwd_sm80", run: check_fwd_sm80 },
@@ -984,6 +1044,7 @@ pub fn selftests() -> Vec<Check> {
         Check { name: "attention_bwd_sm90", run: check_bwd_sm90 },
         Check { name: "attention_fwd_sm90_pingpong", run: check_fwd_sm90_pingpong },
         Check { name: "attention_fwd_sm90_persistent", run: check_fwd_sm90_persistent },
+        Check { name: "attention_bwd_sm90_overlap", run: check_bwd_sm90_overlap },
     ]
 }
 
@@ -1052,6 +1113,13 @@ fn check_bwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         return Ok(Vec::new());
     }
     bwd_rows(gpu, rng, "attention_bwd_sm90", attention_bwd_sm90)
+}
+
+fn check_bwd_sm90_overlap(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    if !gpu.props.is_hopper() {
+        return Ok(Vec::new());
+    }
+    bwd_rows(gpu, rng, "attention_bwd_sm90_overlap", attention_bwd_sm90_overlap)
 }
 
 fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel) -> Result<Vec<Row>, GpuError> {
