@@ -72,6 +72,10 @@ pub struct BenchArgs {
     /// GPU ordinal
     #[arg(long, default_value_t = 0)]
     pub gpu: usize,
+    /// `bench attention`: instead of timing, write a check batch, our outputs for it and the
+    /// bench batches' sample tables to this directory, for `tools/attention_torch_check.py`
+    #[arg(long)]
+    pub dump: Option<std::path::PathBuf>,
     /// Options of `bench train`
     #[command(flatten, next_help_heading = "bench train")]
     pub train: crate::bench::train::TrainBenchArgs,
@@ -98,9 +102,12 @@ fn unfinished(command: &str, arrives_with: &str) -> Result<()> {
 fn bench(args: BenchArgs) -> Result<()> {
     let target = crate::bench::TARGETS.iter().find(|t| t.name == args.target).expect("clap accepts only listed targets");
     let gpu = Gpu::open(args.gpu)?;
-    if target.name == "train" {
-        // The one target with options of its own.
-        return crate::bench::train::run(&gpu, &args.train);
+    // The targets with options of their own.
+    match (target.name, &args.dump) {
+        ("train", _) => return crate::bench::train::run(&gpu, &args.train),
+        ("attention", Some(dir)) => return crate::bench::attention::dump(&gpu, dir),
+        (_, Some(_)) => anyhow::bail!("--dump applies to `bench attention` only"),
+        _ => {}
     }
     (target.run)(&gpu)
 }
