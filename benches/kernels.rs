@@ -125,5 +125,38 @@ fn gpu_kernels(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, cpu_references, gpu_kernels);
+/// One `tiny` hrm training step on the CPU reference (4 layers, hidden 256, 2 heads,
+/// bp_steps 5): 16 samples of 128 tokens with 40-token instructions, 2048 tokens in all.
+fn cpu_model_step(c: &mut Criterion) {
+    use hrm_cu::config::{ModelConfig, NetName, SizeName};
+    use hrm_cu::model::cpu::CpuBackend;
+    use hrm_cu::model::net::{Batch, Model};
+    use hrm_cu::model::params::Params;
+    use hrm_cu::model::schedule::Schedule;
+
+    let params = Params::init(ModelConfig::new(SizeName::Tiny, NetName::Hrm, 256), 11);
+    let mut rng = Rng::new(12);
+    let (samples, len, prefix) = (16usize, 128usize, 40usize);
+    let t = samples * len;
+    let inputs: Vec<i32> = (0..t).map(|_| rng.below(256) as i32).collect();
+    let labels: Vec<i32> = (0..t).map(|i| if i % len < prefix - 1 { IGNORE_LABEL } else { rng.below(256) as i32 }).collect();
+    let positions: Vec<i32> = (0..t).map(|i| (i % len) as i32).collect();
+    let cu_seqlens: Vec<i32> = (0..=samples).map(|s| (s * len) as i32).collect();
+    let prefix_lens = vec![prefix as i32; samples];
+    let batch = Batch { inputs: &inputs, labels: &labels, positions: &positions, cu_seqlens: &cu_seqlens, prefix_lens: &prefix_lens };
+    let valid = labels.iter().filter(|&&l| l != IGNORE_LABEL).count() as f32;
+    let schedule = Schedule::for_training(&params.config.net, 5);
+    let mut model = Model::new(CpuBackend, params.config, &params.z_l_init).expect("tiny model");
+    let mut grads = params.zeros_like_master();
+
+    let mut group = c.benchmark_group("cpu_model");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(t as u64));
+    group.bench_function("tiny hrm forward+backward, 2048 tokens (tokens)", |b| {
+        b.iter(|| model.forward_backward(&params.master, &batch, &schedule, &mut grads, valid).expect("step"))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, cpu_references, cpu_model_step, gpu_kernels);
 criterion_main!(benches);

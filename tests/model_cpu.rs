@@ -395,32 +395,3 @@ fn transformer_has_no_z_l_state() {
 }
 
 // ---- speed ----
-
-/// One `tiny` hrm step (4 layers, hidden 256, 2 heads, bp_steps 5) on 2048 tokens: 16
-/// samples of 128 rows with 40-token instructions. Run with
-/// `cargo test --release --test model_cpu -- --ignored --nocapture`; the budget is "a few
-/// seconds on 2 cores".
-#[test]
-#[ignore = "timing; run explicitly in release"]
-fn tiny_hrm_step_takes_seconds() {
-    use hrm_cu::config::SizeName;
-    let params = Params::init(ModelConfig::new(SizeName::Tiny, NetName::Hrm, 256), 11);
-    let mut rng = Rng::new(12);
-    let token = |rng: &mut Rng| rng.below(256) as i32;
-    let owned: Vec<(Vec<i32>, Vec<i32>)> = (0..16).map(|_| ((0..40).map(|_| token(&mut rng)).collect(), (0..89).map(|_| token(&mut rng)).collect())).collect();
-    let samples: Vec<(&[i32], &[i32])> = owned.iter().map(|(i, r)| (i.as_slice(), r.as_slice())).collect();
-    let b = Packed::new(&samples, 2048);
-    let schedule = Schedule::for_training(&params.config.net, 5);
-    let mut m = model(&params);
-    let mut grads = params.zeros_like_master();
-    m.forward_backward(&params.master, &b.batch(), &schedule, &mut grads, b.valid() as f32).unwrap(); // warm-up: allocation
-    let start = std::time::Instant::now();
-    let out = m.forward_backward(&params.master, &b.batch(), &schedule, &mut grads, b.valid() as f32).unwrap();
-    let step = start.elapsed().as_secs_f64();
-    let start = std::time::Instant::now();
-    m.forward_loss(&params.master, &b.batch()).unwrap();
-    let fwd = start.elapsed().as_secs_f64();
-    println!("tiny hrm, T = 2048, bp_steps = 5: forward+backward {step:.3} s, forward alone {fwd:.3} s, loss {:.4}", out.metrics.loss_sum / out.metrics.valid_tokens as f64);
-    assert!(out.metrics.loss_sum.is_finite());
-    assert!(step < 10.0, "a tiny step took {step:.1} s");
-}
