@@ -20,7 +20,6 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
@@ -143,24 +142,6 @@ impl Buffers {
     }
 }
 
-/// Median milliseconds of `f` over ITERS runs after WARMUP, each between two CUDA events.
-fn median_ms(gpu: &Gpu, mut f: impl FnMut() -> Result<(), GpuError>) -> Result<f64> {
-    for _ in 0..WARMUP {
-        f()?;
-    }
-    let mut times = Vec::with_capacity(ITERS);
-    for _ in 0..ITERS {
-        let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
-        start.record(&gpu.stream)?;
-        f()?;
-        end.record(&gpu.stream)?;
-        times.push(start.elapsed_ms(&end)? as f64);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[ITERS / 2])
-}
-
 /// The kernels a row can time: every launcher this GPU can run, the portable ones first.
 fn routes(gpu: &Gpu) -> Vec<(&'static str, Pass)> {
     let mut routes = vec![("fwd sm80 (mma.sync)", Pass::Forward(attention_fwd_sm80))];
@@ -195,10 +176,10 @@ pub fn run(gpu: &Gpu) -> Result<()> {
         let fwd_flops = 4.0 * HD as f64 * b.pairs() as f64 * HEADS as f64;
         for (i, (name, pass)) in routes(gpu).into_iter().enumerate() {
             let (ms, flops) = match pass {
-                Pass::Forward(kernel) => (median_ms(gpu, || bufs.forward(gpu, kernel, b.t, HEADS))?, fwd_flops),
+                Pass::Forward(kernel) => (super::time_ms(gpu, WARMUP, ITERS, |_| bufs.forward(gpu, kernel, b.t, HEADS))?, fwd_flops),
                 Pass::Backward(kernel) => {
                     bufs.forward(gpu, attention_fwd, b.t, HEADS)?;
-                    (median_ms(gpu, || bufs.backward(gpu, kernel, b.t, HEADS))?, 2.5 * fwd_flops)
+                    (super::time_ms(gpu, WARMUP, ITERS, |_| bufs.backward(gpu, kernel, b.t, HEADS))?, 2.5 * fwd_flops)
                 }
             };
             let (label, samples, pairs) = if i == 0 { (b.name, b.prefix_lens.len().to_string(), b.pairs().to_string()) } else { ("", String::new(), String::new()) };

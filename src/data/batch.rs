@@ -17,8 +17,7 @@ use anyhow::{ensure, Result};
 
 use super::dataset::Dataset;
 
-/// The label of a slot that carries no loss (instruction tokens when `target_only`, padding).
-pub const IGNORE_LABEL: i32 = -100;
+pub use crate::ops::cross_entropy::IGNORE_LABEL;
 
 /// One rank's batch for one step. `N` = batch_tokens, `S` = samples packed.
 #[derive(Clone, Debug, PartialEq, Eq)]
