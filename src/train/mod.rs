@@ -16,6 +16,7 @@
 
 pub mod engine;
 pub mod eval;
+pub mod flops;
 pub mod gpu;
 
 use std::fs::{File, OpenOptions};
