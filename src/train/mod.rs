@@ -18,6 +18,7 @@ pub mod engine;
 pub mod eval;
 pub mod flops;
 pub mod gpu;
+pub mod plot;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
