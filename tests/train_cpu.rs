@@ -21,6 +21,7 @@ fn options(run: &Path, net: NetName, demo: DemoConfig, train: TrainConfig) -> Tr
         keep_last: 3,
         log_every: 10,
         eval_every: None,
+        profile_step: None,
     }
 }
 

@@ -5,17 +5,9 @@
 //! (plans, allocations, first-touch), each timed step lies between two CUDA events, so a
 //! step's time includes every gap the host leaves on the device.
 //!
-//! Useful FLOPs of a step, counted over the real (non-padding) tokens `T`:
-//!
-//! ```text
-//! block GEMMs   2 T (D*4C + C*D + D*2I + I*D)         per block of a forward pass
-//! attention     4 * 128 * pairs * NH                  per forward pass; pairs = visible (query, key)
-//! LM head       2 T D V
-//! a pass with gradient adds 2x its GEMMs and 2.5x its attention; the LM head always has one
-//! ```
-//!
-//! MFU is those FLOPs over step time times 989 TFLOP/s (the H100 SXM's dense bf16 rate; the
-//! sustained rate under the card's power cap is lower, see `docs/perf.md`).
+//! Useful FLOPs and MFU are those of `src/train/flops.rs` (the training log reports the same
+//! figures): matmul FLOPs of every forward pass, twice that again for the passes with
+//! gradient, attention over the visible (query, key) pairs only, over 989 TFLOP/s.
 //!
 //! `--profile` runs a few more steps with every op bracketed by CUDA events and prints the
 //! split per op class; the event records add a little time of their own, so the totals are
@@ -27,7 +19,7 @@ use cudarc::driver::sys::CUevent_flags;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::config::{ModelConfig, Net, NetName, SizeName, TrainConfig, HEAD_DIM};
+use crate::config::{ModelConfig, Net, NetName, SizeName, TrainConfig};
 use crate::gpu::{DriverContext, Gpu};
 use crate::model::params::Params;
 use crate::model::schedule::Schedule;
@@ -35,10 +27,9 @@ use crate::model::spec::ParamLayout;
 use crate::optim::{AdamAtan2, AdamCoeffs};
 use crate::rng::Rng;
 use crate::train::engine::Engine;
+use crate::train::flops::{useful_flops, HOPPER_BF16_FLOPS};
 use crate::train::gpu::{GpuEngine, MemoryPlan, PackedSamples};
 
-/// Dense bf16 tensor-core rate of an H100 SXM, the denominator of MFU.
-pub const H100_BF16_FLOPS: f64 = 989e12;
 /// Distinct batches cycled through the steps.
 const BATCHES: usize = 4;
 const DEFAULT_BATCH_TOKENS: usize = 12_288;
@@ -154,11 +145,11 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
     // Per-step averages over the batches the timed steps ran.
     let used: Vec<&PackedSamples> = (0..args.steps).map(|i| &batches[(args.warmup + i) % BATCHES]).collect();
     let tokens = used.iter().map(|b| b.tokens() as f64).sum::<f64>() / used.len() as f64;
-    let flops = used.iter().map(|b| useful_flops(&config, &schedule, b)).sum::<f64>() / used.len() as f64;
+    let flops = used.iter().map(|b| useful_flops(&config, &schedule, &b.batch())).sum::<f64>() / used.len() as f64;
     let seconds = median * 1e-3;
     println!("step time   median {median:.1} ms (min {:.1}, max {:.1}) over {} steps after {} warm-up", sorted[0], sorted[sorted.len() - 1], args.steps, args.warmup);
     println!("throughput  {:.0} tokens/s ({:.0} real tokens per step)", tokens / seconds, tokens);
-    println!("FLOPs       {:.1} TFLOP useful per step: {:.0} TFLOP/s, MFU {:.1}% of 989 TFLOP/s", flops / 1e12, flops / seconds / 1e12, 100.0 * flops / seconds / H100_BF16_FLOPS);
+    println!("FLOPs       {:.1} TFLOP useful per step: {:.0} TFLOP/s, MFU {:.1}% of 989 TFLOP/s", flops / 1e12, flops / seconds / 1e12, 100.0 * flops / seconds / HOPPER_BF16_FLOPS);
     let (free, total) = {
         gpu.ctx.bind_to_thread().during("binding the context")?;
         cudarc::driver::result::mem_get_info().during("querying device memory")?
@@ -226,32 +217,6 @@ fn random_params(config: ModelConfig, seed: u64) -> Params {
     Params { config, layout, master, z_l_init }
 }
 
-/// The useful FLOPs of one step on `batch` (see the module doc).
-pub fn useful_flops(config: &ModelConfig, schedule: &Schedule, batch: &PackedSamples) -> f64 {
-    let d = &config.dims;
-    let t = batch.tokens() as f64;
-    let (dd, c, i, v) = (d.hidden as f64, (d.heads * HEAD_DIM) as f64, d.intermediate as f64, config.vocab as f64);
-    let block_gemm = 2.0 * t * (dd * 4.0 * c + c * dd + dd * 2.0 * i + i * dd);
-    let attention = 4.0 * HEAD_DIM as f64 * visible_pairs(batch) as f64 * d.heads as f64;
-    let modules = config.net.modules(d.n_layers);
-    let mut flops = 0.0;
-    for pass in &schedule.passes {
-        let blocks = modules.iter().find(|(m, _)| *m == pass.module).map_or(0, |(_, n)| *n) as f64;
-        flops += blocks * (block_gemm + attention);
-        if pass.grad {
-            flops += blocks * (2.0 * block_gemm + 2.5 * attention);
-        }
-    }
-    flops + 3.0 * 2.0 * t * dd * v
-}
-
-/// Visible (query, key) pairs of one head: a sample of `n` rows with prefix `p` has `p` keys
-/// for each of its `p` instruction rows and `r + 1` for response row `r >= p`.
-fn visible_pairs(batch: &PackedSamples) -> u64 {
-    let lens = batch.cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as u64);
-    lens.zip(&batch.prefix_lens).map(|(n, &p)| p as u64 * p as u64 + (n * (n + 1) - p as u64 * (p as u64 + 1)) / 2).sum()
-}
-
 fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
@@ -286,31 +251,4 @@ fn pool_peaks(gpu: &Gpu) -> Result<(u64, u64)> {
         Ok(value)
     };
     Ok((read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?, read(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn visible_pairs_follow_the_prefix_mask() {
-        // One sample of 4 rows with prefix 2: rows 0, 1 see 2 keys, rows 2, 3 see 3, 4.
-        let p = PackedSamples::pack(&[(vec![1, 2], vec![3, 4, 5])], 6).unwrap();
-        assert_eq!(visible_pairs(&p), 2 + 2 + 3 + 4);
-    }
-
-    #[test]
-    fn transformer_flops_are_six_per_parameter_token_plus_attention() {
-        // Without attention (one-token samples) a transformer step is 6 FLOPs per weight and
-        // token over the blocks and the LM head (the embedding is a gather).
-        let cfg = ModelConfig::new(SizeName::Tiny, NetName::Transformer, 512);
-        let samples: Vec<(Vec<i32>, Vec<i32>)> = (0..8).map(|_| (vec![1], vec![2])).collect();
-        let p = PackedSamples::pack(&samples, 8).unwrap();
-        let schedule = Schedule::for_training(&cfg.net, 0);
-        let layout = ParamLayout::new(&cfg);
-        let embed = layout.trainable().next().unwrap().numel();
-        let weights = (layout.num_params() - embed) as f64;
-        let attention = 4.0 * 128.0 * 8.0 * 2.0 * 3.5 * 4.0; // 8 pairs, 2 heads, fwd + 2.5x bwd, 4 blocks
-        assert_eq!(useful_flops(&cfg, &schedule, &p), 6.0 * weights * 8.0 + attention);
-    }
 }

@@ -12,6 +12,7 @@ mod data;
 mod export;
 mod import;
 mod loss;
+mod plot;
 mod train;
 
 #[derive(Parser, Debug)]
@@ -41,6 +42,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Check every GPU kernel against its CPU reference on this machine's GPU
     Selftest(SelftestArgs),
+    /// Draw a run's metrics.jsonl (loss, accuracies, lr, gradient norm, throughput) as a PNG
+    Plot(plot::PlotArgs),
 }
 
 /// Arguments of a subcommand whose capability has not landed yet.
@@ -92,6 +95,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Import(args) => import::run(args),
         Command::Data(args) => data::run(args),
         Command::Bench(args) => bench(args),
+        Command::Plot(args) => plot::run(args),
     }
 }
 

@@ -79,6 +79,10 @@ pub struct TrainArgs {
     /// Evaluate the held-out split (demo) every N steps
     #[arg(long)]
     pub eval_every: Option<u64>,
+    /// Wrap step N in cuProfilerStart/Stop so that `ncu --profile-from-start off` profiles
+    /// that step alone (GPU only; docs/perf.md, "Observing a run")
+    #[arg(long, value_name = "N")]
+    pub profile_step: Option<u64>,
     /// Demo: digits of the larger operand
     #[arg(long, default_value_t = 2)]
     pub demo_digits: usize,
@@ -130,6 +134,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         keep_last: args.keep_last,
         log_every: args.log_every.max(1),
         eval_every: args.eval_every.or(demo.then_some(50)),
+        profile_step: args.profile_step,
     };
     if let Some(m) = train::run(&opts)? {
         println!("{}", serde_json::to_string(&m)?);

@@ -5,6 +5,7 @@
 //! missing device or the wrong architecture turns into a clear [`GpuError`].
 
 pub mod kernels;
+pub mod nvtx;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

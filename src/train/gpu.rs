@@ -33,6 +33,7 @@ use cudarc::driver::{CudaSlice, DriverError};
 use half::bf16;
 
 use crate::config::{intermediate_size, Dims, ModelConfig, NetName, TrainConfig, HEAD_DIM};
+use crate::gpu::nvtx::Range;
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::model::backend::{Backend, TensorAt};
 use crate::model::cpu::CpuBackend;
@@ -112,8 +113,13 @@ impl<'g> GpuEngine<'g> {
 impl Engine for GpuEngine<'_> {
     fn train_step(&mut self, batch: &Batch, schedule: &Schedule, lr: f32, loss_divisor: f32) -> Result<StepOutput> {
         let be = self.model.backend();
+        let zeroing = Range::push("zero_grads");
         be.timed(OpClass::Other, || self.gpu.stream.memset_zeros(&mut self.grads).context("zeroing the gradients"))?;
+        drop(zeroing);
+        let forward_backward = Range::push("forward_backward");
         let out = self.model.forward_backward(&self.compute, batch, schedule, &mut self.grads, loss_divisor)?;
+        drop(forward_backward);
+        let _optimizer = Range::push("optimizer");
         self.table.set_step(self.gpu, &out.tensors_with_grad[..self.n_trainable], lr).context("writing the optimiser's step inputs")?;
         let (gpu, coeffs) = (self.gpu, &self.coeffs);
         let (master, m, v, ema, grads, compute, table) = (&mut self.master, &mut self.m, &mut self.v, &mut self.ema, &self.grads, &mut self.compute, &mut self.table);

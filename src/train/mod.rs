@@ -16,7 +16,9 @@
 
 pub mod engine;
 pub mod eval;
+pub mod flops;
 pub mod gpu;
+pub mod plot;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -35,6 +37,7 @@ use crate::data::{total_steps_estimate, DataPosition, Dataset, Loader, LoaderCon
 use crate::model::params::Params;
 use crate::model::schedule::{bp_steps, Schedule};
 use crate::optim::{AdamAtan2, AdamCoeffs, LrSchedule};
+use crate::gpu::nvtx::{self, CaptureRange, Range};
 use crate::gpu::Gpu;
 use engine::{CpuEngine, Engine, NonFiniteLoss};
 use gpu::{GpuEngine, MemoryPlan};
@@ -82,6 +85,9 @@ pub struct TrainOptions {
     pub log_every: u64,
     /// Evaluate the held-out split (demo) every this many steps.
     pub eval_every: Option<u64>,
+    /// Wrap this step in cuProfilerStart/Stop, so that `ncu --profile-from-start off`
+    /// captures it alone (GPU only).
+    pub profile_step: Option<u64>,
 }
 
 /// The training data and, for the demo, its held-out split.
@@ -191,6 +197,16 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         let plan = MemoryPlan::predict(&model, &deepest, batch_tokens)?;
         plan.check_fits(gpu).with_context(|| format!("predicted device memory of this run:\n{plan}"))?;
     }
+    if let Some(n) = opts.profile_step {
+        ensure!(gpu.is_some(), "--profile-step {n}: profiling needs the GPU (--device gpu)");
+        ensure!(n > state.global_step && n <= total_steps, "--profile-step {n}: this run takes steps {} to {total_steps}", state.global_step + 1);
+        if nvtx::library().is_none() {
+            eprintln!("--profile-step: no NVTX library ({}) on the library path: the profile carries no NVTX ranges", nvtx::LIBRARIES.join(" or "));
+        }
+    }
+    // Useful FLOPs (src/train/flops.rs) are logged on the GPU as TFLOP/s, and as MFU where
+    // the card's peak is known.
+    let (on_gpu, peak_flops) = (gpu.is_some(), gpu.as_ref().and_then(|g| flops::peak_bf16_flops(&g.props)));
     let mut engine = make_engine(gpu.as_ref(), params, optimizer)?;
     let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
     let loader = Loader::new(data.train.clone(), loader_cfg, state.data_position)?;
@@ -211,13 +227,14 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
 
     let started = Instant::now();
     let mut last_save = Instant::now();
-    let mut window = (Instant::now(), 0u64); // tokens since the last log line
+    let mut window = (Instant::now(), 0u64, 0.0f64); // tokens and useful FLOPs since the last log line
     let mut last_epoch = state.data_position.epoch;
     for item in loader {
         if state.global_step >= total_steps {
             break;
         }
         let (position, batch) = item?;
+        let _step_range = Range::push("step");
         if position.epoch != last_epoch {
             save(opts, &mut *engine, &state, &bar)?; // every epoch end
             last_save = Instant::now();
@@ -228,7 +245,15 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         let bp = cfg.fixed_bp_steps.or_else(|| bp_steps(&model.net, step, total_steps, cfg.bp_warmup));
         let schedule = Schedule::for_training(&model.net, bp.unwrap_or(0));
         let labels = batch.num_labels().max(1) as f32;
-        let out = match engine.train_step(&batch_view(&batch), &schedule, lr, labels) {
+        let capture = match (&gpu, opts.profile_step == Some(step)) {
+            (Some(gpu), true) => Some(CaptureRange::start(gpu)?),
+            _ => None,
+        };
+        let result = engine.train_step(&batch_view(&batch), &schedule, lr, labels);
+        if let Some(capture) = capture {
+            capture.stop()?;
+        }
+        let out = match result {
             Ok(out) => out,
             Err(e) if e.is::<NonFiniteLoss>() => {
                 save(opts, &mut *engine, &state, &bar)?;
@@ -240,23 +265,36 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         state.data_position = DataPosition { epoch: position.epoch, step: position.step + 1 };
         state.tokens_seen += batch.num_tokens() as u64;
         window.1 += batch.num_tokens() as u64;
+        window.2 += flops::useful_flops(&model, &schedule, &batch_view(&batch));
         bar.set_position(step);
 
         if step % opts.log_every == 0 || step == total_steps {
+            let _log_range = Range::push("log");
             let (loss, accuracy, exact) = step_ratios(&out.metrics);
-            let tokens_per_s = window.1 as f64 / window.0.elapsed().as_secs_f64();
-            window = (Instant::now(), 0);
+            let seconds = window.0.elapsed().as_secs_f64();
+            let (tokens_per_s, flops_per_s) = (window.1 as f64 / seconds, window.2 / seconds);
+            window = (Instant::now(), 0, 0.0);
             let grad_norm = engine.grad_norm()?;
-            bar.set_message(format!("loss {loss:.4} acc {accuracy:.3} exact {exact:.3} {tokens_per_s:.0} tok/s"));
-            log.write(json!({
+            let mut record = json!({
                 "split": "train", "step": step, "epoch": position.epoch, "loss": loss, "accuracy": accuracy,
                 "exact_accuracy": exact, "lr": lr, "bp_steps": bp, "grad_norm": grad_norm,
                 "tokens": batch.num_tokens(), "tokens_seen": state.tokens_seen, "tokens_per_s": tokens_per_s,
                 "elapsed_s": started.elapsed().as_secs_f64(),
-            }))?;
+            });
+            let mut message = format!("loss {loss:.4} acc {accuracy:.3} exact {exact:.3} {tokens_per_s:.0} tok/s");
+            if on_gpu {
+                record["tflops"] = json!(flops_per_s / 1e12);
+            }
+            if let Some(peak) = peak_flops {
+                record["mfu"] = json!(flops_per_s / peak);
+                message += &format!(" MFU {:.1}%", 100.0 * flops_per_s / peak);
+            }
+            bar.set_message(message);
+            log.write(record)?;
         }
         if let (Some(heldout), Some(every)) = (&data.heldout, opts.eval_every) {
             if step % every == 0 {
+                let _eval_range = Range::push("eval");
                 let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, Coverage::AllSamples)?;
                 report_heldout(&bar, &mut log, step, &m)?;
             }
@@ -289,6 +327,7 @@ fn save(opts: &TrainOptions, engine: &mut dyn Engine, state: &TrainState, bar: &
     if state.global_step == 0 {
         return Ok(());
     }
+    let _range = Range::push("checkpoint");
     let (params, optimizer) = engine.snapshot()?;
     let dir = run_dir::save_in_run(&opts.run_dir, &params, &optimizer, state, opts.keep_last)?;
     bar.println(format!("step {}: checkpoint {}", state.global_step, dir.display()));
