@@ -306,6 +306,11 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
             last_save = Instant::now();
         }
     }
+    ensure!(
+        state.global_step > 0,
+        "the data yielded no full training step: {} tokens per epoch do not fill one {batch_tokens}-token batch (SPEC §8 drops an epoch's last step); lower --batch-tokens or add data",
+        data.train.tokens_per_epoch()
+    );
     save(opts, &mut *engine, &state, &bar)?;
     bar.finish();
 
