@@ -229,6 +229,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     let mut last_save = Instant::now();
     let mut window = (Instant::now(), 0u64, 0.0f64); // tokens and useful FLOPs since the last log line
     let mut last_epoch = state.data_position.epoch;
+    let mut last_heldout: Option<(u64, MeanMetrics)> = None; // the final weights' evaluation, when the loop made it
     for item in loader {
         if state.global_step >= total_steps {
             break;
@@ -297,6 +298,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
                 let _eval_range = Range::push("eval");
                 let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, Coverage::AllSamples)?;
                 report_heldout(&bar, &mut log, step, &m)?;
+                last_heldout = Some((step, m));
             }
         }
         let due_steps = opts.checkpoint_every_steps.is_some_and(|n| step % n == 0);
@@ -315,9 +317,14 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     bar.finish();
 
     let Some(heldout) = &data.heldout else { return Ok(None) };
-    let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, Coverage::AllSamples)?;
-    report_heldout(&bar, &mut log, state.global_step, &m)?;
-    Ok(Some(m))
+    match last_heldout {
+        Some((step, m)) if step == state.global_step => Ok(Some(m)),
+        _ => {
+            let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, Coverage::AllSamples)?;
+            report_heldout(&bar, &mut log, state.global_step, &m)?;
+            Ok(Some(m))
+        }
+    }
 }
 
 fn report_heldout(bar: &ProgressBar, log: &mut MetricsLog, step: u64, m: &MeanMetrics) -> Result<()> {
