@@ -19,6 +19,9 @@
 //                 its piece in a partial row, and the block that finishes a run's last
 //                 piece (an atomic ticket per run) adds the pieces in chunk order to dw.
 //
+// Steps 1-4 are the fallback: for T that fits one block's shared memory (every model size),
+// embedding_bwd_sort below does them in one launch (a radix sort on the id bits).
+//
 // Fixed-size chunks keep every block's work the same whatever the distribution of ids: a
 // batch dominated by one id (padding) is split over many blocks instead of serialising on
 // one. Step 4 costs sum_v count_v^2 comparisons: negligible for text, 2.7e8 in the
@@ -28,7 +31,8 @@
 // - D % 8 == 0, D <= 8192, every pointer 16-byte aligned (the launcher checks).
 // - Token ids outside 0..V are skipped (the forward writes a zero row for them): the data
 //   pipeline guarantees ids < V, this only keeps a bad id from reading out of bounds.
-// - Scratch counters (counts, cursors, tickets) are zeroed by the launcher before step 1.
+// - Scratch counters (counts, cursors, tickets) are zeroed by the launcher before step 1
+//   (by embedding_bwd_sort itself, tickets only, on its path).
 // - Every sum has a fixed order (t ascending within a piece, pieces in chunk order), and
 //   each row of dw is written by exactly one block: bitwise reproducible.
 
@@ -147,6 +151,116 @@ extern "C" __global__ void embedding_bwd_rank(int* __restrict__ sorted, const in
         int rank = 0;
         for (int j = begin; j < end; j++) rank += bucket[j] < t;
         sorted[begin + rank] = t;
+    }
+}
+
+// ---- steps 1-4 in one block: the radix sort -------------------------------------------
+//
+// For T up to what shared memory holds (8T + 33 KB; T <= ~24k on sm_90) and
+// t_bits + id_bits <= 32, one block of SORT_THREADS replaces steps 1-4 (and the memset):
+// the keys id << t_bits | t (ids outside 0..V become V, sorting last) sit in shared
+// memory; an LSD radix sort on the id bits alone, RADIX_BITS at a time, orders them by id,
+// and stability keeps each id's t ascending (the keys start in t order). Each pass:
+//   count    warp w walks its contiguous segment of keys 32 at a time; __match_any_sync
+//            groups the lanes by digit and the lowest lane of a group adds its size to
+//            hist[digit][w] (no atomics: one writer per digit and warp per batch);
+//   scan     exclusive prefix over hist in digit-major order (digit, then warp);
+//   scatter  the same walk: a key goes to hist[digit][w] + #{lower lanes, same digit},
+//            then the group's leader advances hist[digit][w].
+// Then sorted[j] = t of key j, and only the offsets the reduce reads are written: each
+// present id's start (offsets[id]) and end (offsets[id + 1]), and offsets[V] (the number
+// of valid tokens). Entries of absent ids are left as they were and never read. The
+// chunk tickets of step 5 are zeroed here too.
+
+#define SORT_THREADS 1024
+#define SORT_WARPS (SORT_THREADS / 32)
+#define RADIX_BITS 8
+#define RADIX (1 << RADIX_BITS)
+// hist[digit][warp] at digit * HIST_PITCH + warp: the padding spreads one warp's leaders
+// (different digits, same warp) over different banks.
+#define HIST_PITCH (SORT_WARPS + 1)
+
+// sorted: [T] int32, offsets: [V+1] int32 (sparsely written, see above), tickets:
+// [n_tickets] int32 (zeroed), tokens: [T] int32. Dynamic shared memory:
+// (2T + RADIX * HIST_PITCH) * 4 bytes.
+extern "C" __global__ void __launch_bounds__(SORT_THREADS)
+embedding_bwd_sort(int* __restrict__ sorted, int* __restrict__ offsets, int* __restrict__ tickets,
+                   const int* __restrict__ tokens, int T, int V, int t_bits, int id_bits, int n_tickets) {
+    extern __shared__ unsigned sort_smem[];
+    unsigned* keys = sort_smem;
+    unsigned* alt = sort_smem + T;
+    int* hist = reinterpret_cast<int*>(sort_smem + 2 * T);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const unsigned lanes_below = (1u << lane) - 1;
+
+    for (int i = threadIdx.x; i < n_tickets; i += SORT_THREADS) tickets[i] = 0;
+    for (int t = threadIdx.x; t < T; t += SORT_THREADS) {
+        int id = tokens[t];
+        if (id < 0 || id >= V) id = V;
+        keys[t] = ((unsigned)id << t_bits) | (unsigned)t;
+    }
+    const int seg = (T + SORT_WARPS - 1) / SORT_WARPS, lo = min(warp * seg, T), hi = min(lo + seg, T);
+
+    for (int shift = t_bits; shift < t_bits + id_bits; shift += RADIX_BITS) {
+        for (int i = threadIdx.x; i < RADIX * HIST_PITCH; i += SORT_THREADS) hist[i] = 0;
+        __syncthreads();  // keys written (first pass) or scattered (previous pass); hist zero
+        for (int b = lo; b < hi; b += 32) {  // warp-uniform bounds: every lane takes part
+            const int i = b + lane;
+            const unsigned digit = i < hi ? (keys[i] >> shift) & (RADIX - 1) : RADIX;
+            const unsigned peers = __match_any_sync(0xffffffffu, digit);
+            if (digit < RADIX && (peers & lanes_below) == 0) hist[digit * HIST_PITCH + warp] += __popc(peers);
+            __syncwarp();
+        }
+        __syncthreads();
+        {
+            // Thread k owns the digit-major entries 8k .. 8k+8: digit k / 4, warps (k % 4) * 8 ..
+            static_assert(RADIX * SORT_WARPS == 8 * SORT_THREADS, "scan layout");
+            int* h = hist + (threadIdx.x / 4) * HIST_PITCH + (threadIdx.x % 4) * 8;
+            int v[8], sum = 0;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                v[e] = h[e];
+                sum += v[e];
+            }
+            int total;
+            int run = block_exclusive_scan(sum, &total);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                h[e] = run;
+                run += v[e];
+            }
+        }
+        __syncthreads();
+        for (int b = lo; b < hi; b += 32) {
+            const int i = b + lane;
+            const unsigned key = i < hi ? keys[i] : 0u;
+            const unsigned digit = i < hi ? (key >> shift) & (RADIX - 1) : RADIX;
+            const unsigned peers = __match_any_sync(0xffffffffu, digit);
+            if (digit < RADIX) alt[hist[digit * HIST_PITCH + warp] + __popc(peers & lanes_below)] = key;
+            __syncwarp();
+            if (digit < RADIX && (peers & lanes_below) == 0) hist[digit * HIST_PITCH + warp] += __popc(peers);
+            __syncwarp();
+        }
+        __syncthreads();  // alt complete before it is read as keys
+        unsigned* tmp = keys;
+        keys = alt;
+        alt = tmp;
+    }
+
+    const unsigned t_mask = (1u << t_bits) - 1;
+    for (int j = threadIdx.x; j < T; j += SORT_THREADS) {
+        const unsigned k = keys[j];
+        const int id = (int)(k >> t_bits);
+        sorted[j] = (int)(k & t_mask);
+        const int prev = j == 0 ? -1 : (int)(keys[j - 1] >> t_bits);
+        if (id != prev) {
+            offsets[id] = j;                     // start of id's run (offsets[V] for the invalid)
+            if (prev >= 0) offsets[prev + 1] = j;  // end of prev's run (== j if prev + 1 == id)
+        }
+        if (j == T - 1 && id < V) {
+            offsets[id + 1] = T;  // end of the last run
+            offsets[V] = T;       // every token valid
+        }
     }
 }
 

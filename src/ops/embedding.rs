@@ -13,6 +13,7 @@
 //! No float atomics, so it is bitwise reproducible too (in its own fixed order, which
 //! groups the CPU's sum differently).
 
+use cudarc::driver::sys::CUfunction_attribute as FuncAttr;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use rayon::prelude::*;
@@ -30,6 +31,12 @@ const THREADS: u32 = 256;
 const SCAN_THREADS: u32 = 1024;
 /// `CHUNK` in `cuda/embedding.cu`: sorted positions per block of the reduce step.
 const CHUNK: usize = 16;
+/// `SORT_THREADS`, `RADIX` and `HIST_PITCH` in `cuda/embedding.cu`: the one-block radix sort.
+const SORT_THREADS: u32 = 1024;
+const RADIX: usize = 256;
+const HIST_PITCH: usize = SORT_THREADS as usize / 32 + 1;
+/// Static shared memory of `embedding_bwd_sort` (the scan's 32 warp sums), besides the dynamic.
+const SORT_STATIC_SMEM: usize = 32 * 4;
 /// `FWD_WARPS` in `cuda/embedding.cu`: rows per block of the forward; `THREADS` = 32 of it.
 const FWD_WARPS: usize = 8;
 
@@ -190,10 +197,65 @@ pub fn embedding_bwd(
     Ok(())
 }
 
-/// Steps 1-4 of the backward (`cuda/embedding.cu`): zero the counters, then the stable
-/// counting sort of the token positions by id into `scratch.sorted`, with each id's run
-/// starting at `scratch.offsets[id]`. Public to the crate so the bench can time it alone.
+/// Bits that hold every value in `0..=max` (at least 1).
+fn bits_for(max: usize) -> u32 {
+    (usize::BITS - max.leading_zeros()).max(1)
+}
+
+/// Dynamic shared memory of the one-block radix sort for `t` tokens: two key buffers and
+/// the per-warp digit histograms.
+fn radix_sort_smem(t: usize) -> usize {
+    (2 * t + RADIX * HIST_PITCH) * 4
+}
+
+/// Whether the one-block radix sort (`embedding_bwd_sort`) takes `t` tokens over `v` ids on
+/// this device: the keys `id << t_bits | t` (ids up to V, the stand-in for invalid ones)
+/// fit 32 bits, and both key buffers fit one block's shared memory (T up to ~24k on sm_90).
+fn radix_sort_fits(gpu: &Gpu, t: usize, v: usize) -> bool {
+    bits_for(t.saturating_sub(1)) + bits_for(v) <= 32 && radix_sort_smem(t) + SORT_STATIC_SMEM <= gpu.props.smem_per_block_optin
+}
+
+/// Steps 1-4 of the backward (`cuda/embedding.cu`): the stable sort of the token positions
+/// by id into `scratch.sorted`, each id's run `scratch.offsets[id] .. scratch.offsets[id +
+/// 1]`, and the reduce's chunk tickets zeroed. One block's radix sort in shared memory when
+/// T fits it ([`radix_sort_fits`]); otherwise the counting sort (memset and 4 kernels).
+/// Public to the crate so the bench can time it alone.
 pub(crate) fn sort_tokens(gpu: &Gpu, tokens: &CudaView<i32>, t_i: i32, v_i: i32, scratch: &mut EmbeddingBwdScratch) -> Result<(), GpuError> {
+    let (t, v) = (t_i as usize, v_i as usize);
+    if radix_sort_fits(gpu, t, v) {
+        return radix_sort_tokens(gpu, tokens, t_i, v_i, scratch);
+    }
+    counting_sort_tokens(gpu, tokens, t_i, v_i, scratch)
+}
+
+/// The one-block radix sort: one launch, no memset. Writes only the offsets the reduce reads
+/// (each present id's start and end, and `offsets[V]`); those of absent ids keep stale values.
+fn radix_sort_tokens(gpu: &Gpu, tokens: &CudaView<i32>, t_i: i32, v_i: i32, scratch: &mut EmbeddingBwdScratch) -> Result<(), GpuError> {
+    const NAME: &str = "embedding_bwd_sort";
+    let (t, v) = (t_i as usize, v_i as usize);
+    let s = scratch;
+    let chunks = t.div_ceil(CHUNK);
+    let (t_bits, id_bits, n_tickets) = (bits_for(t - 1) as i32, bits_for(v) as i32, chunks as i32);
+    let smem = radix_sort_smem(t);
+    let func = gpu.function(FAMILY, NAME)?;
+    if smem > 48 * 1024 {
+        func.set_attribute(FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .during(format!("{NAME}: allowing {smem} bytes of shared memory (the device offers {})", gpu.props.smem_per_block_optin))?;
+    }
+    let mut tickets = s.counters.slice_mut(2 * v..2 * v + chunks);
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SORT_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut s.sorted).arg(&mut s.offsets).arg(&mut tickets).arg(tokens).arg(&t_i).arg(&v_i).arg(&t_bits).arg(&id_bits).arg(&n_tickets);
+    // SAFETY: sorted holds t_max >= T i32, offsets V+1 (ids are clamped to 0..=V), tickets
+    // ceil(T/CHUNK) (the slice above), tokens T; one block of SORT_THREADS with the dynamic
+    // shared memory the kernel expects (2T keys + the histograms), within the device's
+    // opt-in limit (radix_sort_fits); t_bits + id_bits <= 32 so the keys fit.
+    unsafe { args.launch(cfg) }.during(NAME)?;
+    Ok(())
+}
+
+/// The counting sort: zero the counters, then steps 1-4 of `cuda/embedding.cu`.
+fn counting_sort_tokens(gpu: &Gpu, tokens: &CudaView<i32>, t_i: i32, v_i: i32, scratch: &mut EmbeddingBwdScratch) -> Result<(), GpuError> {
     let (t, v) = (t_i as usize, v_i as usize);
     let s = scratch;
     gpu.stream.memset_zeros(&mut s.counters).during("zeroing the embedding backward counters")?;
@@ -239,9 +301,10 @@ pub fn selftests() -> Vec<Check> {
     vec![Check { name: "embedding_fwd", run: check_fwd }, Check { name: "embedding_bwd", run: check_bwd }]
 }
 
-/// (T, D, V, share of the tokens that are one "hot" id): odd sizes, an XL-like batch, and a
-/// batch dominated by one id (padding) that exercises the interleaved partial sums.
-const SHAPES: [(usize, usize, usize, f64); 4] = [(1, 8, 3, 0.0), (37, 296, 11, 0.0), (4099, 1536, 65536, 0.1), (1000, 2560, 300, 0.8)];
+/// (T, D, V, share of the tokens that are one "hot" id): odd sizes, an XL-like batch, a
+/// batch dominated by one id (padding) that exercises the interleaved partial sums, and a
+/// batch too long for the one-block radix sort's shared memory (the counting sort).
+const SHAPES: [(usize, usize, usize, f64); 5] = [(1, 8, 3, 0.0), (37, 296, 11, 0.0), (4099, 1536, 65536, 0.1), (1000, 2560, 300, 0.8), (40000, 8, 5000, 0.0)];
 
 fn draw_tokens(rng: &mut Rng, t: usize, v: usize, hot: f64) -> Vec<i32> {
     (0..t).map(|_| if rng.uniform() < hot { 0 } else { rng.below(v as u64) as i32 }).collect()
