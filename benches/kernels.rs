@@ -130,21 +130,17 @@ fn gpu_kernels(c: &mut Criterion) {
 fn cpu_model_step(c: &mut Criterion) {
     use hrm_cu::config::{ModelConfig, NetName, SizeName};
     use hrm_cu::model::cpu::CpuBackend;
-    use hrm_cu::model::net::{Batch, Model};
+    use hrm_cu::model::net::Model;
     use hrm_cu::model::params::Params;
     use hrm_cu::model::schedule::Schedule;
+    use hrm_cu::train::gpu::PackedSamples;
 
     let params = Params::init(ModelConfig::new(SizeName::Tiny, NetName::Hrm, 256), 11);
     let mut rng = Rng::new(12);
-    let (samples, len, prefix) = (16usize, 128usize, 40usize);
-    let t = samples * len;
-    let inputs: Vec<i32> = (0..t).map(|_| rng.below(256) as i32).collect();
-    let labels: Vec<i32> = (0..t).map(|i| if i % len < prefix - 1 { IGNORE_LABEL } else { rng.below(256) as i32 }).collect();
-    let positions: Vec<i32> = (0..t).map(|i| (i % len) as i32).collect();
-    let cu_seqlens: Vec<i32> = (0..=samples).map(|s| (s * len) as i32).collect();
-    let prefix_lens = vec![prefix as i32; samples];
-    let batch = Batch { inputs: &inputs, labels: &labels, positions: &positions, cu_seqlens: &cu_seqlens, prefix_lens: &prefix_lens };
-    let valid = labels.iter().filter(|&&l| l != IGNORE_LABEL).count() as f32;
+    let mut tokens = |n: usize| (0..n).map(|_| rng.below(256) as i32).collect::<Vec<i32>>();
+    let samples: Vec<(Vec<i32>, Vec<i32>)> = (0..16).map(|_| (tokens(40), tokens(89))).collect();
+    let packed = PackedSamples::pack(&samples, 2048).expect("16 samples of 128 rows fill 2048");
+    let (batch, valid, t) = (packed.batch(), packed.valid_labels() as f32, packed.tokens());
     let schedule = Schedule::for_training(&params.config.net, 5);
     let mut model = Model::new(CpuBackend, params.config, &params.z_l_init).expect("tiny model");
     let mut grads = params.zeros_like_master();

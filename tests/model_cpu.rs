@@ -20,6 +20,7 @@ use hrm_cu::ops::rmsnorm::rmsnorm_fwd_cpu;
 use hrm_cu::ops::rope::qkv_rope_fwd_cpu;
 use hrm_cu::ops::swiglu::swiglu_fwd_cpu;
 use hrm_cu::rng::Rng;
+use hrm_cu::train::gpu::PackedSamples as Packed;
 
 const ALL_NETS: [NetName; 6] = [NetName::Hrm, NetName::Transformer, NetName::Trm, NetName::TrmMatchRecurrence, NetName::Rins, NetName::Ut];
 
@@ -28,44 +29,11 @@ fn config(net: NetName) -> ModelConfig {
     ModelConfig { dims, net: net.default_net(), vocab: 256 }
 }
 
-/// A packed batch owned by the test (SPEC §4, `target_only = true`).
-#[derive(Clone, Debug)]
-struct Packed {
-    inputs: Vec<i32>,
-    labels: Vec<i32>,
-    positions: Vec<i32>,
-    cu_seqlens: Vec<i32>,
-    prefix_lens: Vec<i32>,
-}
-
-impl Packed {
-    /// Packs (instruction, response) pairs into `rows` slots: inputs `I ++ R[:-1]`, labels
-    /// `-100` for the first `len(I) - 1` inputs then `R`, positions from 0 per sample.
-    fn new(samples: &[(&[i32], &[i32])], rows: usize) -> Packed {
-        let mut p = Packed { inputs: vec![], labels: vec![], positions: vec![], cu_seqlens: vec![0], prefix_lens: vec![] };
-        for (inst, resp) in samples {
-            let len = inst.len() + resp.len() - 1;
-            p.inputs.extend(inst.iter().chain(&resp[..resp.len() - 1]));
-            p.labels.extend(std::iter::repeat_n(IGNORE_LABEL, inst.len() - 1).chain(resp.iter().copied()));
-            p.positions.extend(0..len as i32);
-            p.cu_seqlens.push(p.inputs.len() as i32);
-            p.prefix_lens.push(inst.len() as i32);
-        }
-        assert!(p.inputs.len() <= rows);
-        let pad = rows - p.inputs.len();
-        p.inputs.extend(std::iter::repeat_n(0, pad));
-        p.labels.extend(std::iter::repeat_n(IGNORE_LABEL, pad));
-        p.positions.extend(std::iter::repeat_n(0, pad));
-        p
-    }
-
-    fn batch(&self) -> Batch<'_> {
-        Batch { inputs: &self.inputs, labels: &self.labels, positions: &self.positions, cu_seqlens: &self.cu_seqlens, prefix_lens: &self.prefix_lens }
-    }
-
-    fn valid(&self) -> usize {
-        self.labels.iter().filter(|&&y| y != IGNORE_LABEL).count()
-    }
+/// Packs the test's (instruction, response) samples into `rows` slots (SPEC §4,
+/// `target_only = true`) with the library's packer.
+fn pack(samples: &[(&[i32], &[i32])], rows: usize) -> Packed {
+    let owned: Vec<(Vec<i32>, Vec<i32>)> = samples.iter().map(|(i, r)| (i.to_vec(), r.to_vec())).collect();
+    Packed::pack(&owned, rows).unwrap()
 }
 
 const SAMPLE_A: (&[i32], &[i32]) = (&[1, 5, 9, 2], &[7, 3, 8, 4, 6]); // 8 rows, 5 labels
@@ -74,7 +42,7 @@ const SAMPLE_C: (&[i32], &[i32]) = (&[1, 20, 21, 22, 2], &[30, 31, 32, 33]); // 
 
 /// 19 rows of samples and 5 of padding.
 fn batch() -> Packed {
-    Packed::new(&[SAMPLE_A, SAMPLE_B, SAMPLE_C], 24)
+    pack(&[SAMPLE_A, SAMPLE_B, SAMPLE_C], 24)
 }
 
 fn model(params: &Params) -> Model<CpuBackend> {
@@ -84,7 +52,7 @@ fn model(params: &Params) -> Model<CpuBackend> {
 /// One forward/backward of the model from zero gradients, dividing by the valid labels.
 fn model_grads(params: &Params, b: &Packed, schedule: &Schedule) -> (StepOutput, Vec<f32>) {
     let mut grads = params.zeros_like_master();
-    let out = model(params).forward_backward(&params.master, &b.batch(), schedule, &mut grads, b.valid() as f32).unwrap();
+    let out = model(params).forward_backward(&params.master, &b.batch(), schedule, &mut grads, b.valid_labels() as f32).unwrap();
     (out, grads)
 }
 
@@ -187,7 +155,7 @@ fn check_against_finite_differences(net: NetName, schedule: &Schedule, seed: u64
     const REL_TOL: f64 = 3e-3;
     let params = Params::init(config(net), seed);
     let b = batch();
-    let valid = b.valid() as f64;
+    let valid = b.valid_labels() as f64;
     let (out, grads) = model_grads(&params, &b, schedule);
     let base = reference(&params, &params.master, &b, schedule, None);
     let loss = |w: &[f32]| reference(&params, w, &b, schedule, Some(&base.pass_outputs)).loss_sum / valid;
@@ -282,7 +250,7 @@ fn gradients_accumulate_into_the_buffer() {
     let mut twice = params.zeros_like_master();
     let mut m = model(&params);
     for _ in 0..2 {
-        m.forward_backward(&params.master, &b.batch(), &schedule, &mut twice, b.valid() as f32).unwrap();
+        m.forward_backward(&params.master, &b.batch(), &schedule, &mut twice, b.valid_labels() as f32).unwrap();
     }
     // The same deterministic step twice: double, up to the rounding of the second addition
     // (the sgemm and the embedding scatter add partial sums into the buffer): 2^-23 relative
@@ -320,11 +288,11 @@ fn forward_matches_the_plain_composition_and_the_training_step() {
 fn padding_changes_nothing() {
     let params = Params::init(config(NetName::Hrm), 6);
     let schedule = Schedule::for_training(&params.config.net, 5);
-    let (padded, unpadded) = (batch(), Packed::new(&[SAMPLE_A, SAMPLE_B, SAMPLE_C], 19));
+    let (padded, unpadded) = (batch(), pack(&[SAMPLE_A, SAMPLE_B, SAMPLE_C], 19));
     let (out_p, grads_p) = model_grads(&params, &padded, &schedule);
     let mut m = model(&params);
     let mut grads_u = params.zeros_like_master();
-    let out_u = m.forward_backward(&params.master, &unpadded.batch(), &schedule, &mut grads_u, unpadded.valid() as f32).unwrap();
+    let out_u = m.forward_backward(&params.master, &unpadded.batch(), &schedule, &mut grads_u, unpadded.valid_labels() as f32).unwrap();
     assert_eq!(out_p.metrics.valid_tokens, out_u.metrics.valid_tokens);
     // Row results do not depend on other rows (padding rows are masked out of attention and
     // carry no label), but the sgemm may block a longer T differently: allow fp32 rounding
@@ -343,7 +311,7 @@ fn samples_do_not_see_each_other() {
     let other_c: (&[i32], &[i32]) = (&[1, 40, 41, 2], &[50, 51, 52, 53, 54]);
     let mut losses = Vec::new();
     for c in [SAMPLE_C, other_c] {
-        let b = Packed::new(&[SAMPLE_A, SAMPLE_B, c], 24);
+        let b = pack(&[SAMPLE_A, SAMPLE_B, c], 24);
         m.forward_loss(&params.master, &b.batch()).unwrap();
         losses.push(m.token_losses().unwrap());
     }
