@@ -164,17 +164,25 @@ __device__ __forceinline__ void issue_acc(float (&acc)[64], const uint32_t (&a)[
 // P^T of one query tile from S^T (in s, in place): this thread's entries are keys kr, kr + 8
 // (spans cs0, cs1: the queries that see them) by queries q0 + 8 nt + 2u, +1. Masked entries
 // are selected to exactly 0 (padding queries have lse2 = -inf: exp2 would give inf).
+// `l[nt]` holds lse2 of queries 8 nt + 2u, +1 (loaded by load_lse2 before S^T lands).
 template <bool MASK>
-__device__ __forceinline__ void probs_t(float (&s)[32], const float* lse2, int q0, int2 cs0, int2 cs1, int u) {
+__device__ __forceinline__ void probs_t(float (&s)[32], const float2 (&lse2)[8], int q0, int2 cs0, int2 cs1, int u) {
     #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-        const float2 l = *reinterpret_cast<const float2*>(lse2 + 8 * nt + 2 * u);
+        const float2 l = lse2[nt];
         #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const float p = exp2f(fmaf(s[4 * nt + c], ATTN_SCALE_LOG2, (c & 1) ? -l.y : -l.x));
             s[4 * nt + c] = MASK && !attn_visible(c < 2 ? cs0 : cs1, q0 + 8 * nt + 2 * u + (c & 1)) ? 0.f : p;
         }
     }
+}
+
+// This thread's lse2 values of the tile (see probs_t), read from shared memory while the
+// S^T and dP^T products are in flight.
+__device__ __forceinline__ void load_lse2(float2 (&l)[8], const float* lse2, int u) {
+    #pragma unroll
+    for (int nt = 0; nt < 8; ++nt) l[nt] = *reinterpret_cast<const float2*>(lse2 + 8 * nt + 2 * u);
 }
 
 // dS^T = P^T (dP^T - delta) (masked entries have P^T = 0, and dP^T, delta are finite), then P^T
@@ -206,7 +214,7 @@ __device__ __forceinline__ void pack_grads(uint32_t (&pf)[4][4], uint32_t (&dsf)
 // work (attention_schedule over cols, tile 128, step 64); rank: its inverse.
 // Grid: ceil(T / 128) * NH blocks of BW_THREADS, head fastest; dynamic shared memory BW_SMEM
 // (BW_SMEM_OVERLAP with OVERLAP).
-template <bool OVERLAP>
+template <bool OVERLAP, bool ORDERED>
 __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
                                          const CUtensorMap& tm_do, bf16* __restrict__ dk, bf16* __restrict__ dv,
                                          float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
@@ -277,20 +285,29 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
                 const int turn = __reduce_add_sync(FULL_MASK, before);
                 mbar_wait(&bars[BB_DQFULL + b], (i >> 1) & 1);
                 if (lane == 0) {
-                    int* lock = sem + (size_t)h * n_q + m;
-                    while (ld_acquire(lock) != turn) __nanosleep(64);
-                    fence_async_global();
                     float* dst = dqacc + ((size_t)h * n_q + m) * (BW_BM * ATTN_HD);
                     const unsigned char* src = smem + OFF_DQ + b * BW_DQ_BYTES;
-                    if (turn == 0) bulk_store<false>(dst, src, BW_DQ_BYTES);
-                    else bulk_store<true>(dst, src, BW_DQ_BYTES);
-                    bulk_wait_all();
-                    fence_async_global();
-                    red_release_add(lock, 1);
-                    mbar_arrive(&bars[BB_DQEMPTY + b]);
+                    if (ORDERED) {
+                        int* lock = sem + (size_t)h * n_q + m;
+                        while (ld_acquire(lock) != turn) __nanosleep(64);
+                        fence_async_global();
+                        if (turn == 0) bulk_store<false>(dst, src, BW_DQ_BYTES);
+                        else bulk_store<true>(dst, src, BW_DQ_BYTES);
+                        // sdQ is free once read; the next block's turn waits for the writes.
+                        bulk_wait_read();
+                        mbar_arrive(&bars[BB_DQEMPTY + b]);
+                        bulk_wait_all();
+                        fence_async_global();
+                        red_release_add(lock, 1);
+                    } else {
+                        bulk_store<true>(dst, src, BW_DQ_BYTES);  // dqacc zeroed by the launcher
+                        bulk_wait_read();
+                        mbar_arrive(&bars[BB_DQEMPTY + b]);
+                    }
                 }
                 __syncwarp();
             }
+            if (!ORDERED && lane == 0) bulk_wait_all();  // the last adds land before the block exits
         }
         return;
     }
@@ -331,9 +348,10 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
             wgmma_fence();
             issue_xyt(s, kw_base, q_base);
             issue_xyt(dp, vw_base, do_base);
+            float2 l2[8];
+            load_lse2(l2, sLse + st * BW_BM, u);
             wgmma_wait<1>();  // S^T is done; P^T is computed while dP^T is still in flight
             fence_regs(s);
-            const float* l2 = sLse + st * BW_BM;
             if (ws.covers(q0, q0 + BW_BM - 1)) probs_t<false>(s, l2, q0, cs0, cs1, u);
             else probs_t<true>(s, l2, q0, cs0, cs1, u);
             wgmma_wait<0>();
@@ -413,7 +431,7 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
                    bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
                    const float* __restrict__ delta, const int2* __restrict__ rows, const int2* __restrict__ cols,
                    const int* __restrict__ order, const int* __restrict__ rank, int T, int T_pad, int NH) {
-    bwd_sm90<false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
+    bwd_sm90<false, true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
 }
 
 // v7: sdS double-buffered, one consumer barrier per query tile (opt-in until measured).
@@ -424,7 +442,19 @@ attention_bwd_sm90_overlap(const __grid_constant__ CUtensorMap tm_q, const __gri
                            const float* __restrict__ lse2, const float* __restrict__ delta, const int2* __restrict__ rows,
                            const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank, int T,
                            int T_pad, int NH) {
-    bwd_sm90<true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
+    bwd_sm90<true, true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
+}
+
+// Experiment (opt-in, NOT deterministic): v4 with the dQ partials added in arrival order, no
+// semaphores; dqacc must be zeroed. Measures what the ordered adds of v4 cost.
+extern "C" __global__ void __launch_bounds__(BW_THREADS, 1)
+attention_bwd_sm90_unordered(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                             const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
+                             bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem,
+                             const float* __restrict__ lse2, const float* __restrict__ delta, const int2* __restrict__ rows,
+                             const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank, int T,
+                             int T_pad, int NH) {
+    bwd_sm90<false, false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -184,6 +184,9 @@ __device__ __forceinline__ void bulk_store(float* dst, const void* src, uint32_t
 }
 // Waits until this thread's bulk groups are complete: source read, destination written.
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Waits until this thread's bulk copies have read their shared-memory sources (the buffers may
+// be reused); their writes to global memory may still be in flight.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 
 // Orders this thread's ordinary shared-memory stores before later reads by the async proxy
 // (wgmma operands, bulk copies); needed before the barrier that hands the data over.

@@ -24,7 +24,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
-use crate::ops::attention::{attention_bwd, attention_bwd_sm80, attention_bwd_sm90, attention_bwd_sm90_overlap, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, attention_fwd_sm90_persistent, attention_fwd_sm90_pingpong, BwdKernel, FwdKernel};
+use crate::ops::attention::{attention_bwd, attention_bwd_sm80, attention_bwd_sm90, attention_bwd_sm90_overlap, attention_bwd_sm90_unordered, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, attention_fwd_sm90_persistent, attention_fwd_sm90_pingpong, BwdKernel, FwdKernel};
 use crate::rng::Rng;
 
 const HD: usize = crate::config::HEAD_DIM;
@@ -154,6 +154,7 @@ fn routes(gpu: &Gpu) -> Vec<(&'static str, Pass)> {
     if gpu.props.is_hopper() {
         routes.push(("bwd sm90 (TMA + wgmma)", Pass::Backward(attention_bwd_sm90)));
         routes.push(("bwd sm90 one barrier (v7)", Pass::Backward(attention_bwd_sm90_overlap)));
+        routes.push(("bwd sm90 unordered dQ (nondet.)", Pass::Backward(attention_bwd_sm90_unordered)));
     }
     routes
 }
