@@ -387,21 +387,30 @@ def time_route(model, cfg, route, batches, tables, k, args):
     for i in range(1, args.warmup):
         train_step(model, cfg, route, batches[i % BATCHES], tables, k)
     sync()
-    host, events, loss = [], [], None      # host: time to issue a step (on CPU: to run it)
+    host, events, losses = [], [], []      # host: time to issue a step (on CPU: to run it)
     for i in range(args.steps):
         b = batches[(args.warmup + i) % BATCHES]
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None
         s = time.perf_counter()
         if cuda:
             ev[0].record()
-        loss = train_step(model, cfg, route, b, tables, k)
+        losses.append(train_step(model, cfg, route, b, tables, k))
         if cuda:
             ev[1].record()
             events.append(ev)
         host.append(1e3 * (time.perf_counter() - s))
     sync()
     times = [e0.elapsed_time(e1) for e0, e1 in events] if cuda else host
-    return times, statistics.median(host), first_s, float(loss)
+    return times, statistics.median(host), first_s, [float(x) for x in losses]
+
+
+def nonfinite_report(model):
+    """Which flat buffers hold non-finite values, and in which tensors of the compute copy."""
+    bufs = {"master": model.master, "bf16 weights": model.w, "gradients": model.g, "m": model.m,
+            "v": model.v, "ema": model.ema}
+    counts = {k: int((~torch.isfinite(b)).sum()) for k, b in bufs.items()}
+    names = [n for n, p in model.params.items() if not bool(torch.isfinite(p).all())][:5]
+    return f"non-finite entries {counts}; first weights affected {names}"
 
 
 def bench(args, device):
@@ -431,8 +440,8 @@ def bench(args, device):
                 torch.cuda.reset_peak_memory_stats(device)
             failed = None
             try:
-                times, host_ms, first_s, loss = time_route(model, cfg, route, batches, tables, k,
-                                                           args)
+                times, host_ms, first_s, losses = time_route(model, cfg, route, batches, tables,
+                                                             k, args)
             except Exception as e:  # noqa: BLE001 -- OOM: recompute more; else the next route
                 failed = f"{type(e).__name__}: {e}"[:2000]
             if failed and "out of memory" not in failed.lower():
@@ -454,7 +463,8 @@ def bench(args, device):
                    "route": route, "reserved_gib": round(reserved, 2), "recompute_every": k,
                    "min_ms": round(min(times), 2), "max_ms": round(max(times), 2),
                    "host_ms": round(host_ms, 1), "first_step_s": round(first_s, 1),
-                   "tflop_per_step": round(flops / 1e12, 2), "loss": round(loss, 4),
+                   "tflop_per_step": round(flops / 1e12, 2), "loss": round(losses[-1], 4),
+                   "losses": [round(x, 4) for x in losses],
                    "size": args.size, "tokens": args.tokens, "device": name,
                    "torch": torch.__version__, "compiled": args.compile}
             print(f"{route}: median {med:.1f} ms (min {min(times):.1f}, max {max(times):.1f}) over "
@@ -462,7 +472,12 @@ def bench(args, device):
                   f"compilation included); {tokens / med * 1e3:.0f} tokens/s; {flops / 1e12:.1f} "
                   f"TFLOP useful per step: MFU {100 * out['mfu']:.1f}% of 989 TFLOP/s; peak "
                   f"{peak:.2f} GiB allocated; host issues a step in {host_ms:.0f} ms; recompute "
-                  f"1 block in {k or 'none'}; loss {loss:.4f}", flush=True)
+                  f"1 block in {k or 'none'}; losses {losses[0]:.4f} .. {losses[-1]:.4f}", flush=True)
+            bad = [i for i, x in enumerate(losses) if not math.isfinite(x)]
+            if bad:
+                print(f"{route}: the loss is not finite from timed step {bad[0]} on "
+                      f"({bad[0] + args.warmup} steps in): the timing is not trustworthy; "
+                      f"{nonfinite_report(model)}", flush=True)
             break
         results.append(out)
         print(json.dumps(out), flush=True)
