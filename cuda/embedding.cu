@@ -5,40 +5,35 @@
 //   backward   dw[v] += scale * sum over {t : tokens[t] == v} of dout[t]   (fp32 dw, +=)
 //
 // The backward must give the same bits on every run, so it cannot let float atomics race
-// on a row of dw. It sorts the token positions by id (a stable counting sort, integer
-// atomics only), then sums each id's run of dout rows in sorted order (t ascending):
+// on a row of dw. It needs the token positions sorted by id, stably (t ascending within an
+// id), and each id's run in that order:
 //
-//   1. count      counts[v] = #{t : tokens[t] == v}                  (integer atomics: exact)
-//   2. scan       offsets = exclusive prefix sum of counts: id v owns sorted[offsets[v] ..
-//                 offsets[v+1])
-//   3. fill       bucket[offsets[v] ..] = the t's of id v, in arbitrary order (atomic cursor)
-//   4. rank       sorted[offsets[v] + #{t' in bucket of v : t' < t}] = t   (stable: t ascending)
-//   5. reduce     block c owns sorted positions [c*CHUNK, (c+1)*CHUNK): it walks them in
-//                 order, summing each id's run into registers; a run that lies inside the
-//                 chunk is added to dw at once, a run that crosses a chunk boundary leaves
-//                 its piece in a partial row, and the block that finishes a run's last
-//                 piece (an atomic ticket per run) adds the pieces in chunk order to dw.
+//   sorted    [T]    the positions t, ordered by tokens[t]
+//   offsets   [V+1]  id v owns sorted[offsets[v] .. offsets[v+1]); offsets[V] = the valid tokens
 //
-// Steps 1-4 are the fallback: for T that fits one block's shared memory (every model size),
-// embedding_bwd_sort below does them in one launch (a radix sort on the id bits).
+// The host computes both (TokenOrder in src/ops/embedding.rs: a counting sort, O(T + V))
+// when the batch is uploaded, since the ids are known before the step, and copies them
+// here asynchronously. On the device the backward is the one reduce kernel below: block c
+// owns sorted positions [c*CHUNK, (c+1)*CHUNK); it walks them in order, summing each id's
+// run into registers; a run that lies inside the chunk is added to dw at once, a run that
+// crosses a chunk boundary leaves its piece in a partial row, and the block that finishes
+// a run's last piece (an atomic ticket per run) adds the pieces in chunk order to dw.
 //
 // Fixed-size chunks keep every block's work the same whatever the distribution of ids: a
 // batch dominated by one id (padding) is split over many blocks instead of serialising on
-// one. Step 4 costs sum_v count_v^2 comparisons: negligible for text, 2.7e8 in the
-// degenerate batch of 16k copies of one token (still ~0.1 ms).
+// one.
 //
 // Invariants
 // - D % 8 == 0, D <= 8192, every pointer 16-byte aligned (the launcher checks).
-// - Token ids outside 0..V are skipped (the forward writes a zero row for them): the data
+// - Token ids outside 0..V are skipped (the forward writes a zero row for them; the sort
+//   puts their positions after offsets[V], where the reduce never reads): the data
 //   pipeline guarantees ids < V, this only keeps a bad id from reading out of bounds.
-// - Scratch counters (counts, cursors, tickets) are zeroed by the launcher before step 1
-//   (by embedding_bwd_sort itself, tickets only, on its path).
+// - The chunk tickets are zero before each launch: zeroed when allocated, and each is set
+//   back to zero by the block that draws its last ticket (no other block touches it after).
 // - Every sum has a fixed order (t ascending within a piece, pieces in chunk order), and
 //   each row of dw is written by exactly one block: bitwise reproducible.
 
 #include "common.cuh"
-
-#define SCAN_THREADS 1024
 
 // Rows of out per block of the forward (one warp each), and 16-byte vectors a lane loads
 // before it stores the first.
@@ -81,190 +76,7 @@ embedding_fwd(bf16* __restrict__ out, const int* __restrict__ tokens, const bf16
     }
 }
 
-// counts: [V] int32 (zeroed, +=), tokens: [T] int32
-extern "C" __global__ void embedding_bwd_count(int* __restrict__ counts, const int* __restrict__ tokens, int T, int V) {
-    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < T; t += gridDim.x * blockDim.x) {
-        const int id = tokens[t];
-        if (id >= 0 && id < V) atomicAdd(&counts[id], 1);
-    }
-}
-
-// Exclusive scan over the block (SCAN_THREADS threads); returns the block total in *total.
-__device__ __forceinline__ int block_exclusive_scan(int a, int* total) {
-    __shared__ int warp_sums[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    int inclusive = a;  // within the warp
-#pragma unroll
-    for (int offset = 1; offset < 32; offset <<= 1) {
-        const int n = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += n;
-    }
-    if (lane == 31) warp_sums[warp] = inclusive;
-    __syncthreads();
-    if (warp == 0) {
-        int w = warp_sums[lane];
-#pragma unroll
-        for (int offset = 1; offset < 32; offset <<= 1) {
-            const int n = __shfl_up_sync(0xffffffffu, w, offset);
-            if (lane >= offset) w += n;
-        }
-        warp_sums[lane] = w;  // inclusive prefix over warps
-    }
-    __syncthreads();
-    *total = warp_sums[31];
-    return (warp == 0 ? 0 : warp_sums[warp - 1]) + inclusive - a;
-}
-
-// One block of SCAN_THREADS threads; thread i scans the contiguous ids [i*per, (i+1)*per).
-// offsets: [V+1] int32, counts: [V] int32
-extern "C" __global__ void __launch_bounds__(SCAN_THREADS)
-embedding_bwd_scan(int* __restrict__ offsets, const int* __restrict__ counts, int V) {
-    const int per = (V + SCAN_THREADS - 1) / SCAN_THREADS;
-    const int begin = min(threadIdx.x * per, V), end = min(begin + per, V);
-    int tokens_before = 0;
-    for (int v = begin; v < end; v++) tokens_before += counts[v];
-    int total;
-    tokens_before = block_exclusive_scan(tokens_before, &total);
-    for (int v = begin; v < end; v++) {
-        offsets[v] = tokens_before;
-        tokens_before += counts[v];
-    }
-    if (threadIdx.x == 0) offsets[V] = total;
-}
-
-// bucket: [T] int32, cursor: [V] int32 (zeroed), offsets: [V+1] int32, tokens: [T] int32
-extern "C" __global__ void embedding_bwd_fill(int* __restrict__ bucket, int* __restrict__ cursor,
-                                              const int* __restrict__ offsets, const int* __restrict__ tokens, int T, int V) {
-    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < T; t += gridDim.x * blockDim.x) {
-        const int id = tokens[t];
-        if (id >= 0 && id < V) bucket[offsets[id] + atomicAdd(&cursor[id], 1)] = t;
-    }
-}
-
-// sorted: [T] int32, bucket: [T] int32, offsets: [V+1] int32, tokens: [T] int32
-extern "C" __global__ void embedding_bwd_rank(int* __restrict__ sorted, const int* __restrict__ bucket,
-                                              const int* __restrict__ offsets, const int* __restrict__ tokens, int T, int V) {
-    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < T; t += gridDim.x * blockDim.x) {
-        const int id = tokens[t];
-        if (id < 0 || id >= V) continue;
-        const int begin = offsets[id], end = offsets[id + 1];
-        int rank = 0;
-        for (int j = begin; j < end; j++) rank += bucket[j] < t;
-        sorted[begin + rank] = t;
-    }
-}
-
-// ---- steps 1-4 in one block: the radix sort -------------------------------------------
-//
-// For T up to what shared memory holds (8T + 33 KB; T <= ~24k on sm_90) and
-// t_bits + id_bits <= 32, one block of SORT_THREADS replaces steps 1-4 (and the memset):
-// the keys id << t_bits | t (ids outside 0..V become V, sorting last) sit in shared
-// memory; an LSD radix sort on the id bits alone, RADIX_BITS at a time, orders them by id,
-// and stability keeps each id's t ascending (the keys start in t order). Each pass:
-//   count    warp w walks its contiguous segment of keys 32 at a time; __match_any_sync
-//            groups the lanes by digit and the lowest lane of a group adds its size to
-//            hist[digit][w] (no atomics: one writer per digit and warp per batch);
-//   scan     exclusive prefix over hist in digit-major order (digit, then warp);
-//   scatter  the same walk: a key goes to hist[digit][w] + #{lower lanes, same digit},
-//            then the group's leader advances hist[digit][w].
-// Then sorted[j] = t of key j, and only the offsets the reduce reads are written: each
-// present id's start (offsets[id]) and end (offsets[id + 1]), and offsets[V] (the number
-// of valid tokens). Entries of absent ids are left as they were and never read. The
-// chunk tickets of step 5 are zeroed here too.
-
-#define SORT_THREADS 1024
-#define SORT_WARPS (SORT_THREADS / 32)
-#define RADIX_BITS 8
-#define RADIX (1 << RADIX_BITS)
-// hist[digit][warp] at digit * HIST_PITCH + warp: the padding spreads one warp's leaders
-// (different digits, same warp) over different banks.
-#define HIST_PITCH (SORT_WARPS + 1)
-
-// sorted: [T] int32, offsets: [V+1] int32 (sparsely written, see above), tickets:
-// [n_tickets] int32 (zeroed), tokens: [T] int32. Dynamic shared memory:
-// (2T + RADIX * HIST_PITCH) * 4 bytes.
-extern "C" __global__ void __launch_bounds__(SORT_THREADS)
-embedding_bwd_sort(int* __restrict__ sorted, int* __restrict__ offsets, int* __restrict__ tickets,
-                   const int* __restrict__ tokens, int T, int V, int t_bits, int id_bits, int n_tickets) {
-    extern __shared__ unsigned sort_smem[];
-    unsigned* keys = sort_smem;
-    unsigned* alt = sort_smem + T;
-    int* hist = reinterpret_cast<int*>(sort_smem + 2 * T);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const unsigned lanes_below = (1u << lane) - 1;
-
-    for (int i = threadIdx.x; i < n_tickets; i += SORT_THREADS) tickets[i] = 0;
-    for (int t = threadIdx.x; t < T; t += SORT_THREADS) {
-        int id = tokens[t];
-        if (id < 0 || id >= V) id = V;
-        keys[t] = ((unsigned)id << t_bits) | (unsigned)t;
-    }
-    const int seg = (T + SORT_WARPS - 1) / SORT_WARPS, lo = min(warp * seg, T), hi = min(lo + seg, T);
-
-    for (int shift = t_bits; shift < t_bits + id_bits; shift += RADIX_BITS) {
-        for (int i = threadIdx.x; i < RADIX * HIST_PITCH; i += SORT_THREADS) hist[i] = 0;
-        __syncthreads();  // keys written (first pass) or scattered (previous pass); hist zero
-        for (int b = lo; b < hi; b += 32) {  // warp-uniform bounds: every lane takes part
-            const int i = b + lane;
-            const unsigned digit = i < hi ? (keys[i] >> shift) & (RADIX - 1) : RADIX;
-            const unsigned peers = __match_any_sync(0xffffffffu, digit);
-            if (digit < RADIX && (peers & lanes_below) == 0) hist[digit * HIST_PITCH + warp] += __popc(peers);
-            __syncwarp();
-        }
-        __syncthreads();
-        {
-            // Thread k owns the digit-major entries 8k .. 8k+8: digit k / 4, warps (k % 4) * 8 ..
-            static_assert(RADIX * SORT_WARPS == 8 * SORT_THREADS, "scan layout");
-            int* h = hist + (threadIdx.x / 4) * HIST_PITCH + (threadIdx.x % 4) * 8;
-            int v[8], sum = 0;
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                v[e] = h[e];
-                sum += v[e];
-            }
-            int total;
-            int run = block_exclusive_scan(sum, &total);
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                h[e] = run;
-                run += v[e];
-            }
-        }
-        __syncthreads();
-        for (int b = lo; b < hi; b += 32) {
-            const int i = b + lane;
-            const unsigned key = i < hi ? keys[i] : 0u;
-            const unsigned digit = i < hi ? (key >> shift) & (RADIX - 1) : RADIX;
-            const unsigned peers = __match_any_sync(0xffffffffu, digit);
-            if (digit < RADIX) alt[hist[digit * HIST_PITCH + warp] + __popc(peers & lanes_below)] = key;
-            __syncwarp();
-            if (digit < RADIX && (peers & lanes_below) == 0) hist[digit * HIST_PITCH + warp] += __popc(peers);
-            __syncwarp();
-        }
-        __syncthreads();  // alt complete before it is read as keys
-        unsigned* tmp = keys;
-        keys = alt;
-        alt = tmp;
-    }
-
-    const unsigned t_mask = (1u << t_bits) - 1;
-    for (int j = threadIdx.x; j < T; j += SORT_THREADS) {
-        const unsigned k = keys[j];
-        const int id = (int)(k >> t_bits);
-        sorted[j] = (int)(k & t_mask);
-        const int prev = j == 0 ? -1 : (int)(keys[j - 1] >> t_bits);
-        if (id != prev) {
-            offsets[id] = j;                     // start of id's run (offsets[V] for the invalid)
-            if (prev >= 0) offsets[prev + 1] = j;  // end of prev's run (== j if prev + 1 == id)
-        }
-        if (j == T - 1 && id < V) {
-            offsets[id + 1] = T;  // end of the last run
-            offsets[V] = T;       // every token valid
-        }
-    }
-}
-
-// ---- step 5 ----------------------------------------------------------------------------
+// ---- the backward ----------------------------------------------------------------------
 
 // Sorted positions per reduce block. Small, so that T/CHUNK blocks fill the device; a run
 // longer than a chunk costs one partial row per chunk it covers.
@@ -309,10 +121,12 @@ __device__ __forceinline__ void combine_pieces(float* __restrict__ dw_row, const
 //   the chunk (its head piece, or the whole chunk), slot 1 for the run that begins in the
 //   chunk and goes on past it (its tail piece). Each such run then takes a ticket on
 //   tickets[first chunk of the run]; the block that draws the last ticket sums the pieces.
+// The drawer of a run's last ticket also sets the ticket back to zero for the next launch.
 // Sorted positions run to offsets[V] (T less the tokens with ids outside 0..V); blocks past
 // that return at once.
 // dw: [V, D] fp32 (+=), partials: [ceil(T/CHUNK), 2, D] fp32, tickets: [ceil(T/CHUNK)] int32
-// (zeroed), dout: [T, D] bf16, tokens: [T] int32, sorted: [T] int32, offsets: [V+1] int32
+// (zero, left zero), dout: [T, D] bf16, tokens: [T] int32, sorted: [T] int32, offsets:
+// [V+1] int32
 extern "C" __global__ void embedding_bwd_reduce(float* __restrict__ dw, float* __restrict__ partials,
                                                 int* __restrict__ tickets, const bf16* __restrict__ dout,
                                                 const int* __restrict__ tokens, const int* __restrict__ sorted,
@@ -324,7 +138,9 @@ extern "C" __global__ void embedding_bwd_reduce(float* __restrict__ dw, float* _
     if (j0 >= sorted_len) return;
     const int n = min(CHUNK, sorted_len - j0);
     if (threadIdx.x < n) {
-        const int t = sorted[j0 + threadIdx.x], id = tokens[t];
+        // An id outside 0..V here means the order is of other tokens (the caller's bug):
+        // clamped, so that the sums are wrong but every access stays in bounds.
+        const int t = sorted[j0 + threadIdx.x], id = min(max(tokens[t], 0), V - 1);
         pos_t[threadIdx.x] = t;
         pos_id[threadIdx.x] = id;
         run_begin[threadIdx.x] = offsets[id];
@@ -377,6 +193,7 @@ extern "C" __global__ void embedding_bwd_reduce(float* __restrict__ dw, float* _
             if (side == 0 ? !head : !tail) continue;
             const int first = run_begin[k] / CHUNK, pieces = (run_end[k] - 1) / CHUNK - first + 1;
             finishes[side] = atomicAdd(&tickets[first], 1) == pieces - 1;
+            if (finishes[side]) tickets[first] = 0;  // every piece has drawn: reset for the next launch
         }
     }
     __syncthreads();

@@ -9,6 +9,7 @@
 //! first choice are from the fastest.
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 use half::bf16;
@@ -16,7 +17,7 @@ use half::bf16;
 use crate::bench::{print_table, random_bf16, random_host, random_i32, rotation_sets, time_ms, upload, Ceilings, Measurement, Work};
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::cross_entropy::{cross_entropy_with, lm_head_cross_entropy, metrics, CeKernel, IGNORE_LABEL, METRICS_LEN};
-use crate::ops::embedding::{embedding_bwd, embedding_fwd, sort_tokens, EmbeddingBwdScratch};
+use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch, TokenOrder};
 use crate::ops::gate::{gate_bwd, gate_fwd};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache, GemmOp, GemmShape};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
@@ -268,16 +269,29 @@ impl Bench<'_> {
         // Working sets (unique rows of w or dw, plus the activations) exceed L2: no rotation.
         let ms = time_ms(gpu, WARMUP, ITERS, |_| embedding_fwd(gpu, &mut out.as_view_mut(), &tokens.as_view(), &w.as_view(), T, D, scale))?;
         self.push("embedding_fwd", &shape, ms, Work::Bytes((T * 4 + unique * D * 2 + T * D * 2) as f64), &note);
+
+        // The backward's host part: the counting sort of the positions by id (CPU wall time).
+        let host_ms = median_host_ms(ITERS, || TokenOrder::of(&tokens_host, V));
+        self.push("TokenOrder::of (host)", &shape, host_ms, Work::Latency, "CPU wall time, median; runs as the batch is uploaded");
+        let order = TokenOrder::of(&tokens_host, V);
+        scratch.upload_order(gpu, &order)?;
+        // Reads dout, the tokens and `sorted` (the offsets of the present ids are noise); reads
+        // and writes the touched rows of dw.
+        let bwd_bytes = |unique: usize| (2 * T * 4 + T * D * 2 + 2 * unique * D * 4) as f64;
         let ms = time_ms(gpu, WARMUP, ITERS, |_| embedding_bwd(gpu, &mut dw.as_view_mut(), &dout.as_view(), &tokens.as_view(), T, D, scale, &mut scratch))?;
-        self.push("embedding_bwd (sort + reduce)", &shape, ms, Work::Bytes((T * 4 + T * D * 2 + 2 * unique * D * 4) as f64), &format!("{note}; dw rows read + written"));
-        let ms = time_ms(gpu, WARMUP, ITERS, |_| sort_tokens(gpu, &tokens.as_view(), T as i32, V as i32, &mut scratch))?;
-        self.push("  of which the sort (4 kernels)", &shape, ms, Work::Latency, "memset, count, scan, fill, rank");
+        self.push("embedding_bwd (reduce)", &shape, ms, Work::Bytes(bwd_bytes(unique)), &format!("{note}; dw rows read + written"));
+        let ms = time_ms(gpu, WARMUP, ITERS, |_| {
+            scratch.upload_order(gpu, &order)?;
+            embedding_bwd(gpu, &mut dw.as_view_mut(), &dout.as_view(), &tokens.as_view(), T, D, scale, &mut scratch)
+        })?;
+        self.push("embedding_bwd (upload + reduce)", &shape, ms, Work::Bytes(bwd_bytes(unique)), "+ the order's copy from pinned memory");
         // A packed batch with 10% padding: one id holds 1638 of the positions.
         let padded_host: Vec<i32> = tokens_host.iter().enumerate().map(|(t, &id)| if t >= T - T / 10 { 0 } else { id }).collect();
         let padded = upload(gpu, &padded_host)?;
         let unique = padded_host.iter().collect::<HashSet<_>>().len();
+        scratch.upload_order(gpu, &TokenOrder::of(&padded_host, V))?;
         let ms = time_ms(gpu, WARMUP, ITERS, |_| embedding_bwd(gpu, &mut dw.as_view_mut(), &dout.as_view(), &padded.as_view(), T, D, scale, &mut scratch))?;
-        self.push("embedding_bwd, 10% one id", &shape, ms, Work::Bytes((T * 4 + T * D * 2 + 2 * unique * D * 4) as f64), &format!("{unique} distinct ids"));
+        self.push("embedding_bwd (reduce), 10% one id", &shape, ms, Work::Bytes(bwd_bytes(unique)), &format!("{unique} distinct ids"));
         Ok(())
     }
 
@@ -362,7 +376,7 @@ impl Bench<'_> {
         let gemm = GemmCache::new(self.gpu)?;
         let layers = [(T, 4 * C, D, false), (T, D, C, true), (T, 2 * I, D, false), (T, D, I, true), (LM_CHUNKS[0], V, D, false)];
         let shapes: Vec<GemmShape> = layers.iter().flat_map(|&(t, n, k, residual)| GemmShape::linear_layer(t, n, k, residual)).collect();
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         gemm.prepare(&shapes)?;
         self.gpu.sync()?;
         let ms = start.elapsed().as_secs_f64() * 1e3;
@@ -407,4 +421,17 @@ impl Bench<'_> {
         }
         Ok(())
     }
+}
+
+/// Median host wall time of `runs` calls of `f`, in milliseconds.
+fn median_host_ms<R>(runs: usize, mut f: impl FnMut() -> R) -> f64 {
+    let mut times: Vec<f64> = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            std::hint::black_box(f());
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[runs / 2]
 }

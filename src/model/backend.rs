@@ -144,6 +144,11 @@ pub trait Backend {
 
     /// out: [T, D] = `w[tokens]` * scale, w: [V, D] at `w_at`.
     fn embedding_fwd(&self, out: &mut Self::Act, tokens: &Self::I32, w: &Self::Weights, w_at: TensorAt, t: usize, d: usize, scale: f32) -> Result<()>;
+    /// Prepares the embedding backward of the batch whose `tokens` `[T]` (ids in `0..v`) were
+    /// just uploaded; called once per batch that trains the embedding, before its
+    /// `embedding_bwd`. The GPU sorts the token positions by id here, on the host, and queues
+    /// their copy to the device, so its backward is one reduce; the CPU needs nothing.
+    fn prepare_token_order(&self, tokens: &[i32], v: usize) -> Result<()>;
     /// dw: [V, D] at `dw_at` += scatter of dout [T, D] * scale (deterministic order).
     fn embedding_bwd(&self, dw: &mut Self::Grads, dw_at: TensorAt, dout: &Self::Act, tokens: &Self::I32, t: usize, d: usize, scale: f32) -> Result<()>;
 

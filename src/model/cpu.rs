@@ -150,6 +150,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn prepare_token_order(&self, _: &[i32], _: usize) -> Result<()> {
+        Ok(()) // the reference sums in t order as it goes
+    }
+
     fn embedding_bwd(&self, dw: &mut [f32], dw_at: TensorAt, dout: &Vec<f32>, tokens: &Vec<i32>, t: usize, d: usize, scale: f32) -> Result<()> {
         embedding_bwd_cpu(&mut dw[dw_at.range()], dout, tokens, t, d, scale);
         Ok(())

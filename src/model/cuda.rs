@@ -12,7 +12,9 @@
 //! - the cuBLASLt handle, its workspace and one plan per GEMM shape ([`GemmCache`]), built
 //!   the first time a shape runs and looked up afterwards;
 //! - the logits of one LM-head chunk (`[rows, V]` bf16, [`lm_head_rows`]);
-//! - the embedding backward's sort scratch.
+//! - the embedding backward's scratch: the batch's token order, sorted on the host by
+//!   [`Backend::prepare_token_order`] and copied through a pinned buffer, its tickets and
+//!   partial rows.
 //!
 //! The model's own buffers come from `alloc_*` once per batch shape (`net.rs`, `plan`). Two
 //! allocations per step remain outside this file: the batch's index buffers (`upload_i32`,
@@ -39,7 +41,7 @@ use crate::model::backend::{Backend, TensorAt};
 use crate::ops::attention::{attention_bwd, attention_fwd};
 use crate::ops::cross_entropy::{cross_entropy_in_place, lm_head_cross_entropy, metrics_cpu, CeKernel, StepMetrics};
 use crate::ops::elementwise::{add_act, broadcast_rows};
-use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch};
+use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch, TokenOrder};
 use crate::ops::gate::{gate_bwd, gate_fwd};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
@@ -56,11 +58,11 @@ pub fn lm_head_rows(t: usize, v: usize, chunk_bytes: usize) -> usize {
     (chunk_bytes / (2 * v)).clamp(1, t.max(1))
 }
 
-/// Bytes of the embedding backward's scratch for `t` tokens and `v` rows
-/// ([`EmbeddingBwdScratch::new`]: counts and cursors `2V`, offsets `V+1`, three `[T]` tables
-/// and a count, all i32).
+/// Device bytes of the embedding backward's scratch for `t` tokens and `v` rows
+/// ([`EmbeddingBwdScratch::device_bytes`]: the token order `[T + V + 1]` and one ticket per
+/// 16 tokens, i32).
 pub fn embedding_scratch_bytes(t: usize, v: usize) -> usize {
-    4 * (2 * v + (v + 1) + 3 * t + 1)
+    EmbeddingBwdScratch::device_bytes(t, v)
 }
 
 /// What a profiled op is, for the per-phase split of a step.
@@ -91,8 +93,8 @@ pub struct CudaBackend<'g> {
     lm_logits: RefCell<Option<CudaSlice<bf16>>>,
     /// Upper bound on the bytes of `lm_logits` ([`LM_HEAD_CHUNK_BYTES`] unless set).
     lm_chunk_bytes: usize,
-    /// The embedding backward's scratch and the token count it was sized for.
-    embed_scratch: RefCell<Option<(usize, EmbeddingBwdScratch)>>,
+    /// The embedding backward's scratch, holding the order of the last prepared batch.
+    embed_scratch: RefCell<Option<EmbeddingBwdScratch>>,
     profiling: Cell<bool>,
     /// (class, start, end) of every op since the last [`CudaBackend::take_profile`].
     spans: RefCell<Vec<(OpClass, CudaEvent, CudaEvent)>>,
@@ -350,14 +352,23 @@ impl<'g> Backend for CudaBackend<'g> {
         })
     }
 
+    fn prepare_token_order(&self, tokens: &[i32], v: usize) -> Result<()> {
+        let t = tokens.len();
+        let mut slot = self.embed_scratch.borrow_mut();
+        if slot.as_ref().is_none_or(|s| s.t_max() < t || s.v() != v) {
+            *slot = None; // release the smaller scratch first
+            *slot = Some(EmbeddingBwdScratch::new(self.gpu, t, v).context("allocating the embedding backward scratch")?);
+        }
+        let scratch = slot.as_mut().expect("allocated above");
+        // Host work while the device runs what is queued; untimed, like the batch's uploads.
+        let order = TokenOrder::of(tokens, v);
+        scratch.upload_order(self.gpu, &order).with_context(|| format!("uploading the token order [T={t}, V={v}]"))
+    }
+
     fn embedding_bwd(&self, dw: &mut CudaSlice<f32>, dw_at: TensorAt, dout: &CudaSlice<bf16>, tokens: &CudaSlice<i32>, t: usize, d: usize, scale: f32) -> Result<()> {
         let v = dw_at.len / d;
         let mut slot = self.embed_scratch.borrow_mut();
-        if slot.as_ref().is_none_or(|(t_max, _)| *t_max < t) {
-            *slot = None;
-            *slot = Some((t, EmbeddingBwdScratch::new(self.gpu, t, v).context("allocating the embedding backward scratch")?));
-        }
-        let (_, scratch) = slot.as_mut().expect("allocated above");
+        let scratch = slot.as_mut().context("embedding_bwd: no token order was prepared (Backend::prepare_token_order)")?;
         self.timed(OpClass::Other, || {
             embedding_bwd(self.gpu, &mut dw.slice_mut(dw_at.range()), &dout.as_view(), &tokens.as_view(), t, d, scale, scratch).with_context(|| format!("embedding_bwd [T={t}, D={d}, V={v}]"))
         })

@@ -323,6 +323,9 @@ impl<B: Backend> Model<B> {
             cu_seqlens: be.upload_i32(batch.cu_seqlens)?,
             prefix_lens: be.upload_i32(batch.prefix_lens)?,
         };
+        if grads.is_some() && schedule.embedding_grad {
+            be.prepare_token_order(batch.inputs, sz.v)?;
+        }
         let (t, d) = (sz.t, sz.d);
         let scale = (d as f32).sqrt(); // SPEC §3: embedding times 1/init_std = sqrt(hidden)
 

@@ -7,14 +7,21 @@
 //!
 //! The backward sums the rows of a repeated token in increasing `t` order, so the result
 //! is the same on every run. On the GPU (`cuda/embedding.cu`) `w` and `out`/`dout` are bf16
-//! and `dw` fp32; the backward is a stable counting sort of the token ids, then fixed-size
-//! chunks of the sorted positions, each summing its ids' runs of `dout` rows in `t` order
-//! (a run that crosses chunks is summed piece by piece, the pieces added in chunk order).
+//! and `dw` fp32, and the backward takes three steps:
+//!
+//! 1. [`TokenOrder::of`], on the host: a stable counting sort of the token positions by id,
+//!    `O(T + V)`. The ids of a batch are known before its step, so this runs when the batch
+//!    is uploaded, not on the device.
+//! 2. [`EmbeddingBwdScratch::upload_order`]: the order goes through pinned host memory to
+//!    the device with an asynchronous copy (no host synchronisation).
+//! 3. [`embedding_bwd`]: one kernel, fixed-size chunks of the sorted positions, each summing
+//!    its ids' runs of `dout` rows in `t` order (a run that crosses chunks is summed piece by
+//!    piece, the pieces added in chunk order).
+//!
 //! No float atomics, so it is bitwise reproducible too (in its own fixed order, which
 //! groups the CPU's sum differently).
 
-use cudarc::driver::sys::CUfunction_attribute as FuncAttr;
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -27,16 +34,8 @@ use crate::selftest::{Check, Row};
 
 const FAMILY: &str = "embedding";
 const THREADS: u32 = 256;
-/// `SCAN_THREADS` in `cuda/embedding.cu`.
-const SCAN_THREADS: u32 = 1024;
-/// `CHUNK` in `cuda/embedding.cu`: sorted positions per block of the reduce step.
+/// `CHUNK` in `cuda/embedding.cu`: sorted positions per block of the reduce.
 const CHUNK: usize = 16;
-/// `SORT_THREADS`, `RADIX` and `HIST_PITCH` in `cuda/embedding.cu`: the one-block radix sort.
-const SORT_THREADS: u32 = 1024;
-const RADIX: usize = 256;
-const HIST_PITCH: usize = SORT_THREADS as usize / 32 + 1;
-/// Static shared memory of `embedding_bwd_sort` (the scan's 32 warp sums), besides the dynamic.
-const SORT_STATIC_SMEM: usize = 32 * 4;
 /// `FWD_WARPS` in `cuda/embedding.cu`: rows per block of the forward; `THREADS` = 32 of it.
 const FWD_WARPS: usize = 8;
 
@@ -80,19 +79,74 @@ pub fn embedding_bwd_cpu(dw: &mut [f32], dout: &[f32], tokens: &[i32], t: usize,
     }
 }
 
-/// Device scratch of the deterministic backward, sized once for `t_max` tokens and a
-/// vocabulary of `v` rows, and reused every step.
+/// The token positions of a batch sorted by id, stably: what the backward's reduce reads to
+/// sum each id's rows of `dout` in `t` order. Built on the host ([`TokenOrder::of`]) by a
+/// counting sort, `O(T + V)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenOrder {
+    /// [T] i32: the positions `t` ordered by `tokens[t]`, `t` ascending within an id; the
+    /// positions of ids outside `0..V` last, also ascending. A permutation of `0..T`.
+    sorted: Vec<i32>,
+    /// [V+1] i32: id `v` owns `sorted[offsets[v] .. offsets[v+1]]`; `offsets[V]` is the
+    /// number of valid tokens. Non-decreasing from 0.
+    offsets: Vec<i32>,
+}
+
+impl TokenOrder {
+    /// The order of `tokens` `[T]` over a vocabulary of `v` ids.
+    pub fn of(tokens: &[i32], v: usize) -> TokenOrder {
+        const OP: &str = "TokenOrder::of";
+        as_i32(OP, "T", tokens.len());
+        as_i32(OP, "V", v);
+        let id_of = |id: i32| usize::try_from(id).ok().filter(|&id| id < v);
+        // offsets[id + 1] = count of id, then the running sum: offsets[id] = start of id's run
+        // (and offsets[V] = start of the invalid ids' positions).
+        let mut offsets = vec![0i32; v + 1];
+        tokens.iter().filter_map(|&id| id_of(id)).for_each(|id| offsets[id + 1] += 1);
+        for id in 0..v {
+            offsets[id + 1] += offsets[id];
+        }
+        // Each position goes to its id's next free slot, offsets[id] serving as the cursor;
+        // invalid ids fill the tail through offsets[V].
+        let mut sorted = vec![0i32; tokens.len()];
+        for (t, &id) in tokens.iter().enumerate() {
+            let cursor = &mut offsets[id_of(id).unwrap_or(v)];
+            sorted[*cursor as usize] = t as i32;
+            *cursor += 1;
+        }
+        // Each cursor stopped at the end of its run, which is the start of the next id's:
+        // shifted one place up, they are the starts again (offsets[V]: the valid tokens).
+        // (Cursors in a copy of the starts took 4x as long, ~280 against ~70 us at T = 16,384
+        // and V = 65,536 on a 2-core VM: one more 256 KB buffer to allocate, fault in, fill.)
+        offsets.copy_within(0..v, 1);
+        offsets[0] = 0;
+        TokenOrder { sorted, offsets }
+    }
+
+    /// Tokens `T`.
+    pub fn tokens(&self) -> usize {
+        self.sorted.len()
+    }
+}
+
+/// What the backward keeps between steps, sized once for `t_max` tokens and a vocabulary of
+/// `v` rows: the device copy of the batch's [`TokenOrder`] (and its pinned staging buffer),
+/// the reduce's chunk tickets and partial rows.
 pub struct EmbeddingBwdScratch {
     t_max: usize,
     v: usize,
-    /// [2V + ceil(t_max/CHUNK)] i32: per-id token counts, per-id fill cursors, per-chunk
-    /// tickets of the runs that cross chunks; zeroed each call (one memset).
-    counters: CudaSlice<i32>,
-    /// [V+1] i32: start of each id's run in `sorted`.
-    offsets: CudaSlice<i32>,
-    /// [T] i32 each: token positions grouped by id (unordered, then ascending).
-    bucket: CudaSlice<i32>,
-    sorted: CudaSlice<i32>,
+    /// Tokens of the order last uploaded; `None` before the first upload.
+    ordered_tokens: Option<usize>,
+    /// [t_max + V + 1] i32: `sorted` (its first T entries), then `offsets`. Pinned,
+    /// write-combined host memory (the host only writes it), so the copy to the device is
+    /// asynchronous; cudarc records an event after each copy from it, and writing it waits
+    /// on that event, so a copy in flight is never overwritten.
+    staging: PinnedHostSlice<i32>,
+    /// [t_max + V + 1] i32: the device copy, same layout.
+    order: CudaSlice<i32>,
+    /// [ceil(t_max/CHUNK)] i32: per-chunk tickets of the runs that cross chunks. Zero
+    /// between launches: zeroed here, and set back to zero by the kernel.
+    tickets: CudaSlice<i32>,
     /// [ceil(t_max/CHUNK), 2, D] fp32: the pieces of runs that cross chunks. D is not known
     /// until the first call, which allocates it (6 MiB at 16k tokens and D = 1536).
     partials: Option<CudaSlice<f32>>,
@@ -100,16 +154,52 @@ pub struct EmbeddingBwdScratch {
 
 impl EmbeddingBwdScratch {
     pub fn new(gpu: &Gpu, t_max: usize, v: usize) -> Result<EmbeddingBwdScratch, GpuError> {
-        let alloc = |n: usize| gpu.stream.alloc_zeros::<i32>(n.max(1)).during("allocating the embedding backward scratch");
+        const WHAT: &str = "allocating the embedding backward scratch";
+        let order_len = t_max + v + 1;
+        // SAFETY: the memory is uninitialised until the fill just below, before any read.
+        let mut staging = unsafe { gpu.ctx.alloc_pinned::<i32>(order_len) }.during(WHAT)?;
+        staging.as_mut_slice().during(WHAT)?.fill(0);
         Ok(EmbeddingBwdScratch {
             t_max,
             v,
-            counters: alloc(2 * v + t_max.div_ceil(CHUNK))?,
-            offsets: alloc(v + 1)?,
-            bucket: alloc(t_max)?,
-            sorted: alloc(t_max)?,
+            ordered_tokens: None,
+            staging,
+            order: gpu.stream.alloc_zeros::<i32>(order_len).during(WHAT)?,
+            tickets: gpu.stream.alloc_zeros::<i32>(t_max.div_ceil(CHUNK).max(1)).during(WHAT)?,
             partials: None,
         })
+    }
+
+    /// Device bytes of [`EmbeddingBwdScratch::new`] for `t_max` tokens and `v` rows, besides
+    /// the partial rows (`[ceil(t_max/16), 2, D]` fp32, allocated by the first backward).
+    pub fn device_bytes(t_max: usize, v: usize) -> usize {
+        4 * ((t_max + v + 1) + t_max.div_ceil(CHUNK).max(1))
+    }
+
+    pub fn t_max(&self) -> usize {
+        self.t_max
+    }
+
+    pub fn v(&self) -> usize {
+        self.v
+    }
+
+    /// Queues the copy of `order` (T <= t_max tokens over this scratch's V ids) to the device:
+    /// every [`embedding_bwd`] after it reads this order, until the next upload. Returns once
+    /// `order` is copied into the pinned staging buffer; that waits only if the previous
+    /// upload's device copy has not yet read the buffer (in training it has long since: each
+    /// step ends with a read-back of its metrics).
+    pub fn upload_order(&mut self, gpu: &Gpu, order: &TokenOrder) -> Result<(), GpuError> {
+        const OP: &str = "upload_order";
+        let t = order.tokens();
+        assert!(t <= self.t_max, "{OP}: T = {t} exceeds the scratch's {} tokens", self.t_max);
+        assert_eq!(order.offsets.len(), self.v + 1, "{OP}: the order is over {} ids, the scratch over V = {}", order.offsets.len() - 1, self.v);
+        let staging = self.staging.as_mut_slice().during("waiting for the previous token order's copy")?;
+        staging[..t].copy_from_slice(&order.sorted);
+        staging[self.t_max..].copy_from_slice(&order.offsets);
+        gpu.stream.memcpy_htod(&self.staging, &mut self.order).during("copying the token order to the device")?;
+        self.ordered_tokens = Some(t);
+        Ok(())
     }
 
     /// Allocates the partial rows for hidden size `d` on first use.
@@ -151,7 +241,8 @@ pub fn embedding_fwd(gpu: &Gpu, out: &mut CudaViewMut<bf16>, tokens: &CudaView<i
 }
 
 /// GPU [`embedding_bwd_cpu`]. dw: [V,D] fp32 (+=), dout: [T,D] bf16, tokens: [T] i32;
-/// `scratch` sized for at least T tokens and exactly V rows. Bitwise reproducible.
+/// `scratch` sized for at least T tokens and exactly V rows, holding the [`TokenOrder`] of
+/// these `tokens` ([`EmbeddingBwdScratch::upload_order`]). One kernel; bitwise reproducible.
 #[allow(clippy::too_many_arguments)]
 pub fn embedding_bwd(
     gpu: &Gpu,
@@ -175,125 +266,31 @@ pub fn embedding_bwd(
     if t == 0 {
         return Ok(());
     }
-    let (t_i, d_i, v_i) = (as_i32(OP, "T", t), as_i32(OP, "D", d), as_i32(OP, "V", v));
-    as_i32(OP, "2V + T/CHUNK", 2 * v + t.div_ceil(CHUNK));
-    sort_tokens(gpu, tokens, t_i, v_i, scratch)?;
+    assert!(
+        scratch.ordered_tokens == Some(t),
+        "{OP}: the scratch holds the order of {:?} tokens, not T = {t}: upload this batch's TokenOrder first",
+        scratch.ordered_tokens
+    );
+    let (d_i, v_i) = (as_i32(OP, "D", d), as_i32(OP, "V", v));
     scratch.ensure_partials(gpu, d)?;
     let s = scratch;
     let chunks = t.div_ceil(CHUNK);
     let cols = (d / 8).next_multiple_of(32) as u32;
     let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (cols, 1, 1), shared_mem_bytes: 0 };
     let partials = s.partials.as_mut().expect("allocated by ensure_partials");
-    let mut tickets = s.counters.slice_mut(2 * v..2 * v + chunks);
+    let mut tickets = s.tickets.slice_mut(..chunks);
+    let (sorted, offsets) = (s.order.slice(..s.t_max), s.order.slice(s.t_max..));
     let func = gpu.function(FAMILY, "embedding_bwd_reduce")?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(dw).arg(partials).arg(&mut tickets).arg(dout).arg(tokens).arg(&s.sorted).arg(&s.offsets).arg(&d_i).arg(&v_i).arg(&scale);
+    args.arg(dw).arg(partials).arg(&mut tickets).arg(dout).arg(tokens).arg(&sorted).arg(&offsets).arg(&d_i).arg(&v_i).arg(&scale);
     // SAFETY: dw holds V*D fp32, dout T*D bf16 (checked above), both 16-byte aligned;
-    // partials hold ceil(t_max/CHUNK)*2*D fp32 and tickets one i32 per chunk (the grid),
-    // zeroed by sort_tokens; sorted positions past offsets[V] are never read. Each row of
-    // dw is written by one block (the run's own chunk, or the one that draws its last
-    // ticket).
+    // partials hold ceil(t_max/CHUNK)*2*D fp32 and tickets one zero i32 per chunk (the
+    // grid). The order on the device is a TokenOrder of T tokens over V ids (uploaded
+    // before this launch on the same stream): offsets [V+1] non-decreasing up to
+    // offsets[V] <= T, and sorted[j] < T for the j < offsets[V] the kernel reads; ids are
+    // clamped to 0..V. Each row of dw is written by one block (the run's own chunk, or the
+    // one that draws its last ticket).
     unsafe { args.launch(cfg) }.during("embedding_bwd_reduce")?;
-    Ok(())
-}
-
-/// Bits that hold every value in `0..=max` (at least 1).
-fn bits_for(max: usize) -> u32 {
-    (usize::BITS - max.leading_zeros()).max(1)
-}
-
-/// Dynamic shared memory of the one-block radix sort for `t` tokens: two key buffers and
-/// the per-warp digit histograms.
-fn radix_sort_smem(t: usize) -> usize {
-    (2 * t + RADIX * HIST_PITCH) * 4
-}
-
-/// Whether the one-block radix sort (`embedding_bwd_sort`) takes `t` tokens over `v` ids on
-/// this device: the keys `id << t_bits | t` (ids up to V, the stand-in for invalid ones)
-/// fit 32 bits, and both key buffers fit one block's shared memory (T up to ~24k on sm_90).
-fn radix_sort_fits(gpu: &Gpu, t: usize, v: usize) -> bool {
-    bits_for(t.saturating_sub(1)) + bits_for(v) <= 32 && radix_sort_smem(t) + SORT_STATIC_SMEM <= gpu.props.smem_per_block_optin
-}
-
-/// Steps 1-4 of the backward (`cuda/embedding.cu`): the stable sort of the token positions
-/// by id into `scratch.sorted`, each id's run `scratch.offsets[id] .. scratch.offsets[id +
-/// 1]`, and the reduce's chunk tickets zeroed. One block's radix sort in shared memory when
-/// T fits it ([`radix_sort_fits`]); otherwise the counting sort (memset and 4 kernels).
-/// Public to the crate so the bench can time it alone.
-pub(crate) fn sort_tokens(gpu: &Gpu, tokens: &CudaView<i32>, t_i: i32, v_i: i32, scratch: &mut EmbeddingBwdScratch) -> Result<(), GpuError> {
-    let (t, v) = (t_i as usize, v_i as usize);
-    if radix_sort_fits(gpu, t, v) {
-        return radix_sort_tokens(gpu, tokens, t_i, v_i, scratch);
-    }
-    counting_sort_tokens(gpu, tokens, t_i, v_i, scratch)
-}
-
-/// The one-block radix sort: one launch, no memset. Writes only the offsets the reduce reads
-/// (each present id's start and end, and `offsets[V]`); those of absent ids keep stale values.
-fn radix_sort_tokens(gpu: &Gpu, tokens: &CudaView<i32>, t_i: i32, v_i: i32, scratch: &mut EmbeddingBwdScratch) -> Result<(), GpuError> {
-    const NAME: &str = "embedding_bwd_sort";
-    let (t, v) = (t_i as usize, v_i as usize);
-    let s = scratch;
-    let chunks = t.div_ceil(CHUNK);
-    let (t_bits, id_bits, n_tickets) = (bits_for(t - 1) as i32, bits_for(v) as i32, chunks as i32);
-    let smem = radix_sort_smem(t);
-    let func = gpu.function(FAMILY, NAME)?;
-    if smem > 48 * 1024 {
-        func.set_attribute(FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .during(format!("{NAME}: allowing {smem} bytes of shared memory (the device offers {})", gpu.props.smem_per_block_optin))?;
-    }
-    let mut tickets = s.counters.slice_mut(2 * v..2 * v + chunks);
-    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SORT_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut s.sorted).arg(&mut s.offsets).arg(&mut tickets).arg(tokens).arg(&t_i).arg(&v_i).arg(&t_bits).arg(&id_bits).arg(&n_tickets);
-    // SAFETY: sorted holds t_max >= T i32, offsets V+1 (ids are clamped to 0..=V), tickets
-    // ceil(T/CHUNK) (the slice above), tokens T; one block of SORT_THREADS with the dynamic
-    // shared memory the kernel expects (2T keys + the histograms), within the device's
-    // opt-in limit (radix_sort_fits); t_bits + id_bits <= 32 so the keys fit.
-    unsafe { args.launch(cfg) }.during(NAME)?;
-    Ok(())
-}
-
-/// The counting sort: zero the counters, then steps 1-4 of `cuda/embedding.cu`.
-fn counting_sort_tokens(gpu: &Gpu, tokens: &CudaView<i32>, t_i: i32, v_i: i32, scratch: &mut EmbeddingBwdScratch) -> Result<(), GpuError> {
-    let (t, v) = (t_i as usize, v_i as usize);
-    let s = scratch;
-    gpu.stream.memset_zeros(&mut s.counters).during("zeroing the embedding backward counters")?;
-    let per_token = LaunchConfig { grid_dim: (t.div_ceil(THREADS as usize) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-
-    // 1. counts[id] += 1 for every token.
-    let (mut counts, mut rest) = s.counters.split_at_mut(v);
-    let mut cursor = rest.slice_mut(..v);
-    let func = gpu.function(FAMILY, "embedding_bwd_count")?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut counts).arg(tokens).arg(&t_i).arg(&v_i);
-    // SAFETY: counts holds V i32, tokens T i32; ids outside 0..V are skipped.
-    unsafe { args.launch(per_token) }.during("embedding_bwd_count")?;
-
-    // 2. offsets = exclusive scan of counts.
-    let func = gpu.function(FAMILY, "embedding_bwd_scan")?;
-    let counts = counts.as_view();
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut s.offsets).arg(&counts).arg(&v_i);
-    let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (SCAN_THREADS, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: offsets holds V+1 i32, counts V; one block of SCAN_THREADS threads as the
-    // kernel requires.
-    unsafe { args.launch(one_block) }.during("embedding_bwd_scan")?;
-
-    // 3. bucket[offsets[id] + cursor[id]++] = t.
-    let func = gpu.function(FAMILY, "embedding_bwd_fill")?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut s.bucket).arg(&mut cursor).arg(&s.offsets).arg(tokens).arg(&t_i).arg(&v_i);
-    // SAFETY: bucket holds t_max >= T i32 and every slot offsets[id] + cursor < offsets[V] <= T
-    // (the counts bound the cursors); cursor holds V i32.
-    unsafe { args.launch(per_token) }.during("embedding_bwd_fill")?;
-
-    // 4. sorted = bucket with each id's positions in ascending order.
-    let func = gpu.function(FAMILY, "embedding_bwd_rank")?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut s.sorted).arg(&s.bucket).arg(&s.offsets).arg(tokens).arg(&t_i).arg(&v_i);
-    // SAFETY: sorted and bucket hold t_max >= T i32; ranks are < the id's count.
-    unsafe { args.launch(per_token) }.during("embedding_bwd_rank")?;
     Ok(())
 }
 
@@ -303,7 +300,7 @@ pub fn selftests() -> Vec<Check> {
 
 /// (T, D, V, share of the tokens that are one "hot" id): odd sizes, an XL-like batch, a
 /// batch dominated by one id (padding) that exercises the interleaved partial sums, and a
-/// batch too long for the one-block radix sort's shared memory (the counting sort).
+/// long batch of narrow rows (2500 chunks, most ids repeated).
 const SHAPES: [(usize, usize, usize, f64); 5] = [(1, 8, 3, 0.0), (37, 296, 11, 0.0), (4099, 1536, 65536, 0.1), (1000, 2560, 300, 0.8), (40000, 8, 5000, 0.0)];
 
 fn draw_tokens(rng: &mut Rng, t: usize, v: usize, hot: f64) -> Vec<i32> {
@@ -339,13 +336,19 @@ fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         embedding_bwd_cpu(&mut want, &dout, &tokens, t, d, scale);
 
         let (dtok, ddout) = (upload(gpu, &tokens)?, upload_bf16(gpu, &dout)?);
-        let mut scratch = EmbeddingBwdScratch::new(gpu, t, v)?;
-        let mut run = || -> Result<Vec<f32>, GpuError> {
+        // As in training: a scratch with room for more tokens than this batch, which already
+        // served another batch (its order, its tickets) before this batch's order replaces it.
+        let mut scratch = EmbeddingBwdScratch::new(gpu, t + 7, v)?;
+        let other = draw_tokens(rng, t, v, hot);
+        let run = |tokens: &CudaSlice<i32>, scratch: &mut EmbeddingBwdScratch| -> Result<Vec<f32>, GpuError> {
             let mut dw = upload(gpu, &dw0)?;
-            embedding_bwd(gpu, &mut dw.as_view_mut(), &ddout.as_view(), &dtok.as_view(), t, d, scale, &mut scratch)?;
+            embedding_bwd(gpu, &mut dw.as_view_mut(), &ddout.as_view(), &tokens.as_view(), t, d, scale, scratch)?;
             download(gpu, &dw)
         };
-        let (first, second) = (run()?, run()?);
+        scratch.upload_order(gpu, &TokenOrder::of(&other, v))?;
+        run(&upload(gpu, &other)?, &mut scratch)?;
+        scratch.upload_order(gpu, &TokenOrder::of(&tokens, v))?;
+        let (first, second) = (run(&dtok, &mut scratch)?, run(&dtok, &mut scratch)?);
         // fp32 sums of up to n terms in two different orders (CPU: sequential; GPU: four
         // interleaved partial sums): each within n * 2^-24 of the sum of |terms|, which is at
         // most n * scale * max|dout|: abs 2^-23 * n^2 * scale * max|dout|.
@@ -356,7 +359,8 @@ fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         let tol = Tolerance { abs: abs.max(1e-7), rel: 2.0 * f32::EPSILON };
         let shape = format!("[{t},{d}] V={v} hot={hot}");
         rows.push(Row::new("embedding_bwd dw (+=)", &shape, tol, compare(&first, &want, tol)));
-        // Same inputs, same bits: no order-dependent float atomics.
+        // Same inputs, same bits: no order-dependent float atomics, and the first run left
+        // the tickets zero for the second.
         let exact = Tolerance { abs: 0.0, rel: 0.0 };
         rows.push(Row::new("embedding_bwd rerun bitwise", &shape, exact, compare(&second, &first, exact)));
     }
@@ -388,6 +392,63 @@ mod tests {
         embedding_bwd_cpu(&mut dw, &r, &tokens, t, d, scale);
         let delta: Vec<f32> = dw.iter().zip(&start).map(|(a, b)| a - b).collect();
         check_gradient("embedding dw", &w, &delta, loss, &mut rng, 4);
+    }
+
+    /// The order by a plain stable sort of the positions on (valid id, or V for an invalid
+    /// one), each offset by a binary search: what `TokenOrder::of` must equal.
+    fn sorted_by_std(tokens: &[i32], v: usize) -> TokenOrder {
+        let key = |t: &i32| usize::try_from(tokens[*t as usize]).ok().filter(|&id| id < v).unwrap_or(v);
+        let mut sorted: Vec<i32> = (0..tokens.len() as i32).collect();
+        sorted.sort_by_key(key); // stable: t ascending within a key
+        let offsets = (0..=v).map(|id| sorted.partition_point(|t| key(t) < id) as i32).collect();
+        TokenOrder { sorted, offsets }
+    }
+
+    #[test]
+    fn token_order_is_a_stable_sort_by_id() {
+        let mut rng = Rng::new(17);
+        for (t, v) in [(1, 1), (37, 11), (1000, 300), (4099, 65536)] {
+            let tokens: Vec<i32> = (0..t).map(|_| rng.below(v as u64) as i32).collect();
+            assert_eq!(TokenOrder::of(&tokens, v), sorted_by_std(&tokens, v), "T = {t}, V = {v}");
+        }
+    }
+
+    #[test]
+    fn token_order_spells_out_a_small_case() {
+        let order = TokenOrder::of(&[2, 0, 2, 1, 0, 2], 4);
+        assert_eq!(order.sorted, [1, 4, 3, 0, 2, 5]);
+        assert_eq!(order.offsets, [0, 2, 3, 6, 6]);
+    }
+
+    #[test]
+    fn token_order_puts_invalid_ids_last_in_t_order() {
+        let tokens = [3, -1, 0, 5, 3, i32::MAX, 0, i32::MIN];
+        let order = TokenOrder::of(&tokens, 4);
+        assert_eq!(order.sorted, [2, 6, 0, 4, 1, 3, 5, 7]);
+        assert_eq!(order.offsets, [0, 2, 2, 2, 4]); // 4 valid tokens
+        assert_eq!(order, sorted_by_std(&tokens, 4));
+    }
+
+    #[test]
+    fn token_order_of_nothing() {
+        let order = TokenOrder::of(&[], 5);
+        assert!(order.sorted.is_empty());
+        assert_eq!(order.offsets, [0; 6]);
+        // No vocabulary: every id is invalid.
+        let order = TokenOrder::of(&[0, 1], 0);
+        assert_eq!((order.sorted, order.offsets), (vec![0, 1], vec![0]));
+    }
+
+    #[test]
+    fn token_order_with_one_id_dominating() {
+        // A packed batch's padding: 90% of the positions are id 0, spread among the others.
+        let mut rng = Rng::new(23);
+        let tokens: Vec<i32> = (0..5000).map(|_| if rng.uniform() < 0.9 { 0 } else { 1 + rng.below(999) as i32 }).collect();
+        let order = TokenOrder::of(&tokens, 1000);
+        let zeros: Vec<i32> = (0..5000).filter(|&t| tokens[t as usize] == 0).collect();
+        assert_eq!(order.sorted[..zeros.len()], zeros[..]);
+        assert_eq!(order.offsets[1] as usize, zeros.len());
+        assert_eq!(order, sorted_by_std(&tokens, 1000));
     }
 
     #[test]

@@ -374,6 +374,9 @@ impl Backend for Footprint {
     fn embedding_fwd(&self, _: &mut usize, _: &usize, _: &usize, _: TensorAt, _: usize, _: usize, _: f32) -> Result<()> {
         Ok(())
     }
+    fn prepare_token_order(&self, _: &[i32], _: usize) -> Result<()> {
+        Ok(())
+    }
     fn embedding_bwd(&self, _: &mut usize, _: TensorAt, _: &usize, _: &usize, _: usize, _: usize, _: f32) -> Result<()> {
         Ok(())
     }
