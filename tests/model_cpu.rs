@@ -1,13 +1,14 @@
 //! The model on the CPU backend: gradients of every net against finite differences, the
-//! forward against a plain composition of the ops, and the invariances of packing.
+//! forward against a plain composition of the ops, the invariances of packing, and
+//! recomputation (`--recompute`) giving the same bits as kept activations.
 //!
 //! Sizes are below `tiny` so the whole file runs in seconds: hidden 128, one head of 128,
-//! intermediate 256, 2 layers (hrm/rins: one block per module), vocab 256, a packed batch of
-//! 3 samples (one with a response of length 1) and 5 padding rows.
+//! intermediate 256, 2 layers (hrm/rins: one block per module; the recompute test also uses 6),
+//! vocab 256, a packed batch of 3 samples (one with a response of length 1) and 5 padding rows.
 
 use hrm_cu::config::{Dims, ModelConfig, NetName, HEAD_DIM};
 use hrm_cu::model::cpu::CpuBackend;
-use hrm_cu::model::net::{Batch, Model, StepOutput};
+use hrm_cu::model::net::{Model, StepOutput};
 use hrm_cu::model::params::Params;
 use hrm_cu::model::schedule::{Pass, Schedule, Slot};
 use hrm_cu::model::spec::Role;
@@ -25,7 +26,11 @@ use hrm_cu::train::gpu::PackedSamples as Packed;
 const ALL_NETS: [NetName; 6] = [NetName::Hrm, NetName::Transformer, NetName::Trm, NetName::TrmMatchRecurrence, NetName::Rins, NetName::Ut];
 
 fn config(net: NetName) -> ModelConfig {
-    let dims = Dims { n_layers: 2, hidden: 128, heads: 1, head_dim: HEAD_DIM, intermediate: 256 };
+    config_with_layers(net, 2)
+}
+
+fn config_with_layers(net: NetName, n_layers: usize) -> ModelConfig {
+    let dims = Dims { n_layers, hidden: 128, heads: 1, head_dim: HEAD_DIM, intermediate: 256 };
     ModelConfig { dims, net: net.default_net(), vocab: 256 }
 }
 
@@ -362,4 +367,41 @@ fn transformer_has_no_z_l_state() {
     assert!(model(&params).forward_backward(&params.master, &b.batch(), &reads_l, &mut grads, 1.0).is_err());
 }
 
-// ---- speed ----
+// ---- recomputation ----
+
+/// One step on `m` from zero gradients: its output, the gradients' and the token losses' bits.
+fn step_bits(m: &mut Model<CpuBackend>, params: &Params, b: &Packed, schedule: &Schedule) -> (StepOutput, Vec<u32>, Vec<u32>) {
+    let mut grads = params.zeros_like_master();
+    let out = m.forward_backward(&params.master, &b.batch(), schedule, &mut grads, b.valid_labels() as f32).unwrap();
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    (out, bits(&grads), bits(&m.token_losses().unwrap()))
+}
+
+#[test]
+fn recompute_gives_the_same_bits_as_kept_activations() {
+    // Every net at its SPEC depth, hrm truncated (bp 2: H0 without gradient; bp 4: L3 without
+    // gradient between passes with) and with gradient through all 8 passes; modules of one
+    // block (2 layers) and of three (6 layers: the scratch ring wraps around).
+    let b = batch();
+    let hrm = NetName::Hrm.default_net();
+    for n_layers in [2, 6] {
+        let mut cases: Vec<(NetName, Schedule)> = ALL_NETS.iter().map(|&net| (net, Schedule::for_training(&net.default_net(), 5))).collect();
+        cases.push((NetName::Hrm, Schedule::for_training(&hrm, 2)));
+        cases.push((NetName::Hrm, Schedule::for_training(&hrm, 4)));
+        cases.push((NetName::Hrm, all_grad(&Schedule::for_training(&hrm, 5))));
+        for (n, (net, schedule)) in cases.into_iter().enumerate() {
+            let params = Params::init(config_with_layers(net, n_layers), 50 + n as u64);
+            let what = format!("{net:?} with {n_layers} layers, {} of {} passes with gradient", schedule.grad_passes(), schedule.passes.len());
+            let kept = step_bits(&mut model(&params), &params, &b, &schedule);
+            // One model for both modes: each step finds the other's workspace.
+            let mut m = model(&params);
+            let recomputed = step_bits(&mut m, &params, &b, &schedule.clone().with_recompute(true));
+            assert!(kept.0 == recomputed.0, "{what}: metrics or gradient flags differ");
+            assert!(kept.1 == recomputed.1, "{what}: gradients differ");
+            assert!(kept.2 == recomputed.2, "{what}: token losses differ");
+            assert!(kept.1.iter().any(|&g| g != 0), "{what}: no gradient at all");
+            let again = step_bits(&mut m, &params, &b, &schedule);
+            assert!(kept.1 == again.1, "{what}: kept activations after a recomputed step");
+        }
+    }
+}

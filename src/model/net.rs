@@ -22,9 +22,14 @@
 //! `d z[out]` and stops there. What is left in `d z_H` at the start is the embedding's
 //! gradient. The derivation of the block's backward is in `docs/model.md`.
 //!
-//! Memory: every pass with gradient keeps its activations ([`PassActs`], one set per block);
-//! all passes without gradient share one scratch set of a single block whose residual stream
-//! ping-pongs between two buffers (the "ring" indexing below), so they keep nothing.
+//! Memory: every pass with gradient keeps its input `x_0 = z + inj` and its activations
+//! ([`PassActs`], one set per block); all passes without gradient share one scratch set of a
+//! single block whose residual stream ping-pongs between two buffers (the "ring" indexing
+//! below), so they keep nothing. With [`Schedule::recompute`] a pass with gradient keeps only
+//! its input: its forward runs in the scratch set like a pass without gradient, and just
+//! before its backward `pass_recompute` reruns it from that input into one activation
+//! arena, a single pass's set that every pass with gradient refills in turn. The ops and their
+//! inputs are the same, so the recomputed activations are the same bits.
 
 use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
@@ -163,10 +168,11 @@ struct BlockActs<B: Backend> {
     act: B::Act,   // [T, I]  silu(gate) * up, the input of W_down
 }
 
-/// The activations of one module pass: the residual stream between blocks and each block's.
-/// `x[i]` is block i's input (`x[0] = z + inj`), `x[n]` the input of the final rms.
-/// Indexing is modulo the lengths, so the scratch set (2 stream buffers, 1 block) serves
-/// a module of any depth as a ring, and a saved set (`n+1`, `n`) is indexed plainly.
+/// The activations one module pass computes from its input `x_0 = z + inj` (which lives
+/// outside, see [`Workspace`]): the residual stream after each block and each block's.
+/// `x[i]` is block i's output `x_{i+1}`, `x[n-1]` the input of the final rms. Indexing is
+/// modulo the lengths, so the scratch set (2 stream buffers, 1 block) serves a module of any
+/// depth as a ring, and a kept set (`n`, `n`) is indexed plainly.
 struct PassActs<B: Backend> {
     x: Vec<B::Act>, // each [T, D]
     blocks: Vec<BlockActs<B>>,
@@ -214,9 +220,16 @@ struct Workspace<B: Backend> {
     state: [B::Act; 2],  // [T, D] each, indexed by Slot: z_H, z_L
     dstate: [B::Act; 2], // [T, D] their gradients
     gqkv: B::Act,        // [T, 4C] projection scratch (split by qkv_rope_fwd, not kept)
+    /// `x_0 = z + inj` of a pass without gradient.
+    scratch_input: B::Act, // [T, D]
+    /// The ring every pass runs in when its activations are not kept.
     scratch: PassActs<B>,
-    /// One set per pass with gradient, in forward order; grows with `bp_steps`.
-    saved: Vec<PassActs<B>>,
+    /// `x_0 = z + inj` of each pass with gradient, in forward order: where its backward (and
+    /// its recomputation) starts. Grows with `bp_steps`.
+    inputs: Vec<B::Act>, // [T, D] each
+    /// The activations the backward reads: one set per pass with gradient, in forward order;
+    /// with recompute a single set, the arena each pass's recomputation refills.
+    kept: Vec<PassActs<B>>,
     grads: BlockGrads<B>,
     losses: B::F32, // [T]
     correct: B::U8, // [T]
@@ -230,7 +243,7 @@ pub struct Model<B: Backend> {
     weights: WeightMap,
     /// `z_L_init` `[D]`, in the activation precision; `None` for transformer.
     z_l_init: Option<B::Act>,
-    /// Blocks of the deepest module: the size of a saved pass.
+    /// Blocks of the deepest module: the size of a kept pass.
     max_blocks: usize,
     ws: Option<Workspace<B>>,
 }
@@ -312,10 +325,12 @@ impl<B: Backend> Model<B> {
         }
         ensure!(self.config.net.has_z_l_init() || schedule.passes.iter().all(|p| p.z != Slot::L && p.inj != Some(Slot::L)), "the schedule reads z_L, which the {:?} net does not have", self.config.net.name());
         let sz = self.sizes(batch.tokens());
-        let saved_needed = if grads.is_some() { schedule.grad_passes() } else { 0 };
+        let training = grads.is_some();
+        let inputs = if training { schedule.grad_passes() } else { 0 };
+        let kept = if schedule.recompute { inputs.min(1) } else { inputs };
         let be = &self.backend;
         let wm = &self.weights;
-        let ws = plan(&mut self.ws, be, sz, self.max_blocks, saved_needed)?;
+        let ws = plan(&mut self.ws, be, sz, self.max_blocks, inputs, kept)?;
         let db = DeviceBatch::<B> {
             tokens: be.upload_i32(batch.inputs)?,
             labels: be.upload_i32(batch.labels)?,
@@ -334,15 +349,15 @@ impl<B: Backend> Model<B> {
         if let Some(z0) = &self.z_l_init {
             be.broadcast_rows(&mut ws.state[Slot::L.index()], z0, t, d)?;
         }
-        let mut n_saved = 0;
+        let mut k = 0; // passes with gradient so far
         for pass in &schedule.passes {
-            let acts = if pass.grad && grads.is_some() {
-                n_saved += 1;
-                &mut ws.saved[n_saved - 1]
-            } else {
-                &mut ws.scratch
+            let (input, acts) = match (pass.grad && training, schedule.recompute) {
+                (true, false) => (&mut ws.inputs[k], &mut ws.kept[k]),
+                (true, true) => (&mut ws.inputs[k], &mut ws.scratch),
+                (false, _) => (&mut ws.scratch_input, &mut ws.scratch),
             };
-            pass_forward(be, w, wm.module(pass.module)?, pass, acts, &mut ws.gqkv, &mut ws.state, &db, sz)?;
+            pass_forward(be, w, wm.module(pass.module)?, pass, input, acts, &mut ws.gqkv, &mut ws.state, &db, sz)?;
+            k += usize::from(pass.grad && training);
         }
         let out = schedule.output.index();
         let Some(grads) = grads else {
@@ -355,13 +370,22 @@ impl<B: Backend> Model<B> {
 
         // ---- backward ----
         for pass in schedule.passes.iter().rev() {
-            if pass.grad {
-                n_saved -= 1;
-                pass_backward(be, w, wm.module(pass.module)?, grads, pass, &ws.saved[n_saved], &mut ws.grads, &mut ws.dstate, &db, sz)?;
-            } else {
+            if !pass.grad {
                 // A pass without gradient is a constant: the gradient of its output stops here.
                 be.zero_act(&mut ws.dstate[pass.out.index()])?;
+                continue;
             }
+            k -= 1;
+            let blocks = wm.module(pass.module)?;
+            let acts = if schedule.recompute {
+                // The states are no longer read once the LM head has run: the rerun writes the
+                // pass's output where its forward did, the same bits.
+                pass_recompute(be, w, blocks, &ws.inputs[k], &mut ws.kept[0], &mut ws.gqkv, &mut ws.state[pass.out.index()], &db, sz)?;
+                &ws.kept[0]
+            } else {
+                &ws.kept[k]
+            };
+            pass_backward(be, w, blocks, grads, pass, &ws.inputs[k], acts, &mut ws.grads, &mut ws.dstate, &db, sz)?;
         }
         if schedule.embedding_grad {
             be.embedding_bwd(grads, wm.embed, &ws.dstate[Slot::H.index()], &db.tokens, t, d, scale)?;
@@ -371,7 +395,7 @@ impl<B: Backend> Model<B> {
 }
 
 impl<B: Backend> Workspace<B> {
-    /// Every buffer of a step of `T` tokens, with no saved passes yet.
+    /// Every buffer of a step of `T` tokens, with no passes with gradient yet.
     fn new(be: &B, sz: Sizes) -> Result<Workspace<B>> {
         let Sizes { t, d, c, i, .. } = sz;
         let act = |n: usize| be.alloc_act(n);
@@ -380,8 +404,10 @@ impl<B: Backend> Workspace<B> {
             state: [act(t * d)?, act(t * d)?],
             dstate: [act(t * d)?, act(t * d)?],
             gqkv: act(t * 4 * c)?,
-            scratch: alloc_pass(be, sz, 1)?,
-            saved: Vec::new(),
+            scratch_input: act(t * d)?,
+            scratch: alloc_pass(be, sz, 2, 1)?,
+            inputs: Vec::new(),
+            kept: Vec::new(),
             grads: BlockGrads {
                 dres: act(t * d)?,
                 dxn: act(t * d)?,
@@ -401,9 +427,10 @@ impl<B: Backend> Workspace<B> {
     }
 }
 
-/// The workspace for `T = sz.t` tokens with at least `saved` saved passes of `blocks` blocks:
-/// the existing one when `T` is unchanged (growing `saved` if needed), else a fresh one.
-fn plan<'a, B: Backend>(slot: &'a mut Option<Workspace<B>>, be: &B, sz: Sizes, blocks: usize, saved: usize) -> Result<&'a mut Workspace<B>> {
+/// The workspace for `T = sz.t` tokens with at least `inputs` pass inputs and `kept` kept
+/// passes of `blocks` blocks: the existing one when `T` is unchanged (growing both if
+/// needed), else a fresh one.
+fn plan<'a, B: Backend>(slot: &'a mut Option<Workspace<B>>, be: &B, sz: Sizes, blocks: usize, inputs: usize, kept: usize) -> Result<&'a mut Workspace<B>> {
     if slot.as_ref().is_some_and(|ws| ws.t != sz.t) {
         *slot = None; // release the old buffers before allocating new ones
     }
@@ -411,19 +438,23 @@ fn plan<'a, B: Backend>(slot: &'a mut Option<Workspace<B>>, be: &B, sz: Sizes, b
         Some(ws) => ws,
         None => slot.insert(Workspace::new(be, sz)?),
     };
-    while ws.saved.len() < saved {
-        ws.saved.push(alloc_pass(be, sz, blocks)?);
+    while ws.inputs.len() < inputs {
+        ws.inputs.push(be.alloc_act(sz.t * sz.d)?);
+    }
+    while ws.kept.len() < kept {
+        ws.kept.push(alloc_pass(be, sz, blocks, blocks)?);
     }
     Ok(ws)
 }
 
-/// Activations of a pass through up to `blocks` blocks (1: the scratch ring).
-fn alloc_pass<B: Backend>(be: &B, sz: Sizes, blocks: usize) -> Result<PassActs<B>> {
+/// Activations of a pass with `stream` residual-stream buffers and `blocks` blocks: `n` and
+/// `n` to keep a pass of up to `n` blocks, 2 and 1 for the scratch ring.
+fn alloc_pass<B: Backend>(be: &B, sz: Sizes, stream: usize, blocks: usize) -> Result<PassActs<B>> {
     let Sizes { t, d, nh, c, i, .. } = sz;
     let act = |n: usize| be.alloc_act(n);
     let f32 = |n: usize| be.alloc_f32(n);
     Ok(PassActs {
-        x: (0..blocks.max(1) + 1).map(|_| act(t * d)).collect::<Result<_>>()?,
+        x: (0..stream).map(|_| act(t * d)).collect::<Result<_>>()?,
         blocks: (0..blocks)
             .map(|_| {
                 Ok(BlockActs {
@@ -460,25 +491,44 @@ fn ring_pair<T>(ring: &mut [T], i: usize) -> (&T, &mut T) {
     }
 }
 
-/// `state[out] = Module(state[z] + state[inj])`: the blocks, then the final rms.
+/// `state[out] = Module(state[z] + state[inj])`, writing `input = x_0 = z + inj` and `acts`.
 #[allow(clippy::too_many_arguments)]
-fn pass_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], pass: &Pass, acts: &mut PassActs<B>, gqkv: &mut B::Act, state: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
-    let (t, d, n) = (sz.t, sz.d, blocks.len());
-    let (xs, bs) = (acts.x.len(), acts.blocks.len());
+fn pass_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], pass: &Pass, input: &mut B::Act, acts: &mut PassActs<B>, gqkv: &mut B::Act, state: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     // x_0 = z + inj, normed for block 0's attention (one fused op)
     let inj = pass.inj.map(|s| &state[s.index()]);
     let first = &mut acts.blocks[0];
-    be.add_rmsnorm_fwd(&mut acts.x[0], &mut first.xn1, &mut first.rstd1, &state[pass.z.index()], inj, t, d)?;
+    be.add_rmsnorm_fwd(input, &mut first.xn1, &mut first.rstd1, &state[pass.z.index()], inj, sz.t, sz.d)?;
+    module_forward(be, w, blocks, input, acts, gqkv, &mut state[pass.out.index()], db, sz)
+}
+
+/// The forward of a pass again, from its saved `input` `x_0` [T, D], refilling `acts` for its
+/// backward: the ops of [`pass_forward`] on the same values (the rms of a stored `x_0` is
+/// what the fused add-and-norm computed from it), so the same bits. Writes the pass's output
+/// to `out` [T, D] as the forward did.
+#[allow(clippy::too_many_arguments)]
+fn pass_recompute<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], input: &B::Act, acts: &mut PassActs<B>, gqkv: &mut B::Act, out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+    let first = &mut acts.blocks[0];
+    be.rmsnorm_fwd(&mut first.xn1, &mut first.rstd1, input, sz.t, sz.d)?;
+    module_forward(be, w, blocks, input, acts, gqkv, out, db, sz)
+}
+
+/// The blocks and the final rms of a pass: `out = rms(x_n)` from `x_0 = input` [T, D], given
+/// block 0's pre-norm in `acts.blocks[0]`.
+#[allow(clippy::too_many_arguments)]
+fn module_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], input: &B::Act, acts: &mut PassActs<B>, gqkv: &mut B::Act, out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+    let (t, d, n) = (sz.t, sz.d, blocks.len());
+    let (xs, bs) = (acts.x.len(), acts.blocks.len());
     for (i, bw) in blocks.iter().enumerate() {
-        let (x, x_next) = ring_pair(&mut acts.x, i);
+        // block i reads x_i (the input, or the previous block's output) and writes x_{i+1}
+        let (x, x_next) = if i == 0 { (input, &mut acts.x[0]) } else { ring_pair(&mut acts.x, i - 1) };
         block_forward(be, w, bw, &mut acts.blocks[i % bs], gqkv, x, x_next, db, sz)?;
         // The pre-norm of what reads x_{i+1}: block i+1's attention, or the module's final rms.
-        let x_next = &acts.x[(i + 1) % xs];
+        let x_next = &acts.x[i % xs];
         if i + 1 < n {
             let next = &mut acts.blocks[(i + 1) % bs];
             be.rmsnorm_fwd(&mut next.xn1, &mut next.rstd1, x_next, t, d)?;
         } else {
-            be.rmsnorm_fwd(&mut state[pass.out.index()], &mut acts.rstd, x_next, t, d)?;
+            be.rmsnorm_fwd(out, &mut acts.rstd, x_next, t, d)?;
         }
     }
     Ok(())
@@ -501,18 +551,20 @@ fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut 
     be.linear_fwd(x_out, &a.act, w, bw.down, Some(&a.x1), t, d, i)
 }
 
-/// Backward of `state[out] = Module(state[z] + state[inj])`: consumes `dstate[out]`, adds
-/// `d(z + inj)` to `dstate[z]` and `dstate[inj]`, accumulates the module's weight gradients.
+/// Backward of `state[out] = Module(state[z] + state[inj])` from its `input` `x_0` [T, D] and
+/// kept `acts`: consumes `dstate[out]`, adds `d(z + inj)` to `dstate[z]` and `dstate[inj]`,
+/// accumulates the module's weight gradients.
 #[allow(clippy::too_many_arguments)]
-fn pass_backward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], dw: &mut B::Grads, pass: &Pass, acts: &PassActs<B>, g: &mut BlockGrads<B>, dstate: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn pass_backward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], dw: &mut B::Grads, pass: &Pass, input: &B::Act, acts: &PassActs<B>, g: &mut BlockGrads<B>, dstate: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let (t, d, n) = (sz.t, sz.d, blocks.len());
     // out = rms(x_n): dres = d x_n
     be.zero_act(&mut g.dres)?;
-    be.rmsnorm_bwd(&mut g.dres, &dstate[pass.out.index()], &acts.x[n], &acts.rstd, t, d)?;
+    be.rmsnorm_bwd(&mut g.dres, &dstate[pass.out.index()], &acts.x[n - 1], &acts.rstd, t, d)?;
     // The value `out` held before this pass is another variable, with no gradient so far.
     be.zero_act(&mut dstate[pass.out.index()])?;
     for i in (0..n).rev() {
-        block_backward(be, w, &blocks[i], dw, &acts.blocks[i], &acts.x[i], g, db, sz)?;
+        let x = if i == 0 { input } else { &acts.x[i - 1] };
+        block_backward(be, w, &blocks[i], dw, &acts.blocks[i], x, g, db, sz)?;
     }
     // dres = d(z + inj), which fans out to both
     be.add_act(&mut dstate[pass.z.index()], &g.dres, t * d)?;

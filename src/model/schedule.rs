@@ -26,6 +26,11 @@
 //! `bp_steps = 1`: L pass 5 feeds only H pass 1, which has none), and works out whether the
 //! embedding receives gradient: it does iff the initial `z_H` reaches the loss through passes
 //! with gradient (not in `trm`; not in `hrm` while `bp_steps = 2`, SPEC §7).
+//!
+//! A schedule also says how the backward gets the activations of a pass with gradient
+//! ([`Schedule::recompute`], `--recompute`): kept from the forward, or recomputed from the
+//! pass's saved input just before its backward. The results are the same bits either way;
+//! only memory and time differ (`docs/model.md` §4).
 
 use crate::config::{ModuleName, Net};
 
@@ -63,7 +68,8 @@ pub struct Pass {
     pub z: Slot,
     pub inj: Option<Slot>,
     pub out: Slot,
-    /// Whether gradient flows through this pass (its activations are kept for the backward).
+    /// Whether gradient flows through this pass (its input is kept for the backward, and its
+    /// activations too unless the schedule recomputes them).
     pub grad: bool,
 }
 
@@ -74,6 +80,9 @@ pub struct Schedule {
     pub output: Slot,
     /// Whether the initial `z_H`, hence the embedding, receives gradient.
     pub embedding_grad: bool,
+    /// Whether the passes with gradient keep only their input during the forward (running
+    /// like passes without) and recompute their activations just before their backward.
+    pub recompute: bool,
 }
 
 impl Schedule {
@@ -97,7 +106,13 @@ impl Schedule {
                 }
             }
         }
-        Schedule { passes, output, embedding_grad: live[Slot::H.index()] }
+        Schedule { passes, output, embedding_grad: live[Slot::H.index()], recompute: false }
+    }
+
+    /// The same passes, with the activations of those with gradient recomputed (`on`) or
+    /// kept from the forward.
+    pub fn with_recompute(self, on: bool) -> Schedule {
+        Schedule { recompute: on, ..self }
     }
 
     /// The schedule of `net` for one training step. `bp_steps` is hrm's gradient depth
@@ -133,7 +148,8 @@ impl Schedule {
         self.passes.iter().any(|p| p.grad && p.module == module)
     }
 
-    /// Number of passes with gradient: how many passes' activations the backward needs.
+    /// Number of passes with gradient: how many passes' inputs (and, unless recomputed,
+    /// activations) the backward needs.
     pub fn grad_passes(&self) -> usize {
         self.passes.iter().filter(|p| p.grad).count()
     }
