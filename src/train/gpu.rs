@@ -20,7 +20,9 @@
 //! while the host prepares the next batch.
 //!
 //! [`MemoryPlan`] predicts the device memory of a training configuration before anything is
-//! allocated, by running the model's own buffer planning against a backend that only counts.
+//! allocated, by running the model's own buffer planning against a backend that only counts;
+//! when it does not fit, it predicts what would: recomputed activations (`--recompute`), a
+//! batch in smaller parts.
 //!
 //! `hrm-cu selftest` runs [`selftests`]: every net's loss and gradients on the GPU against
 //! the fp32 CPU model, and three optimiser steps of [`GpuEngine`] against [`CpuEngine`].
@@ -177,12 +179,17 @@ pub struct MemoryPlan {
     pub items: Vec<(String, u64)>,
     /// What the CUDA runtime itself holds (an estimate).
     pub runtime: u64,
+    /// What was predicted, so that [`Self::check_fits`] can predict the alternatives.
+    config: ModelConfig,
+    schedule: Schedule,
+    batch_tokens: usize,
 }
 
 impl MemoryPlan {
     /// The memory of training `config` with `schedule` (take the deepest one of a run: saved
-    /// activations grow with the passes that carry gradient and are kept) on packed batches
-    /// of `batch_tokens` tokens.
+    /// activations grow with the passes that carry gradient) on packed batches of
+    /// `batch_tokens` tokens. `schedule.recompute` decides what those passes keep: their
+    /// activations, or only their inputs plus one pass's activations recomputed in turn.
     pub fn predict(config: &ModelConfig, schedule: &Schedule, batch_tokens: usize) -> Result<MemoryPlan> {
         ensure!(batch_tokens > 0, "batch_tokens must be positive");
         let t = batch_tokens;
@@ -191,7 +198,7 @@ impl MemoryPlan {
         let n_trainable = layout.trainable().count() as u64;
         let chunks: u64 = layout.trainable().map(|s| s.numel().div_ceil(CHUNK) as u64).sum();
 
-        // The model's own buffers: a step's workspace with and without the saved passes.
+        // The model's own buffers: a step's workspace with and without the passes with gradient.
         let counted = |grad: bool| -> Result<u64> {
             let mut model = Model::new(Footprint::default(), *config, &vec![bf16::ZERO; config.dims.hidden])?;
             let packed = PackedSamples::worst_case(t);
@@ -213,20 +220,24 @@ impl MemoryPlan {
         // delta), freed after each call.
         let attention = 4 * (8 * t + 2 * t.div_ceil(128) + nh * t) as u64;
         let passes = schedule.grad_passes();
+        let saved = match schedule.recompute {
+            false => format!("saved activations ({passes} passes with gradient)"),
+            true => format!("saved activations ({passes} pass inputs, 1 pass recomputed at a time)"),
+        };
         let items = vec![
             ("fp32 master weights".to_string(), 4 * n),
             ("bf16 compute copy".to_string(), 2 * n),
             ("AdamATan2 m, v, EMA (fp32)".to_string(), 12 * n),
             ("fp32 gradients".to_string(), 4 * n),
             ("optimiser tables".to_string(), 20 * chunks + 8 * n_trainable + 4),
-            (format!("saved activations ({passes} passes with gradient)"), with_saved - workspace),
+            (saved, with_saved - workspace),
             ("step workspace (states, scratch pass, gradient scratch, batch)".to_string(), workspace),
             (format!("LM-head logits chunk ({lm_rows} rows)"), 2 * lm_rows * v as u64),
             ("embedding backward scratch".to_string(), embedding_scratch_bytes(t, v) as u64),
             ("attention backward tables (transient)".to_string(), attention),
             ("cuBLASLt workspace".to_string(), GEMM_WORKSPACE_BYTES),
         ];
-        Ok(MemoryPlan { items, runtime: RUNTIME_RESERVE_BYTES })
+        Ok(MemoryPlan { items, runtime: RUNTIME_RESERVE_BYTES, config: *config, schedule: schedule.clone(), batch_tokens })
     }
 
     /// Bytes of our own buffers.
@@ -238,22 +249,104 @@ impl MemoryPlan {
         self.allocations() + self.runtime
     }
 
-    /// Fails with the whole table when our buffers need more than the device's free memory.
-    /// Call it with the GPU open and nothing allocated yet: the context then already holds its
-    /// share, so only [`Self::allocations`] must fit (cuBLASLt's kernels still load at the
-    /// first GEMM, within the runtime estimate).
+    /// Fails with the whole table when our buffers need more than the device's free memory,
+    /// saying which of [`Self::alternatives`] would fit. Call it with the GPU open and nothing
+    /// allocated yet: the context then already holds its share, so only [`Self::allocations`]
+    /// must fit (cuBLASLt's kernels still load at the first GEMM, within the runtime estimate).
     pub fn check_fits(&self, gpu: &Gpu) -> Result<()> {
         gpu.ctx.bind_to_thread().during("binding the context")?;
         let (free, total) = cudarc::driver::result::mem_get_info().during("querying device memory")?;
-        if self.allocations() > free as u64 {
+        let (free, total) = (free as u64, total as u64);
+        if self.allocations() > free {
+            let alternatives: Vec<String> = self.alternatives(free)?.iter().map(|a| format!("  {a}\n")).collect();
             bail!(
-                "this configuration needs {:.1} GiB of device memory for its buffers, {} has {:.1} GiB free of {:.1} GiB; \
-                 use fewer batch tokens or a smaller bp_steps:\n{self}",
+                "this configuration needs {:.1} GiB of device memory for its buffers, {} has {:.1} GiB free of {:.1} GiB. \
+                 Options that need less:\n{}this configuration:\n{self}",
                 gib(self.allocations()),
                 gpu.props.name,
-                gib(free as u64),
-                gib(total as u64)
+                gib(free),
+                gib(total),
+                alternatives.concat()
             );
+        }
+        Ok(())
+    }
+
+    /// The same run with less activation memory, for a device with `free` bytes: recomputation
+    /// (when not on already), whether it fits or not; then the fewest equal parts of the batch,
+    /// in this plan's mode and, when recomputation alone does not fit, with it, whose part
+    /// fits. Splitting the batch trades a smaller optimiser step (or, with gradient
+    /// accumulation, more micro-batches per step) for memory; recomputation trades time.
+    pub fn alternatives(&self, free: u64) -> Result<Vec<Alternative>> {
+        let mut found = Vec::new();
+        let mut modes = vec![self.schedule.recompute];
+        if !self.schedule.recompute {
+            let recompute = self.with(true, self.batch_tokens)?;
+            found.push(Alternative::of(&recompute, 1, free));
+            if recompute.allocations() > free {
+                modes.push(true);
+            }
+        }
+        for recompute in modes {
+            found.extend(self.smallest_split(recompute, free)?);
+        }
+        Ok(found)
+    }
+
+    /// This plan with recomputation `on` or off, for `batch_tokens` tokens.
+    fn with(&self, recompute: bool, batch_tokens: usize) -> Result<MemoryPlan> {
+        MemoryPlan::predict(&self.config, &self.schedule.clone().with_recompute(recompute), batch_tokens)
+    }
+
+    /// The batch split in the fewest equal parts (`parts` divides the batch tokens) whose part
+    /// fits `free`; when none does, one-token parts (which do not fit either: the weights and
+    /// the optimiser state alone are too large). `None` for a one-token batch.
+    fn smallest_split(&self, recompute: bool, free: u64) -> Result<Option<Alternative>> {
+        let t = self.batch_tokens;
+        let mut last = None;
+        for parts in (2..=t).filter(|k| t % k == 0) {
+            let option = Alternative::of(&self.with(recompute, t / parts)?, parts, free);
+            last = Some(option);
+            if option.fits {
+                break;
+            }
+        }
+        Ok(last)
+    }
+}
+
+/// One way to run a plan's training in less memory (see [`MemoryPlan::alternatives`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Alternative {
+    pub recompute: bool,
+    /// The batch in this many equal parts (1: the whole batch).
+    pub parts: usize,
+    /// Tokens of one part.
+    pub part_tokens: usize,
+    /// Bytes of our buffers ([`MemoryPlan::allocations`]).
+    pub bytes: u64,
+    pub fits: bool,
+}
+
+impl Alternative {
+    fn of(plan: &MemoryPlan, parts: usize, free: u64) -> Alternative {
+        let bytes = plan.allocations();
+        Alternative { recompute: plan.schedule.recompute, parts, part_tokens: plan.batch_tokens, bytes, fits: bytes <= free }
+    }
+}
+
+impl fmt::Display for Alternative {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (k, n) = (self.parts, self.part_tokens);
+        let flags = match (self.recompute, k) {
+            (true, 1) => "--recompute".to_string(),
+            (true, _) => format!("--recompute --batch-tokens {n}"),
+            (false, _) => format!("--batch-tokens {n}"),
+        };
+        let verdict = if self.fits { "fits" } else { "does not fit" };
+        write!(f, "with {flags}: {:.1} GiB ({verdict})", gib(self.bytes))?;
+        if k > 1 {
+            write!(f, "; {n} tokens is 1/{k} of the batch: steps {k}x smaller, or {k} micro-batches per step with gradient accumulation")?;
         }
         Ok(())
     }
@@ -692,29 +785,70 @@ mod tests {
         assert!(p.valid_labels() > 0);
     }
 
+    fn saved_bytes(plan: &MemoryPlan) -> u64 {
+        plan.items.iter().find(|(w, _)| w.starts_with("saved activations")).unwrap().1
+    }
+
     #[test]
     fn memory_plan_counts_the_saved_passes() {
-        // One more pass with gradient adds exactly one pass of saved activations.
+        // One more pass with gradient adds exactly one pass of saved activations, or with
+        // recomputation one pass input [T, D].
         let cfg = ModelConfig::new(SizeName::Tiny, NetName::Hrm, 512);
-        let saved = |bp: usize| {
-            let plan = MemoryPlan::predict(&cfg, &Schedule::for_training(&cfg.net, bp), 1024).unwrap();
-            plan.items.iter().find(|(w, _)| w.starts_with("saved activations")).unwrap().1
+        let saved = |bp: usize, recompute: bool| {
+            let schedule = Schedule::for_training(&cfg.net, bp).with_recompute(recompute);
+            saved_bytes(&MemoryPlan::predict(&cfg, &schedule, 1024).unwrap())
         };
-        let per_pass = saved(3) - saved(2);
+        let per_pass = saved(3, false) - saved(2, false);
         assert!(per_pass > 0);
-        assert_eq!(saved(5) - saved(4), per_pass);
-        // Tiny has 2 blocks per module: 3 stream buffers of [T, D] and 2 blocks' activations.
+        assert_eq!(saved(5, false) - saved(4, false), per_pass);
+        // Tiny has 2 blocks per module: the input, 2 stream buffers of [T, D] and 2 blocks'
+        // activations.
         let (t, d, c, i, nh) = (1024u64, 256u64, 256u64, 768u64, 2u64);
         let block = 2 * (3 * t * d + 6 * t * c + 3 * t * i) + 4 * (2 * t + nh * t);
         assert_eq!(per_pass, 3 * 2 * t * d + 2 * block + 4 * t);
+        // Recomputation: every pass's input, and one pass's activations without its input.
+        let input = 2 * t * d;
+        for bp in 2..=5 {
+            assert_eq!(saved(bp, true), bp as u64 * input + per_pass - input, "bp_steps {bp}");
+        }
     }
 
     #[test]
     fn xl_hrm_at_bp5_and_12k_tokens_fits_80_gb() {
         let cfg = ModelConfig::new(SizeName::XL, NetName::Hrm, 65_536);
-        let plan = MemoryPlan::predict(&cfg, &Schedule::for_training(&cfg.net, 5), 12_288).unwrap();
-        println!("{plan}");
+        let schedule = Schedule::for_training(&cfg.net, 5);
+        let plan = MemoryPlan::predict(&cfg, &schedule, 12_288).unwrap();
+        let recompute = MemoryPlan::predict(&cfg, &schedule.with_recompute(true), 12_288).unwrap();
+        println!("kept activations:\n{plan}\nrecomputed activations:\n{recompute}");
         // An H100 80GB offers 79.1 GiB to the process.
         assert!(plan.total() < (79u64 << 30), "{plan}");
+        // Recomputation keeps 1 pass's activations instead of 5, plus the 5 inputs.
+        let per_pass = (saved_bytes(&plan) - saved_bytes(&recompute)) / 4;
+        assert!(saved_bytes(&recompute) < 2 * per_pass, "{recompute}");
+    }
+
+    #[test]
+    fn a_plan_that_does_not_fit_names_what_would() {
+        // XL hrm at bp_steps 5 on 12,288 tokens, on a device with 40 GiB free: recomputation
+        // fits, and so does the batch in 2 or more parts.
+        let cfg = ModelConfig::new(SizeName::XL, NetName::Hrm, 65_536);
+        let plan = MemoryPlan::predict(&cfg, &Schedule::for_training(&cfg.net, 5), 12_288).unwrap();
+        let free = 40u64 << 30;
+        assert!(plan.allocations() > free);
+        let found = plan.alternatives(free).unwrap();
+        for a in &found {
+            println!("{a}");
+        }
+        assert_eq!(found.len(), 2, "recomputation fits, so no split with it is proposed");
+        assert!(found[0].recompute && found[0].parts == 1 && found[0].fits);
+        assert!(!found[1].recompute && found[1].parts > 1 && found[1].fits);
+        assert_eq!(found[1].part_tokens * found[1].parts, 12_288);
+        // The fewest parts: one fewer does not fit.
+        let fewer = (1..found[1].parts).rev().find(|k| 12_288 % k == 0).unwrap();
+        assert!(MemoryPlan::predict(&cfg, &Schedule::for_training(&cfg.net, 5), 12_288 / fewer).unwrap().allocations() > free);
+        // On 10 GiB free neither fits alone: the split is proposed with recomputation too.
+        let found = plan.alternatives(10u64 << 30).unwrap();
+        assert_eq!(found.len(), 3);
+        assert!(!found[0].fits && found[2].recompute && found[2].parts > 1);
     }
 }
