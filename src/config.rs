@@ -238,6 +238,11 @@ pub struct TrainConfig {
     /// Train with this fixed `bp_steps` instead of the warm-up (hrm only).
     #[serde(default)]
     pub fixed_bp_steps: Option<usize>,
+    /// Recompute the activations of each pass with gradient just before its backward instead
+    /// of keeping them from the forward (`--recompute`, `docs/model.md` §4): less memory, more
+    /// time, the same results. A resumed run takes it from its command line.
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl Default for TrainConfig {
@@ -257,6 +262,7 @@ impl Default for TrainConfig {
             seed: 0,
             max_steps: None,
             fixed_bp_steps: None,
+            recompute: false,
         }
     }
 }
@@ -300,6 +306,14 @@ mod tests {
         assert_eq!(ut["bp_cycles"], 2);
         let back: Net = serde_json::from_value(json).unwrap();
         assert_eq!(back, NetName::Hrm.default_net());
+    }
+
+    #[test]
+    fn run_configs_from_before_recompute_load() {
+        let mut json = serde_json::to_value(TrainConfig::default()).unwrap();
+        json.as_object_mut().unwrap().remove("recompute");
+        let old: TrainConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old, TrainConfig::default());
     }
 
     #[test]

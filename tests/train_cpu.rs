@@ -40,8 +40,8 @@ fn tiny_learns_the_demo_task() {
 }
 
 /// Train 12 steps straight; train the same run, lose everything after the step-6
-/// checkpoint (as a kill -9 would), resume: the final weights and optimiser state are
-/// bit-identical.
+/// checkpoint (as a kill -9 would), resume with `--recompute` (memory and time only: the
+/// command line decides on resume): the final weights and optimiser state are bit-identical.
 #[test]
 fn resume_continues_exactly() {
     let demo = DemoConfig { train_samples: 600, heldout_samples: 50, epochs: 2, ..DemoConfig::default() };
@@ -57,12 +57,14 @@ fn resume_continues_exactly() {
     train::run(&opts).unwrap();
     std::fs::remove_dir_all(interrupted.path().join(run_dir::checkpoint_name(12))).unwrap();
     opts.resume = true;
+    opts.train.recompute = true;
     train::run(&opts).unwrap();
 
     let a = checkpoint::load(&straight.path().join(run_dir::checkpoint_name(12)), None).unwrap();
     let b = checkpoint::load(&interrupted.path().join(run_dir::checkpoint_name(12)), None).unwrap();
     assert_eq!(a.state.global_step, 12);
     assert_eq!(a.state.data_position, b.state.data_position);
+    assert!(!a.state.train_config.recompute && b.state.train_config.recompute, "the checkpoint records the last setting");
     assert!(a.params.master == b.params.master, "master weights differ after resume");
     assert!(a.optimizer == b.optimizer, "optimiser state differs after resume");
 }

@@ -7,7 +7,8 @@
 //!
 //! Useful FLOPs and MFU are those of `src/train/flops.rs` (the training log reports the same
 //! figures): matmul FLOPs of every forward pass, twice that again for the passes with
-//! gradient, attention over the visible (query, key) pairs only, over 989 TFLOP/s.
+//! gradient, attention over the visible (query, key) pairs only, over 989 TFLOP/s. With
+//! `--recompute` the forwards that are run again are printed beside them and left out of MFU.
 //!
 //! `--profile` runs a few more steps with every op bracketed by CUDA events and prints the
 //! split per op class; the event records add a little time of their own, so the totals are
@@ -27,7 +28,7 @@ use crate::model::spec::ParamLayout;
 use crate::optim::{AdamAtan2, AdamCoeffs};
 use crate::rng::Rng;
 use crate::train::engine::Engine;
-use crate::train::flops::{useful_flops, HOPPER_BF16_FLOPS};
+use crate::train::flops::{recompute_flops, useful_flops, HOPPER_BF16_FLOPS};
 use crate::train::gpu::{GpuEngine, MemoryPlan, PackedSamples};
 
 /// Distinct batches cycled through the steps.
@@ -51,6 +52,9 @@ pub struct TrainBenchArgs {
     /// Tokens per packed batch
     #[arg(long, default_value_t = DEFAULT_BATCH_TOKENS)]
     pub batch_tokens: usize,
+    /// Recompute the activations of each pass with gradient in the backward (keep its input only)
+    #[arg(long)]
+    pub recompute: bool,
     /// Tokenizer vocabulary (rounded up to 256)
     #[arg(long, default_value_t = DEFAULT_VOCAB)]
     pub vocab: usize,
@@ -75,6 +79,7 @@ impl Default for TrainBenchArgs {
             net: NetName::Hrm,
             bp_steps: None,
             batch_tokens: DEFAULT_BATCH_TOKENS,
+            recompute: false,
             vocab: DEFAULT_VOCAB,
             warmup: DEFAULT_WARMUP,
             steps: DEFAULT_STEPS,
@@ -96,19 +101,20 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
         Net::Hrm { bp_max_steps, .. } => args.bp_steps.unwrap_or(bp_max_steps),
         _ => 0,
     };
-    let schedule = Schedule::for_training(&config.net, bp_steps);
+    let schedule = Schedule::for_training(&config.net, bp_steps).with_recompute(args.recompute);
     let t = args.batch_tokens;
 
     let plan = MemoryPlan::predict(&config, &schedule, t)?;
     let params = random_params(config, args.seed);
     println!(
-        "bench train: {:?} {:?}, {:.3} B parameters, vocab {}, {} passes ({} with gradient), {t} tokens per step",
+        "bench train: {:?} {:?}, {:.3} B parameters, vocab {}, {} passes ({} with gradient, activations {}), {t} tokens per step",
         args.size,
         args.net,
         params.layout.num_params() as f64 / 1e9,
         config.vocab,
         schedule.passes.len(),
-        schedule.grad_passes()
+        schedule.grad_passes(),
+        if schedule.recompute { "recomputed" } else { "kept" }
     );
     println!("predicted device memory:\n{plan}");
     plan.check_fits(gpu)?;
@@ -146,10 +152,15 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
     let used: Vec<&PackedSamples> = (0..args.steps).map(|i| &batches[(args.warmup + i) % BATCHES]).collect();
     let tokens = used.iter().map(|b| b.tokens() as f64).sum::<f64>() / used.len() as f64;
     let flops = used.iter().map(|b| useful_flops(&config, &schedule, &b.batch())).sum::<f64>() / used.len() as f64;
+    let recomputed = used.iter().map(|b| recompute_flops(&config, &schedule, &b.batch())).sum::<f64>() / used.len() as f64;
     let seconds = median * 1e-3;
     println!("step time   median {median:.1} ms (min {:.1}, max {:.1}) over {} steps after {} warm-up", sorted[0], sorted[sorted.len() - 1], args.steps, args.warmup);
     println!("throughput  {:.0} tokens/s ({:.0} real tokens per step)", tokens / seconds, tokens);
     println!("FLOPs       {:.1} TFLOP useful per step: {:.0} TFLOP/s, MFU {:.1}% of 989 TFLOP/s", flops / 1e12, flops / seconds / 1e12, 100.0 * flops / seconds / HOPPER_BF16_FLOPS);
+    if schedule.recompute {
+        let all = flops + recomputed;
+        println!("            plus {:.1} TFLOP recomputed, not counted: {:.0} TFLOP/s executed ({:.1}% of 989)", recomputed / 1e12, all / seconds / 1e12, 100.0 * all / seconds / HOPPER_BF16_FLOPS);
+    }
     let (free, total) = {
         gpu.ctx.bind_to_thread().during("binding the context")?;
         cudarc::driver::result::mem_get_info().during("querying device memory")?

@@ -58,6 +58,11 @@ pub struct TrainArgs {
     /// Fixed hrm gradient depth instead of the warm-up from 2 to 5 (SPEC §3)
     #[arg(long)]
     pub bp_steps: Option<usize>,
+    /// Keep only the input of each pass with gradient and recompute its activations in the
+    /// backward: the same results in less memory (XL hrm at bp_steps 5: ~1 pass's activations
+    /// instead of 5), for one more forward of those passes; also on --resume
+    #[arg(long)]
+    pub recompute: bool,
     #[arg(long)]
     pub weight_decay: Option<f32>,
     #[arg(long)]
@@ -106,6 +111,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.seed = args.seed;
     cfg.max_steps = args.steps;
     cfg.fixed_bp_steps = args.bp_steps;
+    cfg.recompute = args.recompute;
     cfg.target_only = !args.train_on_instruction;
     macro_rules! set {
         ($($field:ident <- $arg:expr),*) => { $(if let Some(v) = $arg { cfg.$field = v; })* };

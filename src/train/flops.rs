@@ -18,9 +18,11 @@
 //!
 //! MFU is the useful FLOPs over step time times the card's dense bf16 tensor-core rate
 //! ([`peak_bf16_flops`]), as in PaLM's appendix B and nanoGPT's `estimate_mfu`. Recomputation
-//! counts as no useful work, so MFU is a fair measure across implementations.
+//! counts as no useful work, so MFU is a fair measure across implementations: with
+//! `--recompute` the step also runs [`recompute_flops`], the forward of every pass with
+//! gradient a second time, which MFU leaves out.
 
-use crate::config::{ModelConfig, HEAD_DIM};
+use crate::config::{ModelConfig, ModuleName, HEAD_DIM};
 use crate::gpu::DeviceProps;
 use crate::model::net::Batch;
 use crate::model::schedule::Schedule;
@@ -40,21 +42,42 @@ pub fn peak_bf16_flops(props: &DeviceProps) -> Option<f64> {
 /// The useful FLOPs of one training step of `config` with `schedule` on `batch` (see the
 /// module doc).
 pub fn useful_flops(config: &ModelConfig, schedule: &Schedule, batch: &Batch) -> f64 {
-    let d = &config.dims;
-    let t = real_tokens(batch) as f64;
-    let (dd, c, i, v) = (d.hidden as f64, (d.heads * HEAD_DIM) as f64, d.intermediate as f64, config.vocab as f64);
-    let block_gemm = 2.0 * t * (dd * 4.0 * c + c * dd + dd * 2.0 * i + i * dd);
-    let attention = 4.0 * HEAD_DIM as f64 * visible_pairs(batch) as f64 * d.heads as f64;
-    let modules = config.net.modules(d.n_layers);
+    let (block_gemm, attention) = block_flops(config, batch);
     let mut flops = 0.0;
     for pass in &schedule.passes {
-        let blocks = modules.iter().find(|(m, _)| *m == pass.module).map_or(0, |(_, n)| *n) as f64;
+        let blocks = blocks_of(config, pass.module);
         flops += blocks * (block_gemm + attention);
         if pass.grad {
             flops += blocks * (2.0 * block_gemm + 2.5 * attention);
         }
     }
-    flops + 3.0 * 2.0 * t * dd * v
+    let (t, d, v) = (real_tokens(batch) as f64, config.dims.hidden as f64, config.vocab as f64);
+    flops + 3.0 * 2.0 * t * d * v
+}
+
+/// The FLOPs a step of `schedule` runs on top of its useful ones: with recomputation, the
+/// forward of every pass with gradient again; none without.
+pub fn recompute_flops(config: &ModelConfig, schedule: &Schedule, batch: &Batch) -> f64 {
+    if !schedule.recompute {
+        return 0.0;
+    }
+    let (block_gemm, attention) = block_flops(config, batch);
+    schedule.passes.iter().filter(|p| p.grad).map(|p| blocks_of(config, p.module) * (block_gemm + attention)).sum()
+}
+
+/// The forward FLOPs of one block on `batch`: (its GEMMs, its attention).
+fn block_flops(config: &ModelConfig, batch: &Batch) -> (f64, f64) {
+    let d = &config.dims;
+    let t = real_tokens(batch) as f64;
+    let (dd, c, i) = (d.hidden as f64, (d.heads * HEAD_DIM) as f64, d.intermediate as f64);
+    let gemm = 2.0 * t * (dd * 4.0 * c + c * dd + dd * 2.0 * i + i * dd);
+    let attention = 4.0 * HEAD_DIM as f64 * visible_pairs(batch) as f64 * d.heads as f64;
+    (gemm, attention)
+}
+
+/// Blocks of `module` in this net.
+fn blocks_of(config: &ModelConfig, module: ModuleName) -> f64 {
+    config.net.modules(config.dims.n_layers).iter().find(|(m, _)| *m == module).map_or(0, |(_, n)| *n) as f64
 }
 
 /// Tokens of the batch's samples; the padding after the last sample is not counted.
@@ -138,5 +161,20 @@ mod tests {
         let grad_passes = |bp: usize| Schedule::for_training(&cfg.net, bp).grad_passes();
         assert_eq!(grad_passes(3), grad_passes(2) + 1);
         assert_eq!(flops(3) - flops(2), blocks * (2.0 * gemm + 2.5 * attention));
+    }
+
+    #[test]
+    fn recomputation_is_not_useful_work() {
+        // hrm at bp_steps 5 reruns the forward of its 5 passes with gradient, of the same
+        // number of blocks each; the useful FLOPs do not change.
+        let cfg = ModelConfig::new(SizeName::Tiny, NetName::Hrm, 512);
+        let p = PackedSamples::pack(&[(vec![1; 5], vec![2; 4])], 8).unwrap();
+        let kept = Schedule::for_training(&cfg.net, 5);
+        let recomputed = kept.clone().with_recompute(true);
+        assert_eq!(useful_flops(&cfg, &recomputed, &p.batch()), useful_flops(&cfg, &kept, &p.batch()));
+        assert_eq!(recompute_flops(&cfg, &kept, &p.batch()), 0.0);
+        let (gemm, attention) = block_flops(&cfg, &p.batch());
+        let blocks = (cfg.dims.n_layers / 2) as f64;
+        assert_eq!(recompute_flops(&cfg, &recomputed, &p.batch()), 5.0 * blocks * (gemm + attention));
     }
 }

@@ -592,16 +592,18 @@ const V_TOL: f32 = 2.0 * GRAD_TOL;
 /// would show as ~1e-2 (three updates of ~lr against weights of RMS 1/16).
 const MASTER_TOL: f32 = BF16_EPS;
 
-/// (net, n_layers, bp_steps): 1-2 blocks per module; hrm at its deepest gradient (H pass 0
-/// injected into L passes 3-5) and at bp_steps = 2, where the embedding gets no gradient.
-const CASES: [(NetName, usize, usize); 7] = [
-    (NetName::Hrm, 4, 5),
-    (NetName::Hrm, 2, 2),
-    (NetName::Transformer, 2, 0),
-    (NetName::Trm, 2, 0),
-    (NetName::TrmMatchRecurrence, 4, 0),
-    (NetName::Rins, 2, 0),
-    (NetName::Ut, 2, 0),
+/// (net, n_layers, bp_steps, recompute): 1-2 blocks per module; hrm at its deepest gradient
+/// (H pass 0 injected into L passes 3-5), also with recomputed activations (against the CPU
+/// keeping them), and at bp_steps = 2, where the embedding gets no gradient.
+const CASES: [(NetName, usize, usize, bool); 8] = [
+    (NetName::Hrm, 4, 5, false),
+    (NetName::Hrm, 4, 5, true),
+    (NetName::Hrm, 2, 2, false),
+    (NetName::Transformer, 2, 0, false),
+    (NetName::Trm, 2, 0, false),
+    (NetName::TrmMatchRecurrence, 4, 0, false),
+    (NetName::Rins, 2, 0, false),
+    (NetName::Ut, 2, 0, false),
 ];
 /// Rows of the check's batches; LM-head chunks of 64 rows, so a batch spans five of them.
 const ROWS: usize = 300;
@@ -641,12 +643,12 @@ fn model_gpu_vs_cpu(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let packed = check_batch(rng)?;
     let batch = packed.batch();
     let divisor = packed.valid_labels() as f32;
-    for (net, n_layers, bp_steps) in CASES {
+    for (net, n_layers, bp_steps, recompute) in CASES {
         let config = small_config(net, n_layers);
         let params = bf16_params(config, rng.next_u64());
         let schedule = Schedule::for_training(&config.net, bp_steps);
         let label = |what: &str| format!("{} {what}", short(net));
-        let shape = format!("L{n_layers} bp{bp_steps} T{ROWS}");
+        let shape = format!("L{n_layers} bp{bp_steps} T{ROWS}{}", if recompute { " recompute" } else { "" });
 
         let mut cpu = Model::new(CpuBackend, config, &params.z_l_init)?;
         let mut cpu_grads = params.zeros_like_master();
@@ -659,7 +661,7 @@ fn model_gpu_vs_cpu(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
         let host_bf16: Vec<bf16> = params.master.iter().map(|&w| bf16::from_f32(w)).collect();
         let weights = gpu.stream.clone_htod(&host_bf16).context("uploading the weights")?;
         let mut grads = gpu.stream.alloc_zeros::<f32>(params.layout.master_len).context("allocating the gradients")?;
-        let out = model.forward_backward(&weights, &batch, &schedule, &mut grads, divisor)?;
+        let out = model.forward_backward(&weights, &batch, &schedule.clone().with_recompute(recompute), &mut grads, divisor)?;
         let tokens = model.token_losses()?;
         let eval = model.forward_loss(&weights, &batch)?;
         let grads = gpu.stream.clone_dtoh(&grads).context("downloading the gradients")?;

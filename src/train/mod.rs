@@ -177,6 +177,9 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     let data = load_data(&opts.data)?;
     std::fs::create_dir_all(&opts.run_dir).with_context(|| format!("creating the run directory {}", opts.run_dir.display()))?;
     let (params, optimizer, mut state) = starting_point(opts, &data)?;
+    // Recomputation changes memory and time, never results: the command line decides, on
+    // --resume too, and the run's checkpoints record the last setting.
+    state.train_config.recompute = opts.train.recompute;
     let cfg = state.train_config.clone();
     let model = params.config;
     ensure!(
@@ -193,7 +196,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     let gpu = open_gpu(opts.device)?;
     if let Some(gpu) = &gpu {
         // The deepest schedule the run will use decides the activation memory (SPEC §3).
-        let deepest = Schedule::for_training(&model.net, cfg.fixed_bp_steps.unwrap_or(bp_steps(&model.net, total_steps, total_steps, false).unwrap_or(0)));
+        let deepest = Schedule::for_training(&model.net, cfg.fixed_bp_steps.unwrap_or(bp_steps(&model.net, total_steps, total_steps, false).unwrap_or(0))).with_recompute(cfg.recompute);
         let plan = MemoryPlan::predict(&model, &deepest, batch_tokens)?;
         plan.check_fits(gpu).with_context(|| format!("predicted device memory of this run:\n{plan}"))?;
     }
@@ -244,7 +247,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         let step = state.global_step + 1;
         let lr = lr_schedule.lr_at(step);
         let bp = cfg.fixed_bp_steps.or_else(|| bp_steps(&model.net, step, total_steps, cfg.bp_warmup));
-        let schedule = Schedule::for_training(&model.net, bp.unwrap_or(0));
+        let schedule = Schedule::for_training(&model.net, bp.unwrap_or(0)).with_recompute(cfg.recompute);
         let labels = batch.num_labels().max(1) as f32;
         let capture = match (&gpu, opts.profile_step == Some(step)) {
             (Some(gpu), true) => Some(CaptureRange::start(gpu)?),
