@@ -335,7 +335,7 @@ impl<B: Backend> Model<B> {
     /// Synchronises.
     pub fn forward_loss(&mut self, weights: &B::Weights, batch: &Batch) -> Result<StepMetrics> {
         let schedule = Schedule::forward_only(&self.config.net);
-        self.stage(batch, 0, 0.0)?; // no gradient: the scale is never read
+        self.stage(batch, 0, 0.0)?; // no gradient: the scale multiplies logit gradients nobody reads
         self.enqueue_and_read(weights, &schedule, None)
     }
 

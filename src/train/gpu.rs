@@ -132,9 +132,11 @@ impl<'g> GpuEngine<'g> {
     }
 
     /// Replaces the weights and the optimiser state with `params` and `optimizer` (the same
-    /// layout), in the existing buffers: captured steps stay valid. Clears the loss guard.
+    /// layout and `z_L_init`), in the existing buffers: captured steps stay valid. Clears the
+    /// loss guard.
     pub fn load(&mut self, params: &Params, optimizer: &AdamAtan2) -> Result<()> {
         ensure!(params.layout == *self.model.layout(), "load: the parameters have another layout");
+        ensure!(params.z_l_init == self.z_l_init, "load: the parameters have another z_L_init (the model uploads it once)");
         ensure!(optimizer.steps.len() == self.n_trainable && optimizer.m.len() == params.master.len(), "load: the optimiser state does not match the layout");
         let s = &self.gpu.stream;
         for (dst, host, what) in [(&mut self.master, &params.master, "master weights"), (&mut self.m, &optimizer.m, "first moment"), (&mut self.v, &optimizer.v, "second moment"), (&mut self.ema, &optimizer.ema, "EMA")] {
@@ -144,7 +146,6 @@ impl<'g> GpuEngine<'g> {
         self.table.write_steps(self.gpu, &optimizer.steps)?;
         self.table.write_guard(self.gpu, LossGuard::default())?;
         self.coeffs = optimizer.coeffs;
-        self.z_l_init.clone_from(&params.z_l_init);
         Ok(())
     }
 

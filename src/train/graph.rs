@@ -1,10 +1,11 @@
 //! CUDA graphs of the training step (`--cuda-graph`): each schedule's step is captured once
 //! and replayed for every later step with that schedule.
 //!
-//! A step launches a few hundred kernels and GEMMs (one block is ~25, a pass is a few blocks,
-//! a schedule up to 16 passes forward and 5 backward). Launched one by one, each costs the
-//! host a few microseconds, and the GPU waits whenever its kernels are shorter than that
-//! (small models, small batches). A graph replays the whole step with one launch.
+//! A step launches hundreds of kernels and GEMMs (tiny hrm: ~400) to thousands (XL hrm at
+//! bp_steps 5: ~3,100; a block is ~12 launches forward and ~19 backward, hrm runs 8 passes of
+//! its modules forward and up to 5 backward). Launched one by one, each costs the host a few
+//! microseconds, and the GPU waits whenever its kernels are shorter than that (small models,
+//! small batches). A graph replays the whole step with one launch.
 //!
 //! What makes the step capturable (each point lives in the code it concerns):
 //!
