@@ -68,14 +68,15 @@ fn resume_continues_exactly() {
     assert!(a.optimizer == b.optimizer, "optimiser state differs after resume");
 }
 
-/// A NaN learning rate makes step 1's update NaN, so step 2's loss is not finite. The loss is
-/// read only when the run logs (every 5 steps here): the run stops at step 5's read with an
-/// error naming step 2, and checkpoints the weights before step 2, as step 1.
+/// A learning rate of f32::MAX overflows step 1's update (its step size `lr / (1 - beta1)` is
+/// infinite), so step 2's loss is not finite. The loss is read only when the run logs (every 5
+/// steps here): the run stops at step 5's read with an error naming step 2, and checkpoints the
+/// weights before step 2, as step 1.
 #[test]
 fn a_non_finite_loss_stops_the_run_at_its_step() {
     let dir = tempfile::tempdir().unwrap();
     let demo = DemoConfig { train_samples: 400, heldout_samples: 20, epochs: 1, ..DemoConfig::default() };
-    let cfg = TrainConfig { lr: f32::NAN, warmup_steps: 0, global_batch_tokens: 256, epochs: 1, max_steps: Some(8), ..TrainConfig::default() };
+    let cfg = TrainConfig { lr: f32::MAX, warmup_steps: 0, global_batch_tokens: 256, epochs: 1, max_steps: Some(8), ..TrainConfig::default() };
     let mut opts = options(dir.path(), NetName::Transformer, demo, cfg);
     opts.log_every = 5;
     let err = format!("{:#}", train::run(&opts).unwrap_err());
