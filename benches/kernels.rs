@@ -114,11 +114,12 @@ fn gpu_kernels(c: &mut Criterion) {
     let mut dl = gpu.stream.alloc_zeros::<bf16>(rows * v).expect("allocation");
     let mut losses = gpu.stream.alloc_zeros::<f32>(rows).expect("allocation");
     let mut ok = gpu.stream.alloc_zeros::<u8>(rows).expect("allocation");
+    let grad_scale = upload(&gpu, &[1.0 / rows as f32]).expect("upload");
     group.throughput(Throughput::Bytes((2 * rows * v * 2) as u64));
     group.bench_function("cross_entropy [2048,65536]", |b| {
         b.iter_custom(|iters| {
             gpu_time(&gpu, iters, || {
-                cross_entropy(&gpu, &mut dl.as_view_mut(), &mut losses.as_view_mut(), &mut ok.as_view_mut(), &logits.as_view(), &labels.as_view(), rows, v, 1.0 / rows as f32)
+                cross_entropy(&gpu, &mut dl.as_view_mut(), &mut losses.as_view_mut(), &mut ok.as_view_mut(), &logits.as_view(), &labels.as_view(), rows, v, &grad_scale.as_view())
             })
         })
     });

@@ -23,6 +23,10 @@
 //   checks) the body moves 4 elements per access; a tensor's last numel % 4 go one by one.
 // - Math is fp32; the bias corrections are computed once per thread in fp64 and rounded to fp32,
 //   exactly as the CPU reference (src/optim/adam_atan2.rs) does.
+// - The loss guard (AMP's found_inf, made sticky): adam_atan2_guard reads the step's loss sum
+//   before the update; once one is not finite, guard[0] is set and every update after it is
+//   skipped whole (no weight, moment, EMA or step count changes) until the host clears it, so
+//   the host, which looks only at logging steps, finds the weights that produced that loss.
 
 #include "common.cuh"
 
@@ -53,11 +57,23 @@ __device__ __forceinline__ void update_one(float& p, float& m, float& v, float& 
     ema = lerp(ema, p, 1.0f - ema_decay);
 }
 
-// steps: [n_tensors] i32, has_grad: [n_tensors] i32 (0 or 1)
+// guard: [2] i32 {skip, finite steps since the host last cleared the count}
+// sums:  [5] fp64, this step's metric sums (ce_metrics), the loss sum first
+// One thread.
+extern "C" __global__ void adam_atan2_guard(int32_t* __restrict__ guard, const double* __restrict__ sums) {
+    if (guard[0] != 0) return;
+    if (isfinite(sums[0])) {
+        guard[1] += 1;
+    } else {
+        guard[0] = 1;
+    }
+}
+
+// steps: [n_tensors] i32, has_grad: [n_tensors] i32 (0 or 1), guard: [2] i32
 extern "C" __global__ void adam_atan2_count_steps(int32_t* __restrict__ steps, const int32_t* __restrict__ has_grad,
-                                                  int32_t n_tensors) {
+                                                  const int32_t* __restrict__ guard, int32_t n_tensors) {
     int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t < n_tensors && has_grad[t]) steps[t] += 1;
+    if (t < n_tensors && has_grad[t] && guard[0] == 0) steps[t] += 1;
 }
 
 // p, m, v, ema: [N] fp32, master layout, updated in place
@@ -66,16 +82,17 @@ extern "C" __global__ void adam_atan2_count_steps(int32_t* __restrict__ steps, c
 // chunk_begin, chunk_end: [n_chunks] i64, element range of each chunk
 // chunk_tensor: [n_chunks] i32, the tensor each chunk belongs to
 // has_grad:     [n_tensors] i32, steps: [n_tensors] i32 (already advanced), lr: [1] fp32
+// guard:        [2] i32, the update is skipped while guard[0] != 0
 extern "C" __global__ void adam_atan2_update(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
                                              float* __restrict__ ema, const float* __restrict__ g,
                                              bf16* __restrict__ p_bf16, const int64_t* __restrict__ chunk_begin,
                                              const int64_t* __restrict__ chunk_end,
                                              const int32_t* __restrict__ chunk_tensor,
                                              const int32_t* __restrict__ has_grad, const int32_t* __restrict__ steps,
-                                             const float* __restrict__ lr_ptr, float beta1, float beta2,
-                                             float weight_decay, float ema_decay) {
+                                             const float* __restrict__ lr_ptr, const int32_t* __restrict__ guard,
+                                             float beta1, float beta2, float weight_decay, float ema_decay) {
     int32_t t = chunk_tensor[blockIdx.x];
-    if (!has_grad[t]) return;
+    if (!has_grad[t] || guard[0] != 0) return;
     int64_t begin = chunk_begin[blockIdx.x];
     int64_t end = chunk_end[blockIdx.x];
     float lr = *lr_ptr;

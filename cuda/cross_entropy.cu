@@ -25,6 +25,9 @@
 // - fp32 math; exponentials as exp2f of log2(e)-scaled differences (2 ulp). Sums are per
 //   thread in index order, then a fixed-shape block tree: bitwise reproducible.
 // - V % 8 == 0 and pointers 16-byte aligned (the launcher checks).
+// - grad_scale is read from device memory ([1] fp32): it changes with every batch (one over
+//   its valid labels), and a training step captured in a CUDA graph replays its launches with
+//   the arguments they were captured with.
 // - ce_metrics runs as one block and adds its sums to the [5] fp64 accumulator with `+=`, so
 //   the sums of a whole logging window stay on the device; fixed reduction order.
 
@@ -190,10 +193,11 @@ __device__ __forceinline__ void block_sum_min(float& s, int& i) {
 // A thread only ever reads the slots it wrote itself, so the row buffer needs no barrier;
 // the block reductions are the only ones.
 // dlogits: [T, V] bf16 (may alias logits), losses: [T] fp32, correct: [T] uint8,
-// logits: [T, V] bf16, labels: [T] int32; dynamic shared memory: V bf16
+// logits: [T, V] bf16, labels: [T] int32, grad_scale_ptr: [1] fp32; dynamic shared memory: V bf16
 extern "C" __global__ void __launch_bounds__(CE_THREADS, 1)
 cross_entropy_pipelined(bf16* dlogits, float* __restrict__ losses, uint8_t* __restrict__ correct, const bf16* logits,
-                        const int* __restrict__ labels, int T, int V, float grad_scale) {
+                        const int* __restrict__ labels, int T, int V, const float* __restrict__ grad_scale_ptr) {
+    const float grad_scale = *grad_scale_ptr;
     extern __shared__ uint4 this_row[];  // [V/8]
     const int n_vec = V / 8;
     uint4 next[CE_VPT];
@@ -289,10 +293,11 @@ cross_entropy_pipelined(bf16* dlogits, float* __restrict__ losses, uint8_t* __re
 
 // The row is staged in shared memory: read from global memory once, written once.
 // dlogits: [T, V] bf16 (may alias logits), losses: [T] fp32, correct: [T] uint8,
-// logits: [T, V] bf16, labels: [T] int32; dynamic shared memory: V bf16
+// logits: [T, V] bf16, labels: [T] int32, grad_scale_ptr: [1] fp32; dynamic shared memory: V bf16
 extern "C" __global__ void __launch_bounds__(CE_THREADS)
 cross_entropy_smem(bf16* dlogits, float* __restrict__ losses, uint8_t* __restrict__ correct, const bf16* logits,
-                   const int* __restrict__ labels, int T, int V, float grad_scale) {
+                   const int* __restrict__ labels, int T, int V, const float* __restrict__ grad_scale_ptr) {
+    const float grad_scale = *grad_scale_ptr;
     extern __shared__ bf16x8 row_smem[];  // [V/8]
     const int64_t row = blockIdx.x;
     const int label = labels[row], n_vec = V / 8;
@@ -338,10 +343,11 @@ cross_entropy_smem(bf16* dlogits, float* __restrict__ losses, uint8_t* __restric
 
 // Any V: an online (max, sum) pass, then a second read to write the gradient.
 // dlogits: [T, V] bf16 (may alias logits), losses: [T] fp32, correct: [T] uint8,
-// logits: [T, V] bf16, labels: [T] int32
+// logits: [T, V] bf16, labels: [T] int32, grad_scale_ptr: [1] fp32
 extern "C" __global__ void __launch_bounds__(CE_THREADS)
 cross_entropy_stream(bf16* dlogits, float* __restrict__ losses, uint8_t* __restrict__ correct, const bf16* logits,
-                     const int* __restrict__ labels, int T, int V, float grad_scale) {
+                     const int* __restrict__ labels, int T, int V, const float* __restrict__ grad_scale_ptr) {
+    const float grad_scale = *grad_scale_ptr;
     const int64_t row = blockIdx.x;
     const int label = labels[row], n_vec = V / 8;
     const bf16* x_row = logits + row * V;

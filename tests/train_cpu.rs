@@ -22,6 +22,7 @@ fn options(run: &Path, net: NetName, demo: DemoConfig, train: TrainConfig) -> Tr
         log_every: 10,
         eval_every: None,
         profile_step: None,
+        cuda_graph: false,
     }
 }
 
@@ -67,4 +68,24 @@ fn resume_continues_exactly() {
     assert!(!a.state.train_config.recompute && b.state.train_config.recompute, "the checkpoint records the last setting");
     assert!(a.params.master == b.params.master, "master weights differ after resume");
     assert!(a.optimizer == b.optimizer, "optimiser state differs after resume");
+}
+
+/// A learning rate of f32::MAX overflows step 1's update (its step size `lr / (1 - beta1)` is
+/// infinite), so step 2's loss is not finite. The loss is read only when the run logs (every 5
+/// steps here): the run stops at step 5's read with an error naming step 2, and checkpoints the
+/// weights before step 2, as step 1.
+#[test]
+fn a_non_finite_loss_stops_the_run_at_its_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = DemoConfig { train_samples: 400, heldout_samples: 20, epochs: 1, ..DemoConfig::default() };
+    let cfg = TrainConfig { lr: f32::MAX, warmup_steps: 0, global_batch_tokens: 256, epochs: 1, max_steps: Some(8), ..TrainConfig::default() };
+    let mut opts = options(dir.path(), NetName::Transformer, demo, cfg);
+    opts.log_every = 5;
+    let err = format!("{:#}", train::run(&opts).unwrap_err());
+    assert!(err.contains("step 2: training stopped") && err.contains("not finite"), "{err}");
+    let saved: Vec<u64> = run_dir::list_checkpoints(dir.path()).unwrap().into_iter().map(|(step, _)| step).collect();
+    assert_eq!(saved, [1]);
+    let ckpt = checkpoint::load(&dir.path().join(run_dir::checkpoint_name(1)), None).unwrap();
+    assert_eq!(ckpt.state.global_step, 1);
+    assert!(ckpt.optimizer.steps.iter().all(|&s| s == 1), "only step 1's update was applied: {:?}", ckpt.optimizer.steps);
 }

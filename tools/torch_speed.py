@@ -228,6 +228,7 @@ def setup_ops(compile_, mode=None):
     def c(f):
         return torch.compile(f, fullgraph=True, dynamic=False, mode=mode) if compile_ else f
     OPS.compiled = compile_
+    OPS.find_nan = False
     OPS.pre, OPS.post, OPS.rms, OPS.lm, OPS.opt = map(
         c, (pre_attn, post_attn, rms, lm_ce_sum, adam_atan2_))
     OPS.flex = c(flex_attention)
@@ -272,7 +273,18 @@ ROUTES = {"flex": (attn_flex, True), "dense": (attn_dense, True), "varlen": (att
 def block(x, w_gqkv, w_o, w_gu, w_down, ctx):
     attend, heads_first = ROUTES[ctx.route]
     g, q, k, v = OPS.pre(x, w_gqkv, ctx.cos, ctx.sin, heads_first)
-    return OPS.post(x, g, attend(q, k, v, ctx), w_o, w_gu, w_down, heads_first)
+    a = attend(q, k, v, ctx)
+    if ctx.find_nan:
+        report_nonfinite(ctx, "pre-attention (g, q, k, v)", g, q, k, v)
+        report_nonfinite(ctx, "attention output", a)
+    return OPS.post(x, g, a, w_o, w_gu, w_down, heads_first)
+
+
+def report_nonfinite(ctx, where, *tensors):
+    """--find-nan: print the first place of the step where a value is not finite (syncs)."""
+    if ctx.nan_seen is None and not all(bool(torch.isfinite(t).all()) for t in tensors):
+        ctx.nan_seen = f"{where} at {ctx.place}"
+        print(f"find-nan: first non-finite value: {ctx.nan_seen}", flush=True)
 
 
 def run_module(blocks, z, inj, ctx, grad):
@@ -280,10 +292,13 @@ def run_module(blocks, z, inj, ctx, grad):
     recomputed in the backward instead of keeping its activations."""
     x = z + inj
     for j, w in enumerate(blocks):
+        ctx.place = f"{ctx.module} pass {ctx.pass_index}, block {j}"
         if grad and ctx.recompute_every and j % ctx.recompute_every == 0:
             x = checkpoint(block, x, *w, ctx, use_reentrant=False)
         else:
             x = block(x, *w, ctx)
+        if ctx.find_nan:
+            report_nonfinite(ctx, "block output", x)
     return OPS.rms(x)
 
 
@@ -326,6 +341,7 @@ class Model:
 
 def step_context(cfg, route, bat, tables, recompute_every):
     ctx = SimpleNamespace(route=route, bat=bat, recompute_every=recompute_every,
+                          find_nan=OPS.find_nan, nan_seen=None, place="embedding",
                           cos=tables.cos[bat.positions], sin=tables.sin[bat.positions],
                           flex_opts=tables.flex_opts)
     if route == "flex":
@@ -344,7 +360,8 @@ def forward_loss(model, cfg, ctx, bat):
     without gradient under no_grad; mean CE over the valid labels (§5)."""
     emb = F.embedding(bat.inputs, model.params[EMBED]) * math.sqrt(cfg.hidden)
     z_h, z_l = emb, model.z_init.expand_as(emb)
-    for module, grad in cfg.passes:
+    for i, (module, grad) in enumerate(cfg.passes):
+        ctx.module, ctx.pass_index = module, i
         with torch.set_grad_enabled(grad):
             if module == "L":
                 z_l = run_module(model.blocks["L"], z_l, z_h, ctx, grad)
@@ -359,6 +376,11 @@ def train_step(model, cfg, route, batch, tables, recompute_every, optimise=True)
     model.g.zero_()
     loss = forward_loss(model, cfg, ctx, bat)
     loss.backward()
+    if ctx.find_nan:
+        bad = [n for n, p in model.params.items() if not bool(torch.isfinite(p.grad).all())]
+        print(f"find-nan: step loss {float(loss):.4f}; weights finite "
+              f"{bool(torch.isfinite(model.w).all())}; {len(bad)} gradients not finite "
+              f"{bad[:3]}", flush=True)
     if optimise:
         with torch.no_grad():
             OPS.opt(model.master, model.g, model.m, model.v, model.ema, model.w, model.t, LR)
@@ -424,6 +446,7 @@ def bench(args, device):
     flex_opts = {"ROWS_GUARANTEED_SAFE": True, **json.loads(args.flex_options or "{}")}
     tables = make_tables(args.tokens, device, flex_opts)
     setup_ops(args.compile, args.compile_mode)
+    OPS.find_nan = args.find_nan
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch_speed: {args.size} hrm, {model.numel / 1e9:.3f} B parameters, vocab {cfg.vocab}, "
           f"{len(cfg.passes)} passes ({sum(g for _, g in cfg.passes)} with gradient), {args.tokens} "
@@ -560,6 +583,9 @@ def main(argv=None):
     ap.add_argument("--flex-options", default=None,
                     help='extra flex kernel_options as JSON, e.g. {"USE_TMA": true}')
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--find-nan", action="store_true",
+                    help="check every block's values and every gradient for non-finite ones, "
+                         "printing the first place (synchronises: not for timing)")
     ap.add_argument("--check", action="store_true",
                     help="compare loss and gradients with tools/torch_reference.py and stop")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",

@@ -24,7 +24,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
-use crate::ops::attention::{attention_bwd, attention_bwd_sm80, attention_bwd_sm90, attention_bwd_sm90_overlap, attention_bwd_sm90_unordered, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, attention_fwd_sm90_persistent, attention_fwd_sm90_pingpong, BwdKernel, FwdKernel};
+use crate::ops::attention::{attention_bwd, attention_bwd_sm80, attention_bwd_sm90, attention_bwd_sm90_overlap, attention_bwd_sm90_unordered, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, attention_fwd_sm90_persistent, attention_fwd_sm90_pingpong, AttentionScratch, BwdKernel, FwdKernel};
 use crate::rng::Rng;
 
 const HD: usize = crate::config::HEAD_DIM;
@@ -92,6 +92,7 @@ struct Buffers {
     lse: CudaSlice<f32>,
     cu_seqlens: CudaSlice<i32>,
     prefix_lens: CudaSlice<i32>,
+    scratch: AttentionScratch,
 }
 
 impl Buffers {
@@ -113,12 +114,13 @@ impl Buffers {
             lse: gpu.stream.alloc_zeros(nh * b.t)?,
             cu_seqlens: gpu.stream.clone_htod(&b.cu_seqlens)?,
             prefix_lens: gpu.stream.clone_htod(&b.prefix_lens)?,
+            scratch: AttentionScratch::new(gpu, b.t, nh)?,
         })
     }
 
     fn forward(&mut self, gpu: &Gpu, kernel: FwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        kernel(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.q.as_view(), &self.k.as_view(), &self.v.as_view(), &cu, &pl, t, nh)
+        kernel(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.q.as_view(), &self.k.as_view(), &self.v.as_view(), &cu, &pl, t, nh, &mut self.scratch)
     }
 
     fn backward(&mut self, gpu: &Gpu, kernel: BwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
@@ -138,6 +140,7 @@ impl Buffers {
             &pl,
             t,
             nh,
+            &mut self.scratch,
         )
     }
 }

@@ -303,11 +303,12 @@ impl Bench<'_> {
         let labels = upload(gpu, &labels_host)?;
         let mut losses = gpu.stream.alloc_zeros::<f32>(T).during("allocating bench outputs")?;
         let mut correct = gpu.stream.alloc_zeros::<u8>(T).during("allocating bench outputs")?;
+        let grad_scale = upload(gpu, &[1.0 / T as f32])?;
         let shape = format!("[{T},{V}]");
         let bytes = 2 * T * V * 2 + T * (4 + 4 + 1);
         for kernel in CeKernel::all_for_vocab(gpu, V) {
             let ms = time_ms(gpu, WARMUP, ITERS, |_| {
-                cross_entropy_with(gpu, kernel, &mut dlogits.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &logits.as_view(), &labels.as_view(), T, V, 1.0 / T as f32)
+                cross_entropy_with(gpu, kernel, &mut dlogits.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &logits.as_view(), &labels.as_view(), T, V, &grad_scale.as_view())
             })?;
             let chosen = if kernel == CeKernel::for_vocab(gpu, V) { "used by cross_entropy; 10% ignored rows (not read)" } else { "alternative" };
             self.push(&format!("cross_entropy ({kernel:?})"), &shape, ms, Work::Bytes(bytes as f64), chosen);
@@ -394,6 +395,7 @@ impl Bench<'_> {
         let mut dw = gpu.stream.alloc_zeros::<f32>(V * D).during("allocating bench outputs")?;
         let mut losses = gpu.stream.alloc_zeros::<f32>(T).during("allocating bench outputs")?;
         let mut correct = gpu.stream.alloc_zeros::<u8>(T).during("allocating bench outputs")?;
+        let grad_scale = upload(gpu, &[1.0 / T as f32])?;
         for chunk in LM_CHUNKS {
             let mut scratch = gpu.stream.alloc_zeros::<bf16>(chunk * V).during("allocating the logits scratch")?;
             // The warm-up runs also build and tune the chunk's three GEMM plans.
@@ -411,7 +413,7 @@ impl Bench<'_> {
                     T,
                     V,
                     D,
-                    1.0 / T as f32,
+                    &grad_scale.as_view(),
                     &mut scratch.as_view_mut(),
                 )
             })?;

@@ -2,8 +2,13 @@
 //!
 //! The batches mix samples as real data does (lengths uniform in 64..4096, instruction
 //! fractions uniform in 10..90%), filled to the batch token count. After the warm-up steps
-//! (plans, allocations, first-touch), each timed step lies between two CUDA events, so a
-//! step's time includes every gap the host leaves on the device.
+//! (plans, allocations, first-touch, graph capture), the timed steps are queued back to back
+//! as training queues them, with a CUDA event between consecutive steps; the events are read
+//! once the last step has finished. A step's time is the device time between its two events,
+//! so it includes every gap the host leaves on the device.
+//!
+//! `--cuda-graph on` replays each step from a CUDA graph (`src/train/graph.rs`); `both` times
+//! the same engine without, then with graphs, and prints what they buy.
 //!
 //! Useful FLOPs and MFU are those of `src/train/flops.rs` (the training log reports the same
 //! figures): matmul FLOPs of every forward pass, twice that again for the passes with
@@ -17,6 +22,7 @@
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::sys;
 use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaEvent;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -58,15 +64,19 @@ pub struct TrainBenchArgs {
     /// Tokenizer vocabulary (rounded up to 256)
     #[arg(long, default_value_t = DEFAULT_VOCAB)]
     pub vocab: usize,
-    /// Untimed steps first
+    /// Untimed steps first (at least 2 with CUDA graphs: an eager one, then the capture)
     #[arg(long, default_value_t = DEFAULT_WARMUP)]
     pub warmup: usize,
     /// Timed steps
     #[arg(long, default_value_t = DEFAULT_STEPS)]
     pub steps: usize,
-    /// Profiled steps after the timed ones (0: no per-phase split)
+    /// Profiled steps after the timed ones (0: no per-phase split; profiled steps never use
+    /// graphs)
     #[arg(long, default_value_t = 0)]
     pub profile: usize,
+    /// Replay the step from a CUDA graph: off, on, or both (timed one after the other)
+    #[arg(long, value_enum, default_value = "off")]
+    pub cuda_graph: GraphMode,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -84,9 +94,18 @@ impl Default for TrainBenchArgs {
             warmup: DEFAULT_WARMUP,
             steps: DEFAULT_STEPS,
             profile: 0,
+            cuda_graph: GraphMode::Off,
             seed: 0,
         }
     }
+}
+
+/// Whether the timed steps replay CUDA graphs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphMode {
+    Off,
+    On,
+    Both,
 }
 
 /// [`run`] with the defaults, in the shape of a `bench::TARGETS` entry.
@@ -96,6 +115,7 @@ pub fn run_default(gpu: &Gpu) -> Result<()> {
 
 pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
     ensure!(args.steps > 0, "--steps must be positive");
+    ensure!(args.cuda_graph == GraphMode::Off || args.warmup >= 2, "--cuda-graph needs --warmup 2 or more: a schedule's first step runs eagerly, the second is captured");
     let config = ModelConfig::new(args.size, args.net, args.vocab);
     let bp_steps = match config.net {
         Net::Hrm { bp_max_steps, .. } => args.bp_steps.unwrap_or(bp_max_steps),
@@ -128,39 +148,39 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
     let mut engine = GpuEngine::new(gpu, params, optimizer)?;
     println!("on {}", engine.describe());
 
-    let mut step = |i: usize| -> Result<()> {
-        let b = &batches[i % BATCHES];
-        engine.train_step(&b.batch(), &schedule, lr, b.valid_labels() as f32).map(|_| ())
+    let modes: &[bool] = match args.cuda_graph {
+        GraphMode::Off => &[false],
+        GraphMode::On => &[true],
+        GraphMode::Both => &[false, true],
     };
-    for i in 0..args.warmup {
-        step(i).with_context(|| format!("warm-up step {i}"))?;
-    }
-    let mut times = Vec::with_capacity(args.steps);
-    for i in 0..args.steps {
-        let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).during("creating an event")?;
-        let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).during("creating an event")?;
-        start.record(&gpu.stream).during("recording an event")?;
-        step(args.warmup + i).with_context(|| format!("timed step {i}"))?;
-        end.record(&gpu.stream).during("recording an event")?;
-        times.push(start.elapsed_ms(&end).during("reading an event")? as f64);
-    }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
-
-    // Per-step averages over the batches the timed steps ran.
+    // Per-step averages over the batches the timed steps run.
     let used: Vec<&PackedSamples> = (0..args.steps).map(|i| &batches[(args.warmup + i) % BATCHES]).collect();
     let tokens = used.iter().map(|b| b.tokens() as f64).sum::<f64>() / used.len() as f64;
     let flops = used.iter().map(|b| useful_flops(&config, &schedule, &b.batch())).sum::<f64>() / used.len() as f64;
     let recomputed = used.iter().map(|b| recompute_flops(&config, &schedule, &b.batch())).sum::<f64>() / used.len() as f64;
-    let seconds = median * 1e-3;
-    println!("step time   median {median:.1} ms (min {:.1}, max {:.1}) over {} steps after {} warm-up", sorted[0], sorted[sorted.len() - 1], args.steps, args.warmup);
-    println!("throughput  {:.0} tokens/s ({:.0} real tokens per step)", tokens / seconds, tokens);
-    println!("FLOPs       {:.1} TFLOP useful per step: {:.0} TFLOP/s, MFU {:.1}% of 989 TFLOP/s", flops / 1e12, flops / seconds / 1e12, 100.0 * flops / seconds / HOPPER_BF16_FLOPS);
-    if schedule.recompute {
-        let all = flops + recomputed;
-        println!("            plus {:.1} TFLOP recomputed, not counted: {:.0} TFLOP/s executed ({:.1}% of 989)", recomputed / 1e12, all / seconds / 1e12, 100.0 * all / seconds / HOPPER_BF16_FLOPS);
+    let mut medians = Vec::new();
+    for &graphs in modes {
+        engine.set_cuda_graphs(graphs);
+        let times = time_steps(gpu, &mut engine, &batches, &schedule, lr, args.warmup, args.steps)?;
+        let mut sorted = times.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
+        let seconds = median * 1e-3;
+        let label = if graphs { format!("CUDA graphs on ({} captured)", engine.captured_graphs()) } else { "CUDA graphs off".to_string() };
+        println!("{label}:");
+        println!("step time   median {median:.2} ms (min {:.2}, max {:.2}) over {} steps after {} warm-up", sorted[0], sorted[sorted.len() - 1], args.steps, args.warmup);
+        println!("throughput  {:.0} tokens/s ({:.0} real tokens per step)", tokens / seconds, tokens);
+        println!("FLOPs       {:.1} TFLOP useful per step: {:.0} TFLOP/s, MFU {:.1}% of 989 TFLOP/s", flops / 1e12, flops / seconds / 1e12, 100.0 * flops / seconds / HOPPER_BF16_FLOPS);
+        if schedule.recompute {
+            let all = flops + recomputed;
+            println!("            plus {:.1} TFLOP recomputed, not counted: {:.0} TFLOP/s executed ({:.1}% of 989)", recomputed / 1e12, all / seconds / 1e12, 100.0 * all / seconds / HOPPER_BF16_FLOPS);
+        }
+        medians.push(median);
     }
+    if let [off, on] = medians[..] {
+        println!("CUDA graphs: median step {off:.2} ms without, {on:.2} ms with ({:+.2} ms, {:+.1}%)", on - off, 100.0 * (on - off) / off);
+    }
+    engine.set_cuda_graphs(false);
     let (free, total) = {
         gpu.ctx.bind_to_thread().during("binding the context")?;
         cudarc::driver::result::mem_get_info().during("querying device memory")?
@@ -189,6 +209,7 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
             end.record(&gpu.stream).during("recording an event")?;
             wall += start.elapsed_ms(&end).during("reading an event")? as f64;
         }
+        engine.read_metrics().context("the profiled steps")?;
         let be = engine.backend();
         let phases = be.take_profile()?;
         be.set_profiling(false);
@@ -203,6 +224,32 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
         println!("  {:<10} {:>10.2} {:>6.1}%", "gaps", (wall - accounted) / n, 100.0 * (wall - accounted) / wall);
     }
     Ok(())
+}
+
+/// Runs `warmup` untimed steps, then `steps` timed ones queued back to back, and returns the
+/// device milliseconds of each: the time between the events recorded before and after it.
+/// Synchronises once, at the end (and reads the metrics, so that a non-finite loss fails the
+/// bench instead of timing skipped updates).
+fn time_steps(gpu: &Gpu, engine: &mut GpuEngine, batches: &[PackedSamples], schedule: &Schedule, lr: f32, warmup: usize, steps: usize) -> Result<Vec<f64>> {
+    let step = |engine: &mut GpuEngine, i: usize| -> Result<()> {
+        let b = &batches[i % batches.len()];
+        engine.train_step(&b.batch(), schedule, lr, b.valid_labels() as f32)
+    };
+    for i in 0..warmup {
+        step(engine, i).with_context(|| format!("warm-up step {i}"))?;
+    }
+    let event = || -> Result<CudaEvent> {
+        let e = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).during("creating an event")?;
+        e.record(&gpu.stream).during("recording an event")?;
+        Ok(e)
+    };
+    let mut events = vec![event()?];
+    for i in 0..steps {
+        step(engine, warmup + i).with_context(|| format!("timed step {i}"))?;
+        events.push(event()?);
+    }
+    engine.read_metrics().context("the timed steps")?;
+    events.windows(2).map(|w| Ok(w[0].elapsed_ms(&w[1]).during("reading an event")? as f64)).collect()
 }
 
 /// Random weights with each tensor's SPEC §6 standard deviation, drawn in parallel (uniform

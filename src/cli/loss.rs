@@ -38,7 +38,7 @@ pub fn run(args: LossArgs) -> Result<()> {
     let ds = Dataset::open(&args.data)?;
     let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&Default::default()));
     let gpu = open_gpu(args.device)?;
-    let mut engine = make_engine(gpu.as_ref(), params, optimizer)?;
+    let mut engine = make_engine(gpu.as_ref(), params, optimizer, false)?;
     let m = evaluate(&mut *engine, &ds, 0, args.batch_tokens, !args.train_on_instruction, Coverage::FirstSteps(args.steps))?;
     println!("{}", serde_json::to_string(&m)?);
     Ok(())

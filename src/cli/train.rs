@@ -88,6 +88,9 @@ pub struct TrainArgs {
     /// that step alone (GPU only; docs/perf.md, "Observing a run")
     #[arg(long, value_name = "N")]
     pub profile_step: Option<u64>,
+    /// Capture each step in a CUDA graph and replay it (GPU only; docs/perf.md, "CUDA graphs")
+    #[arg(long)]
+    pub cuda_graph: bool,
     /// Demo: digits of the larger operand
     #[arg(long, default_value_t = 2)]
     pub demo_digits: usize,
@@ -141,6 +144,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         log_every: args.log_every.max(1),
         eval_every: args.eval_every.or(demo.then_some(50)),
         profile_step: args.profile_step,
+        cuda_graph: args.cuda_graph,
     };
     if let Some(m) = train::run(&opts)? {
         println!("{}", serde_json::to_string(&m)?);

@@ -70,7 +70,8 @@ impl DeviceProps {
     }
 }
 
-/// One GPU: its context, the stream all work goes on, and the kernel modules loaded so far.
+/// One GPU: its context, the one stream all work goes on (a non-blocking stream of its own,
+/// capturable into CUDA graphs), and the kernel modules loaded so far.
 /// Passed explicitly to every launcher; there are no globals.
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
@@ -100,7 +101,15 @@ impl Gpu {
         if props.major < 8 {
             return Err(GpuError::Unsupported { ordinal, name: props.name, major: props.major, minor: props.minor });
         }
-        let stream = ctx.default_stream();
+        // All work goes on one stream, so cudarc's per-buffer events (which order a buffer's
+        // uses across streams) are not needed; they are also what a captured step must not
+        // have: a wait on an event recorded outside the capture invalidates it. Switched off
+        // before the first buffer exists, as cudarc requires.
+        // SAFETY: no buffer of this context exists yet, and nothing here uses a second stream.
+        unsafe { ctx.disable_event_tracking() };
+        // A stream of our own rather than the legacy default stream, which cannot be captured
+        // into a CUDA graph (the training step's `--cuda-graph`).
+        let stream = ctx.new_stream().during("creating the stream")?;
         Ok(Gpu { ctx, stream, props, modules: Mutex::new(HashMap::new()) })
     }
 

@@ -6,11 +6,16 @@
 //! trainer nests them as
 //!
 //! ```text
-//! step ─┬─ zero_grads
+//! step ─┬─ stage                (the batch and the optimiser's inputs, written to the device)
+//!       ├─ zero_grads
 //!       ├─ forward_backward      (the model's forward, then its backward)
-//!       ├─ optimizer             (the fused AdamATan2 launch)
-//!       └─ log / eval / checkpoint   (on the steps that do them; log reads the gradient norm)
+//!       ├─ optimizer             (the loss guard and the fused AdamATan2 launch)
+//!       └─ log / eval / checkpoint   (on the steps that do them; they read the metrics back)
 //! ```
+//!
+//! With `--cuda-graph`, a replayed step shows `stage` then one `graph` range instead of the
+//! three in the middle (ranges are host-side: a graph's kernels carry the ranges of the step
+//! that captured it only in that step).
 //!
 //! The ranges go through the NVTX v2 C API (`nvtxRangePushA`, `nvtxRangePop`), loaded once
 //! with `dlopen` like every other CUDA library, from the first of [`LIBRARIES`] found:

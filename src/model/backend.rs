@@ -12,8 +12,9 @@
 //!   the CPU, bf16 device memory on the GPU (the math inside each op is fp32 on both).
 //!   [`Backend::F32`] holds what stays fp32 on every backend (rms `rstd`, attention `lse`,
 //!   per-token losses), [`Backend::I32`] the batch's index buffers, [`Backend::U8`] the
-//!   per-token "argmax was right" flags. Every buffer is allocated once per batch shape
-//!   through the backend, so a GPU backend does no allocation inside the step.
+//!   per-token "argmax was right" flags, [`Backend::Metrics`] a step's metric sums. Every
+//!   buffer is allocated once per batch shape through the backend, so a GPU backend does no
+//!   allocation inside the step.
 //! - **Weights and gradients are flat buffers.** [`Backend::Weights`] is the compute copy of
 //!   the whole master buffer laid out by `spec.rs` (the CPU reads the fp32 master itself; the
 //!   GPU its bf16 copy) and [`Backend::Grads`] the master-shaped fp32 gradient buffer. An op
@@ -24,9 +25,13 @@
 //!   a weight `w` passed as `(weights, at)`. Parameter gradients accumulate with `+=`,
 //!   activation gradients are written with `=`, except where an op says `+=` (the residual
 //!   stream, `rmsnorm_bwd`).
-//! - **No host synchronisation inside the step.** Ops only enqueue work; the only methods
-//!   that read results back to the host are [`Backend::metrics`] (once, at the end of a
-//!   step) and [`Backend::download_f32`] (tests, tools).
+//! - **No host synchronisation inside the step.** Ops only enqueue work, and read every
+//!   per-batch value from backend buffers written before the step (`write_i32`,
+//!   `write_f32`), never from host arguments: a GPU backend can then record a step once and
+//!   replay it (a CUDA graph). The step's metrics are reduced on the backend
+//!   ([`Backend::step_metrics`]); the only methods that read results back to the host are
+//!   [`Backend::read_metrics`] (when the trainer logs) and [`Backend::download_f32`] (tests,
+//!   tools).
 //! - **The LM head is one fused op.** [`Backend::lm_head_loss`] computes logits,
 //!   cross-entropy, metrics flags and (optionally) both backward products, so a GPU backend
 //!   can run it chunk by chunk over tokens without ever holding `[T, V]` logits.
@@ -70,6 +75,8 @@ pub trait Backend {
     type I32;
     /// Per-token flags (`correct`).
     type U8;
+    /// One step's [`StepMetrics`] sums (GPU: `[METRICS_LEN]` fp64 in device memory).
+    type Metrics;
     /// The compute copy of the flat master buffer (CPU: the fp32 master itself).
     type Weights: ?Sized;
     /// The master-shaped fp32 gradient buffer.
@@ -81,7 +88,11 @@ pub trait Backend {
     fn alloc_act(&self, n: usize) -> Result<Self::Act>;
     fn alloc_f32(&self, n: usize) -> Result<Self::F32>;
     fn alloc_u8(&self, n: usize) -> Result<Self::U8>;
-    fn upload_i32(&self, host: &[i32]) -> Result<Self::I32>;
+    fn alloc_i32(&self, n: usize) -> Result<Self::I32>;
+    fn alloc_metrics(&self) -> Result<Self::Metrics>;
+    /// `dst[..host.len()] = host` (stream-ordered on a GPU: it applies to the work queued after).
+    fn write_i32(&self, dst: &mut Self::I32, host: &[i32]) -> Result<()>;
+    fn write_f32(&self, dst: &mut Self::F32, host: &[f32]) -> Result<()>;
     /// An activation buffer holding `host` (converted to the activation precision).
     fn upload_act(&self, host: &[f32]) -> Result<Self::Act>;
     /// `x = 0`
@@ -156,10 +167,12 @@ pub trait Backend {
 
     /// The LM head fused with fp32 cross-entropy: `logits [T, V] = y [T, D] @ w^T`,
     /// losses: `[T]` and correct: `[T]` as `cross_entropy_cpu` (0 on ignored rows). With
-    /// `grads = Some((dy, dw))`: `dlogits = (softmax - onehot) * grad_scale`,
+    /// `grads = Some((dy, dw))`: `dlogits = (softmax - onehot) * grad_scale` (grad_scale: `[1]`),
     /// dy: [T, D] = dlogits @ w (written), dw: [V, D] at `w_at` += dlogits^T @ y.
-    fn lm_head_loss(&self, losses: &mut Self::F32, correct: &mut Self::U8, grads: Option<(&mut Self::Act, &mut Self::Grads)>, y: &Self::Act, w: &Self::Weights, w_at: TensorAt, labels: &Self::I32, t: usize, v: usize, d: usize, grad_scale: f32) -> Result<()>;
-    /// Reduces a step's per-token results to its metrics; `labels` `[T]` and `cu_seqlens`
-    /// [S+1] are the host copies (the one host synchronisation of a step).
-    fn metrics(&self, losses: &Self::F32, correct: &Self::U8, labels: &[i32], cu_seqlens: &[i32], t: usize) -> Result<StepMetrics>;
+    fn lm_head_loss(&self, losses: &mut Self::F32, correct: &mut Self::U8, grads: Option<(&mut Self::Act, &mut Self::Grads)>, y: &Self::Act, w: &Self::Weights, w_at: TensorAt, labels: &Self::I32, t: usize, v: usize, d: usize, grad_scale: &Self::F32) -> Result<()>;
+    /// sums = the [`StepMetrics`] of a step's per-token results (written with `=`):
+    /// losses, correct, labels `[T]`, cu_seqlens [S+1] (empty samples count for nothing).
+    fn step_metrics(&self, sums: &mut Self::Metrics, losses: &Self::F32, correct: &Self::U8, labels: &Self::I32, cu_seqlens: &Self::I32, t: usize) -> Result<()>;
+    /// Reads metric sums back to the host (synchronises: at logging steps, not in the step).
+    fn read_metrics(&self, sums: &Self::Metrics) -> Result<StepMetrics>;
 }

@@ -25,6 +25,7 @@ impl Backend for CpuBackend {
     type F32 = Vec<f32>;
     type I32 = Vec<i32>;
     type U8 = Vec<u8>;
+    type Metrics = StepMetrics;
     type Weights = [f32];
     type Grads = [f32];
 
@@ -40,8 +41,22 @@ impl Backend for CpuBackend {
         Ok(vec![0; n])
     }
 
-    fn upload_i32(&self, host: &[i32]) -> Result<Vec<i32>> {
-        Ok(host.to_vec())
+    fn alloc_i32(&self, n: usize) -> Result<Vec<i32>> {
+        Ok(vec![0; n])
+    }
+
+    fn alloc_metrics(&self) -> Result<StepMetrics> {
+        Ok(StepMetrics::default())
+    }
+
+    fn write_i32(&self, dst: &mut Vec<i32>, host: &[i32]) -> Result<()> {
+        dst[..host.len()].copy_from_slice(host);
+        Ok(())
+    }
+
+    fn write_f32(&self, dst: &mut Vec<f32>, host: &[f32]) -> Result<()> {
+        dst[..host.len()].copy_from_slice(host);
+        Ok(())
     }
 
     fn upload_act(&self, host: &[f32]) -> Result<Vec<f32>> {
@@ -159,12 +174,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn lm_head_loss(&self, losses: &mut Vec<f32>, correct: &mut Vec<u8>, grads: Option<(&mut Vec<f32>, &mut [f32])>, y: &Vec<f32>, w: &[f32], w_at: TensorAt, labels: &Vec<i32>, t: usize, v: usize, d: usize, grad_scale: f32) -> Result<()> {
+    fn lm_head_loss(&self, losses: &mut Vec<f32>, correct: &mut Vec<u8>, grads: Option<(&mut Vec<f32>, &mut [f32])>, y: &Vec<f32>, w: &[f32], w_at: TensorAt, labels: &Vec<i32>, t: usize, v: usize, d: usize, grad_scale: &Vec<f32>) -> Result<()> {
         let w = &w[w_at.range()];
         let mut logits = vec![0.0f32; t * v]; // [T, V]
         linear_fwd_cpu(&mut logits, y, w, None, t, v, d);
         let mut dlogits = vec![0.0f32; t * v]; // [T, V]
-        cross_entropy_cpu(&mut dlogits, losses, correct, &logits, labels, t, v, grad_scale);
+        cross_entropy_cpu(&mut dlogits, losses, correct, &logits, labels, t, v, grad_scale[0]);
         if let Some((dy, dw)) = grads {
             linear_bwd_weight_cpu(&mut dw[w_at.range()], &dlogits, y, t, v, d);
             linear_bwd_input_cpu(dy, &dlogits, w, t, v, d);
@@ -172,7 +187,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn metrics(&self, losses: &Vec<f32>, correct: &Vec<u8>, labels: &[i32], cu_seqlens: &[i32], t: usize) -> Result<StepMetrics> {
-        Ok(metrics_cpu(losses, correct, labels, cu_seqlens, t))
+    fn step_metrics(&self, sums: &mut StepMetrics, losses: &Vec<f32>, correct: &Vec<u8>, labels: &Vec<i32>, cu_seqlens: &Vec<i32>, t: usize) -> Result<()> {
+        *sums = metrics_cpu(losses, correct, labels, cu_seqlens, t);
+        Ok(())
+    }
+
+    fn read_metrics(&self, sums: &StepMetrics) -> Result<StepMetrics> {
+        Ok(*sums)
     }
 }

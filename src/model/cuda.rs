@@ -7,7 +7,7 @@
 //! 16-byte aligned). Weight gradients accumulate in fp32 inside cuBLASLt (`beta = 1`).
 //!
 //! What the backend keeps between steps, so that a step of an already-seen batch shape
-//! allocates nothing of its own:
+//! allocates nothing:
 //!
 //! - the cuBLASLt handle, its workspace and one plan per GEMM shape ([`GemmCache`]), built
 //!   the first time a shape runs and looked up afterwards;
@@ -15,16 +15,15 @@
 //! - the embedding backward's scratch: the batch's token order, sorted on the host by
 //!   [`Backend::prepare_token_order`] and copied through a pinned buffer, its tickets and
 //!   partial rows.
+//! - the attention launchers' tables and workspaces ([`AttentionScratch`]).
 //!
-//! The model's own buffers come from `alloc_*` once per batch shape (`net.rs`, `plan`). Two
-//! allocations per step remain outside this file: the batch's index buffers (`upload_i32`,
-//! called by `net.rs` every step) and the attention launchers' span tables. Both are small
-//! and stream-ordered (`cuMemAllocAsync`); [`CudaBackend::new`] keeps the device's memory pool
-//! from handing memory back to the driver at each synchronisation, so they are served from the
-//! pool without a driver call.
+//! The model's own buffers, the batch's included, come from `alloc_*` once per batch shape
+//! (`net.rs`, `plan`). [`CudaBackend::allocations`] counts every allocation the backend makes,
+//! so that a caller can tell when a step ran without allocating: such a step can be captured
+//! in a CUDA graph and replayed (`src/train/graph.rs`).
 //!
-//! Nothing here synchronises with the host except [`Backend::metrics`] (once per step) and
-//! [`Backend::download_f32`].
+//! Nothing here synchronises with the host except [`Backend::read_metrics`] and
+//! [`Backend::download_f32`], which the trainer calls outside the step.
 //!
 //! With profiling on ([`CudaBackend::set_profiling`]) every op is bracketed by a pair of CUDA
 //! events tagged with its [`OpClass`]; [`CudaBackend::take_profile`] sums them per class.
@@ -38,8 +37,8 @@ use half::bf16;
 
 use crate::gpu::{DriverContext, Gpu};
 use crate::model::backend::{Backend, TensorAt};
-use crate::ops::attention::{attention_bwd, attention_fwd};
-use crate::ops::cross_entropy::{cross_entropy_in_place, lm_head_cross_entropy, metrics_cpu, CeKernel, StepMetrics};
+use crate::ops::attention::{attention_bwd, attention_fwd, AttentionScratch};
+use crate::ops::cross_entropy::{cross_entropy_in_place, lm_head_cross_entropy, metrics, CeKernel, StepMetrics, METRICS_LEN};
 use crate::ops::elementwise::{add_act, broadcast_rows};
 use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch, TokenOrder};
 use crate::ops::gate::{gate_bwd, gate_fwd};
@@ -95,6 +94,10 @@ pub struct CudaBackend<'g> {
     lm_chunk_bytes: usize,
     /// The embedding backward's scratch, holding the order of the last prepared batch.
     embed_scratch: RefCell<Option<EmbeddingBwdScratch>>,
+    /// The attention launchers' scratch; replaced when a batch has more rows.
+    attn_scratch: RefCell<Option<AttentionScratch>>,
+    /// Device allocations made so far (see [`CudaBackend::allocations`]).
+    allocations: Cell<u64>,
     profiling: Cell<bool>,
     /// (class, start, end) of every op since the last [`CudaBackend::take_profile`].
     spans: RefCell<Vec<(OpClass, CudaEvent, CudaEvent)>>,
@@ -109,6 +112,8 @@ impl<'g> CudaBackend<'g> {
             lm_logits: RefCell::new(None),
             lm_chunk_bytes: LM_HEAD_CHUNK_BYTES,
             embed_scratch: RefCell::new(None),
+            attn_scratch: RefCell::new(None),
+            allocations: Cell::new(0),
             profiling: Cell::new(false),
             spans: RefCell::new(Vec::new()),
         })
@@ -124,6 +129,23 @@ impl<'g> CudaBackend<'g> {
     /// per op).
     pub fn set_profiling(&self, on: bool) {
         self.profiling.set(on);
+    }
+
+    pub fn profiling(&self) -> bool {
+        self.profiling.get()
+    }
+
+    /// How many device buffers the backend has allocated so far (the model's through
+    /// `alloc_*`, and its own scratch). Unchanged over a step means the step allocated nothing:
+    /// run again with the same shapes it allocates nothing either, so it can be captured.
+    pub fn allocations(&self) -> u64 {
+        self.allocations.get()
+    }
+
+    /// Counts one allocation and passes its result on.
+    fn counted<T>(&self, allocation: Result<T>) -> Result<T> {
+        self.allocations.set(self.allocations.get() + 1);
+        allocation
     }
 
     /// Runs `f`, bracketed by timing events tagged `class` when profiling is on.
@@ -162,8 +184,18 @@ impl<'g> CudaBackend<'g> {
         if slot.as_ref().is_none_or(|s| s.len() < len) {
             *slot = None; // release the smaller buffer first
             // SAFETY: the logits are written by the GEMM before anything reads them.
-            let buf = unsafe { self.gpu.stream.alloc::<bf16>(len) }.during("allocating the LM-head logits")?;
+            let buf = self.counted(unsafe { self.gpu.stream.alloc::<bf16>(len) }.context("allocating the LM-head logits"))?;
             *slot = Some(buf);
+        }
+        Ok(std::cell::RefMut::map(slot, |s| s.as_mut().expect("allocated above")))
+    }
+
+    /// The attention scratch for `t` rows of `nh` heads, replaced when it does not fit.
+    fn attention_scratch(&self, t: usize, nh: usize) -> Result<std::cell::RefMut<'_, AttentionScratch>> {
+        let mut slot = self.attn_scratch.borrow_mut();
+        if slot.as_ref().is_none_or(|s| !s.fits(t, nh)) {
+            *slot = None; // release the smaller one first
+            *slot = Some(self.counted(AttentionScratch::new(self.gpu, t, nh).context("allocating the attention scratch"))?);
         }
         Ok(std::cell::RefMut::map(slot, |s| s.as_mut().expect("allocated above")))
     }
@@ -171,7 +203,8 @@ impl<'g> CudaBackend<'g> {
 
 /// Keeps freed memory in the device's default pool instead of returning it to the driver at
 /// every synchronisation (the default release threshold is 0), so the few stream-ordered
-/// allocations a step makes are served from the pool.
+/// allocations made between steps (the gradient norm's partial sums at logging steps, buffers
+/// replaced when a batch shape changes) are served from the pool.
 fn keep_pool_memory(gpu: &Gpu) -> Result<()> {
     use cudarc::driver::sys;
     gpu.ctx.bind_to_thread().during("binding the context")?;
@@ -193,28 +226,41 @@ impl<'g> Backend for CudaBackend<'g> {
     type F32 = CudaSlice<f32>;
     type I32 = CudaSlice<i32>;
     type U8 = CudaSlice<u8>;
+    type Metrics = CudaSlice<f64>;
     type Weights = CudaSlice<bf16>;
     type Grads = CudaSlice<f32>;
 
     fn alloc_act(&self, n: usize) -> Result<CudaSlice<bf16>> {
-        self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating an activation of {n} bf16"))
+        self.counted(self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating an activation of {n} bf16")))
     }
 
     fn alloc_f32(&self, n: usize) -> Result<CudaSlice<f32>> {
-        self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating {n} fp32"))
+        self.counted(self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating {n} fp32")))
     }
 
     fn alloc_u8(&self, n: usize) -> Result<CudaSlice<u8>> {
-        self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating {n} u8"))
+        self.counted(self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating {n} u8")))
     }
 
-    fn upload_i32(&self, host: &[i32]) -> Result<CudaSlice<i32>> {
-        self.gpu.stream.clone_htod(host).with_context(|| format!("uploading {} i32", host.len()))
+    fn alloc_i32(&self, n: usize) -> Result<CudaSlice<i32>> {
+        self.counted(self.gpu.stream.alloc_zeros(n).with_context(|| format!("allocating {n} i32")))
+    }
+
+    fn alloc_metrics(&self) -> Result<CudaSlice<f64>> {
+        self.counted(self.gpu.stream.alloc_zeros(METRICS_LEN).context("allocating the metric sums"))
+    }
+
+    fn write_i32(&self, dst: &mut CudaSlice<i32>, host: &[i32]) -> Result<()> {
+        self.gpu.stream.memcpy_htod(host, &mut dst.slice_mut(..host.len())).with_context(|| format!("uploading {} i32", host.len()))
+    }
+
+    fn write_f32(&self, dst: &mut CudaSlice<f32>, host: &[f32]) -> Result<()> {
+        self.gpu.stream.memcpy_htod(host, &mut dst.slice_mut(..host.len())).with_context(|| format!("uploading {} fp32", host.len()))
     }
 
     fn upload_act(&self, host: &[f32]) -> Result<CudaSlice<bf16>> {
         let rounded: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
-        self.gpu.stream.clone_htod(&rounded).with_context(|| format!("uploading {} bf16", host.len()))
+        self.counted(self.gpu.stream.clone_htod(&rounded).with_context(|| format!("uploading {} bf16", host.len())))
     }
 
     fn zero_act(&self, x: &mut CudaSlice<bf16>) -> Result<()> {
@@ -298,13 +344,15 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn attention_fwd(&self, o: &mut CudaSlice<bf16>, lse: &mut CudaSlice<f32>, q: &CudaSlice<bf16>, k: &CudaSlice<bf16>, v: &CudaSlice<bf16>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+        let mut scratch = self.attention_scratch(t, nh)?;
         self.timed(OpClass::Attention, || {
-            attention_fwd(self.gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &q.as_view(), &k.as_view(), &v.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh)
+            attention_fwd(self.gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &q.as_view(), &k.as_view(), &v.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh, &mut scratch)
                 .with_context(|| format!("attention_fwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
         })
     }
 
     fn attention_bwd(&self, dq: &mut CudaSlice<bf16>, dk: &mut CudaSlice<bf16>, dv: &mut CudaSlice<bf16>, do_: &CudaSlice<bf16>, q: &CudaSlice<bf16>, k: &CudaSlice<bf16>, v: &CudaSlice<bf16>, o: &CudaSlice<bf16>, lse: &CudaSlice<f32>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+        let mut scratch = self.attention_scratch(t, nh)?;
         self.timed(OpClass::Attention, || {
             attention_bwd(
                 self.gpu,
@@ -321,6 +369,7 @@ impl<'g> Backend for CudaBackend<'g> {
                 &prefix_lens.as_view(),
                 t,
                 nh,
+                &mut scratch,
             )
             .with_context(|| format!("attention_bwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
         })
@@ -357,7 +406,7 @@ impl<'g> Backend for CudaBackend<'g> {
         let mut slot = self.embed_scratch.borrow_mut();
         if slot.as_ref().is_none_or(|s| s.t_max() < t || s.v() != v) {
             *slot = None; // release the smaller scratch first
-            *slot = Some(EmbeddingBwdScratch::new(self.gpu, t, v).context("allocating the embedding backward scratch")?);
+            *slot = Some(self.counted(EmbeddingBwdScratch::new(self.gpu, t, v).context("allocating the embedding backward scratch"))?);
         }
         let scratch = slot.as_mut().expect("allocated above");
         // Host work while the device runs what is queued; untimed, like the batch's uploads.
@@ -374,7 +423,7 @@ impl<'g> Backend for CudaBackend<'g> {
         })
     }
 
-    fn lm_head_loss(&self, losses: &mut CudaSlice<f32>, correct: &mut CudaSlice<u8>, grads: Option<(&mut CudaSlice<bf16>, &mut CudaSlice<f32>)>, y: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, labels: &CudaSlice<i32>, t: usize, v: usize, d: usize, grad_scale: f32) -> Result<()> {
+    fn lm_head_loss(&self, losses: &mut CudaSlice<f32>, correct: &mut CudaSlice<u8>, grads: Option<(&mut CudaSlice<bf16>, &mut CudaSlice<f32>)>, y: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, labels: &CudaSlice<i32>, t: usize, v: usize, d: usize, grad_scale: &CudaSlice<f32>) -> Result<()> {
         let mut logits = self.lm_scratch(t, v)?;
         let rows = lm_head_rows(t, v, self.lm_chunk_bytes);
         let mut logits = logits.slice_mut(..rows * v); // [rows, V]
@@ -383,7 +432,7 @@ impl<'g> Backend for CudaBackend<'g> {
         self.timed(OpClass::LmHead, || {
             if let Some((dy, dw)) = grads {
                 let mut dw = dw.slice_mut(w_at.range());
-                return lm_head_cross_entropy(self.gpu, &self.gemm, &mut dy.as_view_mut(), &mut dw, &mut losses.as_view_mut(), &mut correct.as_view_mut(), &y.as_view(), &w, &labels.as_view(), t, v, d, grad_scale, &mut logits)
+                return lm_head_cross_entropy(self.gpu, &self.gemm, &mut dy.as_view_mut(), &mut dw, &mut losses.as_view_mut(), &mut correct.as_view_mut(), &y.as_view(), &w, &labels.as_view(), t, v, d, &grad_scale.as_view(), &mut logits)
                     .with_context(what);
             }
             // Forward only: the same chunks without the two backward GEMMs.
@@ -393,17 +442,22 @@ impl<'g> Backend for CudaBackend<'g> {
                 let mut block = logits.slice_mut(..n * v);
                 linear_fwd(self.gpu, &self.gemm, &mut block, &y.slice(start * d..(start + n) * d), &w, None, n, v, d).with_context(what)?;
                 let r = start..start + n;
-                cross_entropy_in_place(self.gpu, kernel, &mut block, &mut losses.slice_mut(r.clone()), &mut correct.slice_mut(r.clone()), &labels.slice(r), n, v, grad_scale).with_context(what)?;
+                cross_entropy_in_place(self.gpu, kernel, &mut block, &mut losses.slice_mut(r.clone()), &mut correct.slice_mut(r.clone()), &labels.slice(r), n, v, &grad_scale.as_view()).with_context(what)?;
             }
             Ok(())
         })
     }
 
-    fn metrics(&self, losses: &CudaSlice<f32>, correct: &CudaSlice<u8>, labels: &[i32], cu_seqlens: &[i32], t: usize) -> Result<StepMetrics> {
-        // [T] losses and flags are a few tens of KB: reduce them on the host with the CPU
-        // reference, exactly as the CPU backend does. Each download synchronises.
-        let losses = self.gpu.stream.clone_dtoh(losses).context("downloading the per-token losses")?;
-        let correct = self.gpu.stream.clone_dtoh(correct).context("downloading the per-token flags")?;
-        Ok(metrics_cpu(&losses, &correct, labels, cu_seqlens, t))
+    fn step_metrics(&self, sums: &mut CudaSlice<f64>, losses: &CudaSlice<f32>, correct: &CudaSlice<u8>, labels: &CudaSlice<i32>, cu_seqlens: &CudaSlice<i32>, t: usize) -> Result<()> {
+        self.timed(OpClass::Other, || {
+            self.gpu.stream.memset_zeros(sums).context("zeroing the metric sums")?;
+            metrics(self.gpu, &mut sums.as_view_mut(), &losses.as_view(), &correct.as_view(), &labels.as_view(), &cu_seqlens.as_view(), t).with_context(|| format!("step_metrics [T={t}, S={}]", cu_seqlens.len() - 1))
+        })
+    }
+
+    fn read_metrics(&self, sums: &CudaSlice<f64>) -> Result<StepMetrics> {
+        let host = self.gpu.stream.clone_dtoh(sums).context("downloading the metric sums")?;
+        let sums: [f64; METRICS_LEN] = host.try_into().map_err(|v: Vec<f64>| anyhow::anyhow!("the metric sums hold {} values, not {METRICS_LEN}", v.len()))?;
+        Ok(StepMetrics::from_device(&sums))
     }
 }

@@ -17,7 +17,7 @@
 //! ```
 //!
 //! The backward walks the schedule in reverse with one gradient buffer per state. A pass with
-//! gradient turns `d z[out]` into `d(z + inj)` through its saved activations and adds it to
+//! gradient turns `d z[out]` into `d(z + inj)` through its activations and adds it to
 //! both `d z[z]` and `d z[inj]`; a pass without gradient is a constant, so it zeroes
 //! `d z[out]` and stops there. What is left in `d z_H` at the start is the embedding's
 //! gradient. The derivation of the block's backward is in `docs/model.md`.
@@ -30,6 +30,13 @@
 //! before its backward `pass_recompute` reruns it from that input into one activation
 //! arena, a single pass's set that every pass with gradient refills in turn. The ops and their
 //! inputs are the same, so the recomputed activations are the same bits.
+//!
+//! A step runs in two halves: [`Model::stage_step`] does everything that needs the host (it
+//! checks the batch, sizes the buffers and writes the batch into them), and
+//! [`Model::enqueue_step`] only enqueues device work on those buffers. The second half reads
+//! no host value but the sizes, so a GPU trainer can capture it once in a CUDA graph and
+//! replay it for every batch of the same shape; its metrics stay on the device until the
+//! trainer reads them ([`Backend::read_metrics`]).
 
 use anyhow::{bail, ensure, Context, Result};
 use half::bf16;
@@ -194,13 +201,57 @@ struct BlockGrads<B: Backend> {
     dgqkv: B::Act, // [T, 4C]
 }
 
-/// The batch's index buffers on the backend.
+/// The smallest sample table a workspace holds (see [`DeviceBatch`]).
+const MIN_SAMPLE_CAPACITY: usize = 64;
+
+/// The batch on the backend, in buffers of fixed size so that every step reads its batch from
+/// the same places. The sample table holds `samples` entries, at least the batch's `S`: the
+/// rest are empty samples (the last offset repeated, prefix 0), which change no result (an
+/// empty sample has no rows to attend and no labels to count). The capacity is a power of two,
+/// grown when a batch has more samples, so padding at most doubles the per-sample work (one
+/// block per sample in the attention's span table, one warp-iteration in the metrics).
 struct DeviceBatch<B: Backend> {
+    samples: usize,
     tokens: B::I32,      // [T]
     labels: B::I32,      // [T]
     positions: B::I32,   // [T]
-    cu_seqlens: B::I32,  // [S+1]
-    prefix_lens: B::I32, // [S]
+    cu_seqlens: B::I32,  // [samples+1]
+    prefix_lens: B::I32, // [samples]
+    grad_scale: B::F32,  // [1]  1 / loss_divisor, the LM head's gradient scale
+}
+
+impl<B: Backend> DeviceBatch<B> {
+    /// Buffers for `t` tokens and a sample table for at least `s` samples.
+    fn new(be: &B, t: usize, s: usize) -> Result<DeviceBatch<B>> {
+        let samples = s.next_power_of_two().max(MIN_SAMPLE_CAPACITY);
+        Ok(DeviceBatch {
+            samples,
+            tokens: be.alloc_i32(t)?,
+            labels: be.alloc_i32(t)?,
+            positions: be.alloc_i32(t)?,
+            cu_seqlens: be.alloc_i32(samples + 1)?,
+            prefix_lens: be.alloc_i32(samples)?,
+            grad_scale: be.alloc_f32(1)?,
+        })
+    }
+
+    /// Writes `batch` (checked, with as many tokens as the buffers and at most `samples`
+    /// samples), its sample table padded to the capacity, and `grad_scale`.
+    fn write(&mut self, be: &B, batch: &Batch, grad_scale: f32) -> Result<()> {
+        let s = batch.prefix_lens.len();
+        ensure!(s <= self.samples, "batch: {s} samples for a sample table of {}", self.samples);
+        let last = *batch.cu_seqlens.last().expect("a checked batch has cu_seqlens[0]");
+        let mut cu_seqlens = batch.cu_seqlens.to_vec();
+        cu_seqlens.resize(self.samples + 1, last);
+        let mut prefix_lens = batch.prefix_lens.to_vec();
+        prefix_lens.resize(self.samples, 0);
+        be.write_i32(&mut self.tokens, batch.inputs)?;
+        be.write_i32(&mut self.labels, batch.labels)?;
+        be.write_i32(&mut self.positions, batch.positions)?;
+        be.write_i32(&mut self.cu_seqlens, &cu_seqlens)?;
+        be.write_i32(&mut self.prefix_lens, &prefix_lens)?;
+        be.write_f32(&mut self.grad_scale, &[grad_scale])
+    }
 }
 
 /// Sizes every op call needs.
@@ -217,6 +268,7 @@ struct Sizes {
 /// Every buffer of a step of `T` tokens, allocated once and reused while `T` stays the same.
 struct Workspace<B: Backend> {
     t: usize,
+    batch: DeviceBatch<B>,
     state: [B::Act; 2],  // [T, D] each, indexed by Slot: z_H, z_L
     dstate: [B::Act; 2], // [T, D] their gradients
     gqkv: B::Act,        // [T, 4C] projection scratch (split by qkv_rope_fwd, not kept)
@@ -246,6 +298,9 @@ pub struct Model<B: Backend> {
     /// Blocks of the deepest module: the size of a kept pass.
     max_blocks: usize,
     ws: Option<Workspace<B>>,
+    /// The metric sums of [`Model::forward_backward`] and [`Model::forward_loss`] (a trainer
+    /// passes its own to [`Model::enqueue_step`]).
+    metrics: Option<B::Metrics>,
 }
 
 impl<B: Backend> Model<B> {
@@ -263,7 +318,7 @@ impl<B: Backend> Model<B> {
         };
         let max_blocks = weights.modules.iter().map(|(_, b)| b.len()).max().unwrap_or(0);
         ensure!(max_blocks > 0, "the {:?} net with n_layers = {} has a module without blocks", config.net.name(), config.dims.n_layers);
-        Ok(Model { backend, config, layout, weights, z_l_init, max_blocks, ws: None })
+        Ok(Model { backend, config, layout, weights, z_l_init, max_blocks, ws: None, metrics: None })
     }
 
     pub fn backend(&self) -> &B {
@@ -281,12 +336,27 @@ impl<B: Backend> Model<B> {
     /// One forward and backward over `batch`. `grads` (master-shaped, fp32) accumulates
     /// `d(loss_sum / loss_divisor)/d(weights)`; `loss_divisor` is the number of valid labels
     /// (at world size 1; SPEC §5). Gradient flows only through the passes of `schedule` that
-    /// have it.
+    /// have it. Reads the metrics back (synchronises): for checks and tools; a trainer runs
+    /// [`Model::stage_step`] and [`Model::enqueue_step`] and reads metrics when it logs.
     pub fn forward_backward(&mut self, weights: &B::Weights, batch: &Batch, schedule: &Schedule, grads: &mut B::Grads, loss_divisor: f32) -> Result<StepOutput> {
-        ensure!(loss_divisor.is_finite() && loss_divisor > 0.0, "loss_divisor must be positive, got {loss_divisor}");
-        let metrics = self.step(weights, batch, schedule, Some(grads), 1.0 / loss_divisor)?;
-        let tensors_with_grad = self
-            .layout
+        self.stage_step(batch, schedule, loss_divisor)?;
+        let metrics = self.enqueue_and_read(weights, schedule, Some(grads))?;
+        Ok(StepOutput { metrics, tensors_with_grad: self.tensors_with_grad(schedule) })
+    }
+
+    /// The forward alone (evaluation, `hrm-cu loss`): no activations kept, no gradients.
+    /// Synchronises.
+    pub fn forward_loss(&mut self, weights: &B::Weights, batch: &Batch) -> Result<StepMetrics> {
+        let schedule = Schedule::forward_only(&self.config.net);
+        self.stage(batch, 0, 0, 0.0)?; // no gradient: the scale multiplies logit gradients nobody reads
+        self.enqueue_and_read(weights, &schedule, None)
+    }
+
+    /// One flag per tensor of `ParamLayout::tensors` (same order): whether a step with
+    /// `schedule` gives it gradient. The optimiser skips tensors without (SPEC §7);
+    /// `z_L_init` is never trained.
+    pub fn tensors_with_grad(&self, schedule: &Schedule) -> Vec<bool> {
+        self.layout
             .tensors
             .iter()
             .map(|t| match t.role {
@@ -295,14 +365,29 @@ impl<B: Backend> Model<B> {
                 Role::Gqkv { module, .. } | Role::AttnOut { module, .. } | Role::GateUp { module, .. } | Role::Down { module, .. } => schedule.module_grad(module),
                 Role::ZLInit => false,
             })
-            .collect();
-        Ok(StepOutput { metrics, tensors_with_grad })
+            .collect()
     }
 
-    /// The forward alone (evaluation, `hrm-cu loss`): no activations kept, no gradients.
-    pub fn forward_loss(&mut self, weights: &B::Weights, batch: &Batch) -> Result<StepMetrics> {
-        let schedule = Schedule::forward_only(&self.config.net);
-        self.step(weights, batch, &schedule, None, 0.0)
+    /// The first half of a training step: checks `batch`, sizes the step's buffers for it and
+    /// for the passes of `schedule` with gradient (allocating only what grows), and writes the
+    /// batch and the gradient scale `1 / loss_divisor` into them.
+    /// When the schedule trains the embedding, the batch's token order for its backward is
+    /// prepared here too (host work and a copy, outside the enqueued step).
+    pub fn stage_step(&mut self, batch: &Batch, schedule: &Schedule, loss_divisor: f32) -> Result<()> {
+        ensure!(loss_divisor.is_finite() && loss_divisor > 0.0, "loss_divisor must be positive, got {loss_divisor}");
+        self.stage(batch, schedule.grad_passes(), schedule.kept_passes(), 1.0 / loss_divisor)?;
+        if schedule.embedding_grad {
+            self.backend.prepare_token_order(batch.inputs, self.config.vocab)?;
+        }
+        Ok(())
+    }
+
+    /// The second half: enqueues the forward and backward of the staged batch with `schedule`
+    /// (which must be the staged one's or need no more pass inputs and kept passes). `grads` accumulates
+    /// (zero it first); `metrics` receives the step's sums on the backend. Nothing is read
+    /// back and nothing is allocated.
+    pub fn enqueue_step(&mut self, weights: &B::Weights, schedule: &Schedule, grads: &mut B::Grads, metrics: &mut B::Metrics) -> Result<()> {
+        self.enqueue(weights, schedule, Some(grads), metrics)
     }
 
     /// The per-token losses `[T]` of the last step (0 on ignored labels). Synchronises.
@@ -316,31 +401,45 @@ impl<B: Backend> Model<B> {
         Sizes { t, d: d.hidden, nh: d.heads, c: d.heads * d.head_dim, i: d.intermediate, v: self.config.vocab }
     }
 
-    fn step(&mut self, w: &B::Weights, batch: &Batch, schedule: &Schedule, grads: Option<&mut B::Grads>, grad_scale: f32) -> Result<StepMetrics> {
+    /// Checks `batch`, plans the workspace for it with `inputs` pass inputs and `kept` kept
+    /// passes, writes it.
+    fn stage(&mut self, batch: &Batch, inputs: usize, kept: usize, grad_scale: f32) -> Result<()> {
         batch.check(self.config.vocab)?;
+        let sz = self.sizes(batch.tokens());
+        let ws = plan(&mut self.ws, &self.backend, sz, self.max_blocks, inputs, kept, batch.prefix_lens.len())?;
+        ws.batch.write(&self.backend, batch, grad_scale)
+    }
+
+    /// Enqueues the staged step with the model's own metric sums and reads them back.
+    fn enqueue_and_read(&mut self, w: &B::Weights, schedule: &Schedule, grads: Option<&mut B::Grads>) -> Result<StepMetrics> {
+        let mut sums = match self.metrics.take() {
+            Some(sums) => sums,
+            None => self.backend.alloc_metrics()?,
+        };
+        let read = self.enqueue(w, schedule, grads, &mut sums).and_then(|()| self.backend.read_metrics(&sums));
+        self.metrics = Some(sums);
+        read
+    }
+
+    fn enqueue(&mut self, w: &B::Weights, schedule: &Schedule, grads: Option<&mut B::Grads>, metrics: &mut B::Metrics) -> Result<()> {
         let master_len = self.layout.master_len;
         ensure!(self.backend.weights_len(w) == master_len, "weights hold {} elements, the layout {master_len}", self.backend.weights_len(w));
         if let Some(g) = &grads {
             ensure!(self.backend.grads_len(g) == master_len, "gradients hold {} elements, the layout {master_len}", self.backend.grads_len(g));
         }
         ensure!(self.config.net.has_z_l_init() || schedule.passes.iter().all(|p| p.z != Slot::L && p.inj != Some(Slot::L)), "the schedule reads z_L, which the {:?} net does not have", self.config.net.name());
-        let sz = self.sizes(batch.tokens());
+        let sz = self.sizes(self.ws.as_ref().context("no batch was staged")?.t);
+        let ws = self.ws.as_mut().expect("checked above");
         let training = grads.is_some();
-        let inputs = if training { schedule.grad_passes() } else { 0 };
-        let kept = if schedule.recompute { inputs.min(1) } else { inputs };
-        let be = &self.backend;
-        let wm = &self.weights;
-        let ws = plan(&mut self.ws, be, sz, self.max_blocks, inputs, kept)?;
-        let db = DeviceBatch::<B> {
-            tokens: be.upload_i32(batch.inputs)?,
-            labels: be.upload_i32(batch.labels)?,
-            positions: be.upload_i32(batch.positions)?,
-            cu_seqlens: be.upload_i32(batch.cu_seqlens)?,
-            prefix_lens: be.upload_i32(batch.prefix_lens)?,
-        };
-        if grads.is_some() && schedule.embedding_grad {
-            be.prepare_token_order(batch.inputs, sz.v)?;
-        }
+        let (inputs, kept) = if training { (schedule.grad_passes(), schedule.kept_passes()) } else { (0, 0) };
+        ensure!(
+            ws.inputs.len() >= inputs && ws.kept.len() >= kept,
+            "the staged buffers keep {} pass inputs and {} passes' activations, the schedule needs {inputs} and {kept}: stage the batch with this schedule",
+            ws.inputs.len(),
+            ws.kept.len()
+        );
+        let (be, wm) = (&self.backend, &self.weights);
+        let db = &ws.batch;
         let (t, d) = (sz.t, sz.d);
         let scale = (d as f32).sqrt(); // SPEC §3: embedding times 1/init_std = sqrt(hidden)
 
@@ -356,16 +455,16 @@ impl<B: Backend> Model<B> {
                 (true, true) => (&mut ws.inputs[k], &mut ws.scratch),
                 (false, _) => (&mut ws.scratch_input, &mut ws.scratch),
             };
-            pass_forward(be, w, wm.module(pass.module)?, pass, input, acts, &mut ws.gqkv, &mut ws.state, &db, sz)?;
+            pass_forward(be, w, wm.module(pass.module)?, pass, input, acts, &mut ws.gqkv, &mut ws.state, db, sz)?;
             k += usize::from(pass.grad && training);
         }
         let out = schedule.output.index();
         let Some(grads) = grads else {
-            be.lm_head_loss(&mut ws.losses, &mut ws.correct, None, &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, grad_scale)?;
-            return be.metrics(&ws.losses, &ws.correct, batch.labels, batch.cu_seqlens, t);
+            be.lm_head_loss(&mut ws.losses, &mut ws.correct, None, &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, &db.grad_scale)?;
+            return be.step_metrics(metrics, &ws.losses, &ws.correct, &db.labels, &db.cu_seqlens, t);
         };
         // The LM head writes d z[output]; the other state's gradient starts at zero.
-        be.lm_head_loss(&mut ws.losses, &mut ws.correct, Some((&mut ws.dstate[out], &mut *grads)), &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, grad_scale)?;
+        be.lm_head_loss(&mut ws.losses, &mut ws.correct, Some((&mut ws.dstate[out], &mut *grads)), &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, &db.grad_scale)?;
         be.zero_act(&mut ws.dstate[schedule.output.other().index()])?;
 
         // ---- backward ----
@@ -380,27 +479,28 @@ impl<B: Backend> Model<B> {
             let acts = if schedule.recompute {
                 // The states are no longer read once the LM head has run: the rerun writes the
                 // pass's output where its forward did, the same bits.
-                pass_recompute(be, w, blocks, &ws.inputs[k], &mut ws.kept[0], &mut ws.gqkv, &mut ws.state[pass.out.index()], &db, sz)?;
+                pass_recompute(be, w, blocks, &ws.inputs[k], &mut ws.kept[0], &mut ws.gqkv, &mut ws.state[pass.out.index()], db, sz)?;
                 &ws.kept[0]
             } else {
                 &ws.kept[k]
             };
-            pass_backward(be, w, blocks, grads, pass, &ws.inputs[k], acts, &mut ws.grads, &mut ws.dstate, &db, sz)?;
+            pass_backward(be, w, blocks, grads, pass, &ws.inputs[k], acts, &mut ws.grads, &mut ws.dstate, db, sz)?;
         }
         if schedule.embedding_grad {
             be.embedding_bwd(grads, wm.embed, &ws.dstate[Slot::H.index()], &db.tokens, t, d, scale)?;
         }
-        be.metrics(&ws.losses, &ws.correct, batch.labels, batch.cu_seqlens, t)
+        be.step_metrics(metrics, &ws.losses, &ws.correct, &db.labels, &db.cu_seqlens, t)
     }
 }
 
 impl<B: Backend> Workspace<B> {
-    /// Every buffer of a step of `T` tokens, with no passes with gradient yet.
-    fn new(be: &B, sz: Sizes) -> Result<Workspace<B>> {
+    /// Every buffer of a step of `T` tokens and `s` samples, with no passes with gradient yet.
+    fn new(be: &B, sz: Sizes, s: usize) -> Result<Workspace<B>> {
         let Sizes { t, d, c, i, .. } = sz;
         let act = |n: usize| be.alloc_act(n);
         Ok(Workspace {
             t,
+            batch: DeviceBatch::new(be, t, s)?,
             state: [act(t * d)?, act(t * d)?],
             dstate: [act(t * d)?, act(t * d)?],
             gqkv: act(t * 4 * c)?,
@@ -427,17 +527,21 @@ impl<B: Backend> Workspace<B> {
     }
 }
 
-/// The workspace for `T = sz.t` tokens with at least `inputs` pass inputs and `kept` kept
-/// passes of `blocks` blocks: the existing one when `T` is unchanged (growing both if
-/// needed), else a fresh one.
-fn plan<'a, B: Backend>(slot: &'a mut Option<Workspace<B>>, be: &B, sz: Sizes, blocks: usize, inputs: usize, kept: usize) -> Result<&'a mut Workspace<B>> {
+/// The workspace for `T = sz.t` tokens, `s` samples, at least `inputs` pass inputs and `kept`
+/// kept passes of `blocks` blocks: the existing one when `T` is unchanged (growing the sample
+/// table, the inputs and the kept passes if needed), else a fresh one.
+#[allow(clippy::too_many_arguments)]
+fn plan<'a, B: Backend>(slot: &'a mut Option<Workspace<B>>, be: &B, sz: Sizes, blocks: usize, inputs: usize, kept: usize, s: usize) -> Result<&'a mut Workspace<B>> {
     if slot.as_ref().is_some_and(|ws| ws.t != sz.t) {
         *slot = None; // release the old buffers before allocating new ones
     }
     let ws = match slot {
         Some(ws) => ws,
-        None => slot.insert(Workspace::new(be, sz)?),
+        None => slot.insert(Workspace::new(be, sz, s)?),
     };
+    if ws.batch.samples < s {
+        ws.batch = DeviceBatch::new(be, sz.t, s)?;
+    }
     while ws.inputs.len() < inputs {
         ws.inputs.push(be.alloc_act(sz.t * sz.d)?);
     }

@@ -153,6 +153,15 @@ impl Schedule {
     pub fn grad_passes(&self) -> usize {
         self.passes.iter().filter(|p| p.grad).count()
     }
+
+    /// Sets of pass activations the backward holds at once: one per pass with gradient, or
+    /// with recomputation one, which each of them refills in turn.
+    pub fn kept_passes(&self) -> usize {
+        match self.recompute {
+            false => self.grad_passes(),
+            true => self.grad_passes().min(1),
+        }
+    }
 }
 
 /// hrm's nested loop over two modules (SPEC §3), with gradient through the last `h_bp` H

@@ -24,6 +24,10 @@
 //! dq[t]    = scale * sum_s dS[t,s] k[s]
 //! dk[s]    = scale * sum_t dS[t,s] q[t]
 //! ```
+//!
+//! The GPU launchers build their row tables and tile orders from the sample table on the
+//! device, in an [`AttentionScratch`] allocated once by the caller: a call allocates nothing
+//! and reads nothing back, so a training step that runs them can be captured in a CUDA graph.
 
 use std::ops::Range;
 
@@ -383,45 +387,123 @@ fn check_table(what: &str, cu_seqlens: usize, prefix_lens: usize, t: usize, nh: 
     assert!(t.div_ceil(Q_TILE).max(t.div_ceil(KV_TILE)) <= MAX_TILES && t * nh < i32::MAX as usize, "{what}: T={t} rows is more than the schedule handles");
 }
 
-/// The row spans of every query and key (`[T, 2]` i32 each, see cuda/attention.cuh), built on
-/// the device from the sample table. Stream-ordered allocations: a captured step records them
-/// as graph memory nodes.
-fn spans(gpu: &Gpu, cu_seqlens: &CudaView<i32>, prefix_lens: &CudaView<i32>, t: usize) -> Result<(CudaSlice<i32>, CudaSlice<i32>), GpuError> {
-    let mut rows = gpu.stream.alloc_zeros::<i32>(2 * t).during("attention: allocating the row spans")?;
-    let mut cols = gpu.stream.alloc_zeros::<i32>(2 * t).during("attention: allocating the column spans")?;
-    let (s, t_i32) = (prefix_lens.len() as i32, t as i32);
-    let func = gpu.function(FAMILY, "attention_spans")?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut rows).arg(&mut cols).arg(cu_seqlens).arg(prefix_lens).arg(&s).arg(&t_i32);
-    // SAFETY: block n < S reads cu_seqlens[n..=n+1] and prefix_lens[n] (the views hold S+1 and
-    // S entries); every row index written is clamped to [0, T) and both tables hold T int2.
-    unsafe { args.launch(config(prefix_lens.len() + 1, BLOCK_THREADS, 0)) }.during("attention_spans")?;
-    Ok((rows, cols))
+/// Rows of the tiles a schedule orders: every ordered tile (forward and dQ query tiles, dK/dV
+/// key tiles, on both architectures) has 128 rows.
+const ORDER_TILE: usize = 128;
+const _: () = assert!(Q_TILE == ORDER_TILE && KV_TILE == ORDER_TILE && SM90_TILE == ORDER_TILE && SM90_BWD_KEYS == ORDER_TILE);
+
+/// The device tables and workspaces of the GPU launchers for up to `t_max` rows and `NH`
+/// heads, allocated once and reused by every call; each call rebuilds what it reads (the row
+/// tables and tile orders from the sample table, the zeroed counters), so nothing carries over
+/// from one call to the next. Lengths with `T_pad` = T rounded up to 64 and `tiles` =
+/// ceil(T / 128):
+pub struct AttentionScratch {
+    t_max: usize,
+    nh: usize,
+    /// [T, 2] i32 each: the key rows every query sees, the query rows that see every key.
+    rows: CudaSlice<i32>,
+    cols: CudaSlice<i32>,
+    /// [tiles] i32 each: query tiles and key tiles in order of decreasing work.
+    q_order: CudaSlice<i32>,
+    kv_order: CudaSlice<i32>,
+    /// [NH, T_pad] fp32: the backward's `D = do . o` per row.
+    delta: CudaSlice<f32>,
+    /// [NH, T_pad] fp32 (Hopper backward): lse in base 2.
+    lse2: CudaSlice<f32>,
+    /// [tiles] i32 (Hopper backward): each key tile's rank in `kv_order`.
+    rank: CudaSlice<i32>,
+    /// [NH, T_pad, HD] fp32 (Hopper backward): dQ summed over key tiles.
+    dqacc: CudaSlice<f32>,
+    /// [NH, T_pad / 64] i32 (Hopper backward): key tiles added to each query tile so far.
+    sem: CudaSlice<i32>,
+    /// [1] i32 (Hopper persistent forward): the head of the work queue.
+    next_item: CudaSlice<i32>,
 }
 
-/// The tiles of `tile` rows ordered by decreasing work, counted in `step`-row tiles of the
-/// other axis (`[ceil(T / tile)]` i32).
-fn schedule(gpu: &Gpu, spans: &CudaSlice<i32>, t: usize, tile: usize, step: usize) -> Result<CudaSlice<i32>, GpuError> {
+/// Element counts of the [`AttentionScratch`] buffers for `t` rows and `nh` heads, in field
+/// order (all 4-byte elements).
+fn scratch_lens(t: usize, nh: usize) -> [usize; 10] {
+    let (tiles, t_pad) = (t.div_ceil(ORDER_TILE), t.div_ceil(SM90_BWD_QUERIES) * SM90_BWD_QUERIES);
+    [2 * t, 2 * t, tiles, tiles, nh * t_pad, nh * t_pad, tiles, nh * t_pad * HD, nh * t_pad / SM90_BWD_QUERIES, 1]
+}
+
+/// Bytes of an [`AttentionScratch`] for `t` rows and `nh` heads (the memory plan's line).
+pub fn attention_scratch_bytes(t: usize, nh: usize) -> usize {
+    4 * scratch_lens(t, nh).iter().sum::<usize>()
+}
+
+impl AttentionScratch {
+    pub fn new(gpu: &Gpu, t_max: usize, nh: usize) -> Result<AttentionScratch, GpuError> {
+        let [rows, cols, q_order, kv_order, delta, lse2, rank, dqacc, sem, next_item] = scratch_lens(t_max, nh);
+        let what = "allocating the attention scratch";
+        let i32s = |n: usize| gpu.stream.alloc_zeros::<i32>(n.max(1)).during(what);
+        let f32s = |n: usize| gpu.stream.alloc_zeros::<f32>(n.max(1)).during(what);
+        Ok(AttentionScratch {
+            t_max,
+            nh,
+            rows: i32s(rows)?,
+            cols: i32s(cols)?,
+            q_order: i32s(q_order)?,
+            kv_order: i32s(kv_order)?,
+            delta: f32s(delta)?,
+            lse2: f32s(lse2)?,
+            rank: i32s(rank)?,
+            dqacc: f32s(dqacc)?,
+            sem: i32s(sem)?,
+            next_item: i32s(next_item)?,
+        })
+    }
+
+    /// Whether this scratch serves calls of `t` rows and `nh` heads.
+    pub fn fits(&self, t: usize, nh: usize) -> bool {
+        t <= self.t_max && nh == self.nh
+    }
+
+    fn check(&self, what: &str, t: usize, nh: usize) {
+        assert!(self.fits(t, nh), "{what}: the scratch holds T <= {} rows of NH = {} heads, the call has T = {t}, NH = {nh}", self.t_max, self.nh);
+    }
+}
+
+/// The row spans of every query and key (`[T, 2]` i32 each in `s.rows`, `s.cols`, see
+/// cuda/attention.cuh), built on the device from the sample table.
+fn spans(gpu: &Gpu, s: &mut AttentionScratch, cu_seqlens: &CudaView<i32>, prefix_lens: &CudaView<i32>, t: usize) -> Result<(), GpuError> {
+    let (n_samples, t_i32) = (prefix_lens.len() as i32, t as i32);
+    let func = gpu.function(FAMILY, "attention_spans")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut s.rows).arg(&mut s.cols).arg(cu_seqlens).arg(prefix_lens).arg(&n_samples).arg(&t_i32);
+    // SAFETY: block n < S reads cu_seqlens[n..=n+1] and prefix_lens[n] (the views hold S+1 and
+    // S entries); every row index written is clamped to [0, T) and both tables hold at least
+    // T int2 (the scratch fits T, checked by the callers).
+    unsafe { args.launch(config(prefix_lens.len() + 1, BLOCK_THREADS, 0)) }.during("attention_spans")?;
+    Ok(())
+}
+
+/// Writes into `order` the tiles of `tile` rows ordered by decreasing work, counted in
+/// `step`-row tiles of the other axis (`[ceil(T / tile)]` i32).
+fn schedule(gpu: &Gpu, order: &mut CudaSlice<i32>, spans: &CudaSlice<i32>, t: usize, tile: usize, step: usize) -> Result<(), GpuError> {
     let ntiles = t.div_ceil(tile);
-    let mut order = gpu.stream.alloc_zeros::<i32>(ntiles).during("attention: allocating the schedule")?;
+    assert!(ntiles <= order.len() && 2 * t <= spans.len(), "attention_schedule: tables sized for fewer than T = {t} rows");
     let (t_i32, tile_i32, step_i32) = (t as i32, tile as i32, step as i32);
     let func = gpu.function(FAMILY, "attention_schedule")?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut order).arg(spans).arg(&t_i32).arg(&tile_i32).arg(&step_i32);
-    // SAFETY: reads T int2 spans (the slice holds 2T i32), writes the ceil(T/tile) entries of
-    // `order` (a permutation of the tile indices), uses ceil(T/tile) ints of shared memory.
+    args.arg(order).arg(spans).arg(&t_i32).arg(&tile_i32).arg(&step_i32);
+    // SAFETY: reads T int2 spans (the slice holds at least 2T i32), writes the ceil(T/tile)
+    // entries of `order` (a permutation of the tile indices; the slice holds at least that
+    // many), uses ceil(T/tile) ints of shared memory.
     unsafe { args.launch(config(1, 1024, (ntiles * 4) as u32)) }.during("attention_schedule")?;
-    Ok(order)
+    Ok(())
 }
 
 /// A forward launcher: [`attention_fwd`], [`attention_fwd_sm80`] or [`attention_fwd_sm90`].
-pub type FwdKernel = fn(&Gpu, &mut CudaViewMut<bf16>, &mut CudaViewMut<f32>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<i32>, &CudaView<i32>, usize, usize) -> Result<(), GpuError>;
+pub type FwdKernel = fn(&Gpu, &mut CudaViewMut<bf16>, &mut CudaViewMut<f32>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<i32>, &CudaView<i32>, usize, usize, &mut AttentionScratch) -> Result<(), GpuError>;
 
 /// Forward pass on the GPU; same contract as [`attention_fwd_cpu`]. Runs the Hopper kernel
 /// ([`attention_fwd_sm90`]) on sm_90 devices and the portable one ([`attention_fwd_sm80`])
 /// elsewhere. o: [T, NH, HD] bf16 out, lse: [NH, T] fp32 out, q, k, v: [T, NH, HD] bf16
 /// (16-byte aligned), cu_seqlens: [S+1] i32, prefix_lens: [S] i32 (device memory, never read
-/// by the host).
+/// by the host); `scratch` fits T and NH ([`AttentionScratch::fits`]). Empty samples (equal
+/// consecutive offsets) are allowed: a sample table padded to a fixed length gives the same
+/// results.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
     gpu: &Gpu,
@@ -434,9 +516,10 @@ pub fn attention_fwd(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
     let kernel: FwdKernel = if gpu.props.is_hopper() { attention_fwd_sm90 } else { attention_fwd_sm80 };
-    kernel(gpu, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+    kernel(gpu, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// Forward pass with the portable kernel (cuda/attention.cu, sm_80+, `mma.sync`); same
@@ -453,16 +536,19 @@ pub fn attention_fwd_sm80(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
     check_shapes("attention_fwd_sm80", &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
     check_table("attention_fwd_sm80", cu_seqlens.len(), prefix_lens.len(), t, nh);
     assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "attention_fwd_sm80: tensors must be 16-byte aligned");
-    let (rows, _cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
-    let order = schedule(gpu, &rows, t, Q_TILE, KEY_STEP)?;
+    scratch.check("attention_fwd_sm80", t, nh);
+    spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
+    let s = scratch;
+    schedule(gpu, &mut s.q_order, &s.rows, t, Q_TILE, KEY_STEP)?;
     let func = function_with_smem(gpu, "attention_fwd", FWD_SMEM)?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(o).arg(lse).arg(q).arg(k).arg(v).arg(&rows).arg(&order).arg(&t_i32).arg(&nh_i32);
+    args.arg(o).arg(lse).arg(q).arg(k).arg(v).arg(&s.rows).arg(&s.q_order).arg(&t_i32).arg(&nh_i32);
     // SAFETY: shapes checked above; the kernel reads and writes rows < T of head < NH only,
     // rows/order were written by `spans`/`schedule` for this T; FWD_SMEM bytes allowed above.
     unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, FWD_SMEM)) }.during("attention_fwd")?;
@@ -545,8 +631,9 @@ pub fn attention_fwd_sm90(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    fwd_sm90(gpu, Sm90Fwd::Plain, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+    fwd_sm90(gpu, Sm90Fwd::Plain, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// The Hopper forward with FlashAttention-3's ping-pong schedule of the two consumer
@@ -564,8 +651,9 @@ pub fn attention_fwd_sm90_pingpong(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    fwd_sm90(gpu, Sm90Fwd::PingPong, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+    fwd_sm90(gpu, Sm90Fwd::PingPong, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// The Hopper forward with ping-pong on a persistent grid (v6 in docs/attention.md): one block
@@ -583,8 +671,9 @@ pub fn attention_fwd_sm90_persistent(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    fwd_sm90(gpu, Sm90Fwd::Persistent, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh)
+    fwd_sm90(gpu, Sm90Fwd::Persistent, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// Launches one of the Hopper forward kernels (they share all arguments but v6's queue head).
@@ -601,6 +690,7 @@ fn fwd_sm90(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
     let p = &gpu.props;
     if !p.is_hopper() {
@@ -614,8 +704,10 @@ fn fwd_sm90(
     check_shapes(name, &[("o", o.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())], lse.len(), t, nh);
     check_table(name, cu_seqlens.len(), prefix_lens.len(), t, nh);
     assert!(aligned16(gpu, o) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v), "{name}: tensors must be 16-byte aligned");
-    let (rows, _cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
-    let order = schedule(gpu, &rows, t, SM90_TILE, SM90_TILE)?;
+    scratch.check(name, t, nh);
+    spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
+    let s = scratch;
+    schedule(gpu, &mut s.q_order, &s.rows, t, SM90_TILE, SM90_TILE)?;
     // The guards keep q, k, v recorded as read by this launch (cudarc's stream tracking).
     let (q_ptr, _q_read) = q.device_ptr(&gpu.stream);
     let (k_ptr, _k_read) = k.device_ptr(&gpu.stream);
@@ -626,19 +718,21 @@ fn fwd_sm90(
         .during(format!("{name}: allowing {smem} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
     let items = t.div_ceil(SM90_TILE) * nh;
-    // v6's queue head, zeroed on the stream (a graph memory node under capture).
-    let mut next_item = if variant == Sm90Fwd::Persistent { Some(gpu.stream.alloc_zeros::<i32>(1).during("attention_fwd_sm90_persistent: allocating the queue head")?) } else { None };
+    if variant == Sm90Fwd::Persistent {
+        // v6's queue head starts at 0 every call.
+        gpu.stream.memset_zeros(&mut s.next_item).during("attention_fwd_sm90_persistent: zeroing the queue head")?;
+    }
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(o).arg(lse).arg(&rows).arg(&order).arg(&t_i32).arg(&nh_i32);
-    let blocks = match next_item.as_mut() {
-        Some(head) => {
-            args.arg(head);
+    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(o).arg(lse).arg(&s.rows).arg(&s.q_order).arg(&t_i32).arg(&nh_i32);
+    let blocks = match variant {
+        Sm90Fwd::Persistent => {
+            args.arg(&mut s.next_item);
             items.min(p.sm_count)
         }
-        None => items,
+        Sm90Fwd::Plain | Sm90Fwd::PingPong => items,
     };
     // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v (alive until the
-    // guards drop after the launch); o, lse shapes checked above; rows/order built for this T;
+    // guards drop after the launch); o, lse shapes checked above; rows/q_order built for this T;
     // `smem` bytes allowed above; v6 takes items < ceil(T / 128) * NH from its zeroed counter.
     unsafe { args.launch(config(blocks, SM90_THREADS, smem)) }.during(name.to_string())?;
     Ok(())
@@ -660,13 +754,14 @@ pub type BwdKernel = fn(
     &CudaView<i32>,
     usize,
     usize,
+    &mut AttentionScratch,
 ) -> Result<(), GpuError>;
 
 /// Backward pass on the GPU; same contract as [`attention_bwd_cpu`] (dq, dk, dv written).
 /// Runs [`attention_bwd_sm90`] on sm_90 devices and [`attention_bwd_sm80`] elsewhere.
 /// dq, dk, dv: [T, NH, HD] bf16 out, do_, q, k, v, o: [T, NH, HD] bf16 (16-byte aligned),
-/// lse: [NH, T] fp32 (from the forward), cu_seqlens: [S+1] i32, prefix_lens: [S] i32.
-/// Deterministic: bitwise-identical results from run to run.
+/// lse: [NH, T] fp32 (from the forward), cu_seqlens: [S+1] i32, prefix_lens: [S] i32;
+/// `scratch` fits T and NH. Deterministic: bitwise-identical results from run to run.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     gpu: &Gpu,
@@ -683,9 +778,10 @@ pub fn attention_bwd(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
     let kernel: BwdKernel = if gpu.props.is_hopper() { attention_bwd_sm90 } else { attention_bwd_sm80 };
-    kernel(gpu, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh)
+    kernel(gpu, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// Backward pass with the portable kernels (cuda/attention.cu, sm_80+ with 129 KB of shared
@@ -707,35 +803,37 @@ pub fn attention_bwd_sm80(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
     let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len()), ("o", o.len())];
     check_shapes("attention_bwd_sm80", &tensors, lse.len(), t, nh);
     check_table("attention_bwd_sm80", cu_seqlens.len(), prefix_lens.len(), t, nh);
     let aligned = aligned16(gpu, dq) && aligned16(gpu, dk) && aligned16(gpu, dv) && aligned16(gpu, do_) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v) && aligned16(gpu, o);
     assert!(aligned, "attention_bwd_sm80: tensors must be 16-byte aligned");
-    let (rows, cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
-    let q_order = schedule(gpu, &rows, t, Q_TILE, KEY_STEP)?;
-    let kv_order = schedule(gpu, &cols, t, KV_TILE, QUERY_STEP)?;
+    scratch.check("attention_bwd_sm80", t, nh);
+    spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
+    let s = scratch;
+    schedule(gpu, &mut s.q_order, &s.rows, t, Q_TILE, KEY_STEP)?;
+    schedule(gpu, &mut s.kv_order, &s.cols, t, KV_TILE, QUERY_STEP)?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
 
     // delta = rowsum(do * o): [NH, T], one warp per (row, head).
-    let mut delta = gpu.stream.alloc_zeros::<f32>(nh * t).during("attention_bwd: allocating delta")?;
     let func = gpu.function(FAMILY, "attention_bwd_delta")?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut delta).arg(do_).arg(o).arg(&t_i32).arg(&nh_i32);
+    args.arg(&mut s.delta).arg(do_).arg(o).arg(&t_i32).arg(&nh_i32);
     // SAFETY: one warp per (row, head) < T * NH reads 128 elements of do_ and o (shapes checked)
-    // and writes one entry of delta ([NH, T]).
+    // and writes one entry of delta ([NH, T], within the scratch's NH * T_pad).
     unsafe { args.launch(config((t * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_delta")?;
 
     let func = function_with_smem(gpu, "attention_bwd_dkv", KV_SMEM)?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut *dk).arg(&mut *dv).arg(q).arg(k).arg(v).arg(do_).arg(lse).arg(&delta).arg(&cols).arg(&kv_order).arg(&t_i32).arg(&nh_i32);
+    args.arg(&mut *dk).arg(&mut *dv).arg(q).arg(k).arg(v).arg(do_).arg(lse).arg(&s.delta).arg(&s.cols).arg(&s.kv_order).arg(&t_i32).arg(&nh_i32);
     // SAFETY: shapes checked above; rows < T of heads < NH only; cols/kv_order built for this T.
     unsafe { args.launch(config(t.div_ceil(KV_TILE) * nh, BLOCK_THREADS, KV_SMEM)) }.during("attention_bwd_dkv")?;
 
     let func = function_with_smem(gpu, "attention_bwd_dq", DQ_SMEM)?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(dq).arg(q).arg(k).arg(v).arg(do_).arg(lse).arg(&delta).arg(&rows).arg(&q_order).arg(&t_i32).arg(&nh_i32);
+    args.arg(dq).arg(q).arg(k).arg(v).arg(do_).arg(lse).arg(&s.delta).arg(&s.rows).arg(&s.q_order).arg(&t_i32).arg(&nh_i32);
     // SAFETY: as above, with rows/q_order built for this T.
     unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, DQ_SMEM)) }.during("attention_bwd_dq")?;
     Ok(())
@@ -785,8 +883,9 @@ pub fn attention_bwd_sm90(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    bwd_sm90(gpu, Sm90Bwd::Plain, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh)
+    bwd_sm90(gpu, Sm90Bwd::Plain, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// The Hopper backward with dS^T double-buffered, so that the two consumer warpgroups meet once
@@ -808,8 +907,9 @@ pub fn attention_bwd_sm90_overlap(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    bwd_sm90(gpu, Sm90Bwd::Overlap, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh)
+    bwd_sm90(gpu, Sm90Bwd::Overlap, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// The Hopper backward v4 with the dQ partials added in arrival order instead of the schedule's
@@ -831,8 +931,9 @@ pub fn attention_bwd_sm90_unordered(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    bwd_sm90(gpu, Sm90Bwd::Unordered, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh)
+    bwd_sm90(gpu, Sm90Bwd::Unordered, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// The body of the Hopper backward launchers: prep, the main kernel of `variant`, dq.
@@ -853,6 +954,7 @@ fn bwd_sm90(
     prefix_lens: &CudaView<i32>,
     t: usize,
     nh: usize,
+    scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
     let p = &gpu.props;
     if !p.is_hopper() {
@@ -868,27 +970,25 @@ fn bwd_sm90(
     check_table(name, cu_seqlens.len(), prefix_lens.len(), t, nh);
     let aligned = aligned16(gpu, dq) && aligned16(gpu, dk) && aligned16(gpu, dv) && aligned16(gpu, do_) && aligned16(gpu, q) && aligned16(gpu, k) && aligned16(gpu, v) && aligned16(gpu, o);
     assert!(aligned, "{name}: tensors must be 16-byte aligned");
-    let (rows, cols) = spans(gpu, cu_seqlens, prefix_lens, t)?;
-    let kv_order = schedule(gpu, &cols, t, SM90_BWD_KEYS, SM90_BWD_QUERIES)?;
+    scratch.check(name, t, nh);
+    spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
+    let s = scratch;
+    schedule(gpu, &mut s.kv_order, &s.cols, t, SM90_BWD_KEYS, SM90_BWD_QUERIES)?;
     let (n_kv, n_q) = (t.div_ceil(SM90_BWD_KEYS), t.div_ceil(SM90_BWD_QUERIES));
     let t_pad = n_q * SM90_BWD_QUERIES;
     let (t_i32, t_pad_i32, nh_i32, n_kv_i32) = (t as i32, t_pad as i32, nh as i32, n_kv as i32);
 
-    // Workspaces. lse2, delta, rank and dqacc are written before they are read (dqacc by the
-    // first contribution to each query tile, a bulk store); the semaphores start at 0.
-    let what = "attention_bwd_sm90: allocating workspaces";
-    // SAFETY: see above; every element read was written earlier in the same stream.
-    let (mut lse2, mut delta, mut rank, mut dqacc) = unsafe {
-        (gpu.stream.alloc::<f32>(nh * t_pad).during(what)?, gpu.stream.alloc::<f32>(nh * t_pad).during(what)?, gpu.stream.alloc::<i32>(n_kv).during(what)?, gpu.stream.alloc::<f32>(nh * t_pad * HD).during(what)?)
-    };
+    // Workspaces (the scratch's, sized for at least this T). lse2, delta, rank and dqacc are
+    // written before they are read (dqacc by the first contribution to each query tile, a bulk
+    // store); the semaphores must start at 0.
+    gpu.stream.memset_zeros(&mut s.sem.slice_mut(..nh * n_q)).during("attention_bwd_sm90: zeroing the semaphores")?;
     if matches!(variant, Sm90Bwd::Unordered) {
-        gpu.stream.memset_zeros(&mut dqacc).during("attention_bwd_sm90_unordered: zeroing dqacc")?;
+        gpu.stream.memset_zeros(&mut s.dqacc.slice_mut(..nh * t_pad * HD)).during("attention_bwd_sm90_unordered: zeroing dqacc")?;
     }
-    let mut sem = gpu.stream.alloc_zeros::<i32>(nh * n_q).during(what)?;
 
     let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_prep")?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut lse2).arg(&mut delta).arg(&mut rank).arg(do_).arg(o).arg(lse).arg(&kv_order).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&n_kv_i32);
+    args.arg(&mut s.lse2).arg(&mut s.delta).arg(&mut s.rank).arg(do_).arg(o).arg(lse).arg(&s.kv_order).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&n_kv_i32);
     // SAFETY: one warp per (row < T_pad, head) writes lse2/delta[h * T_pad + row] and reads do_, o
     // rows < T (shapes checked) and lse[h * T + row]; threads < n_kv write rank[order[i]], a
     // permutation of 0..n_kv. The grid has at least n_kv threads (T_pad * NH * 32 >= T / 128).
@@ -907,17 +1007,17 @@ fn bwd_sm90(
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .during(format!("{name}: allowing {smem} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_do).arg(&mut *dk).arg(&mut *dv).arg(&mut dqacc).arg(&mut sem);
-    args.arg(&lse2).arg(&delta).arg(&rows).arg(&cols).arg(&kv_order).arg(&rank).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32);
+    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_do).arg(&mut *dk).arg(&mut *dv).arg(&mut s.dqacc).arg(&mut s.sem);
+    args.arg(&s.lse2).arg(&s.delta).arg(&s.rows).arg(&s.cols).arg(&s.kv_order).arg(&s.rank).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32);
     // SAFETY: the tensor maps describe exactly the [T, NH, HD] views q, k, v, do (alive until the
-    // guards drop after the launch); dk, dv shapes checked above; dqacc holds NH * T_pad * HD
-    // fp32, sem NH * T_pad / 64 ints, lse2 and delta NH * T_pad; rows/cols/kv_order/rank built
+    // guards drop after the launch); dk, dv shapes checked above; dqacc holds at least NH * T_pad
+    // * HD fp32, sem NH * T_pad / 64 ints, lse2 and delta NH * T_pad; rows/cols/kv_order/rank built
     // for this T; `smem` bytes allowed above.
     unsafe { args.launch(config(n_kv * nh, SM90_THREADS, smem)) }.during(name.to_string())?;
 
     let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_dq")?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(dq).arg(&dqacc).arg(&rows).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32);
+    args.arg(dq).arg(&s.dqacc).arg(&s.rows).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32);
     // SAFETY: one block per (query tile < T_pad / 64, head) reads its 32 KB of dqacc and writes
     // dq rows < T of that head (shape checked).
     unsafe { args.launch(config(n_q * nh, BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_dq")?;
@@ -1120,7 +1220,8 @@ fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<V
         let pl = gpu.stream.clone_htod(&b.prefix_lens).during("upload")?;
         let mut o = poisoned_bf16(gpu, n)?;
         let mut lse = gpu.stream.clone_htod(&vec![f32::NAN; nh * t]).during("poison")?;
-        kernel(gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &q.as_view(), &k.as_view(), &v.as_view(), &cu.as_view(), &pl.as_view(), t, nh)?;
+        let mut scratch = AttentionScratch::new(gpu, t, nh)?;
+        kernel(gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &q.as_view(), &k.as_view(), &v.as_view(), &cu.as_view(), &pl.as_view(), t, nh, &mut scratch)?;
         let o_gpu = download_bf16(gpu, &o)?;
         let lse_gpu = gpu.stream.clone_dtoh(&lse).during("download")?;
 
@@ -1184,7 +1285,9 @@ fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel, determinist
         let lse = gpu.stream.clone_htod(&lse_ref).during("upload")?;
         let cu = gpu.stream.clone_htod(&b.cu_seqlens).during("upload")?;
         let pl = gpu.stream.clone_htod(&b.prefix_lens).during("upload")?;
-        let run = || -> Result<[Vec<f32>; 3], GpuError> {
+        // One scratch for both runs: the rerun must not depend on what the first left in it.
+        let mut scratch = AttentionScratch::new(gpu, t, nh)?;
+        let mut run = || -> Result<[Vec<f32>; 3], GpuError> {
             let (mut dq, mut dk, mut dv) = (poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?);
             kernel(
                 gpu,
@@ -1201,6 +1304,7 @@ fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel, determinist
                 &pl.as_view(),
                 t,
                 nh,
+                &mut scratch,
             )?;
             Ok([download_bf16(gpu, &dq)?, download_bf16(gpu, &dk)?, download_bf16(gpu, &dv)?])
         };

@@ -11,7 +11,9 @@
 //!
 //! Ignored rows get `loss = 0`, `correct = 0`, `dlogits = 0`. `grad_scale` is
 //! `1 / (mean over ranks of the valid-label count)`, so summing `grad_scale * loss` over
-//! ranks gives the gradient of SPEC §5's loss.
+//! ranks gives the gradient of SPEC §5's loss. The GPU launchers read it from device memory
+//! (`[1]` fp32): it changes with every batch, and a training step captured in a CUDA graph
+//! replays its launches with the arguments they were captured with.
 //!
 //! On the GPU (`cuda/cross_entropy.cu`) the logits and their gradient are bf16 (the gradient
 //! may be written over the logits), the softmax fp32, and the metrics are summed on the
@@ -204,7 +206,7 @@ fn smem_bytes(v: usize) -> usize {
 }
 
 /// GPU [`cross_entropy_cpu`] with separate buffers. dlogits: [T,V] bf16, losses: [T] fp32,
-/// correct: [T] u8, logits: [T,V] bf16, labels: [T] i32.
+/// correct: [T] u8, logits: [T,V] bf16, labels: [T] i32, grad_scale: [1] fp32.
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy(
     gpu: &Gpu,
@@ -215,7 +217,7 @@ pub fn cross_entropy(
     labels: &CudaView<i32>,
     t: usize,
     v: usize,
-    grad_scale: f32,
+    grad_scale: &CudaView<f32>,
 ) -> Result<(), GpuError> {
     cross_entropy_with(gpu, CeKernel::for_vocab(gpu, v), dlogits, losses, correct, logits, labels, t, v, grad_scale)
 }
@@ -232,7 +234,7 @@ pub fn cross_entropy_with(
     labels: &CudaView<i32>,
     t: usize,
     v: usize,
-    grad_scale: f32,
+    grad_scale: &CudaView<f32>,
 ) -> Result<(), GpuError> {
     expect_len("cross_entropy", "logits", logits.len(), &[("T", t), ("V", v)]);
     expect_aligned16("cross_entropy", "logits", gpu, logits);
@@ -240,7 +242,8 @@ pub fn cross_entropy_with(
 }
 
 /// [`cross_entropy`] with the gradient written over the logits: logits_grad: [T,V] bf16
-/// (logits in, dlogits out), losses: [T] fp32, correct: [T] u8, labels: [T] i32.
+/// (logits in, dlogits out), losses: [T] fp32, correct: [T] u8, labels: [T] i32,
+/// grad_scale: [1] fp32.
 #[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_in_place(
     gpu: &Gpu,
@@ -251,7 +254,7 @@ pub fn cross_entropy_in_place(
     labels: &CudaView<i32>,
     t: usize,
     v: usize,
-    grad_scale: f32,
+    grad_scale: &CudaView<f32>,
 ) -> Result<(), GpuError> {
     launch_ce(gpu, kernel, logits_grad, losses, correct, None, labels, t, v, grad_scale)
 }
@@ -268,13 +271,14 @@ fn launch_ce(
     labels: &CudaView<i32>,
     t: usize,
     v: usize,
-    grad_scale: f32,
+    grad_scale: &CudaView<f32>,
 ) -> Result<(), GpuError> {
     const OP: &str = "cross_entropy";
     expect_len(OP, "dlogits", dlogits.len(), &[("T", t), ("V", v)]);
     expect_len(OP, "losses", losses.len(), &[("T", t)]);
     expect_len(OP, "correct", correct.len(), &[("T", t)]);
     expect_len(OP, "labels", labels.len(), &[("T", t)]);
+    expect_len(OP, "grad_scale", grad_scale.len(), &[("1", 1)]);
     assert!(v > 0 && v % 8 == 0, "{OP}: V = {v} must be a positive multiple of 8");
     expect_aligned16(OP, "dlogits", gpu, dlogits);
     if t == 0 {
@@ -307,9 +311,10 @@ fn launch_ce(
     let dlogits_ptr = cudarc::driver::DevicePtr::device_ptr(&*dlogits, &gpu.stream).0;
     let logits_raw: u64 = logits_ptr.as_ref().map_or(dlogits_ptr, |(p, _)| *p);
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(dlogits).arg(losses).arg(correct).arg(&logits_raw).arg(labels).arg(&t_i).arg(&v_i).arg(&grad_scale);
+    args.arg(dlogits).arg(losses).arg(correct).arg(&logits_raw).arg(labels).arg(&t_i).arg(&v_i).arg(grad_scale);
     // SAFETY: dlogits and logits hold T*V bf16 (checked above and by the callers), 16-byte
-    // aligned; losses, correct, labels hold T; each row belongs to one block, which reads
+    // aligned; losses, correct, labels hold T, grad_scale one value; each row belongs to one
+    // block, which reads
     // all of it (into registers or shared memory, or in the thread that later overwrites
     // the element) before writing any of it, so the in-place case is safe. Dynamic shared
     // memory is 2V bytes for the pipelined and smem kernels, within the limit raised above;
@@ -330,7 +335,8 @@ fn launch_ce(
 /// ```
 ///
 /// dz: [T,D] bf16, dw: [V,D] fp32 (+=), losses: [T] fp32, correct: [T] u8, z: [T,D] bf16,
-/// w: [V,D] bf16, labels: [T] i32, logits: [chunk, V] bf16 scratch. With T = 16k, V = 64k
+/// w: [V,D] bf16, labels: [T] i32, grad_scale: [1] fp32, logits: [chunk, V] bf16 scratch.
+/// With T = 16k, V = 64k
 /// and chunk = 4096 the scratch is 512 MiB instead of 2 GiB for the whole batch.
 #[allow(clippy::too_many_arguments)]
 pub fn lm_head_cross_entropy(
@@ -346,7 +352,7 @@ pub fn lm_head_cross_entropy(
     t: usize,
     v: usize,
     d: usize,
-    grad_scale: f32,
+    grad_scale: &CudaView<f32>,
     logits: &mut CudaViewMut<bf16>,
 ) -> Result<(), GpuError> {
     const OP: &str = "lm_head_cross_entropy";
@@ -445,13 +451,13 @@ fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         // absolute error as the loss, times grad_scale.
         let grad_tol = Tolerance { abs: grad_scale * loss_tol.abs, rel: 2.0 * BF16_EPS };
         let exact = Tolerance { abs: 0.0, rel: 0.0 };
-        let dlabels = upload(gpu, &labels)?;
+        let (dlabels, dscale) = (upload(gpu, &labels)?, upload(gpu, &[grad_scale])?);
         for kernel in CeKernel::all_for_vocab(gpu, v) {
             let shape = format!("[{t},{v}] x{scale} {kernel:?}");
             // In place, as the LM head runs it: the buffer holds the logits, then the gradient.
             let mut buf = upload_bf16(gpu, &logits)?;
             let (mut losses, mut correct) = (poisoned_f32(gpu, t)?, upload(gpu, &vec![7u8; t])?);
-            cross_entropy_in_place(gpu, kernel, &mut buf.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &dlabels.as_view(), t, v, grad_scale)?;
+            cross_entropy_in_place(gpu, kernel, &mut buf.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &dlabels.as_view(), t, v, &dscale.as_view())?;
             let ok: Vec<f32> = download(gpu, &correct)?.iter().map(|&c| c as f32).collect();
             rows.push(Row::new("cross_entropy loss", &shape, loss_tol, compare(&download(gpu, &losses)?, &loss_want, loss_tol)));
             rows.push(Row::new("cross_entropy correct", &shape, exact, compare(&ok, &ok_want, exact)));
@@ -461,7 +467,7 @@ fn check_cross_entropy(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         let dlog = upload_bf16(gpu, &logits)?;
         let mut dl = poisoned_bf16(gpu, t * v)?;
         let (mut losses, mut correct) = (poisoned_f32(gpu, t)?, upload(gpu, &vec![7u8; t])?);
-        cross_entropy(gpu, &mut dl.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &dlog.as_view(), &dlabels.as_view(), t, v, grad_scale)?;
+        cross_entropy(gpu, &mut dl.as_view_mut(), &mut losses.as_view_mut(), &mut correct.as_view_mut(), &dlog.as_view(), &dlabels.as_view(), t, v, &dscale.as_view())?;
         rows.push(Row::new("cross_entropy dl (separate)", format!("[{t},{v}] x{scale}"), grad_tol, compare(&download_bf16(gpu, &dl)?, &dl_want, grad_tol)));
     }
     Ok(rows)
@@ -523,7 +529,7 @@ fn check_lm_head(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         let mut dw_want = dw0.clone();
         linear_bwd_weight_cpu(&mut dw_want, &dl, &z, t, v, d);
 
-        let (dzin, dwin, dlab) = (upload_bf16(gpu, &z)?, upload_bf16(gpu, &w)?, upload(gpu, &labels)?);
+        let (dzin, dwin, dlab, dscale) = (upload_bf16(gpu, &z)?, upload_bf16(gpu, &w)?, upload(gpu, &labels)?, upload(gpu, &[grad_scale])?);
         let (mut dz, mut dw) = (poisoned_bf16(gpu, t * d)?, upload(gpu, &dw0)?);
         let (mut losses, mut correct) = (poisoned_f32(gpu, t)?, upload(gpu, &vec![7u8; t])?);
         let mut scratch = poisoned_bf16(gpu, chunk * v)?;
@@ -540,7 +546,7 @@ fn check_lm_head(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
             t,
             v,
             d,
-            grad_scale,
+            &dscale.as_view(),
             &mut scratch.as_view_mut(),
         )?;
         let shape = format!("[{t},{d}] V={v} chunk={chunk}");

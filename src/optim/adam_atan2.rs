@@ -21,6 +21,11 @@
 //! per-tensor flags, step counts and the learning rate from device memory
 //! ([`AdamDeviceTable`]) so that the step can be captured in a CUDA graph; it also writes the
 //! bf16 compute copy.
+//!
+//! The loss guard ([`LossGuard`], [`adam_atan2_guard`]) lets the trainer look at the loss only
+//! at logging steps: a step whose loss sum is not finite sets a sticky flag on the device
+//! before its update, and every update from then on is skipped, so the weights, moments, EMA
+//! and step counts the trainer finds are those that produced the first non-finite loss.
 
 use std::ops::Range;
 
@@ -31,6 +36,7 @@ use rayon::prelude::*;
 use crate::config::TrainConfig;
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::model::spec::{ParamLayout, ALIGN};
+use crate::ops::cross_entropy::METRICS_LEN;
 use crate::ops::compare::{compare, Tolerance, F32_EPS};
 use crate::rng::Rng;
 use crate::selftest::{Check, Row};
@@ -125,10 +131,34 @@ pub fn adam_atan2_cpu(p: &mut [f32], m: &mut [f32], v: &mut [f32], ema: &mut [f3
         });
 }
 
+/// The loss guard: whether updates are being skipped since a step's loss sum was not finite,
+/// and how many steps with a finite loss sum came before (since the count was last cleared).
+/// [`LossGuard::observe`] is the CPU reference of `adam_atan2_guard`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossGuard {
+    pub skip: bool,
+    pub finite_steps: u32,
+}
+
+impl LossGuard {
+    /// One step's loss sum: counted while finite; the first one that is not sets `skip` for
+    /// good (until the caller resets the guard).
+    pub fn observe(&mut self, loss_sum: f64) {
+        if self.skip {
+            return;
+        }
+        if loss_sum.is_finite() {
+            self.finite_steps += 1;
+        } else {
+            self.skip = true;
+        }
+    }
+}
+
 /// The device-side tables one fused step reads. The chunk table is fixed by the layout; the
-/// per-step inputs (`has_grad`, `lr`) are written before each step, by [`Self::set_step`] or,
-/// inside a captured graph, by a copy the trainer records; `steps` is advanced by the launch
-/// itself.
+/// per-step inputs (`has_grad`, `lr`) are written before each step by [`Self::set_step`]
+/// (before the launch of a captured step); `steps` is advanced by the launch itself and the
+/// loss guard by [`adam_atan2_guard`].
 pub struct AdamDeviceTable {
     /// [n_chunks] i64: first element of each chunk in the master buffer.
     chunk_begin: CudaSlice<i64>,
@@ -142,6 +172,8 @@ pub struct AdamDeviceTable {
     pub steps: CudaSlice<i32>,
     /// [1] fp32: this step's learning rate.
     pub lr: CudaSlice<f32>,
+    /// [2] i32: the [`LossGuard`] as {skip, finite_steps}.
+    guard: CudaSlice<i32>,
     /// Length of the master buffer every launch must be given.
     pub master_len: usize,
 }
@@ -176,6 +208,7 @@ impl AdamDeviceTable {
             has_grad: s.alloc_zeros(ranges.len()).during("allocating the AdamATan2 flags")?,
             steps: s.clone_htod(&steps).during("uploading the AdamATan2 step counts")?,
             lr: s.alloc_zeros(1).during("allocating the AdamATan2 learning rate")?,
+            guard: s.alloc_zeros(2).during("allocating the AdamATan2 loss guard")?,
             master_len,
         })
     }
@@ -190,6 +223,25 @@ impl AdamDeviceTable {
         Ok(())
     }
 
+    /// The loss guard (synchronises).
+    pub fn read_guard(&self, gpu: &Gpu) -> Result<LossGuard, GpuError> {
+        let g = gpu.stream.clone_dtoh(&self.guard).during("downloading the AdamATan2 loss guard")?;
+        Ok(LossGuard { skip: g[0] != 0, finite_steps: g[1] as u32 })
+    }
+
+    /// Overwrites the loss guard (stream-ordered: it applies to the steps launched after).
+    pub fn write_guard(&mut self, gpu: &Gpu, guard: LossGuard) -> Result<(), GpuError> {
+        let host = [i32::from(guard.skip), guard.finite_steps as i32];
+        gpu.stream.memcpy_htod(&host, &mut self.guard).during("uploading the AdamATan2 loss guard")
+    }
+
+    /// Overwrites the per-tensor step counts (a state loaded into existing buffers).
+    pub fn write_steps(&mut self, gpu: &Gpu, steps: &[u32]) -> Result<(), GpuError> {
+        assert_eq!(steps.len(), self.steps.len(), "AdamDeviceTable::write_steps: one count per tensor");
+        let host: Vec<i32> = steps.iter().map(|&s| i32::try_from(s).expect("step count fits i32")).collect();
+        gpu.stream.memcpy_htod(&host, &mut self.steps).during("uploading the AdamATan2 step counts")
+    }
+
     /// The per-tensor step counts, for checkpoints.
     pub fn download_steps(&self, gpu: &Gpu) -> Result<Vec<u32>, GpuError> {
         let steps = gpu.stream.clone_dtoh(&self.steps).during("downloading the AdamATan2 step counts")?;
@@ -201,8 +253,23 @@ impl AdamDeviceTable {
     }
 }
 
+/// The loss guard's step (see [`LossGuard::observe`]): reads this step's metric sums
+/// (`[METRICS_LEN]` fp64, the loss sum first, as [`crate::ops::cross_entropy::metrics`] writes
+/// them) and updates `table`'s guard, which the following [`adam_atan2`] launch reads.
+pub fn adam_atan2_guard(gpu: &Gpu, table: &mut AdamDeviceTable, sums: &CudaView<f64>) -> Result<(), GpuError> {
+    assert_eq!(sums.len(), METRICS_LEN, "adam_atan2_guard: the metric sums hold {METRICS_LEN} values");
+    let func = gpu.function(FAMILY, "adam_atan2_guard")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut table.guard).arg(sums);
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: one thread reads sums[0] (the view holds METRICS_LEN values) and updates the two
+    // i32 of the guard.
+    unsafe { args.launch(cfg) }.during("adam_atan2_guard")?;
+    Ok(())
+}
+
 /// One fused AdamATan2 step over every tensor of `table` (see the module doc), then the bf16
-/// compute copy of each updated tensor.
+/// compute copy of each updated tensor; nothing at all while the table's loss guard skips.
 /// p (master), m, v, ema: [N] fp32, updated; g: [N] fp32; p_bf16: [N] bf16, written for tensors
 /// with a gradient; N = `table.master_len`. fp32 buffers 16-byte aligned, p_bf16 8-byte aligned.
 #[allow(clippy::too_many_arguments)]
@@ -234,8 +301,8 @@ pub fn adam_atan2(
     let count = gpu.function(FAMILY, "adam_atan2_count_steps")?;
     let cfg = LaunchConfig { grid_dim: ((n_tensors as u32).div_ceil(THREADS), 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
     let mut args = gpu.stream.launch_builder(&count);
-    args.arg(&mut table.steps).arg(&table.has_grad).arg(&n_tensors);
-    // SAFETY: steps and has_grad hold n_tensors i32 each; threads past n_tensors return.
+    args.arg(&mut table.steps).arg(&table.has_grad).arg(&table.guard).arg(&n_tensors);
+    // SAFETY: steps and has_grad hold n_tensors i32 each, guard 2; threads past n_tensors return.
     unsafe { args.launch(cfg) }.during("adam_atan2_count_steps")?;
 
     if table.n_chunks() == 0 {
@@ -246,7 +313,7 @@ pub fn adam_atan2(
     let mut args = gpu.stream.launch_builder(&update);
     args.arg(p).arg(m).arg(v).arg(ema).arg(g).arg(p_bf16);
     args.arg(&table.chunk_begin).arg(&table.chunk_end).arg(&table.chunk_tensor);
-    args.arg(&table.has_grad).arg(&table.steps).arg(&table.lr);
+    args.arg(&table.has_grad).arg(&table.steps).arg(&table.lr).arg(&table.guard);
     args.arg(&coeffs.beta1).arg(&coeffs.beta2).arg(&coeffs.weight_decay).arg(&coeffs.ema_decay);
     // SAFETY: one block per chunk; every chunk range lies inside [0, N) (checked when the table
     // was built) and every buffer holds N elements of the type the kernel expects (asserted
@@ -261,7 +328,7 @@ fn aligned<T>(gpu: &Gpu, buf: &impl DevicePtr<T>, bytes: u64) -> bool {
 }
 
 pub fn selftests() -> Vec<Check> {
-    vec![Check { name: "adam_atan2", run: check_adam_atan2 }]
+    vec![Check { name: "adam_atan2", run: check_adam_atan2 }, Check { name: "adam_atan2_guard", run: check_guard }]
 }
 
 /// One selftest case: tensor sizes (odd sizes, chunk boundaries, a multi-chunk tensor) and the
@@ -385,9 +452,66 @@ fn check_adam_atan2(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     Ok(rows)
 }
 
+/// The loss guard on the device against [`LossGuard::observe`]: loss sums finite, NaN, then
+/// finite again; after the NaN every update must leave every buffer exactly as it was, and
+/// after the guard is cleared the update applies again.
+fn check_guard(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let (ranges, len) = (vec![0..100, 128..1000], 1024);
+    let coeffs = AdamCoeffs { beta1: 0.9, beta2: 0.95, weight_decay: 0.1, ema_decay: 0.99 };
+    let st = &gpu.stream;
+    let mut p = st.clone_htod(&rng.uniform_vec(len, 1.0)).during("upload p")?;
+    let mut m = st.clone_htod(&rng.uniform_vec(len, 1.0)).during("upload m")?;
+    let mut v = st.clone_htod(&vec![0.5f32; len]).during("upload v")?;
+    let mut ema = st.clone_htod(&rng.uniform_vec(len, 1.0)).during("upload ema")?;
+    let g = st.clone_htod(&rng.uniform_vec(len, 1.0)).during("upload g")?;
+    let mut p_bf16 = st.alloc_zeros::<bf16>(len).during("allocate p_bf16")?;
+    let mut table = AdamDeviceTable::new(gpu, &ranges, len, &[3, 5])?;
+    table.set_step(gpu, &[true, true], 1e-3)?;
+    let state = |p: &CudaSlice<f32>, m: &CudaSlice<f32>, v: &CudaSlice<f32>, ema: &CudaSlice<f32>, table: &AdamDeviceTable| -> Result<Vec<f32>, GpuError> {
+        let mut all = Vec::new();
+        for buf in [p, m, v, ema] {
+            all.extend(st.clone_dtoh(buf).during("download the optimiser state")?);
+        }
+        all.extend(table.download_steps(gpu)?.iter().map(|&s| s as f32));
+        Ok(all)
+    };
+    let exact = Tolerance { abs: 0.0, rel: 0.0 };
+    let (mut rows, mut want) = (Vec::new(), LossGuard::default());
+    for (i, loss_sum) in [1.5, f64::NAN, 2.0, f64::INFINITY].into_iter().enumerate() {
+        let before = state(&p, &m, &v, &ema, &table)?;
+        let sums = st.clone_htod(&[loss_sum, 1.0, 0.0, 0.0, 1.0]).during("upload the sums")?;
+        adam_atan2_guard(gpu, &mut table, &sums.as_view())?;
+        adam_atan2(gpu, &mut p.as_view_mut(), &mut m.as_view_mut(), &mut v.as_view_mut(), &mut ema.as_view_mut(), &g.as_view(), &mut p_bf16.as_view_mut(), &mut table, &coeffs)?;
+        want.observe(loss_sum);
+        let got = table.read_guard(gpu)?;
+        let shape = format!("step {}, loss sum {loss_sum}", i + 1);
+        let as_f32 = |g: LossGuard| [g.skip as u32 as f32, g.finite_steps as f32];
+        rows.push(Row::new("adam_atan2_guard state", &shape, exact, compare(&as_f32(got), &as_f32(want), exact)));
+        if want.skip {
+            let after = state(&p, &m, &v, &ema, &table)?;
+            rows.push(Row::new("adam_atan2_guard skipped update", &shape, exact, compare(&after, &before, exact)));
+        }
+    }
+    // Cleared, the update applies again: the step counts advance.
+    table.write_guard(gpu, LossGuard::default())?;
+    adam_atan2(gpu, &mut p.as_view_mut(), &mut m.as_view_mut(), &mut v.as_view_mut(), &mut ema.as_view_mut(), &g.as_view(), &mut p_bf16.as_view_mut(), &mut table, &coeffs)?;
+    let steps: Vec<f32> = table.download_steps(gpu)?.iter().map(|&s| s as f32).collect();
+    rows.push(Row::new("adam_atan2_guard cleared", "step counts", exact, compare(&steps, &[5.0, 7.0], exact)));
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guard_counts_finite_losses_and_latches() {
+        let mut g = LossGuard::default();
+        for loss in [1.0, 2.0, f64::NAN, 3.0, f64::INFINITY] {
+            g.observe(loss);
+        }
+        assert_eq!(g, LossGuard { skip: true, finite_steps: 2 });
+    }
 
     fn hyper(lr: f32, step: u32) -> AdamHyper {
         AdamCoeffs { beta1: 0.9, beta2: 0.95, weight_decay: 0.1, ema_decay: 0.9999 }.at(lr, step)

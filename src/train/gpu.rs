@@ -13,11 +13,14 @@
 //! grads    [N] fp32   zeroed, then accumulated by the backward (cuBLASLt beta = 1)
 //! ```
 //!
-//! One step is `grads = 0`, [`Model::forward_backward`] on the [`CudaBackend`], then the fused
-//! AdamATan2 launch, which reads this step's learning rate and per-tensor gradient flags from
-//! its [`AdamDeviceTable`] and also writes the bf16 compute copy. The step's only host
-//! synchronisation is the metrics read-back at the end of the backward; the optimiser runs
-//! while the host prepares the next batch.
+//! One step stages the batch ([`Model::stage_step`]) and the optimiser's inputs (learning
+//! rate, per-tensor gradient flags: [`AdamDeviceTable::set_step`]), then enqueues `grads = 0`,
+//! [`Model::enqueue_step`] on the [`CudaBackend`] (its metric sums land in a device buffer),
+//! the loss guard and the fused AdamATan2 launch, which also writes the bf16 compute copy.
+//! Nothing waits for the device: the host prepares the next batch while this one runs, and
+//! reads the metrics only when the trainer logs ([`Engine::read_metrics`]). With CUDA graphs
+//! on ([`GpuEngine::set_cuda_graphs`]) the enqueued half is captured once per schedule and
+//! replayed (`src/train/graph.rs`).
 //!
 //! [`MemoryPlan`] predicts the device memory of a training configuration before anything is
 //! allocated, by running the model's own buffer planning against a backend that only counts;
@@ -40,19 +43,21 @@ use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::model::backend::{Backend, TensorAt};
 use crate::model::cpu::CpuBackend;
 use crate::model::cuda::{embedding_scratch_bytes, lm_head_rows, CudaBackend, OpClass, LM_HEAD_CHUNK_BYTES};
-use crate::model::net::{Batch, Model, StepOutput};
+use crate::model::net::{Batch, Model};
 use crate::model::params::Params;
 use crate::model::schedule::Schedule;
 use crate::model::spec::{ParamLayout, Role};
+use crate::ops::attention::attention_scratch_bytes;
 use crate::ops::cast::cast_f32_to_bf16;
 use crate::ops::compare::{compare, Comparison, Tolerance, BF16_EPS};
-use crate::ops::cross_entropy::{StepMetrics, IGNORE_LABEL};
+use crate::ops::cross_entropy::{StepMetrics, IGNORE_LABEL, METRICS_LEN};
 use crate::ops::elementwise::sum_squares;
-use crate::optim::adam_atan2::{adam_atan2, AdamDeviceTable, CHUNK};
+use crate::optim::adam_atan2::{adam_atan2, adam_atan2_guard, AdamDeviceTable, LossGuard, CHUNK};
 use crate::optim::{AdamAtan2, AdamCoeffs};
 use crate::rng::Rng;
 use crate::selftest::{Check, Row};
-use crate::train::engine::{CpuEngine, Engine};
+use crate::train::engine::{CpuEngine, Engine, NonFiniteLoss};
+use crate::train::graph::{capture, Plan, StepGraphs};
 
 /// The training state of one model on one GPU (see the module doc).
 pub struct GpuEngine<'g> {
@@ -69,7 +74,10 @@ pub struct GpuEngine<'g> {
     v: CudaSlice<f32>,        // [N]
     ema: CudaSlice<f32>,      // [N]
     grads: CudaSlice<f32>,    // [N]
+    /// [METRICS_LEN] fp64: the last step's metric sums.
+    metrics: CudaSlice<f64>,
     table: AdamDeviceTable,
+    graphs: StepGraphs,
 }
 
 impl<'g> GpuEngine<'g> {
@@ -103,33 +111,116 @@ impl<'g> GpuEngine<'g> {
         let grads = s.alloc_zeros(n).with_context(|| format!("allocating the gradients ({n} fp32)"))?;
         let table = AdamDeviceTable::for_layout(gpu, layout, &optimizer.steps).context("building the optimiser table")?;
         let model = Model::new(CudaBackend::new(gpu)?, params.config, &params.z_l_init)?;
-        Ok(GpuEngine { gpu, model, z_l_init: params.z_l_init, coeffs: optimizer.coeffs, n_trainable, master, compute, m, v, ema, grads, table })
+        let metrics = model.backend().alloc_metrics()?;
+        let graphs = StepGraphs::new(false);
+        Ok(GpuEngine { gpu, model, z_l_init: params.z_l_init, coeffs: optimizer.coeffs, n_trainable, master, compute, m, v, ema, grads, metrics, table, graphs })
     }
 
-    /// The backend, for profiling ([`CudaBackend::set_profiling`]).
+    /// The backend, for profiling ([`CudaBackend::set_profiling`]; profiled steps run without
+    /// graphs).
     pub fn backend(&self) -> &CudaBackend<'g> {
         self.model.backend()
+    }
+
+    /// Captures each schedule's step in a CUDA graph and replays it (`src/train/graph.rs`);
+    /// off by default. Off drops the graphs.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.set_enabled(on);
+    }
+
+    /// Schedules whose step is captured and replayed.
+    pub fn captured_graphs(&self) -> usize {
+        self.graphs.captured()
+    }
+
+    /// Replaces the weights and the optimiser state with `params` and `optimizer` (the same
+    /// layout and `z_L_init`), in the existing buffers: captured steps stay valid. Clears the
+    /// loss guard.
+    pub fn load(&mut self, params: &Params, optimizer: &AdamAtan2) -> Result<()> {
+        ensure!(params.layout == *self.model.layout(), "load: the parameters have another layout");
+        ensure!(params.z_l_init == self.z_l_init, "load: the parameters have another z_L_init (the model uploads it once)");
+        ensure!(optimizer.steps.len() == self.n_trainable && optimizer.m.len() == params.master.len(), "load: the optimiser state does not match the layout");
+        let s = &self.gpu.stream;
+        for (dst, host, what) in [(&mut self.master, &params.master, "master weights"), (&mut self.m, &optimizer.m, "first moment"), (&mut self.v, &optimizer.v, "second moment"), (&mut self.ema, &optimizer.ema, "EMA")] {
+            s.memcpy_htod(host, dst).with_context(|| format!("uploading the {what}"))?;
+        }
+        cast_f32_to_bf16(self.gpu, &mut self.compute.as_view_mut(), &self.master.as_view()).context("making the bf16 compute copy")?;
+        self.table.write_steps(self.gpu, &optimizer.steps)?;
+        self.table.write_guard(self.gpu, LossGuard::default())?;
+        self.coeffs = optimizer.coeffs;
+        Ok(())
+    }
+
+    /// The device work of one step, on what [`Engine::train_step`] staged: zero the gradients,
+    /// the model's forward and backward, the loss guard, the optimiser. It reads no host value
+    /// that changes between steps, so it can be captured in a graph.
+    fn enqueue_update(&mut self, schedule: &Schedule) -> Result<()> {
+        let gpu = self.gpu;
+        let zeroing = Range::push("zero_grads");
+        self.model.backend().timed(OpClass::Other, || gpu.stream.memset_zeros(&mut self.grads).context("zeroing the gradients"))?;
+        drop(zeroing);
+        let forward_backward = Range::push("forward_backward");
+        self.model.enqueue_step(&self.compute, schedule, &mut self.grads, &mut self.metrics)?;
+        drop(forward_backward);
+        let _optimizer = Range::push("optimizer");
+        let coeffs = &self.coeffs;
+        let (master, m, v, ema, grads, compute, table, metrics) = (&mut self.master, &mut self.m, &mut self.v, &mut self.ema, &self.grads, &mut self.compute, &mut self.table, &self.metrics);
+        self.model.backend().timed(OpClass::Optimizer, || {
+            adam_atan2_guard(gpu, table, &metrics.as_view()).context("AdamATan2 loss guard")?;
+            adam_atan2(gpu, &mut master.as_view_mut(), &mut m.as_view_mut(), &mut v.as_view_mut(), &mut ema.as_view_mut(), &grads.as_view(), &mut compute.as_view_mut(), table, coeffs)
+                .context("AdamATan2 step")
+        })
     }
 }
 
 impl Engine for GpuEngine<'_> {
-    fn train_step(&mut self, batch: &Batch, schedule: &Schedule, lr: f32, loss_divisor: f32) -> Result<StepOutput> {
-        let be = self.model.backend();
-        let zeroing = Range::push("zero_grads");
-        be.timed(OpClass::Other, || self.gpu.stream.memset_zeros(&mut self.grads).context("zeroing the gradients"))?;
-        drop(zeroing);
-        let forward_backward = Range::push("forward_backward");
-        let out = self.model.forward_backward(&self.compute, batch, schedule, &mut self.grads, loss_divisor)?;
-        drop(forward_backward);
-        let _optimizer = Range::push("optimizer");
-        self.table.set_step(self.gpu, &out.tensors_with_grad[..self.n_trainable], lr).context("writing the optimiser's step inputs")?;
-        let (gpu, coeffs) = (self.gpu, &self.coeffs);
-        let (master, m, v, ema, grads, compute, table) = (&mut self.master, &mut self.m, &mut self.v, &mut self.ema, &self.grads, &mut self.compute, &mut self.table);
-        self.model.backend().timed(OpClass::Optimizer, || {
-            adam_atan2(gpu, &mut master.as_view_mut(), &mut m.as_view_mut(), &mut v.as_view_mut(), &mut ema.as_view_mut(), &grads.as_view(), &mut compute.as_view_mut(), table, coeffs)
-                .context("AdamATan2 step")
-        })?;
-        Ok(out)
+    fn train_step(&mut self, batch: &Batch, schedule: &Schedule, lr: f32, loss_divisor: f32) -> Result<()> {
+        let staging = Range::push("stage");
+        self.model.stage_step(batch, schedule, loss_divisor)?;
+        let with_grad = self.model.tensors_with_grad(schedule);
+        self.table.set_step(self.gpu, &with_grad[..self.n_trainable], lr).context("writing the optimiser's step inputs")?;
+        drop(staging);
+        let allocations = self.model.backend().allocations();
+        let plan = match self.model.backend().profiling() {
+            true => Plan::Eager, // profiling records events around every op
+            false => self.graphs.plan(schedule, allocations),
+        };
+        match plan {
+            Plan::Replay(graph) => {
+                let _replay = Range::push("graph");
+                graph.launch().context("launching the step's CUDA graph")?;
+            }
+            Plan::Capture => {
+                let stream = self.gpu.stream.clone();
+                match capture(&stream, || self.enqueue_update(schedule)) {
+                    Ok(graph) => {
+                        // The eager run before proved this; a change here means buffers now
+                        // live in a graph that will never run.
+                        ensure!(self.model.backend().allocations() == allocations, "the training step allocated device memory while it was being captured into a CUDA graph; run without --cuda-graph");
+                        graph.launch().context("launching the step's CUDA graph")?;
+                        self.graphs.keep(schedule, allocations, graph);
+                    }
+                    Err(why) => {
+                        self.graphs.failed(schedule, &why);
+                        self.enqueue_update(schedule)?;
+                    }
+                }
+            }
+            Plan::Eager => {
+                self.enqueue_update(schedule)?;
+                self.graphs.ran_eagerly(schedule, self.model.backend().allocations());
+            }
+        }
+        Ok(())
+    }
+
+    fn read_metrics(&mut self) -> Result<StepMetrics> {
+        let guard = self.table.read_guard(self.gpu).context("reading the loss guard")?;
+        NonFiniteLoss::check(guard)?;
+        let metrics = self.model.backend().read_metrics(&self.metrics)?;
+        // The guard counts the steps since this read.
+        self.table.write_guard(self.gpu, LossGuard::default()).context("restarting the loss guard's count")?;
+        Ok(metrics)
     }
 
     fn grad_norm(&mut self) -> Result<f64> {
@@ -216,9 +307,6 @@ impl MemoryPlan {
 
         let (v, nh) = (config.vocab, config.dims.heads);
         let lm_rows = lm_head_rows(t, v, LM_HEAD_CHUNK_BYTES) as u64;
-        // The attention backward's transient tables (row and column spans, two tile orders,
-        // delta), freed after each call.
-        let attention = 4 * (8 * t + 2 * t.div_ceil(128) + nh * t) as u64;
         let passes = schedule.grad_passes();
         let saved = match schedule.recompute {
             false => format!("saved activations ({passes} passes with gradient)"),
@@ -229,12 +317,12 @@ impl MemoryPlan {
             ("bf16 compute copy".to_string(), 2 * n),
             ("AdamATan2 m, v, EMA (fp32)".to_string(), 12 * n),
             ("fp32 gradients".to_string(), 4 * n),
-            ("optimiser tables".to_string(), 20 * chunks + 8 * n_trainable + 4),
+            ("optimiser tables, loss guard, metric sums".to_string(), 20 * chunks + 8 * n_trainable + 4 + 8 + 8 * METRICS_LEN as u64),
             (saved, with_saved - workspace),
             ("step workspace (states, scratch pass, gradient scratch, batch)".to_string(), workspace),
             (format!("LM-head logits chunk ({lm_rows} rows)"), 2 * lm_rows * v as u64),
             ("embedding backward scratch".to_string(), embedding_scratch_bytes(t, v) as u64),
-            ("attention backward tables (transient)".to_string(), attention),
+            ("attention tables and workspaces".to_string(), attention_scratch_bytes(t, nh) as u64),
             ("cuBLASLt workspace".to_string(), GEMM_WORKSPACE_BYTES),
         ];
         Ok(MemoryPlan { items, runtime: RUNTIME_RESERVE_BYTES, config: *config, schedule: schedule.clone(), batch_tokens })
@@ -386,6 +474,7 @@ impl Backend for Footprint {
     type F32 = usize;
     type I32 = usize;
     type U8 = usize;
+    type Metrics = usize;
     type Weights = usize;
     type Grads = usize;
 
@@ -398,8 +487,17 @@ impl Backend for Footprint {
     fn alloc_u8(&self, n: usize) -> Result<usize> {
         self.count(n, 1)
     }
-    fn upload_i32(&self, host: &[i32]) -> Result<usize> {
-        self.count(host.len(), 4)
+    fn alloc_i32(&self, n: usize) -> Result<usize> {
+        self.count(n, 4)
+    }
+    fn alloc_metrics(&self) -> Result<usize> {
+        self.count(METRICS_LEN, 8)
+    }
+    fn write_i32(&self, _: &mut usize, _: &[i32]) -> Result<()> {
+        Ok(())
+    }
+    fn write_f32(&self, _: &mut usize, _: &[f32]) -> Result<()> {
+        Ok(())
     }
     fn upload_act(&self, host: &[f32]) -> Result<usize> {
         self.count(host.len(), 2)
@@ -473,10 +571,13 @@ impl Backend for Footprint {
     fn embedding_bwd(&self, _: &mut usize, _: TensorAt, _: &usize, _: &usize, _: usize, _: usize, _: f32) -> Result<()> {
         Ok(())
     }
-    fn lm_head_loss(&self, _: &mut usize, _: &mut usize, _: Option<(&mut usize, &mut usize)>, _: &usize, _: &usize, _: TensorAt, _: &usize, _: usize, _: usize, _: usize, _: f32) -> Result<()> {
+    fn lm_head_loss(&self, _: &mut usize, _: &mut usize, _: Option<(&mut usize, &mut usize)>, _: &usize, _: &usize, _: TensorAt, _: &usize, _: usize, _: usize, _: usize, _: &usize) -> Result<()> {
         Ok(())
     }
-    fn metrics(&self, _: &usize, _: &usize, _: &[i32], _: &[i32], _: usize) -> Result<StepMetrics> {
+    fn step_metrics(&self, _: &mut usize, _: &usize, _: &usize, _: &usize, _: &usize, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn read_metrics(&self, _: &usize) -> Result<StepMetrics> {
         Ok(StepMetrics::default())
     }
 }
@@ -568,7 +669,7 @@ impl PackedSamples {
 // ---------------------------------------------------------------------------------------
 
 pub fn selftests() -> Vec<Check> {
-    vec![Check { name: "model_gpu_vs_cpu", run: check_model_gpu_vs_cpu }]
+    vec![Check { name: "model_gpu_vs_cpu", run: check_model_gpu_vs_cpu }, Check { name: "engine_cuda_graph", run: check_cuda_graph }]
 }
 
 /// The mean loss agrees to one bf16 rounding of itself. The CPU runs on the same (bf16-
@@ -610,11 +711,17 @@ const ROWS: usize = 300;
 const VOCAB: usize = 512;
 const LM_CHUNK_BYTES: usize = 64 * VOCAB * 2;
 
+/// `Check::run` reports a GpuError; keep the whole chain (op, shape, cause) as its text.
+fn as_gpu_error(check: &str, e: anyhow::Error) -> GpuError {
+    GpuError::Driver { what: format!("{check}: {e:#}"), source: DriverError(cudarc::driver::sys::cudaError_enum::CUDA_ERROR_UNKNOWN) }
+}
+
 fn check_model_gpu_vs_cpu(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
-    model_gpu_vs_cpu(gpu, rng).map_err(|e| {
-        // `Check::run` reports a GpuError; keep the whole chain (op, shape, cause) as its text.
-        GpuError::Driver { what: format!("model_gpu_vs_cpu: {e:#}"), source: DriverError(cudarc::driver::sys::cudaError_enum::CUDA_ERROR_UNKNOWN) }
-    })
+    model_gpu_vs_cpu(gpu, rng).map_err(|e| as_gpu_error("model_gpu_vs_cpu", e))
+}
+
+fn check_cuda_graph(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    cuda_graph_rows(gpu, rng).map_err(|e| as_gpu_error("engine_cuda_graph", e))
 }
 
 fn small_config(net: NetName, n_layers: usize) -> ModelConfig {
@@ -754,10 +861,11 @@ fn engine_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
         let packed = PackedSamples::random(rng, ROWS, VOCAB, 8..120, (0.1, 0.9))?;
         let schedule = Schedule::for_training(&config.net, bp_steps);
         let divisor = packed.valid_labels() as f32;
-        let want = cpu.train_step(&packed.batch(), &schedule, lr, divisor)?;
-        let got = gpu_engine.train_step(&packed.batch(), &schedule, lr, divisor)?;
+        cpu.train_step(&packed.batch(), &schedule, lr, divisor)?;
+        gpu_engine.train_step(&packed.batch(), &schedule, lr, divisor)?;
+        let (want, got) = (cpu.read_metrics()?, gpu_engine.read_metrics()?);
         let mean = |m: &StepMetrics| (m.loss_sum / m.valid_tokens.max(1) as f64) as f32;
-        rows.push(Row::new(format!("engine step {} loss", step + 1), format!("hrm bp{bp_steps} T{ROWS}"), LOSS_TOL, compare(&[mean(&got.metrics)], &[mean(&want.metrics)], LOSS_TOL)));
+        rows.push(Row::new(format!("engine step {} loss", step + 1), format!("hrm bp{bp_steps} T{ROWS}"), LOSS_TOL, compare(&[mean(&got)], &[mean(&want)], LOSS_TOL)));
     }
     let (p_gpu, o_gpu) = gpu_engine.snapshot()?;
     let (p_cpu, o_cpu) = cpu.snapshot()?;
@@ -770,6 +878,74 @@ fn engine_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let exact = Tolerance { abs: 0.0, rel: 0.0 };
     let steps = |s: &[u32]| s.iter().map(|&x| x as f32).collect::<Vec<f32>>();
     rows.push(Row::new("engine step counts", shape, exact, compare(&steps(&o_gpu.steps), &steps(&o_cpu.steps), exact)));
+    Ok(rows)
+}
+
+/// hrm's gradient depth over the graph check's steps, on a fresh engine: each schedule runs
+/// eagerly once, is captured, then replayed; bp_steps 5 allocates more saved passes, which
+/// drops bp 2's graph, so bp 2 warms up and is captured again.
+const GRAPH_BP_STEPS: [usize; 9] = [2, 2, 2, 5, 5, 5, 2, 2, 2];
+
+/// One engine from one state over the same batches, first with CUDA graphs, then op by op (a
+/// second engine would tune its GEMMs anew, maybe to other algorithms): every step's metrics
+/// and the final weights, moments, EMA and step counts must agree bit for bit. In between,
+/// the loss guard inside replayed graphs: a step with a NaN learning rate poisons the weights,
+/// the next step's loss is NaN, and from there on no update may apply.
+fn cuda_graph_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
+    let config = small_config(NetName::Hrm, 4);
+    let params = bf16_params(config, rng.next_u64());
+    let coeffs = AdamCoeffs { ema_decay: 0.9, ..AdamCoeffs::from_config(&TrainConfig::default()) };
+    let optimizer = AdamAtan2::new(&params, coeffs);
+    let batches = GRAPH_BP_STEPS.iter().map(|_| PackedSamples::random(rng, ROWS, VOCAB, 8..120, (0.1, 0.9))).collect::<Result<Vec<_>>>()?;
+    let mut engine = GpuEngine::new(gpu, params.clone(), optimizer.clone())?;
+    let run = |engine: &mut GpuEngine, graphs: bool| -> Result<(Vec<f32>, Params, AdamAtan2)> {
+        engine.set_cuda_graphs(graphs);
+        engine.load(&params, &optimizer)?;
+        let mut metrics = Vec::new();
+        for (i, (&bp, b)) in GRAPH_BP_STEPS.iter().zip(&batches).enumerate() {
+            // A learning rate that changes every step: it must reach a replayed graph.
+            let lr = TrainConfig::default().lr * (1.0 + i as f32 / 4.0);
+            engine.train_step(&b.batch(), &Schedule::for_training(&config.net, bp), lr, b.valid_labels() as f32)?;
+            let m = engine.read_metrics()?;
+            metrics.extend([m.loss_sum as f32, m.valid_tokens as f32, m.correct_tokens as f32, m.exact_samples as f32, m.samples_with_labels as f32]);
+        }
+        let (p, o) = engine.snapshot()?;
+        Ok((metrics, p, o))
+    };
+    let (m_graph, p_graph, o_graph) = run(&mut engine, true)?;
+    let exact = Tolerance { abs: 0.0, rel: 0.0 };
+    let shape = format!("hrm L4 T{ROWS}, bp {GRAPH_BP_STEPS:?}");
+    // bp 5's graph and bp 2's second one.
+    let mut rows = vec![Row::new("graphs captured", &shape, exact, compare(&[engine.captured_graphs() as f32], &[2.0], exact))];
+
+    // The loss guard, graphs still on: bp 2 is captured, so these steps replay it.
+    let schedule = Schedule::for_training(&config.net, 2);
+    let with_grad = engine.model.tensors_with_grad(&schedule);
+    for (i, b) in batches.iter().take(3).enumerate() {
+        let lr = if i == 0 { f32::NAN } else { TrainConfig::default().lr };
+        engine.train_step(&b.batch(), &schedule, lr, b.valid_labels() as f32)?;
+    }
+    let steps_before = match engine.read_metrics() {
+        Err(e) => e.downcast_ref::<NonFiniteLoss>().map_or(-1.0, |nf| nf.steps_before as f32),
+        Ok(_) => -2.0,
+    };
+    // Step 1 (NaN learning rate) had a finite loss and was applied; step 2's loss is NaN.
+    let guard = "NaN lr at step 1 of 3";
+    rows.push(Row::new("graph loss guard: finite steps before the NaN", guard, exact, compare(&[steps_before], &[1.0], exact)));
+    let (_, after) = engine.snapshot()?;
+    let steps = |s: &[u32]| s.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let want: Vec<u32> = o_graph.steps.iter().zip(&with_grad).map(|(&s, &g)| s + u32::from(g)).collect();
+    rows.push(Row::new("graph loss guard: step counts", guard, exact, compare(&steps(&after.steps), &steps(&want), exact)));
+
+    let (m_eager, p_eager, o_eager) = run(&mut engine, false)?;
+    rows.extend([
+        Row::new("graph vs eager metrics", &shape, exact, compare(&m_graph, &m_eager, exact)),
+        Row::new("graph vs eager master", &shape, exact, compare(&p_graph.master, &p_eager.master, exact)),
+        Row::new("graph vs eager m", &shape, exact, compare(&o_graph.m, &o_eager.m, exact)),
+        Row::new("graph vs eager v", &shape, exact, compare(&o_graph.v, &o_eager.v, exact)),
+        Row::new("graph vs eager ema", &shape, exact, compare(&o_graph.ema, &o_eager.ema, exact)),
+        Row::new("graph vs eager step counts", &shape, exact, compare(&steps(&o_graph.steps), &steps(&o_eager.steps), exact)),
+    ]);
     Ok(rows)
 }
 

@@ -5,9 +5,17 @@
 //!     step      = global_step + 1                         (SPEC §7: the first update is step 1)
 //!     lr        = warm-up + cosine schedule at step
 //!     schedule  = the net's passes, hrm's bp_steps warming up  (SPEC §3)
-//!     metrics   = engine.train_step(batch, schedule, lr, valid labels of the batch)
+//!     engine.train_step(batch, schedule, lr, valid labels of the batch)     (queued, not awaited)
 //!     log, evaluate, checkpoint (every N steps / minutes, at each epoch end, at the end)
 //! ```
+//!
+//! The loop never waits for a step: the engine keeps each step's metrics on the device, and
+//! the loop reads them ([`Engine::read_metrics`]) only when it logs, evaluates or
+//! checkpoints. The logged loss, accuracy and exact accuracy are those of the logged step
+//! alone (not a mean over the logging interval). A non-finite loss is therefore found at the
+//! first read after it; the engine has skipped every update since that step, so the run stops
+//! with the error and a checkpoint of the weights before that step, as if it had been found
+//! at once (only the compute of the steps in between is lost).
 //!
 //! A run lives in one directory: `metrics.jsonl` (one JSON object per logged step) and the
 //! checkpoints `ckpt-<step>/` with a `latest` pointer (`src/checkpoint/run_dir.rs`).
@@ -18,6 +26,7 @@ pub mod engine;
 pub mod eval;
 pub mod flops;
 pub mod gpu;
+pub mod graph;
 pub mod plot;
 
 use std::fs::{File, OpenOptions};
@@ -39,6 +48,7 @@ use crate::model::schedule::{bp_steps, Schedule};
 use crate::optim::{AdamAtan2, AdamCoeffs, LrSchedule};
 use crate::gpu::nvtx::{self, CaptureRange, Range};
 use crate::gpu::Gpu;
+use crate::ops::cross_entropy::StepMetrics;
 use engine::{CpuEngine, Engine, NonFiniteLoss};
 use gpu::{GpuEngine, MemoryPlan};
 use eval::{batch_view, evaluate, step_ratios, Coverage, MeanMetrics};
@@ -88,6 +98,8 @@ pub struct TrainOptions {
     /// Wrap this step in cuProfilerStart/Stop, so that `ncu --profile-from-start off`
     /// captures it alone (GPU only).
     pub profile_step: Option<u64>,
+    /// Capture each schedule's step in a CUDA graph and replay it (GPU only, `graph.rs`).
+    pub cuda_graph: bool,
 }
 
 /// The training data and, for the demo, its held-out split.
@@ -122,10 +134,15 @@ pub fn open_gpu(device: Device) -> Result<Option<Gpu>> {
     }
 }
 
-/// The engine on `gpu` when there is one, else the CPU reference.
-pub fn make_engine(gpu: Option<&Gpu>, params: Params, optimizer: AdamAtan2) -> Result<Box<dyn Engine + '_>> {
+/// The engine on `gpu` when there is one (replaying its steps as CUDA graphs with
+/// `cuda_graph`), else the CPU reference.
+pub fn make_engine(gpu: Option<&Gpu>, params: Params, optimizer: AdamAtan2, cuda_graph: bool) -> Result<Box<dyn Engine + '_>> {
     match gpu {
-        Some(gpu) => Ok(Box::new(GpuEngine::new(gpu, params, optimizer)?)),
+        Some(gpu) => {
+            let mut engine = GpuEngine::new(gpu, params, optimizer)?;
+            engine.set_cuda_graphs(cuda_graph);
+            Ok(Box::new(engine))
+        }
         None => Ok(Box::new(CpuEngine::new(params, optimizer)?)),
     }
 }
@@ -200,6 +217,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         let plan = MemoryPlan::predict(&model, &deepest, batch_tokens)?;
         plan.check_fits(gpu).with_context(|| format!("predicted device memory of this run:\n{plan}"))?;
     }
+    ensure!(!opts.cuda_graph || gpu.is_some(), "--cuda-graph: CUDA graphs need the GPU (--device gpu)");
     if let Some(n) = opts.profile_step {
         ensure!(gpu.is_some(), "--profile-step {n}: profiling needs the GPU (--device gpu)");
         ensure!(n > state.global_step && n <= total_steps, "--profile-step {n}: this run takes steps {} to {total_steps}", state.global_step + 1);
@@ -210,7 +228,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     // Useful FLOPs (src/train/flops.rs) are logged on the GPU as TFLOP/s, and as MFU where
     // the card's peak is known.
     let (on_gpu, peak_flops) = (gpu.is_some(), gpu.as_ref().and_then(|g| flops::peak_bf16_flops(&g.props)));
-    let mut engine = make_engine(gpu.as_ref(), params, optimizer)?;
+    let mut engine = make_engine(gpu.as_ref(), params, optimizer, opts.cuda_graph)?;
     let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
     let loader = Loader::new(data.train.clone(), loader_cfg, state.data_position)?;
     let mut log = MetricsLog::open(&opts.run_dir)?;
@@ -233,6 +251,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     let mut window = (Instant::now(), 0u64, 0.0f64); // tokens and useful FLOPs since the last log line
     let mut last_epoch = state.data_position.epoch;
     let mut last_heldout: Option<(u64, MeanMetrics)> = None; // the final weights' evaluation, when the loop made it
+    let mut unread = Unread::default();
     for item in loader {
         if state.global_step >= total_steps {
             break;
@@ -240,7 +259,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         let (position, batch) = item?;
         let _step_range = Range::push("step");
         if position.epoch != last_epoch {
-            save(opts, &mut *engine, &state, &bar)?; // every epoch end
+            checkpoint(opts, &mut *engine, &mut state, &mut unread, &bar)?; // every epoch end
             last_save = Instant::now();
             last_epoch = position.epoch;
         }
@@ -253,18 +272,12 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
             (Some(gpu), true) => Some(CaptureRange::start(gpu)?),
             _ => None,
         };
+        unread.before.push(Progress::of(&state));
         let result = engine.train_step(&batch_view(&batch), &schedule, lr, labels);
         if let Some(capture) = capture {
             capture.stop()?;
         }
-        let out = match result {
-            Ok(out) => out,
-            Err(e) if e.is::<NonFiniteLoss>() => {
-                save(opts, &mut *engine, &state, &bar)?;
-                return Err(e).context(format!("step {step}: training stopped; the weights before this step were checkpointed in {}", opts.run_dir.display()));
-            }
-            Err(e) => return Err(e).context(format!("step {step}")),
-        };
+        result.with_context(|| format!("step {step}"))?;
         state.global_step = step;
         state.data_position = DataPosition { epoch: position.epoch, step: position.step + 1 };
         state.tokens_seen += batch.num_tokens() as u64;
@@ -274,7 +287,8 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
 
         if step % opts.log_every == 0 || step == total_steps {
             let _log_range = Range::push("log");
-            let (loss, accuracy, exact) = step_ratios(&out.metrics);
+            let metrics = read_metrics(opts, &mut *engine, &mut state, &mut unread, &bar)?;
+            let (loss, accuracy, exact) = step_ratios(&metrics);
             let seconds = window.0.elapsed().as_secs_f64();
             let (tokens_per_s, flops_per_s) = (window.1 as f64 / seconds, window.2 / seconds);
             window = (Instant::now(), 0, 0.0);
@@ -299,6 +313,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         if let (Some(heldout), Some(every)) = (&data.heldout, opts.eval_every) {
             if step % every == 0 {
                 let _eval_range = Range::push("eval");
+                read_metrics(opts, &mut *engine, &mut state, &mut unread, &bar)?; // no evaluation of weights a non-finite loss stopped
                 let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, Coverage::AllSamples)?;
                 report_heldout(&bar, &mut log, step, &m)?;
                 last_heldout = Some((step, m));
@@ -307,7 +322,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         let due_steps = opts.checkpoint_every_steps.is_some_and(|n| step % n == 0);
         let due_time = last_save.elapsed().as_secs_f64() >= opts.checkpoint_every_minutes * 60.0;
         if due_steps || due_time {
-            save(opts, &mut *engine, &state, &bar)?;
+            checkpoint(opts, &mut *engine, &mut state, &mut unread, &bar)?;
             last_save = Instant::now();
         }
     }
@@ -316,7 +331,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         "the data yielded no full training step: {} tokens per epoch do not fill one {batch_tokens}-token batch (SPEC §8 drops an epoch's last step); lower --batch-tokens or add data",
         data.train.tokens_per_epoch()
     );
-    save(opts, &mut *engine, &state, &bar)?;
+    checkpoint(opts, &mut *engine, &mut state, &mut unread, &bar)?;
     bar.finish();
 
     let Some(heldout) = &data.heldout else { return Ok(None) };
@@ -336,6 +351,59 @@ fn report_heldout(bar: &ProgressBar, log: &mut MetricsLog, step: u64, m: &MeanMe
         m.loss, m.accuracy, m.exact_accuracy, m.tokens
     ));
     log.write(json!({ "split": "heldout", "step": step, "loss": m.loss, "accuracy": m.accuracy, "exact_accuracy": m.exact_accuracy, "tokens": m.tokens }))
+}
+
+/// What a step changes in the run's state, as it was before one step.
+#[derive(Clone, Copy, Debug)]
+struct Progress {
+    global_step: u64,
+    data_position: DataPosition,
+    tokens_seen: u64,
+}
+
+impl Progress {
+    fn of(state: &TrainState) -> Progress {
+        Progress { global_step: state.global_step, data_position: state.data_position, tokens_seen: state.tokens_seen }
+    }
+
+    fn restore(self, state: &mut TrainState) {
+        (state.global_step, state.data_position, state.tokens_seen) = (self.global_step, self.data_position, self.tokens_seen);
+    }
+}
+
+/// The steps run since the engine's metrics were last read: the state before each, so that a
+/// non-finite loss found at the read can be checkpointed as of the step that produced it.
+#[derive(Default)]
+struct Unread {
+    before: Vec<Progress>,
+}
+
+/// The metrics of the last step. A non-finite loss found here stops the run: the engine
+/// skipped every update from that step on, so its weights are those before it; they are
+/// checkpointed with the run's state from before that step.
+fn read_metrics(opts: &TrainOptions, engine: &mut dyn Engine, state: &mut TrainState, unread: &mut Unread, bar: &ProgressBar) -> Result<StepMetrics> {
+    let err = match engine.read_metrics() {
+        Ok(metrics) => {
+            unread.before.clear();
+            return Ok(metrics);
+        }
+        Err(err) => err,
+    };
+    let Some(&NonFiniteLoss { steps_before }) = err.downcast_ref::<NonFiniteLoss>() else { return Err(err) };
+    let before = *unread.before.get(steps_before as usize).with_context(|| format!("the engine reports a non-finite loss {steps_before} steps after the last read, but ran only {}", unread.before.len()))?;
+    before.restore(state);
+    save(opts, engine, state, bar)?;
+    Err(err).context(format!(
+        "step {}: training stopped; the weights before this step were checkpointed in {} (the loss is checked when the run logs, evaluates or checkpoints)",
+        state.global_step + 1,
+        opts.run_dir.display()
+    ))
+}
+
+/// Checks the steps since the last read (see [`read_metrics`]), then saves a checkpoint.
+fn checkpoint(opts: &TrainOptions, engine: &mut dyn Engine, state: &mut TrainState, unread: &mut Unread, bar: &ProgressBar) -> Result<()> {
+    read_metrics(opts, engine, state, unread, bar)?;
+    save(opts, engine, state, bar)
 }
 
 fn save(opts: &TrainOptions, engine: &mut dyn Engine, state: &TrainState, bar: &ProgressBar) -> Result<()> {
