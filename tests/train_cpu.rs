@@ -22,7 +22,7 @@ fn options(run: &Path, net: NetName, demo: DemoConfig, train: TrainConfig) -> Tr
         log_every: 10,
         eval_every: None,
         profile_step: None,
-        cuda_graph: false,
+        cuda_graph: None,
     }
 }
 

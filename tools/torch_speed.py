@@ -441,9 +441,11 @@ def bench(args, device):
     batches = [Batch(random_samples(rng, args.tokens, args.vocab), args.tokens)
                for _ in range(BATCHES)]
     model = Model(cfg, device, seed=args.seed)
-    # Every query sees at least itself (padding included), so the kernel may skip its
-    # fully-masked-row handling.
-    flex_opts = {"ROWS_GUARANTEED_SAFE": True, **json.loads(args.flex_options or "{}")}
+    # Not ROWS_GUARANTEED_SAFE: every query sees itself, but flex's online softmax meets rows
+    # with no visible key inside a partially masked block (a 128-row block spanning two
+    # samples), and without the guard such a row's running max stays -inf and turns into NaN.
+    # With the flag set, every XL step's loss was NaN on an H100 (docs/torch_speed.md).
+    flex_opts = json.loads(args.flex_options or "{}")
     tables = make_tables(args.tokens, device, flex_opts)
     setup_ops(args.compile, args.compile_mode)
     OPS.find_nan = args.find_nan
@@ -455,7 +457,13 @@ def bench(args, device):
     tokens = sum(b.tokens for b in used) / len(used)
     flops = sum(useful_flops(cfg, b) for b in used) / len(used)
     results = []
-    for route in args.route.split(","):
+    for r, route in enumerate(args.route.split(",")):
+        if r > 0:               # fresh weights: a route must not inherit another's updates
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            model = Model(cfg, device, seed=args.seed)
         ks = [args.recompute_every] if args.recompute_every is not None else [0, 8, 4, 2, 1]
         out = {"route": route, "error": "out of memory at every recompute setting"}
         for k in ks:

@@ -9,6 +9,13 @@ use crate::config::{NetName, SizeName, TrainConfig};
 use crate::data::demo::DemoConfig;
 use crate::train::{self, DataSource, Device, ModelSource, TrainOptions};
 
+/// An option that is on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// A dataset directory in the SPEC §8 layout, or `demo` for the built-in addition task
@@ -88,9 +95,10 @@ pub struct TrainArgs {
     /// that step alone (GPU only; docs/perf.md, "Observing a run")
     #[arg(long, value_name = "N")]
     pub profile_step: Option<u64>,
-    /// Capture each step in a CUDA graph and replay it (GPU only; docs/perf.md, "CUDA graphs")
-    #[arg(long)]
-    pub cuda_graph: bool,
+    /// Capture each step in a CUDA graph and replay it: on by default on the GPU (docs/perf.md,
+    /// "CUDA graphs"); `off` runs every step eagerly
+    #[arg(long, value_name = "on|off")]
+    pub cuda_graph: Option<Switch>,
     /// Demo: digits of the larger operand
     #[arg(long, default_value_t = 2)]
     pub demo_digits: usize,
@@ -144,7 +152,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         log_every: args.log_every.max(1),
         eval_every: args.eval_every.or(demo.then_some(50)),
         profile_step: args.profile_step,
-        cuda_graph: args.cuda_graph,
+        cuda_graph: args.cuda_graph.map(|s| s == Switch::On),
     };
     if let Some(m) = train::run(&opts)? {
         println!("{}", serde_json::to_string(&m)?);

@@ -98,8 +98,9 @@ pub struct TrainOptions {
     /// Wrap this step in cuProfilerStart/Stop, so that `ncu --profile-from-start off`
     /// captures it alone (GPU only).
     pub profile_step: Option<u64>,
-    /// Capture each schedule's step in a CUDA graph and replay it (GPU only, `graph.rs`).
-    pub cuda_graph: bool,
+    /// Capture each schedule's step in a CUDA graph and replay it (GPU only, `graph.rs`);
+    /// `None`: on where there is a GPU.
+    pub cuda_graph: Option<bool>,
 }
 
 /// The training data and, for the demo, its held-out split.
@@ -217,7 +218,8 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         let plan = MemoryPlan::predict(&model, &deepest, batch_tokens)?;
         plan.check_fits(gpu).with_context(|| format!("predicted device memory of this run:\n{plan}"))?;
     }
-    ensure!(!opts.cuda_graph || gpu.is_some(), "--cuda-graph: CUDA graphs need the GPU (--device gpu)");
+    ensure!(opts.cuda_graph != Some(true) || gpu.is_some(), "--cuda-graph on: CUDA graphs need the GPU (--device gpu)");
+    let cuda_graph = opts.cuda_graph.unwrap_or(gpu.is_some());
     if let Some(n) = opts.profile_step {
         ensure!(gpu.is_some(), "--profile-step {n}: profiling needs the GPU (--device gpu)");
         ensure!(n > state.global_step && n <= total_steps, "--profile-step {n}: this run takes steps {} to {total_steps}", state.global_step + 1);
@@ -228,7 +230,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     // Useful FLOPs (src/train/flops.rs) are logged on the GPU as TFLOP/s, and as MFU where
     // the card's peak is known.
     let (on_gpu, peak_flops) = (gpu.is_some(), gpu.as_ref().and_then(|g| flops::peak_bf16_flops(&g.props)));
-    let mut engine = make_engine(gpu.as_ref(), params, optimizer, opts.cuda_graph)?;
+    let mut engine = make_engine(gpu.as_ref(), params, optimizer, cuda_graph)?;
     let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
     let loader = Loader::new(data.train.clone(), loader_cfg, state.data_position)?;
     let mut log = MetricsLog::open(&opts.run_dir)?;
