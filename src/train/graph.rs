@@ -1,4 +1,4 @@
-//! CUDA graphs of the training step (`--cuda-graph`): each schedule's step is captured once
+//! CUDA graphs of the training step (on by default on the GPU; `--cuda-graph off`): each schedule's step is captured once
 //! and replayed for every later step with that schedule.
 //!
 //! A step launches hundreds of kernels and GEMMs (tiny hrm: ~400) to thousands (XL hrm at
@@ -11,11 +11,12 @@
 //!
 //! - Every buffer the step touches exists before the capture and keeps its address: the
 //!   model's workspace with the batch in it (`net.rs`, `DeviceBatch`), the backend's scratch
-//!   (`cuda.rs`: GEMM workspace, LM-head logits, attention tables, embedding sort), the
+//!   (`cuda.rs`: GEMM workspace, LM-head logits, attention tables, the embedding backward's
+//!   order, tickets and partial rows), the
 //!   engine's state (`gpu.rs`).
 //! - Every value that changes from step to step is read from device memory, written before
-//!   the launch by stream-ordered copies: the batch and its gradient scale
-//!   (`Model::stage_step`), the learning rate and per-tensor gradient flags
+//!   the launch by stream-ordered copies: the batch, its gradient scale and the embedding
+//!   backward's token order (`Model::stage_step`), the learning rate and per-tensor gradient flags
 //!   (`AdamDeviceTable::set_step`). The optimiser's step counts and the loss guard are
 //!   updated on the device by the step itself.
 //! - The host values left in launch arguments are fixed for a schedule and a batch shape:
