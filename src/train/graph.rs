@@ -1,5 +1,5 @@
-//! CUDA graphs of the training step (on by default on the GPU; `--cuda-graph off`): each schedule's step is captured once
-//! and replayed for every later step with that schedule.
+//! CUDA graphs of the training step (on by default on the GPU; `--cuda-graph off`): each
+//! schedule's step is captured once and replayed for every later step with that schedule.
 //!
 //! A step launches hundreds of kernels and GEMMs (tiny hrm: ~400) to thousands (XL hrm at
 //! bp_steps 5: ~3,100; a block is ~12 launches forward and ~19 backward, hrm runs 8 passes of
@@ -12,8 +12,7 @@
 //! - Every buffer the step touches exists before the capture and keeps its address: the
 //!   model's workspace with the batch in it (`net.rs`, `DeviceBatch`), the backend's scratch
 //!   (`cuda.rs`: GEMM workspace, LM-head logits, attention tables, the embedding backward's
-//!   order, tickets and partial rows), the
-//!   engine's state (`gpu.rs`).
+//!   order, tickets and partial rows), the engine's state (`gpu.rs`).
 //! - Every value that changes from step to step is read from device memory, written before
 //!   the launch by stream-ordered copies: the batch, its gradient scale and the embedding
 //!   backward's token order (`Model::stage_step`), the learning rate and per-tensor gradient flags
