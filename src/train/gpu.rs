@@ -913,7 +913,8 @@ fn rel_l2(got: &[f32], want: &[f32], tol: f32) -> Comparison {
 
 /// Three AdamATan2 steps of [`GpuEngine`] and [`CpuEngine`] from the same state on the same
 /// three batches, with hrm's gradient depth warming up (bp_steps 2, 3, 5: the embedding gets
-/// its first gradient in step 2, H pass 0 joins in step 3).
+/// its first gradient in step 2, H pass 0 joins in step 3); then a fourth step of two
+/// micro-batches (`--micro-batches 2`: the GPU's accumulating path, run op by op).
 fn engine_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let config = small_config(NetName::Hrm, 4);
     let params = bf16_params(config, rng.next_u64());
@@ -946,6 +947,21 @@ fn engine_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let exact = Tolerance { abs: 0.0, rel: 0.0 };
     let steps = |s: &[u32]| s.iter().map(|&x| x as f32).collect::<Vec<f32>>();
     rows.push(Row::new("engine step counts", shape, exact, compare(&steps(&o_gpu.steps), &steps(&o_cpu.steps), exact)));
+
+    let micro = [PackedSamples::random(rng, ROWS / 2, VOCAB, 8..120, (0.1, 0.9))?, PackedSamples::random(rng, ROWS / 2, VOCAB, 8..120, (0.1, 0.9))?];
+    let views = [micro[0].batch(), micro[1].batch()];
+    let divisor = (micro[0].valid_labels() + micro[1].valid_labels()) as f32 / 2.0;
+    let schedule = Schedule::for_training(&config.net, 5);
+    cpu.train_micro_batches(&views, &schedule, lr, divisor)?;
+    gpu_engine.train_micro_batches(&views, &schedule, lr, divisor)?;
+    let (want, got) = (cpu.read_metrics()?, gpu_engine.read_metrics()?);
+    let shape = format!("hrm bp5, 2 micro-batches of T{}", ROWS / 2);
+    let counts = |m: &StepMetrics| [m.valid_tokens, m.samples_with_labels].map(|x| x as f32);
+    rows.push(Row::new("engine micro-batch step: label and sample counts", &shape, exact, compare(&counts(&got), &counts(&want), exact)));
+    let loss = |m: &StepMetrics| (m.loss_sum / m.valid_tokens.max(1) as f64) as f32;
+    rows.push(Row::new("engine micro-batch step: loss", &shape, LOSS_TOL, compare(&[loss(&got)], &[loss(&want)], LOSS_TOL)));
+    let (p_gpu, p_cpu) = (gpu_engine.snapshot()?.0, cpu.snapshot()?.0);
+    rows.push(Row::new("engine micro-batch step: master rel-L2", &shape, Tolerance { abs: 0.0, rel: MASTER_TOL }, rel_l2(&p_gpu.master, &p_cpu.master, MASTER_TOL)));
     Ok(rows)
 }
 
