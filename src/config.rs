@@ -243,6 +243,17 @@ pub struct TrainConfig {
     /// time, the same results. A resumed run takes it from its command line.
     #[serde(default)]
     pub recompute: bool,
+    /// Micro-batches per optimiser step (`--micro-batches K`, gradient accumulation): each
+    /// rank trains a step as K virtual ranks of `global_batch_tokens / world / K` tokens whose
+    /// gradients are summed before one update (`src/data/loader.rs`). Less memory, the same
+    /// optimiser steps as K times the GPUs; it changes the data plan, so a run keeps its K.
+    #[serde(default = "one_micro_batch")]
+    pub micro_batches: usize,
+}
+
+/// Run configurations written before gradient accumulation trained whole batches.
+fn one_micro_batch() -> usize {
+    1
 }
 
 impl Default for TrainConfig {
@@ -263,6 +274,7 @@ impl Default for TrainConfig {
             max_steps: None,
             fixed_bp_steps: None,
             recompute: false,
+            micro_batches: 1,
         }
     }
 }
@@ -309,9 +321,10 @@ mod tests {
     }
 
     #[test]
-    fn run_configs_from_before_recompute_load() {
+    fn run_configs_from_before_recompute_and_micro_batches_load() {
         let mut json = serde_json::to_value(TrainConfig::default()).unwrap();
         json.as_object_mut().unwrap().remove("recompute");
+        json.as_object_mut().unwrap().remove("micro_batches");
         let old: TrainConfig = serde_json::from_value(json).unwrap();
         assert_eq!(old, TrainConfig::default());
     }

@@ -89,3 +89,48 @@ fn a_non_finite_loss_stops_the_run_at_its_step() {
     assert_eq!(ckpt.state.global_step, 1);
     assert!(ckpt.optimizer.steps.iter().all(|&s| s == 1), "only step 1's update was applied: {:?}", ckpt.optimizer.steps);
 }
+
+/// Gradient accumulation (`--micro-batches 2`): the loss goes down, every step's metrics count
+/// both micro-batches, resuming with another K is refused, and resuming with the run's K
+/// continues bit-exactly.
+#[test]
+fn micro_batches_train_and_resume_exactly() {
+    let demo = DemoConfig { train_samples: 600, heldout_samples: 50, epochs: 2, ..DemoConfig::default() };
+    let cfg = TrainConfig { lr: 1e-3, warmup_steps: 3, global_batch_tokens: 512, epochs: 2, max_steps: Some(12), micro_batches: 2, ..TrainConfig::default() };
+    let (straight, interrupted) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+
+    let mut opts = options(straight.path(), NetName::Transformer, demo, cfg.clone());
+    opts.checkpoint_every_steps = Some(6);
+    opts.log_every = 1;
+    train::run(&opts).unwrap();
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(straight.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .filter(|r: &serde_json::Value| r["split"] == "train")
+        .collect();
+    assert_eq!(records.len(), 12);
+    let loss = |r: &serde_json::Value| r["loss"].as_f64().unwrap();
+    let (first, last) = (records[..3].iter().map(loss).sum::<f64>(), records[9..].iter().map(loss).sum::<f64>());
+    assert!(last < 0.8 * first, "mean loss of steps 1-3 {:.3}, of steps 10-12 {:.3}", first / 3.0, last / 3.0);
+    // Two micro-batches of 256 slots: more tokens than one of them holds.
+    assert!(records.iter().all(|r| (257..=512).contains(&r["tokens"].as_u64().unwrap())), "tokens per step: {records:?}");
+
+    let mut opts = options(interrupted.path(), NetName::Transformer, demo, cfg);
+    opts.checkpoint_every_steps = Some(6);
+    train::run(&opts).unwrap();
+    std::fs::remove_dir_all(interrupted.path().join(run_dir::checkpoint_name(12))).unwrap();
+    opts.resume = true;
+    opts.train.micro_batches = 1;
+    let err = format!("{:#}", train::run(&opts).unwrap_err());
+    assert!(err.contains("trained with --micro-batches 2, this command asks for 1"), "{err}");
+    opts.train.micro_batches = 2;
+    train::run(&opts).unwrap();
+
+    let a = checkpoint::load(&straight.path().join(run_dir::checkpoint_name(12)), None).unwrap();
+    let b = checkpoint::load(&interrupted.path().join(run_dir::checkpoint_name(12)), None).unwrap();
+    assert_eq!(a.state.train_config.micro_batches, 2, "the checkpoint records K");
+    assert_eq!(a.state.data_position, b.state.data_position);
+    assert!(a.params.master == b.params.master, "master weights differ after resume");
+    assert!(a.optimizer == b.optimizer, "optimiser state differs after resume");
+}

@@ -15,6 +15,10 @@
 //! gradient, attention over the visible (query, key) pairs only, over 989 TFLOP/s. With
 //! `--recompute` the forwards that are run again are printed beside them and left out of MFU.
 //!
+//! `--micro-batches K` splits each step into K micro-batches of `batch_tokens / K` (gradient
+//! accumulation, as `hrm-cu train --micro-batches K` trains): memory is predicted for one
+//! micro-batch, and the steps run without CUDA graphs (`src/train/gpu.rs`).
+//!
 //! `--profile` runs a few more steps with every op bracketed by CUDA events and prints the
 //! split per op class; the event records add a little time of their own, so the totals are
 //! a few percent above the plain steps.
@@ -28,6 +32,8 @@ use rayon::prelude::*;
 
 use crate::config::{ModelConfig, Net, NetName, SizeName, TrainConfig};
 use crate::gpu::{DriverContext, Gpu};
+use crate::data::loader::micro_batch_tokens;
+use crate::model::net::Batch;
 use crate::model::params::Params;
 use crate::model::schedule::Schedule;
 use crate::model::spec::ParamLayout;
@@ -37,7 +43,7 @@ use crate::train::engine::Engine;
 use crate::train::flops::{recompute_flops, useful_flops, HOPPER_BF16_FLOPS};
 use crate::train::gpu::{GpuEngine, MemoryPlan, PackedSamples};
 
-/// Distinct batches cycled through the steps.
+/// Distinct steps cycled through (each of `--micro-batches` batches).
 const BATCHES: usize = 4;
 const DEFAULT_BATCH_TOKENS: usize = 12_288;
 const DEFAULT_VOCAB: usize = 65_536;
@@ -61,6 +67,9 @@ pub struct TrainBenchArgs {
     /// Recompute the activations of each pass with gradient in the backward (keep its input only)
     #[arg(long)]
     pub recompute: bool,
+    /// Micro-batches per step (gradient accumulation), each of --batch-tokens / K tokens
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub micro_batches: usize,
     /// Tokenizer vocabulary (rounded up to 256)
     #[arg(long, default_value_t = DEFAULT_VOCAB)]
     pub vocab: usize,
@@ -90,6 +99,7 @@ impl Default for TrainBenchArgs {
             bp_steps: None,
             batch_tokens: DEFAULT_BATCH_TOKENS,
             recompute: false,
+            micro_batches: 1,
             vocab: DEFAULT_VOCAB,
             warmup: DEFAULT_WARMUP,
             steps: DEFAULT_STEPS,
@@ -123,8 +133,10 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
     };
     let schedule = Schedule::for_training(&config.net, bp_steps).with_recompute(args.recompute);
     let t = args.batch_tokens;
+    let k = args.micro_batches;
+    let micro_tokens = micro_batch_tokens(t, k)?;
 
-    let plan = MemoryPlan::predict(&config, &schedule, t)?;
+    let plan = MemoryPlan::predict_micro_batches(&config, &schedule, t, k)?;
     let params = random_params(config, args.seed);
     println!(
         "bench train: {:?} {:?}, {:.3} B parameters, vocab {}, {} passes ({} with gradient, activations {}), {t} tokens per step",
@@ -136,11 +148,16 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
         schedule.grad_passes(),
         if schedule.recompute { "recomputed" } else { "kept" }
     );
+    if k > 1 {
+        println!("{k} micro-batches of {micro_tokens} tokens per step, gradients accumulated; steps run without CUDA graphs");
+    }
     println!("predicted device memory:\n{plan}");
     plan.check_fits(gpu)?;
 
     let mut rng = Rng::new(args.seed ^ 0x5eed);
-    let batches = (0..BATCHES).map(|_| PackedSamples::random(&mut rng, t, config.vocab, 64..4097, (0.1, 0.9))).collect::<Result<Vec<_>>>()?;
+    let steps = (0..BATCHES)
+        .map(|_| (0..k).map(|_| PackedSamples::random(&mut rng, micro_tokens, config.vocab, 64..4097, (0.1, 0.9))).collect::<Result<Vec<_>>>())
+        .collect::<Result<Vec<_>>>()?;
     let coeffs = AdamCoeffs::from_config(&TrainConfig::default());
     let lr = TrainConfig::default().lr;
     let optimizer = AdamAtan2::new(&params, coeffs);
@@ -153,15 +170,16 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
         GraphMode::On => &[true],
         GraphMode::Both => &[false, true],
     };
-    // Per-step averages over the batches the timed steps run.
-    let used: Vec<&PackedSamples> = (0..args.steps).map(|i| &batches[(args.warmup + i) % BATCHES]).collect();
-    let tokens = used.iter().map(|b| b.tokens() as f64).sum::<f64>() / used.len() as f64;
-    let flops = used.iter().map(|b| useful_flops(&config, &schedule, &b.batch())).sum::<f64>() / used.len() as f64;
-    let recomputed = used.iter().map(|b| recompute_flops(&config, &schedule, &b.batch())).sum::<f64>() / used.len() as f64;
+    // Per-step averages over the micro-batches the timed steps run.
+    let used: Vec<&PackedSamples> = (0..args.steps).flat_map(|i| &steps[(args.warmup + i) % BATCHES]).collect();
+    let per_step = |sum: f64| sum / args.steps as f64;
+    let tokens = per_step(used.iter().map(|b| b.tokens() as f64).sum());
+    let flops = per_step(used.iter().map(|b| useful_flops(&config, &schedule, &b.batch())).sum());
+    let recomputed = per_step(used.iter().map(|b| recompute_flops(&config, &schedule, &b.batch())).sum());
     let mut medians = Vec::new();
     for &graphs in modes {
         engine.set_cuda_graphs(graphs);
-        let times = time_steps(gpu, &mut engine, &batches, &schedule, lr, args.warmup, args.steps)?;
+        let times = time_steps(gpu, &mut engine, &steps, &schedule, lr, args.warmup, args.steps)?;
         let mut sorted = times.clone();
         sorted.sort_by(f64::total_cmp);
         let median = sorted[sorted.len() / 2];
@@ -204,8 +222,7 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
             let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).during("creating an event")?;
             let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).during("creating an event")?;
             start.record(&gpu.stream).during("recording an event")?;
-            let b = &batches[i % BATCHES];
-            engine.train_step(&b.batch(), &schedule, lr, b.valid_labels() as f32).with_context(|| format!("profiled step {i}"))?;
+            train_step(&mut engine, &steps[i % BATCHES], &schedule, lr).with_context(|| format!("profiled step {i}"))?;
             end.record(&gpu.stream).during("recording an event")?;
             wall += start.elapsed_ms(&end).during("reading an event")? as f64;
         }
@@ -230,11 +247,8 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
 /// device milliseconds of each: the time between the events recorded before and after it.
 /// Synchronises once, at the end (and reads the metrics, so that a non-finite loss fails the
 /// bench instead of timing skipped updates).
-fn time_steps(gpu: &Gpu, engine: &mut GpuEngine, batches: &[PackedSamples], schedule: &Schedule, lr: f32, warmup: usize, steps: usize) -> Result<Vec<f64>> {
-    let step = |engine: &mut GpuEngine, i: usize| -> Result<()> {
-        let b = &batches[i % batches.len()];
-        engine.train_step(&b.batch(), schedule, lr, b.valid_labels() as f32)
-    };
+fn time_steps(gpu: &Gpu, engine: &mut GpuEngine, batches: &[Vec<PackedSamples>], schedule: &Schedule, lr: f32, warmup: usize, steps: usize) -> Result<Vec<f64>> {
+    let step = |engine: &mut GpuEngine, i: usize| train_step(engine, &batches[i % batches.len()], schedule, lr);
     for i in 0..warmup {
         step(engine, i).with_context(|| format!("warm-up step {i}"))?;
     }
@@ -250,6 +264,14 @@ fn time_steps(gpu: &Gpu, engine: &mut GpuEngine, batches: &[PackedSamples], sche
     }
     engine.read_metrics().context("the timed steps")?;
     events.windows(2).map(|w| Ok(w[0].elapsed_ms(&w[1]).during("reading an event")? as f64)).collect()
+}
+
+/// Queues one step on its micro-batches, each one's loss divided by the mean of their valid
+/// labels (SPEC §5 with a micro-batch per virtual rank, as the trainer does).
+fn train_step(engine: &mut GpuEngine, micro_batches: &[PackedSamples], schedule: &Schedule, lr: f32) -> Result<()> {
+    let views: Vec<Batch> = micro_batches.iter().map(PackedSamples::batch).collect();
+    let labels: usize = micro_batches.iter().map(PackedSamples::valid_labels).sum();
+    engine.train_micro_batches(&views, schedule, lr, labels as f32 / micro_batches.len() as f32)
 }
 
 /// Random weights with each tensor's SPEC §6 standard deviation, drawn in parallel (uniform

@@ -70,6 +70,11 @@ pub struct TrainArgs {
     /// instead of 5), for one more forward of those passes; also on --resume
     #[arg(long)]
     pub recompute: bool,
+    /// Split each step's batch into K micro-batches of --batch-tokens / K and sum their
+    /// gradients before one update (gradient accumulation): activation memory of one
+    /// micro-batch, the optimiser steps of K times the GPUs; --resume needs the run's K
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub micro_batches: usize,
     #[arg(long)]
     pub weight_decay: Option<f32>,
     #[arg(long)]
@@ -123,6 +128,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     cfg.max_steps = args.steps;
     cfg.fixed_bp_steps = args.bp_steps;
     cfg.recompute = args.recompute;
+    cfg.micro_batches = args.micro_batches;
     cfg.target_only = !args.train_on_instruction;
     macro_rules! set {
         ($($field:ident <- $arg:expr),*) => { $(if let Some(v) = $arg { cfg.$field = v; })* };

@@ -245,10 +245,11 @@ mod tests {
     fn the_demo_runs_through_the_loader_like_any_dataset() {
         let demo = build(&DemoConfig { train_samples: 200, heldout_samples: 20, epochs: 2, ..DemoConfig::default() }).unwrap();
         let t = demo.tokenizer;
-        let cfg = LoaderConfig { rank: 0, world: 1, batch_tokens: 64, target_only: true, epochs: 2, prefetch: 2 };
+        let cfg = LoaderConfig { rank: 0, world: 1, batch_tokens: 64, micro_batches: 1, target_only: true, epochs: 2, prefetch: 2 };
         let mut samples = 0;
         for item in Loader::new(Arc::new(demo.train), cfg, DataPosition::default()).unwrap() {
-            let (_, b) = item.unwrap();
+            let (_, micro_batches) = item.unwrap();
+            let [b] = &micro_batches[..] else { panic!("one micro-batch per step") };
             for i in 0..b.num_samples() {
                 let (start, end) = (b.cu_seqlens[i] as usize, b.cu_seqlens[i + 1] as usize);
                 let p = b.prefix_lens[i] as usize;

@@ -5,6 +5,13 @@
 //! Epochs run in order, `0..epochs`. A position names one step of one epoch; a checkpoint
 //! stores the position of the next batch to train on, and a loader started from it yields
 //! exactly what the uninterrupted run would have yielded from there.
+//!
+//! With K micro-batches per step (gradient accumulation, `--micro-batches K`) each rank is K
+//! virtual ranks: the plan has `world * K` bins of `batch_tokens / K` slots, and rank `r`
+//! gets, per step, the bins of virtual ranks `r*K .. r*K + K - 1` in that order, each packed
+//! into its own `batch_tokens / K` slots. A run of K micro-batches on W GPUs therefore trains
+//! on exactly the batches of a run on `W*K` GPUs with `batch_tokens / K` each; K = 1 is the
+//! plain plan of SPEC §8.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -42,6 +49,9 @@ pub struct LoaderConfig {
     pub world: usize,
     /// Slots of this rank's batch: `global_batch_tokens / world` (SPEC §7).
     pub batch_tokens: usize,
+    /// Micro-batches per step, each of `batch_tokens / micro_batches` slots (which must
+    /// divide evenly); 1: the whole batch at once.
+    pub micro_batches: usize,
     /// Labels only on responses (SPEC §4).
     pub target_only: bool,
     /// Epochs to run; the dataset must hold at least this many.
@@ -50,9 +60,11 @@ pub struct LoaderConfig {
     pub prefetch: usize,
 }
 
-type Item = Result<(DataPosition, PackedBatch)>;
+/// A step's position and its micro-batches, in order (one when `micro_batches` is 1).
+type Item = Result<(DataPosition, Vec<PackedBatch>)>;
 
-/// Yields `(position, batch)` for every step of every epoch from a start position, in order.
+/// Yields `(position, micro-batches)` for every step of every epoch from a start position,
+/// in order.
 pub struct Loader {
     rx: Option<Receiver<Item>>,
     worker: Option<JoinHandle<()>>,
@@ -64,14 +76,16 @@ impl Loader {
         ensure!(cfg.world >= 1 && cfg.rank < cfg.world, "rank {} is not in 0..{} (world size)", cfg.rank, cfg.world);
         ensure!(cfg.prefetch >= 1, "prefetch must be at least 1");
         dataset.require_epochs(cfg.epochs)?;
+        let k = cfg.micro_batches;
+        let micro_tokens = micro_batch_tokens(cfg.batch_tokens, k)?;
         ensure!(
-            cfg.batch_tokens >= dataset.max_sample_len(),
-            "a local batch of {} tokens cannot hold the dataset's longest sample ({} tokens; context {}): \
-             raise the global batch to at least world size x context = {}",
-            cfg.batch_tokens,
+            micro_tokens >= dataset.max_sample_len(),
+            "a {} of {micro_tokens} tokens cannot hold the dataset's longest sample ({} tokens; context {}): \
+             raise the global batch to at least world size x micro-batches x context = {}",
+            if k == 1 { "local batch".to_string() } else { format!("micro-batch (1/{k} of the local batch)") },
             dataset.max_sample_len(),
             dataset.context(),
-            cfg.world * dataset.context()
+            cfg.world * k * dataset.context()
         );
         ensure!(
             from.epoch < cfg.epochs || from == (DataPosition { epoch: cfg.epochs, step: 0 }),
@@ -86,18 +100,22 @@ impl Loader {
             .spawn(move || {
                 let mut first_step = from.step;
                 for epoch in from.epoch..cfg.epochs {
-                    let plan = plan_epoch(&dataset.packed_lengths(epoch), cfg.batch_tokens, cfg.world);
+                    // Every micro-batch is a virtual rank of its own (module doc).
+                    let plan = plan_epoch(&dataset.packed_lengths(epoch), micro_tokens, cfg.world * k);
                     if first_step > plan.steps.len() {
                         let _ = tx.send(Err(anyhow!(
                             "data position epoch {epoch} step {first_step} is past the end of that epoch ({} steps): \
-                             was the checkpoint trained on another dataset, world size or batch size?",
+                             was the checkpoint trained on another dataset, world size, batch size or micro-batch count?",
                             plan.steps.len()
                         )));
                         return;
                     }
                     for step in first_step..plan.steps.len() {
-                        let batch = assemble(&dataset, epoch, plan.rows(step, cfg.rank), cfg.batch_tokens, cfg.target_only)
-                            .map(|b| (DataPosition { epoch, step }, b));
+                        let virtual_ranks = cfg.rank * k..(cfg.rank + 1) * k;
+                        let batch = virtual_ranks
+                            .map(|v| assemble(&dataset, epoch, plan.rows(step, v), micro_tokens, cfg.target_only))
+                            .collect::<Result<Vec<_>>>()
+                            .map(|micro_batches| (DataPosition { epoch, step }, micro_batches));
                         let failed = batch.is_err();
                         // A send fails only when the Loader was dropped: stop quietly.
                         if tx.send(batch).is_err() || failed {
@@ -142,6 +160,15 @@ impl Drop for Loader {
     }
 }
 
+/// Slots of one of `micro_batches` equal micro-batches of a `batch_tokens` batch.
+pub fn micro_batch_tokens(batch_tokens: usize, micro_batches: usize) -> Result<usize> {
+    ensure!(
+        micro_batches >= 1 && batch_tokens % micro_batches == 0,
+        "--micro-batches {micro_batches}: the local batch of {batch_tokens} tokens does not divide into {micro_batches} equal micro-batches"
+    );
+    Ok(batch_tokens / micro_batches)
+}
+
 /// `floor(epochs * tokens_per_epoch / global_batch_tokens)`: the step count the schedule and
 /// the bp warm-up use (SPEC §7); multipack may run a few steps more or fewer.
 pub fn total_steps_estimate(epochs: usize, tokens_per_epoch: u64, global_batch_tokens: usize) -> u64 {
@@ -179,7 +206,12 @@ mod tests {
     }
 
     fn cfg(rank: usize) -> LoaderConfig {
-        LoaderConfig { rank, world: 2, batch_tokens: 64, target_only: true, epochs: 2, prefetch: 2 }
+        LoaderConfig { rank, world: 2, batch_tokens: 64, micro_batches: 1, target_only: true, epochs: 2, prefetch: 2 }
+    }
+
+    /// Rank `rank` of 2 with 128-token batches in 2 micro-batches: 4 virtual ranks of 64.
+    fn micro_cfg(rank: usize) -> LoaderConfig {
+        LoaderConfig { batch_tokens: 128, micro_batches: 2, ..cfg(rank) }
     }
 
     #[test]
@@ -190,7 +222,7 @@ mod tests {
         for epoch in 0..2 {
             let plan = plan_epoch(&ds.packed_lengths(epoch), 64, 2);
             for step in 0..plan.steps.len() {
-                want.push((DataPosition { epoch, step }, assemble(&ds, epoch, plan.rows(step, 1), 64, true).unwrap()));
+                want.push((DataPosition { epoch, step }, vec![assemble(&ds, epoch, plan.rows(step, 1), 64, true).unwrap()]));
             }
         }
         assert!(want.len() > 10);
@@ -198,14 +230,34 @@ mod tests {
     }
 
     #[test]
+    fn micro_batches_are_the_bins_of_consecutive_virtual_ranks() {
+        let ds = dataset();
+        let got: Vec<_> = Loader::new(ds.clone(), micro_cfg(1), DataPosition::default()).unwrap().map(Result::unwrap).collect();
+        let mut want = Vec::new();
+        for epoch in 0..2 {
+            // world 2 x 2 micro-batches = 4 bins of 128 / 2 = 64 slots; rank 1 is virtual ranks 2 and 3.
+            let plan = plan_epoch(&ds.packed_lengths(epoch), 64, 4);
+            for step in 0..plan.steps.len() {
+                let micro = [2, 3].map(|v| assemble(&ds, epoch, plan.rows(step, v), 64, true).unwrap());
+                want.push((DataPosition { epoch, step }, micro.to_vec()));
+            }
+        }
+        assert!(want.len() > 5);
+        assert!(got.iter().all(|(_, m)| m.iter().all(|b| b.num_samples() > 0)), "every micro-batch of a full step holds samples");
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn resuming_from_a_position_continues_exactly() {
         let ds = dataset();
-        let all: Vec<_> = Loader::new(ds.clone(), cfg(0), DataPosition::default()).unwrap().map(Result::unwrap).collect();
-        let last_of_epoch0 = all.iter().rposition(|(p, _)| p.epoch == 0).unwrap();
-        for cut in [1, last_of_epoch0, all.len() - 1] {
-            let resume_at = all[cut - 1].0.next();
-            let rest: Vec<_> = Loader::new(ds.clone(), cfg(0), resume_at).unwrap().map(Result::unwrap).collect();
-            assert_eq!(rest, all[cut..], "resumed after {:?}", all[cut - 1].0);
+        for config in [cfg(0), micro_cfg(0)] {
+            let all: Vec<_> = Loader::new(ds.clone(), config, DataPosition::default()).unwrap().map(Result::unwrap).collect();
+            let last_of_epoch0 = all.iter().rposition(|(p, _)| p.epoch == 0).unwrap();
+            for cut in [1, last_of_epoch0, all.len() - 1] {
+                let resume_at = all[cut - 1].0.next();
+                let rest: Vec<_> = Loader::new(ds.clone(), config, resume_at).unwrap().map(Result::unwrap).collect();
+                assert_eq!(rest, all[cut..], "{} micro-batches, resumed after {:?}", config.micro_batches, all[cut - 1].0);
+            }
         }
         let done = DataPosition { epoch: 2, step: 0 };
         assert_eq!(Loader::new(ds.clone(), cfg(0), done).unwrap().count(), 0);
@@ -221,6 +273,8 @@ mod tests {
         assert!(err(LoaderConfig { rank: 2, ..cfg(0) }).contains("rank 2 is not in 0..2"));
         assert!(err(LoaderConfig { epochs: 3, ..cfg(0) }).contains("--epochs 3"));
         assert!(err(LoaderConfig { batch_tokens: 20, ..cfg(0) }).contains("cannot hold the dataset's longest sample"));
+        assert!(err(LoaderConfig { micro_batches: 2, ..cfg(0) }).contains("micro-batch (1/2 of the local batch) of 32 tokens cannot hold"));
+        assert!(err(LoaderConfig { micro_batches: 3, ..micro_cfg(0) }).contains("--micro-batches 3: the local batch of 128 tokens does not divide"));
     }
 
     #[test]

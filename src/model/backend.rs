@@ -90,6 +90,8 @@ pub trait Backend {
     fn alloc_u8(&self, n: usize) -> Result<Self::U8>;
     fn alloc_i32(&self, n: usize) -> Result<Self::I32>;
     fn alloc_metrics(&self) -> Result<Self::Metrics>;
+    /// `sums = 0`, before the first [`Backend::step_metrics`] of a step.
+    fn zero_metrics(&self, sums: &mut Self::Metrics) -> Result<()>;
     /// `dst[..host.len()] = host` (stream-ordered on a GPU: it applies to the work queued after).
     fn write_i32(&self, dst: &mut Self::I32, host: &[i32]) -> Result<()>;
     fn write_f32(&self, dst: &mut Self::F32, host: &[f32]) -> Result<()>;
@@ -170,7 +172,8 @@ pub trait Backend {
     /// `grads = Some((dy, dw))`: `dlogits = (softmax - onehot) * grad_scale` (grad_scale: `[1]`),
     /// dy: [T, D] = dlogits @ w (written), dw: [V, D] at `w_at` += dlogits^T @ y.
     fn lm_head_loss(&self, losses: &mut Self::F32, correct: &mut Self::U8, grads: Option<(&mut Self::Act, &mut Self::Grads)>, y: &Self::Act, w: &Self::Weights, w_at: TensorAt, labels: &Self::I32, t: usize, v: usize, d: usize, grad_scale: &Self::F32) -> Result<()>;
-    /// sums = the [`StepMetrics`] of a step's per-token results (written with `=`):
+    /// sums += the [`StepMetrics`] of a batch's per-token results (accumulated, so that a
+    /// step's micro-batches add up; zero them first with [`Backend::zero_metrics`]):
     /// losses, correct, labels `[T]`, cu_seqlens [S+1] (empty samples count for nothing).
     fn step_metrics(&self, sums: &mut Self::Metrics, losses: &Self::F32, correct: &Self::U8, labels: &Self::I32, cu_seqlens: &Self::I32, t: usize) -> Result<()>;
     /// Reads metric sums back to the host (synchronises: at logging steps, not in the step).

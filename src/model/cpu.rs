@@ -49,6 +49,11 @@ impl Backend for CpuBackend {
         Ok(StepMetrics::default())
     }
 
+    fn zero_metrics(&self, sums: &mut StepMetrics) -> Result<()> {
+        *sums = StepMetrics::default();
+        Ok(())
+    }
+
     fn write_i32(&self, dst: &mut Vec<i32>, host: &[i32]) -> Result<()> {
         dst[..host.len()].copy_from_slice(host);
         Ok(())
@@ -188,7 +193,7 @@ impl Backend for CpuBackend {
     }
 
     fn step_metrics(&self, sums: &mut StepMetrics, losses: &Vec<f32>, correct: &Vec<u8>, labels: &Vec<i32>, cu_seqlens: &Vec<i32>, t: usize) -> Result<()> {
-        *sums = metrics_cpu(losses, correct, labels, cu_seqlens, t);
+        *sums += metrics_cpu(losses, correct, labels, cu_seqlens, t);
         Ok(())
     }
 

@@ -250,6 +250,10 @@ impl<'g> Backend for CudaBackend<'g> {
         self.counted(self.gpu.stream.alloc_zeros(METRICS_LEN).context("allocating the metric sums"))
     }
 
+    fn zero_metrics(&self, sums: &mut CudaSlice<f64>) -> Result<()> {
+        self.timed(OpClass::Other, || self.gpu.stream.memset_zeros(sums).context("zeroing the metric sums"))
+    }
+
     fn write_i32(&self, dst: &mut CudaSlice<i32>, host: &[i32]) -> Result<()> {
         self.gpu.stream.memcpy_htod(host, &mut dst.slice_mut(..host.len())).with_context(|| format!("uploading {} i32", host.len()))
     }
@@ -450,7 +454,6 @@ impl<'g> Backend for CudaBackend<'g> {
 
     fn step_metrics(&self, sums: &mut CudaSlice<f64>, losses: &CudaSlice<f32>, correct: &CudaSlice<u8>, labels: &CudaSlice<i32>, cu_seqlens: &CudaSlice<i32>, t: usize) -> Result<()> {
         self.timed(OpClass::Other, || {
-            self.gpu.stream.memset_zeros(sums).context("zeroing the metric sums")?;
             metrics(self.gpu, &mut sums.as_view_mut(), &losses.as_view(), &correct.as_view(), &labels.as_view(), &cu_seqlens.as_view(), t).with_context(|| format!("step_metrics [T={t}, S={}]", cu_seqlens.len() - 1))
         })
     }

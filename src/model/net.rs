@@ -383,9 +383,10 @@ impl<B: Backend> Model<B> {
     }
 
     /// The second half: enqueues the forward and backward of the staged batch with `schedule`
-    /// (which must be the staged one's or need no more pass inputs and kept passes). `grads` accumulates
-    /// (zero it first); `metrics` receives the step's sums on the backend. Nothing is read
-    /// back and nothing is allocated.
+    /// (which must be the staged one's or need no more pass inputs and kept passes). `grads` and
+    /// `metrics` (the batch's sums, on the backend) accumulate: zero them first
+    /// ([`Backend::zero_metrics`]), then stage and enqueue each micro-batch of a step in turn.
+    /// Nothing is read back and nothing is allocated.
     pub fn enqueue_step(&mut self, weights: &B::Weights, schedule: &Schedule, grads: &mut B::Grads, metrics: &mut B::Metrics) -> Result<()> {
         self.enqueue(weights, schedule, Some(grads), metrics)
     }
@@ -416,7 +417,7 @@ impl<B: Backend> Model<B> {
             Some(sums) => sums,
             None => self.backend.alloc_metrics()?,
         };
-        let read = self.enqueue(w, schedule, grads, &mut sums).and_then(|()| self.backend.read_metrics(&sums));
+        let read = self.backend.zero_metrics(&mut sums).and_then(|()| self.enqueue(w, schedule, grads, &mut sums)).and_then(|()| self.backend.read_metrics(&sums));
         self.metrics = Some(sums);
         read
     }

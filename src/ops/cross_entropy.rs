@@ -138,6 +138,17 @@ pub fn metrics_cpu(losses: &[f32], correct: &[u8], labels: &[i32], cu_seqlens: &
 /// exact_samples, samples_with_labels]`, fp64 (counts are exact below 2^53).
 pub const METRICS_LEN: usize = 5;
 
+/// The sums of two batches: a step's micro-batches add up this way.
+impl std::ops::AddAssign for StepMetrics {
+    fn add_assign(&mut self, other: StepMetrics) {
+        self.loss_sum += other.loss_sum;
+        self.valid_tokens += other.valid_tokens;
+        self.correct_tokens += other.correct_tokens;
+        self.exact_samples += other.exact_samples;
+        self.samples_with_labels += other.samples_with_labels;
+    }
+}
+
 impl StepMetrics {
     /// The sums held by a device accumulator written by [`metrics`].
     pub fn from_device(sums: &[f64; METRICS_LEN]) -> StepMetrics {

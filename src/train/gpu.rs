@@ -22,10 +22,17 @@
 //! on ([`GpuEngine::set_cuda_graphs`]) the enqueued half is captured once per schedule and
 //! replayed (`src/train/graph.rs`).
 //!
+//! A step of K > 1 micro-batches (`--micro-batches K`, gradient accumulation) zeroes the
+//! gradients and metric sums once, stages and enqueues each micro-batch's forward and
+//! backward in turn (both accumulate), then runs one guard and update on the sums. It runs op
+//! by op, without CUDA graphs: the batch is restaged between micro-batches, so a graph could
+//! hold only one micro-batch's half; accumulation serves configurations that are memory-bound,
+//! whose kernels are long (at XL graphs saved 1.2%), so the launches cost little.
+//!
 //! [`MemoryPlan`] predicts the device memory of a training configuration before anything is
 //! allocated, by running the model's own buffer planning against a backend that only counts;
 //! when it does not fit, it predicts what would: recomputed activations (`--recompute`), a
-//! batch in smaller parts.
+//! batch in smaller parts (`--micro-batches K`, or smaller steps).
 //!
 //! `hrm-cu selftest` runs [`selftests`]: every net's loss and gradients on the GPU against
 //! the fp32 CPU model, and three optimiser steps of [`GpuEngine`] against [`CpuEngine`].
@@ -151,17 +158,51 @@ impl<'g> GpuEngine<'g> {
         Ok(())
     }
 
-    /// The device work of one step, on what [`Engine::train_step`] staged: zero the gradients,
-    /// the model's forward and backward, the loss guard, the optimiser. It reads no host value
-    /// that changes between steps, so it can be captured in a graph.
+    /// The device work of a one-batch step, on what [`Engine::train_micro_batches`] staged:
+    /// zero the gradients and metric sums, the model's forward and backward, the loss guard,
+    /// the optimiser. It reads no host value that changes between steps, so it can be
+    /// captured in a graph.
     fn enqueue_update(&mut self, schedule: &Schedule) -> Result<()> {
+        self.enqueue_zero_sums()?;
+        self.enqueue_forward_backward(schedule)?;
+        self.enqueue_optimizer()
+    }
+
+    /// A step of several micro-batches, op by op: zero the sums once, then stage each
+    /// micro-batch and enqueue its forward and backward (gradients and metric sums accumulate),
+    /// then one update. Staging a micro-batch overwrites the device batch that the previous
+    /// one's queued kernels read, safely: the copies are on the same stream, after those
+    /// kernels, from host memory the copy no longer needs when it returns (pageable `Vec`s
+    /// are staged by the driver; the token order's pinned buffer waits for its previous copy,
+    /// `EmbeddingBwdScratch::upload_order`).
+    fn enqueue_accumulated(&mut self, micro_batches: &[Batch], schedule: &Schedule, loss_divisor: f32) -> Result<()> {
+        self.enqueue_zero_sums()?;
+        for batch in micro_batches {
+            let staging = Range::push("stage");
+            self.model.stage_step(batch, schedule, loss_divisor)?;
+            drop(staging);
+            self.enqueue_forward_backward(schedule)?;
+        }
+        self.enqueue_optimizer()
+    }
+
+    /// `grads = 0`, `metrics = 0`: what a step's micro-batches accumulate into.
+    fn enqueue_zero_sums(&mut self) -> Result<()> {
         let gpu = self.gpu;
-        let zeroing = Range::push("zero_grads");
+        let _zeroing = Range::push("zero_grads");
         self.model.backend().timed(OpClass::Other, || gpu.stream.memset_zeros(&mut self.grads).context("zeroing the gradients"))?;
-        drop(zeroing);
-        let forward_backward = Range::push("forward_backward");
-        self.model.enqueue_step(&self.compute, schedule, &mut self.grads, &mut self.metrics)?;
-        drop(forward_backward);
+        self.model.backend().zero_metrics(&mut self.metrics)
+    }
+
+    /// The staged batch's forward and backward, adding to the gradients and metric sums.
+    fn enqueue_forward_backward(&mut self, schedule: &Schedule) -> Result<()> {
+        let _forward_backward = Range::push("forward_backward");
+        self.model.enqueue_step(&self.compute, schedule, &mut self.grads, &mut self.metrics)
+    }
+
+    /// The loss guard on the step's summed loss, then AdamATan2 on the summed gradients.
+    fn enqueue_optimizer(&mut self) -> Result<()> {
+        let gpu = self.gpu;
         let _optimizer = Range::push("optimizer");
         let coeffs = &self.coeffs;
         let (master, m, v, ema, grads, compute, table, metrics) = (&mut self.master, &mut self.m, &mut self.v, &mut self.ema, &self.grads, &mut self.compute, &mut self.table, &self.metrics);
@@ -174,7 +215,19 @@ impl<'g> GpuEngine<'g> {
 }
 
 impl Engine for GpuEngine<'_> {
-    fn train_step(&mut self, batch: &Batch, schedule: &Schedule, lr: f32, loss_divisor: f32) -> Result<()> {
+    fn train_micro_batches(&mut self, micro_batches: &[Batch], schedule: &Schedule, lr: f32, loss_divisor: f32) -> Result<()> {
+        let batch = match micro_batches {
+            [] => bail!("a training step needs at least one micro-batch"),
+            [batch] => batch,
+            _ => {
+                // Several micro-batches run op by op: a graph would hold one micro-batch's
+                // half, and gradient accumulation is for memory-bound configurations, whose
+                // kernels are long enough that launches cost little (module doc).
+                let with_grad = self.model.tensors_with_grad(schedule);
+                self.table.set_step(self.gpu, &with_grad[..self.n_trainable], lr).context("writing the optimiser's step inputs")?;
+                return self.enqueue_accumulated(micro_batches, schedule, loss_divisor);
+            }
+        };
         let staging = Range::push("stage");
         self.model.stage_step(batch, schedule, loss_divisor)?;
         let with_grad = self.model.tensors_with_grad(schedule);
@@ -270,10 +323,12 @@ pub struct MemoryPlan {
     pub items: Vec<(String, u64)>,
     /// What the CUDA runtime itself holds (an estimate).
     pub runtime: u64,
-    /// What was predicted, so that [`Self::check_fits`] can predict the alternatives.
+    /// What was predicted, so that [`Self::check_fits`] can predict the alternatives:
+    /// `batch_tokens` is one micro-batch's, `micro_batches` of them make a step.
     config: ModelConfig,
     schedule: Schedule,
     batch_tokens: usize,
+    micro_batches: usize,
 }
 
 impl MemoryPlan {
@@ -282,6 +337,14 @@ impl MemoryPlan {
     /// `batch_tokens` tokens. `schedule.recompute` decides what those passes keep: their
     /// activations, or only their inputs plus one pass's activations recomputed in turn.
     pub fn predict(config: &ModelConfig, schedule: &Schedule, batch_tokens: usize) -> Result<MemoryPlan> {
+        MemoryPlan::predict_micro_batches(config, schedule, batch_tokens, 1)
+    }
+
+    /// The memory of steps of `batch_tokens` tokens in `micro_batches` micro-batches
+    /// (gradient accumulation): that of one micro-batch, `batch_tokens / micro_batches`
+    /// tokens, since they run one after the other into the same gradients.
+    pub fn predict_micro_batches(config: &ModelConfig, schedule: &Schedule, batch_tokens: usize, micro_batches: usize) -> Result<MemoryPlan> {
+        let batch_tokens = crate::data::loader::micro_batch_tokens(batch_tokens, micro_batches)?;
         ensure!(batch_tokens > 0, "batch_tokens must be positive");
         let t = batch_tokens;
         let layout = ParamLayout::new(config);
@@ -325,7 +388,7 @@ impl MemoryPlan {
             ("attention tables and workspaces".to_string(), attention_scratch_bytes(t, nh) as u64),
             ("cuBLASLt workspace".to_string(), GEMM_WORKSPACE_BYTES),
         ];
-        Ok(MemoryPlan { items, runtime: RUNTIME_RESERVE_BYTES, config: *config, schedule: schedule.clone(), batch_tokens })
+        Ok(MemoryPlan { items, runtime: RUNTIME_RESERVE_BYTES, config: *config, schedule: schedule.clone(), batch_tokens, micro_batches })
     }
 
     /// Bytes of our own buffers.
@@ -361,10 +424,10 @@ impl MemoryPlan {
     }
 
     /// The same run with less activation memory, for a device with `free` bytes: recomputation
-    /// (when not on already), whether it fits or not; then the fewest equal parts of the batch,
-    /// in this plan's mode and, when recomputation alone does not fit, with it, whose part
-    /// fits. Splitting the batch trades a smaller optimiser step (or, with gradient
-    /// accumulation, more micro-batches per step) for memory; recomputation trades time.
+    /// (when not on already), whether it fits or not; then the fewest equal parts of the
+    /// (micro-)batch, in this plan's mode and, when recomputation alone does not fit, with it,
+    /// whose part fits. Splitting the batch trades time (more micro-batches per step, the same
+    /// optimiser steps) or a smaller optimiser step for memory; recomputation trades time.
     pub fn alternatives(&self, free: u64) -> Result<Vec<Alternative>> {
         let mut found = Vec::new();
         let mut modes = vec![self.schedule.recompute];
@@ -383,7 +446,8 @@ impl MemoryPlan {
 
     /// This plan with recomputation `on` or off, for `batch_tokens` tokens.
     fn with(&self, recompute: bool, batch_tokens: usize) -> Result<MemoryPlan> {
-        MemoryPlan::predict(&self.config, &self.schedule.clone().with_recompute(recompute), batch_tokens)
+        let plan = MemoryPlan::predict(&self.config, &self.schedule.clone().with_recompute(recompute), batch_tokens)?;
+        Ok(MemoryPlan { micro_batches: self.micro_batches, ..plan })
     }
 
     /// The batch split in the fewest equal parts (`parts` divides the batch tokens) whose part
@@ -407,10 +471,12 @@ impl MemoryPlan {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Alternative {
     pub recompute: bool,
-    /// The batch in this many equal parts (1: the whole batch).
+    /// The plan's (micro-)batch in this many equal parts (1: as it is).
     pub parts: usize,
     /// Tokens of one part.
     pub part_tokens: usize,
+    /// Micro-batches per step that keep the step's size: the plan's times `parts`.
+    pub micro_batches: usize,
     /// Bytes of our buffers ([`MemoryPlan::allocations`]).
     pub bytes: u64,
     pub fits: bool,
@@ -419,22 +485,21 @@ pub struct Alternative {
 impl Alternative {
     fn of(plan: &MemoryPlan, parts: usize, free: u64) -> Alternative {
         let bytes = plan.allocations();
-        Alternative { recompute: plan.schedule.recompute, parts, part_tokens: plan.batch_tokens, bytes, fits: bytes <= free }
+        Alternative { recompute: plan.schedule.recompute, parts, part_tokens: plan.batch_tokens, micro_batches: plan.micro_batches * parts, bytes, fits: bytes <= free }
     }
 }
 
 impl fmt::Display for Alternative {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (k, n) = (self.parts, self.part_tokens);
-        let flags = match (self.recompute, k) {
-            (true, 1) => "--recompute".to_string(),
-            (true, _) => format!("--recompute --batch-tokens {n}"),
-            (false, _) => format!("--batch-tokens {n}"),
-        };
+        let (k, n, m) = (self.parts, self.part_tokens, self.micro_batches);
+        let recompute = if self.recompute { "--recompute " } else { "" };
+        let micro = |m: usize| if m > 1 { format!("--micro-batches {m}") } else { String::new() };
         let verdict = if self.fits { "fits" } else { "does not fit" };
-        write!(f, "with {flags}: {:.1} GiB ({verdict})", gib(self.bytes))?;
+        write!(f, "with {}: {:.1} GiB ({verdict})", format!("{recompute}{}", micro(m)).trim_end(), gib(self.bytes))?;
         if k > 1 {
-            write!(f, "; {n} tokens is 1/{k} of the batch: steps {k}x smaller, or {k} micro-batches per step with gradient accumulation")?;
+            // The other way to the same part size: keep the micro-batches, shrink the step.
+            let smaller = format!("{recompute}--batch-tokens {} {}", n * (m / k), micro(m / k));
+            write!(f, "; micro-batches of {n} tokens, the same optimiser steps (or {}: steps {k}x smaller)", smaller.trim_end())?;
         }
         Ok(())
     }
@@ -492,6 +557,9 @@ impl Backend for Footprint {
     }
     fn alloc_metrics(&self) -> Result<usize> {
         self.count(METRICS_LEN, 8)
+    }
+    fn zero_metrics(&self, _: &mut usize) -> Result<()> {
+        Ok(())
     }
     fn write_i32(&self, _: &mut usize, _: &[i32]) -> Result<()> {
         Ok(())
@@ -845,7 +913,8 @@ fn rel_l2(got: &[f32], want: &[f32], tol: f32) -> Comparison {
 
 /// Three AdamATan2 steps of [`GpuEngine`] and [`CpuEngine`] from the same state on the same
 /// three batches, with hrm's gradient depth warming up (bp_steps 2, 3, 5: the embedding gets
-/// its first gradient in step 2, H pass 0 joins in step 3).
+/// its first gradient in step 2, H pass 0 joins in step 3); then a fourth step of two
+/// micro-batches (`--micro-batches 2`: the GPU's accumulating path, run op by op).
 fn engine_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let config = small_config(NetName::Hrm, 4);
     let params = bf16_params(config, rng.next_u64());
@@ -878,6 +947,21 @@ fn engine_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let exact = Tolerance { abs: 0.0, rel: 0.0 };
     let steps = |s: &[u32]| s.iter().map(|&x| x as f32).collect::<Vec<f32>>();
     rows.push(Row::new("engine step counts", shape, exact, compare(&steps(&o_gpu.steps), &steps(&o_cpu.steps), exact)));
+
+    let micro = [PackedSamples::random(rng, ROWS / 2, VOCAB, 8..120, (0.1, 0.9))?, PackedSamples::random(rng, ROWS / 2, VOCAB, 8..120, (0.1, 0.9))?];
+    let views = [micro[0].batch(), micro[1].batch()];
+    let divisor = (micro[0].valid_labels() + micro[1].valid_labels()) as f32 / 2.0;
+    let schedule = Schedule::for_training(&config.net, 5);
+    cpu.train_micro_batches(&views, &schedule, lr, divisor)?;
+    gpu_engine.train_micro_batches(&views, &schedule, lr, divisor)?;
+    let (want, got) = (cpu.read_metrics()?, gpu_engine.read_metrics()?);
+    let shape = format!("hrm bp5, 2 micro-batches of T{}", ROWS / 2);
+    let counts = |m: &StepMetrics| [m.valid_tokens, m.samples_with_labels].map(|x| x as f32);
+    rows.push(Row::new("engine micro-batch step: label and sample counts", &shape, exact, compare(&counts(&got), &counts(&want), exact)));
+    let loss = |m: &StepMetrics| (m.loss_sum / m.valid_tokens.max(1) as f64) as f32;
+    rows.push(Row::new("engine micro-batch step: loss", &shape, LOSS_TOL, compare(&[loss(&got)], &[loss(&want)], LOSS_TOL)));
+    let (p_gpu, p_cpu) = (gpu_engine.snapshot()?.0, cpu.snapshot()?.0);
+    rows.push(Row::new("engine micro-batch step: master rel-L2", &shape, Tolerance { abs: 0.0, rel: MASTER_TOL }, rel_l2(&p_gpu.master, &p_cpu.master, MASTER_TOL)));
     Ok(rows)
 }
 

@@ -1,13 +1,23 @@
 //! Training: the loop that drives an [`engine::Engine`] over the data loader.
 //!
 //! ```text
-//! for (position, batch) in loader (from the checkpoint's data position):
+//! for (position, micro-batches) in loader (from the checkpoint's data position):
 //!     step      = global_step + 1                         (SPEC §7: the first update is step 1)
 //!     lr        = warm-up + cosine schedule at step
 //!     schedule  = the net's passes, hrm's bp_steps warming up  (SPEC §3)
-//!     engine.train_step(batch, schedule, lr, valid labels of the batch)     (queued, not awaited)
+//!     divisor   = valid labels of the micro-batches / K   (SPEC §5, a micro-batch is a virtual rank)
+//!     engine.train_micro_batches(micro-batches, schedule, lr, divisor)      (queued, not awaited)
 //!     log, evaluate, checkpoint (every N steps / minutes, at each epoch end, at the end)
 //! ```
+//!
+//! Gradient accumulation (`--micro-batches K`, default 1): a step is K micro-batches of
+//! `batch_tokens / K` slots, trained as K virtual ranks (`src/data/loader.rs`): each one's CE
+//! sum is divided by the mean of their valid label counts, the gradients are summed, one
+//! update follows, and the step's metrics are ratios of sums over its micro-batches. Device
+//! memory is that of one micro-batch; the optimiser steps are those of a run on K times the
+//! GPUs. K is part of the data plan, so `--resume` must be given the run's K. Held-out
+//! evaluation (the demo) still packs whole `batch_tokens` batches, so its numbers do not
+//! depend on K.
 //!
 //! The loop never waits for a step: the engine keeps each step's metrics on the device, and
 //! the loop reads them ([`Engine::read_metrics`]) only when it logs, evaluates or
@@ -42,6 +52,7 @@ use serde_json::json;
 use crate::checkpoint::{self, run_dir, TrainState};
 use crate::config::{ModelConfig, NetName, SizeName, TrainConfig};
 use crate::data::demo::{self, DemoConfig};
+use crate::data::loader::micro_batch_tokens;
 use crate::data::{total_steps_estimate, DataPosition, Dataset, Loader, LoaderConfig};
 use crate::model::params::Params;
 use crate::model::schedule::{bp_steps, Schedule};
@@ -198,6 +209,14 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     // Recomputation changes memory and time, never results: the command line decides, on
     // --resume too, and the run's checkpoints record the last setting.
     state.train_config.recompute = opts.train.recompute;
+    ensure!(
+        state.train_config.micro_batches == opts.train.micro_batches,
+        "--resume: the run was trained with --micro-batches {}, this command asks for {}: micro-batches are virtual ranks of the \
+         data plan (src/data/loader.rs), so the run continues exactly only with its own; pass --micro-batches {}",
+        state.train_config.micro_batches,
+        opts.train.micro_batches,
+        state.train_config.micro_batches
+    );
     let cfg = state.train_config.clone();
     let model = params.config;
     ensure!(
@@ -207,6 +226,8 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         model.vocab
     );
     let batch_tokens = cfg.global_batch_tokens; // world size 1: the local batch is the global one
+    let micro_batches = cfg.micro_batches;
+    let micro_tokens = micro_batch_tokens(batch_tokens, micro_batches)?;
     let estimate = total_steps_estimate(cfg.epochs, data.train.tokens_per_epoch(), cfg.global_batch_tokens);
     let total_steps = cfg.max_steps.unwrap_or(estimate).max(1);
     let lr_schedule = LrSchedule::new(&cfg, total_steps);
@@ -215,11 +236,14 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     if let Some(gpu) = &gpu {
         // The deepest schedule the run will use decides the activation memory (SPEC §3).
         let deepest = Schedule::for_training(&model.net, cfg.fixed_bp_steps.unwrap_or(bp_steps(&model.net, total_steps, total_steps, false).unwrap_or(0))).with_recompute(cfg.recompute);
-        let plan = MemoryPlan::predict(&model, &deepest, batch_tokens)?;
+        let plan = MemoryPlan::predict_micro_batches(&model, &deepest, batch_tokens, micro_batches)?;
         plan.check_fits(gpu).with_context(|| format!("predicted device memory of this run:\n{plan}"))?;
     }
     ensure!(opts.cuda_graph != Some(true) || gpu.is_some(), "--cuda-graph on: CUDA graphs need the GPU (--device gpu)");
     let cuda_graph = opts.cuda_graph.unwrap_or(gpu.is_some());
+    if cuda_graph && micro_batches > 1 {
+        eprintln!("--micro-batches {micro_batches}: steps of several micro-batches run without CUDA graphs (src/train/gpu.rs)");
+    }
     if let Some(n) = opts.profile_step {
         ensure!(gpu.is_some(), "--profile-step {n}: profiling needs the GPU (--device gpu)");
         ensure!(n > state.global_step && n <= total_steps, "--profile-step {n}: this run takes steps {} to {total_steps}", state.global_step + 1);
@@ -231,12 +255,16 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     // the card's peak is known.
     let (on_gpu, peak_flops) = (gpu.is_some(), gpu.as_ref().and_then(|g| flops::peak_bf16_flops(&g.props)));
     let mut engine = make_engine(gpu.as_ref(), params, optimizer, cuda_graph)?;
-    let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
+    let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, micro_batches, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
     let loader = Loader::new(data.train.clone(), loader_cfg, state.data_position)?;
     let mut log = MetricsLog::open(&opts.run_dir)?;
 
+    let accumulation = match micro_batches {
+        1 => String::new(),
+        k => format!(" ({k} micro-batches of {micro_tokens})"),
+    };
     eprintln!(
-        "training {} ({} parameters) on {}: {} steps of {batch_tokens} tokens, lr {:.2e}, run dir {}",
+        "training {} ({} parameters) on {}: {} steps of {batch_tokens} tokens{accumulation}, lr {:.2e}, run dir {}",
         checkpoint::tensors::describe(&model),
         crate::model::spec::ParamLayout::new(&model).num_params(),
         engine.describe(),
@@ -258,7 +286,9 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         if state.global_step >= total_steps {
             break;
         }
-        let (position, batch) = item?;
+        let (position, micro_batches) = item?;
+        let views: Vec<_> = micro_batches.iter().map(batch_view).collect();
+        let step_tokens: usize = micro_batches.iter().map(|b| b.num_tokens()).sum();
         let _step_range = Range::push("step");
         if position.epoch != last_epoch {
             checkpoint(opts, &mut *engine, &mut state, &mut unread, &bar)?; // every epoch end
@@ -269,22 +299,24 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
         let lr = lr_schedule.lr_at(step);
         let bp = cfg.fixed_bp_steps.or_else(|| bp_steps(&model.net, step, total_steps, cfg.bp_warmup));
         let schedule = Schedule::for_training(&model.net, bp.unwrap_or(0)).with_recompute(cfg.recompute);
-        let labels = batch.num_labels().max(1) as f32;
+        // The mean over the virtual ranks of their valid labels (SPEC §5).
+        let labels: usize = micro_batches.iter().map(|b| b.num_labels()).sum();
+        let loss_divisor = labels.max(1) as f32 / micro_batches.len() as f32;
         let capture = match (&gpu, opts.profile_step == Some(step)) {
             (Some(gpu), true) => Some(CaptureRange::start(gpu)?),
             _ => None,
         };
         unread.before.push(Progress::of(&state));
-        let result = engine.train_step(&batch_view(&batch), &schedule, lr, labels);
+        let result = engine.train_micro_batches(&views, &schedule, lr, loss_divisor);
         if let Some(capture) = capture {
             capture.stop()?;
         }
         result.with_context(|| format!("step {step}"))?;
         state.global_step = step;
         state.data_position = DataPosition { epoch: position.epoch, step: position.step + 1 };
-        state.tokens_seen += batch.num_tokens() as u64;
-        window.1 += batch.num_tokens() as u64;
-        window.2 += flops::useful_flops(&model, &schedule, &batch_view(&batch));
+        state.tokens_seen += step_tokens as u64;
+        window.1 += step_tokens as u64;
+        window.2 += views.iter().map(|b| flops::useful_flops(&model, &schedule, b)).sum::<f64>();
         bar.set_position(step);
 
         if step % opts.log_every == 0 || step == total_steps {
@@ -298,7 +330,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
             let mut record = json!({
                 "split": "train", "step": step, "epoch": position.epoch, "loss": loss, "accuracy": accuracy,
                 "exact_accuracy": exact, "lr": lr, "bp_steps": bp, "grad_norm": grad_norm,
-                "tokens": batch.num_tokens(), "tokens_seen": state.tokens_seen, "tokens_per_s": tokens_per_s,
+                "tokens": step_tokens, "tokens_seen": state.tokens_seen, "tokens_per_s": tokens_per_s,
                 "elapsed_s": started.elapsed().as_secs_f64(),
             });
             let mut message = format!("loss {loss:.4} acc {accuracy:.3} exact {exact:.3} {tokens_per_s:.0} tok/s");
