@@ -158,6 +158,17 @@ fn prepare_then_batches_and_inspect() {
     seen.sort_unstable();
     assert_eq!(seen, (0..plan.packed_rows).collect::<Vec<_>>());
 
+    // With 2 micro-batches, world 1's step is the bins of virtual ranks 0 and 1 of the same plan.
+    let out_micro = hrm(&["data", "batches", "--data", out.to_str().unwrap(), "--world", "1", "--rank", "0", "--batch-tokens", "512", "--micro-batches", "2", "--epoch", "1"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8(out_micro.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2 * plan.steps.len());
+    for (i, line) in lines.iter().enumerate() {
+        let (step, micro) = (i / 2, i % 2);
+        assert_eq!((line["step"].clone(), line["micro_batch"].clone()), (step.into(), micro.into()));
+        let rows: Vec<usize> = serde_json::from_value(line["samples"].clone()).unwrap();
+        assert_eq!(rows, plan.rows(step, micro));
+    }
+
     let out = hrm(&["data", "inspect", "--data", out.to_str().unwrap(), "--batch-tokens", "256", "--world", "2"]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("context     128 tokens"), "{text}");

@@ -7,6 +7,7 @@ use anyhow::{ensure, Context, Result};
 use clap::{Args, Subcommand};
 
 use crate::data::inspect::summarize;
+use crate::data::loader::micro_batch_tokens;
 use crate::data::prepare::{self, PrepareOptions, SamplingConfig};
 use crate::data::{plan_epoch, Dataset};
 
@@ -114,6 +115,10 @@ pub struct InspectArgs {
     /// Ranks the batch is packed for
     #[arg(long, default_value_t = 1)]
     pub world: usize,
+    /// Micro-batches per rank and step (`train --micro-batches`): packed as world x K bins of
+    /// batch_tokens / K
+    #[arg(long, default_value_t = 1)]
+    pub micro_batches: usize,
 }
 
 #[derive(Args, Debug)]
@@ -133,6 +138,10 @@ pub struct BatchesArgs {
     /// Epoch (from 0)
     #[arg(long)]
     pub epoch: usize,
+    /// Micro-batches per rank and step (`train --micro-batches`): the plan has world x K bins
+    /// of batch_tokens / K, and each line names its micro-batch
+    #[arg(long, default_value_t = 1)]
+    pub micro_batches: usize,
 }
 
 pub fn run(args: DataArgs) -> Result<()> {
@@ -192,7 +201,8 @@ fn prepare_cmd(a: PrepareArgs) -> Result<()> {
 
 fn inspect(a: InspectArgs) -> Result<()> {
     let ds = Dataset::open(&a.data)?;
-    print!("{}", summarize(&ds, a.batch_tokens, a.world)?);
+    let bin = micro_batch_tokens(a.batch_tokens, a.micro_batches)?;
+    print!("{}", summarize(&ds, bin, a.world * a.micro_batches)?);
     Ok(())
 }
 
@@ -200,20 +210,24 @@ fn batches(a: BatchesArgs) -> Result<()> {
     ensure!(a.world >= 1 && a.rank < a.world, "--rank {} is not in 0..{} (--world)", a.rank, a.world);
     let ds = Dataset::open(&a.data)?;
     ensure!(a.epoch < ds.num_epochs(), "--epoch {}: {} holds epochs 0..{}", a.epoch, a.data.display(), ds.num_epochs());
+    let (bin, k) = (micro_batch_tokens(a.batch_tokens, a.micro_batches)?, a.micro_batches);
     ensure!(
-        a.batch_tokens >= ds.max_sample_len(),
-        "--batch-tokens {} cannot hold the longest sample ({} tokens); use at least the context {}",
+        bin >= ds.max_sample_len(),
+        "--batch-tokens {} / --micro-batches {k} = {bin} slots cannot hold the longest sample ({} tokens); use at least the context {}",
         a.batch_tokens,
         ds.max_sample_len(),
         ds.context()
     );
-    let plan = plan_epoch(&ds.packed_lengths(a.epoch), a.batch_tokens, a.world);
+    let plan = plan_epoch(&ds.packed_lengths(a.epoch), bin, a.world * k);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     // Keys in this order and Python's json.dumps separators, so a line diffs cleanly
-    // against the reference sampler's output.
+    // against the reference sampler's output (which has no micro-batches: K = 1 prints none).
     for (step, ranks) in plan.steps.iter().enumerate() {
-        let rows: Vec<String> = ranks[a.rank].iter().map(usize::to_string).collect();
-        writeln!(out, "{{\"step\": {step}, \"samples\": [{}]}}", rows.join(", ")).context("writing to stdout")?;
+        for micro in 0..k {
+            let rows: Vec<String> = ranks[a.rank * k + micro].iter().map(usize::to_string).collect();
+            let micro_key = if k > 1 { format!(", \"micro_batch\": {micro}") } else { String::new() };
+            writeln!(out, "{{\"step\": {step}{micro_key}, \"samples\": [{}]}}", rows.join(", ")).context("writing to stdout")?;
+        }
     }
     out.flush().context("writing to stdout")?;
     eprintln!(
