@@ -24,7 +24,7 @@ pub mod multipack;
 pub mod npy;
 pub mod prepare;
 
-pub use batch::{assemble, PackedBatch, IGNORE_LABEL};
+pub use batch::{assemble, pack_pairs, PackedBatch, IGNORE_LABEL};
 pub use dataset::{Dataset, EpochIndex, Metadata, Sample, TokenSlice, TokenizerInfo};
 pub use loader::{total_steps_estimate, DataPosition, Loader, LoaderConfig};
 pub use multipack::{plan_epoch, EpochPlan};
