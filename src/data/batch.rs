@@ -16,6 +16,7 @@
 use anyhow::{ensure, Result};
 
 use super::dataset::{Dataset, Sample, TokenSlice};
+use crate::model::net::Batch;
 
 pub use crate::ops::cross_entropy::IGNORE_LABEL;
 
@@ -51,6 +52,11 @@ impl PackedBatch {
     /// Slots whose label is not `IGNORE_LABEL`: the per-rank count the loss divides by (SPEC §5).
     pub fn num_labels(&self) -> usize {
         self.labels.iter().filter(|&&l| l != IGNORE_LABEL).count()
+    }
+
+    /// The borrowed view the model takes.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { inputs: &self.inputs, labels: &self.labels, positions: &self.positions, cu_seqlens: &self.cu_seqlens, prefix_lens: &self.prefix_lens }
     }
 
     /// `batch_tokens` slots of padding and no samples yet; room reserved for `samples`.
