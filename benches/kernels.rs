@@ -134,14 +134,14 @@ fn cpu_model_step(c: &mut Criterion) {
     use hrm_cu::model::net::Model;
     use hrm_cu::model::params::Params;
     use hrm_cu::model::schedule::Schedule;
-    use hrm_cu::train::gpu::PackedSamples;
+    use hrm_cu::data::batch::pack_pairs;
 
     let params = Params::init(ModelConfig::new(SizeName::Tiny, NetName::Hrm, 256), 11);
     let mut rng = Rng::new(12);
     let mut tokens = |n: usize| (0..n).map(|_| rng.below(256) as i32).collect::<Vec<i32>>();
     let samples: Vec<(Vec<i32>, Vec<i32>)> = (0..16).map(|_| (tokens(40), tokens(89))).collect();
-    let packed = PackedSamples::pack(&samples, 2048).expect("16 samples of 128 rows fill 2048");
-    let (batch, valid, t) = (packed.batch(), packed.valid_labels() as f32, packed.tokens());
+    let packed = pack_pairs(&samples, 2048).expect("16 samples of 128 rows fill 2048");
+    let (batch, valid, t) = (packed.batch(), packed.num_labels() as f32, packed.num_tokens());
     let schedule = Schedule::for_training(&params.config.net, 5);
     let mut model = Model::new(CpuBackend, params.config, &params.z_l_init).expect("tiny model");
     let mut grads = params.zeros_like_master();

@@ -7,6 +7,7 @@
 //! vocab 256, a packed batch of 3 samples (one with a response of length 1) and 5 padding rows.
 
 use hrm_cu::config::{Dims, ModelConfig, NetName, HEAD_DIM};
+use hrm_cu::data::batch::{pack_pairs, PackedBatch};
 use hrm_cu::model::cpu::CpuBackend;
 use hrm_cu::model::net::{Model, StepOutput};
 use hrm_cu::model::params::Params;
@@ -21,7 +22,6 @@ use hrm_cu::ops::rmsnorm::rmsnorm_fwd_cpu;
 use hrm_cu::ops::rope::qkv_rope_fwd_cpu;
 use hrm_cu::ops::swiglu::swiglu_fwd_cpu;
 use hrm_cu::rng::Rng;
-use hrm_cu::train::gpu::PackedSamples as Packed;
 
 const ALL_NETS: [NetName; 6] = [NetName::Hrm, NetName::Transformer, NetName::Trm, NetName::TrmMatchRecurrence, NetName::Rins, NetName::Ut];
 
@@ -36,9 +36,9 @@ fn config_with_layers(net: NetName, n_layers: usize) -> ModelConfig {
 
 /// Packs the test's (instruction, response) samples into `rows` slots (SPEC §4,
 /// `target_only = true`) with the library's packer.
-fn pack(samples: &[(&[i32], &[i32])], rows: usize) -> Packed {
+fn pack(samples: &[(&[i32], &[i32])], rows: usize) -> PackedBatch {
     let owned: Vec<(Vec<i32>, Vec<i32>)> = samples.iter().map(|(i, r)| (i.to_vec(), r.to_vec())).collect();
-    Packed::pack(&owned, rows).unwrap()
+    pack_pairs(&owned, rows).unwrap()
 }
 
 const SAMPLE_A: (&[i32], &[i32]) = (&[1, 5, 9, 2], &[7, 3, 8, 4, 6]); // 8 rows, 5 labels
@@ -46,7 +46,7 @@ const SAMPLE_B: (&[i32], &[i32]) = (&[1, 11, 2], &[12]); // response of length 1
 const SAMPLE_C: (&[i32], &[i32]) = (&[1, 20, 21, 22, 2], &[30, 31, 32, 33]); // 8 rows, 4 labels
 
 /// 19 rows of samples and 5 of padding.
-fn batch() -> Packed {
+fn batch() -> PackedBatch {
     pack(&[SAMPLE_A, SAMPLE_B, SAMPLE_C], 24)
 }
 
@@ -55,9 +55,9 @@ fn model(params: &Params) -> Model<CpuBackend> {
 }
 
 /// One forward/backward of the model from zero gradients, dividing by the valid labels.
-fn model_grads(params: &Params, b: &Packed, schedule: &Schedule) -> (StepOutput, Vec<f32>) {
+fn model_grads(params: &Params, b: &PackedBatch, schedule: &Schedule) -> (StepOutput, Vec<f32>) {
     let mut grads = params.zeros_like_master();
-    let out = model(params).forward_backward(&params.master, &b.batch(), schedule, &mut grads, b.valid_labels() as f32).unwrap();
+    let out = model(params).forward_backward(&params.master, &b.batch(), schedule, &mut grads, b.num_labels() as f32).unwrap();
     (out, grads)
 }
 
@@ -69,7 +69,7 @@ fn all_grad(schedule: &Schedule) -> Schedule {
 // ---- the reference: the recurrence as a plain composition of the ops ----
 
 /// `Module(z + inj)` written out op by op, allocating as it goes.
-fn module_ref(params: &Params, w: &[f32], pass: &Pass, z: &[f32], inj: Option<&[f32]>, b: &Packed) -> Vec<f32> {
+fn module_ref(params: &Params, w: &[f32], pass: &Pass, z: &[f32], inj: Option<&[f32]>, b: &PackedBatch) -> Vec<f32> {
     let cfg = &params.config;
     let (t, d, nh, i) = (b.inputs.len(), cfg.dims.hidden, cfg.dims.heads, cfg.dims.intermediate);
     let c = nh * HEAD_DIM;
@@ -115,7 +115,7 @@ struct RefOutput {
 /// The whole forward with weights `w`. With `frozen`, every pass without gradient writes the
 /// recorded output instead of computing one: the "treated as a constant" of SPEC §3, so that
 /// finite differences of this loss are what the truncated backward must compute.
-fn reference(params: &Params, w: &[f32], b: &Packed, schedule: &Schedule, frozen: Option<&[Vec<f32>]>) -> RefOutput {
+fn reference(params: &Params, w: &[f32], b: &PackedBatch, schedule: &Schedule, frozen: Option<&[Vec<f32>]>) -> RefOutput {
     let cfg = &params.config;
     let (t, d, v) = (b.inputs.len(), cfg.dims.hidden, cfg.vocab);
     let mut state = [vec![0.0; t * d], vec![0.0; t * d]];
@@ -160,7 +160,7 @@ fn check_against_finite_differences(net: NetName, schedule: &Schedule, seed: u64
     const REL_TOL: f64 = 3e-3;
     let params = Params::init(config(net), seed);
     let b = batch();
-    let valid = b.valid_labels() as f64;
+    let valid = b.num_labels() as f64;
     let (out, grads) = model_grads(&params, &b, schedule);
     let base = reference(&params, &params.master, &b, schedule, None);
     let loss = |w: &[f32]| reference(&params, w, &b, schedule, Some(&base.pass_outputs)).loss_sum / valid;
@@ -255,7 +255,7 @@ fn gradients_accumulate_into_the_buffer() {
     let mut twice = params.zeros_like_master();
     let mut m = model(&params);
     for _ in 0..2 {
-        m.forward_backward(&params.master, &b.batch(), &schedule, &mut twice, b.valid_labels() as f32).unwrap();
+        m.forward_backward(&params.master, &b.batch(), &schedule, &mut twice, b.num_labels() as f32).unwrap();
     }
     // The same deterministic step twice: double, up to the rounding of the second addition
     // (the sgemm and the embedding scatter add partial sums into the buffer): 2^-23 relative
@@ -297,7 +297,7 @@ fn padding_changes_nothing() {
     let (out_p, grads_p) = model_grads(&params, &padded, &schedule);
     let mut m = model(&params);
     let mut grads_u = params.zeros_like_master();
-    let out_u = m.forward_backward(&params.master, &unpadded.batch(), &schedule, &mut grads_u, unpadded.valid_labels() as f32).unwrap();
+    let out_u = m.forward_backward(&params.master, &unpadded.batch(), &schedule, &mut grads_u, unpadded.num_labels() as f32).unwrap();
     assert_eq!(out_p.metrics.valid_tokens, out_u.metrics.valid_tokens);
     // Row results do not depend on other rows (padding rows are masked out of attention and
     // carry no label), but the sgemm may block a longer T differently: allow fp32 rounding
@@ -370,9 +370,9 @@ fn transformer_has_no_z_l_state() {
 // ---- recomputation ----
 
 /// One step on `m` from zero gradients: its output, the gradients' and the token losses' bits.
-fn step_bits(m: &mut Model<CpuBackend>, params: &Params, b: &Packed, schedule: &Schedule) -> (StepOutput, Vec<u32>, Vec<u32>) {
+fn step_bits(m: &mut Model<CpuBackend>, params: &Params, b: &PackedBatch, schedule: &Schedule) -> (StepOutput, Vec<u32>, Vec<u32>) {
     let mut grads = params.zeros_like_master();
-    let out = m.forward_backward(&params.master, &b.batch(), schedule, &mut grads, b.valid_labels() as f32).unwrap();
+    let out = m.forward_backward(&params.master, &b.batch(), schedule, &mut grads, b.num_labels() as f32).unwrap();
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     (out, bits(&grads), bits(&m.token_losses().unwrap()))
 }

@@ -73,7 +73,8 @@ class Cfg:
 
 
 # ----------------------------------------------------------------------------------------------
-# Batches: the bench's own generator (src/rng.rs SplitMix64, PackedSamples::random), bit for bit
+# Batches: the bench's own generator (src/rng.rs SplitMix64, PackedBatch::random in
+# src/data/synthetic.rs), bit for bit
 
 class SplitMix64:
     M = (1 << 64) - 1

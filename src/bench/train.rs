@@ -32,6 +32,7 @@ use rayon::prelude::*;
 
 use crate::config::{ModelConfig, Net, NetName, SizeName, TrainConfig};
 use crate::gpu::{DriverContext, Gpu};
+use crate::data::batch::PackedBatch;
 use crate::data::loader::micro_batch_tokens;
 use crate::model::net::Batch;
 use crate::model::params::Params;
@@ -41,7 +42,7 @@ use crate::optim::{AdamAtan2, AdamCoeffs};
 use crate::rng::Rng;
 use crate::train::engine::Engine;
 use crate::train::flops::{recompute_flops, useful_flops, HOPPER_BF16_FLOPS};
-use crate::train::gpu::{GpuEngine, MemoryPlan, PackedSamples};
+use crate::train::gpu::{GpuEngine, MemoryPlan};
 
 /// Distinct steps cycled through (each of `--micro-batches` batches).
 const BATCHES: usize = 4;
@@ -156,7 +157,7 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
 
     let mut rng = Rng::new(args.seed ^ 0x5eed);
     let steps = (0..BATCHES)
-        .map(|_| (0..k).map(|_| PackedSamples::random(&mut rng, micro_tokens, config.vocab, 64..4097, (0.1, 0.9))).collect::<Result<Vec<_>>>())
+        .map(|_| (0..k).map(|_| PackedBatch::random(&mut rng, micro_tokens, config.vocab, 64..4097, (0.1, 0.9))).collect::<Result<Vec<_>>>())
         .collect::<Result<Vec<_>>>()?;
     let coeffs = AdamCoeffs::from_config(&TrainConfig::default());
     let lr = TrainConfig::default().lr;
@@ -171,9 +172,9 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
         GraphMode::Both => &[false, true],
     };
     // Per-step averages over the micro-batches the timed steps run.
-    let used: Vec<&PackedSamples> = (0..args.steps).flat_map(|i| &steps[(args.warmup + i) % BATCHES]).collect();
+    let used: Vec<&PackedBatch> = (0..args.steps).flat_map(|i| &steps[(args.warmup + i) % BATCHES]).collect();
     let per_step = |sum: f64| sum / args.steps as f64;
-    let tokens = per_step(used.iter().map(|b| b.tokens() as f64).sum());
+    let tokens = per_step(used.iter().map(|b| b.num_tokens() as f64).sum());
     let flops = per_step(used.iter().map(|b| useful_flops(&config, &schedule, &b.batch())).sum());
     let recomputed = per_step(used.iter().map(|b| recompute_flops(&config, &schedule, &b.batch())).sum());
     let mut medians = Vec::new();
@@ -247,7 +248,7 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
 /// device milliseconds of each: the time between the events recorded before and after it.
 /// Synchronises once, at the end (and reads the metrics, so that a non-finite loss fails the
 /// bench instead of timing skipped updates).
-fn time_steps(gpu: &Gpu, engine: &mut GpuEngine, batches: &[Vec<PackedSamples>], schedule: &Schedule, lr: f32, warmup: usize, steps: usize) -> Result<Vec<f64>> {
+fn time_steps(gpu: &Gpu, engine: &mut GpuEngine, batches: &[Vec<PackedBatch>], schedule: &Schedule, lr: f32, warmup: usize, steps: usize) -> Result<Vec<f64>> {
     let step = |engine: &mut GpuEngine, i: usize| train_step(engine, &batches[i % batches.len()], schedule, lr);
     for i in 0..warmup {
         step(engine, i).with_context(|| format!("warm-up step {i}"))?;
@@ -268,9 +269,9 @@ fn time_steps(gpu: &Gpu, engine: &mut GpuEngine, batches: &[Vec<PackedSamples>],
 
 /// Queues one step on its micro-batches, each one's loss divided by the mean of their valid
 /// labels (SPEC §5 with a micro-batch per virtual rank, as the trainer does).
-fn train_step(engine: &mut GpuEngine, micro_batches: &[PackedSamples], schedule: &Schedule, lr: f32) -> Result<()> {
-    let views: Vec<Batch> = micro_batches.iter().map(PackedSamples::batch).collect();
-    let labels: usize = micro_batches.iter().map(PackedSamples::valid_labels).sum();
+fn train_step(engine: &mut GpuEngine, micro_batches: &[PackedBatch], schedule: &Schedule, lr: f32) -> Result<()> {
+    let views: Vec<Batch> = micro_batches.iter().map(PackedBatch::batch).collect();
+    let labels: usize = micro_batches.iter().map(PackedBatch::num_labels).sum();
     engine.train_micro_batches(&views, schedule, lr, labels as f32 / micro_batches.len() as f32)
 }
 

@@ -15,7 +15,8 @@
 
 use anyhow::{ensure, Result};
 
-use super::dataset::Dataset;
+use super::dataset::{Dataset, Sample, TokenSlice};
+use crate::model::net::Batch;
 
 pub use crate::ops::cross_entropy::IGNORE_LABEL;
 
@@ -52,6 +53,69 @@ impl PackedBatch {
     pub fn num_labels(&self) -> usize {
         self.labels.iter().filter(|&&l| l != IGNORE_LABEL).count()
     }
+
+    /// The borrowed view the model takes.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { inputs: &self.inputs, labels: &self.labels, positions: &self.positions, cu_seqlens: &self.cu_seqlens, prefix_lens: &self.prefix_lens }
+    }
+
+    /// `batch_tokens` slots of padding and no samples yet; room reserved for `samples`.
+    fn padding(batch_tokens: usize, samples: usize) -> PackedBatch {
+        let mut cu_seqlens = Vec::with_capacity(samples + 1);
+        cu_seqlens.push(0);
+        PackedBatch {
+            inputs: vec![0; batch_tokens],
+            labels: vec![IGNORE_LABEL; batch_tokens],
+            positions: vec![0; batch_tokens],
+            cu_seqlens,
+            prefix_lens: Vec::with_capacity(samples),
+            causal_lens: Vec::with_capacity(samples),
+            rows: Vec::with_capacity(samples),
+        }
+    }
+
+    /// Writes `sample` (called `row`) into the `packed_len()` slots after the samples packed
+    /// so far: the one place SPEC §4's layout is spelled out. The caller has checked that
+    /// both parts are non-empty and that the sample fits the slots left.
+    fn push_sample(&mut self, row: usize, sample: Sample<'_>, target_only: bool) {
+        let (inst, resp) = (sample.instruction, sample.response);
+        let (p, r) = (inst.len(), resp.len());
+        let n = p + r - 1;
+        let at = self.num_tokens();
+        // inputs: I ++ R[:-1]
+        inst.copy_to_i32(&mut self.inputs[at..at + p]);
+        resp.slice(0..r - 1).copy_to_i32(&mut self.inputs[at + p..at + n]);
+        // labels: (-100 * (p-1) | I[1:]) ++ R
+        if !target_only {
+            inst.slice(1..p).copy_to_i32(&mut self.labels[at..at + p - 1]);
+        }
+        resp.copy_to_i32(&mut self.labels[at + p - 1..at + n]);
+        for (pos, slot) in self.positions[at..at + n].iter_mut().enumerate() {
+            *slot = pos as i32;
+        }
+        self.cu_seqlens.push((at + n) as i32);
+        self.prefix_lens.push(p as i32);
+        self.causal_lens.push((r - 1) as i32);
+        self.rows.push(row);
+    }
+}
+
+/// Packs (instruction, response) pairs, each part non-empty, into `batch_tokens` slots with
+/// `target_only`, the way `assemble` packs dataset rows; `rows` are the pairs' indices.
+/// Checks, benchmarks and tests build their batches with it.
+pub fn pack_pairs(samples: &[(Vec<i32>, Vec<i32>)], batch_tokens: usize) -> Result<PackedBatch> {
+    let mut pairs = Vec::with_capacity(samples.len());
+    for (i, (inst, resp)) in samples.iter().enumerate() {
+        ensure!(!inst.is_empty() && !resp.is_empty(), "sample {i}: instruction and response must be non-empty");
+        pairs.push(Sample { instruction: TokenSlice::I32(inst), response: TokenSlice::I32(resp) });
+    }
+    let used: usize = pairs.iter().map(Sample::packed_len).sum();
+    ensure!(used <= batch_tokens, "{used} tokens of samples do not fit {batch_tokens} rows");
+    let mut b = PackedBatch::padding(batch_tokens, pairs.len());
+    for (i, pair) in pairs.into_iter().enumerate() {
+        b.push_sample(i, pair, true);
+    }
+    Ok(b)
 }
 
 /// Packs `rows` of epoch `epoch`, in the given order, into a buffer of `batch_tokens` slots.
@@ -70,38 +134,9 @@ pub fn assemble(ds: &Dataset, epoch: usize, rows: &[usize], batch_tokens: usize,
          batch_tokens must be at least the longest sample (the sampler guarantees this only when it is)"
     );
 
-    let s = rows.len();
-    let mut b = PackedBatch {
-        inputs: vec![0; batch_tokens],
-        labels: vec![IGNORE_LABEL; batch_tokens],
-        positions: vec![0; batch_tokens],
-        cu_seqlens: Vec::with_capacity(s + 1),
-        prefix_lens: Vec::with_capacity(s),
-        causal_lens: Vec::with_capacity(s),
-        rows: rows.to_vec(),
-    };
-    b.cu_seqlens.push(0);
-    let mut at = 0;
+    let mut b = PackedBatch::padding(batch_tokens, rows.len());
     for &row in rows {
-        let sample = ds.sample(epoch, row);
-        let (inst, resp) = (sample.instruction, sample.response);
-        let (p, r) = (inst.len(), resp.len());
-        let n = p + r - 1;
-        // inputs: I ++ R[:-1]
-        inst.copy_to_i32(&mut b.inputs[at..at + p]);
-        resp.slice(0..r - 1).copy_to_i32(&mut b.inputs[at + p..at + n]);
-        // labels: (-100 * (p-1) | I[1:]) ++ R
-        if !target_only {
-            inst.slice(1..p).copy_to_i32(&mut b.labels[at..at + p - 1]);
-        }
-        resp.copy_to_i32(&mut b.labels[at + p - 1..at + n]);
-        for (pos, slot) in b.positions[at..at + n].iter_mut().enumerate() {
-            *slot = pos as i32;
-        }
-        at += n;
-        b.cu_seqlens.push(at as i32);
-        b.prefix_lens.push(p as i32);
-        b.causal_lens.push((r - 1) as i32);
+        b.push_sample(row, ds.sample(epoch, row), target_only);
     }
     Ok(b)
 }
@@ -148,5 +183,18 @@ mod tests {
         assert!(assemble(&ds, 1, &[0], 9, true).is_err());
         let empty = assemble(&ds, 0, &[], 4, true).unwrap();
         assert_eq!((empty.cu_seqlens.clone(), empty.num_labels()), (vec![0], 0));
+    }
+
+    #[test]
+    fn pairs_pack_like_dataset_rows() {
+        let ds = dataset();
+        let pairs = [(vec![13, 14], vec![22]), (vec![10, 11, 12], vec![20, 21])];
+        let from_pairs = pack_pairs(&pairs, 9).unwrap();
+        let from_rows = assemble(&ds, 0, &[1, 0], 9, true).unwrap();
+        assert_eq!(from_pairs, PackedBatch { rows: vec![0, 1], ..from_rows });
+
+        let e = format!("{:#}", pack_pairs(&pairs, 5).unwrap_err());
+        assert!(e.contains("6 tokens of samples do not fit 5 rows"), "{e}");
+        assert!(pack_pairs(&[(vec![], vec![1])], 9).is_err());
     }
 }

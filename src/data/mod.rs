@@ -12,8 +12,8 @@
 //! ```
 //!
 //! Around it: [`npy`] reads and writes the `.npy` arrays, [`prepare`] builds a dataset from
-//! JSONL (`hrm-cu data prepare`), [`inspect`] summarises one, and [`demo`] makes the small
-//! addition task in memory.
+//! JSONL (`hrm-cu data prepare`), [`inspect`] summarises one, [`demo`] makes the small
+//! addition task in memory, and [`synthetic`] makes random batches for checks and benchmarks.
 
 pub mod batch;
 pub mod dataset;
@@ -23,8 +23,9 @@ pub mod loader;
 pub mod multipack;
 pub mod npy;
 pub mod prepare;
+pub mod synthetic;
 
-pub use batch::{assemble, PackedBatch, IGNORE_LABEL};
+pub use batch::{assemble, pack_pairs, PackedBatch, IGNORE_LABEL};
 pub use dataset::{Dataset, EpochIndex, Metadata, Sample, TokenSlice, TokenizerInfo};
 pub use loader::{total_steps_estimate, DataPosition, Loader, LoaderConfig};
 pub use multipack::{plan_epoch, EpochPlan};

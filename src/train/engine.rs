@@ -140,24 +140,24 @@ impl Engine for CpuEngine {
 mod tests {
     use super::*;
     use crate::config::{ModelConfig, NetName, SizeName, TrainConfig};
+    use crate::data::batch::{pack_pairs, PackedBatch};
     use crate::optim::AdamCoeffs;
     use crate::rng::Rng;
-    use crate::train::gpu::PackedSamples;
 
     const LR: f32 = 1e-3;
 
     /// A tiny transformer on the CPU and four small batches.
-    fn engine() -> (CpuEngine, Vec<PackedSamples>, Schedule) {
+    fn engine() -> (CpuEngine, Vec<PackedBatch>, Schedule) {
         let config = ModelConfig::new(SizeName::Tiny, NetName::Transformer, 256);
         let params = Params::init(config, 1);
         let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&TrainConfig::default()));
         let mut rng = Rng::new(2);
-        let batches = (0..4).map(|_| PackedSamples::random(&mut rng, 64, 256, 4..20, (0.2, 0.8)).unwrap()).collect();
+        let batches = (0..4).map(|_| PackedBatch::random(&mut rng, 64, 256, 4..20, (0.2, 0.8)).unwrap()).collect();
         (CpuEngine::new(params, optimizer).unwrap(), batches, Schedule::for_training(&config.net, 0))
     }
 
-    fn step(engine: &mut CpuEngine, b: &PackedSamples, schedule: &Schedule, lr: f32) {
-        engine.train_step(&b.batch(), schedule, lr, b.valid_labels() as f32).unwrap();
+    fn step(engine: &mut CpuEngine, b: &PackedBatch, schedule: &Schedule, lr: f32) {
+        engine.train_step(&b.batch(), schedule, lr, b.num_labels() as f32).unwrap();
     }
 
     #[test]
@@ -219,14 +219,14 @@ mod tests {
         let (mut whole, _, _) = engine();
         let mut rng = Rng::new(5);
         let (first, second) = (samples(&mut rng, 3), samples(&mut rng, 4));
-        let micro = [PackedSamples::pack(&first, 64).unwrap(), PackedSamples::pack(&second, 64).unwrap()];
-        let together = PackedSamples::pack(&[first, second].concat(), 128).unwrap();
+        let micro = [pack_pairs(&first, 64).unwrap(), pack_pairs(&second, 64).unwrap()];
+        let together = pack_pairs(&[first, second].concat(), 128).unwrap();
         // SPEC §5 with a virtual rank per micro-batch: the mean of their valid labels.
-        let divisor = (micro[0].valid_labels() + micro[1].valid_labels()) as f32 / 2.0;
+        let divisor = (micro[0].num_labels() + micro[1].num_labels()) as f32 / 2.0;
         split.train_micro_batches(&[micro[0].batch(), micro[1].batch()], &schedule, LR, divisor).unwrap();
         whole.train_step(&together.batch(), &schedule, LR, divisor).unwrap();
         let (got, want) = (split.read_metrics().unwrap(), whole.read_metrics().unwrap());
-        assert_eq!(got.valid_tokens, together.valid_labels() as u64, "the metrics are sums over the micro-batches");
+        assert_eq!(got.valid_tokens, together.num_labels() as u64, "the metrics are sums over the micro-batches");
         assert_eq!((got.valid_tokens, got.correct_tokens, got.exact_samples, got.samples_with_labels), (want.valid_tokens, want.correct_tokens, want.exact_samples, want.samples_with_labels));
         assert_eq!(got.samples_with_labels, 7);
         assert!((got.loss_sum - want.loss_sum).abs() <= 1e-5 * want.loss_sum.abs(), "loss sums {} and {}", got.loss_sum, want.loss_sum);

@@ -4,10 +4,9 @@
 use anyhow::{ensure, Result};
 use serde::Serialize;
 
-use crate::data::batch::{assemble, PackedBatch};
+use crate::data::batch::assemble;
 use crate::data::multipack::plan_epoch;
 use crate::data::Dataset;
-use crate::model::net::Batch;
 use crate::ops::cross_entropy::StepMetrics;
 use crate::train::engine::Engine;
 
@@ -27,11 +26,6 @@ pub fn step_ratios(m: &StepMetrics) -> (f64, f64, f64) {
     let per_token = |x: f64| if m.valid_tokens == 0 { 0.0 } else { x / m.valid_tokens as f64 };
     let exact = if m.samples_with_labels == 0 { 0.0 } else { m.exact_samples as f64 / m.samples_with_labels as f64 };
     (per_token(m.loss_sum), per_token(m.correct_tokens as f64), exact)
-}
-
-/// The view of a packed batch the model takes.
-pub fn batch_view(b: &PackedBatch) -> Batch<'_> {
-    Batch { inputs: &b.inputs, labels: &b.labels, positions: &b.positions, cu_seqlens: &b.cu_seqlens, prefix_lens: &b.prefix_lens }
 }
 
 /// Which batches of an epoch [`evaluate`] scores.
@@ -79,7 +73,7 @@ pub fn evaluate(engine: &mut dyn Engine, ds: &Dataset, epoch: usize, batch_token
     let mut sum = MeanMetrics { steps, ..MeanMetrics::default() };
     for rows in &batches {
         let batch = assemble(ds, epoch, rows, batch_tokens, target_only)?;
-        let m = engine.eval_batch(&batch_view(&batch))?;
+        let m = engine.eval_batch(&batch.batch())?;
         let (loss, acc, exact) = step_ratios(&m);
         sum.loss += loss;
         sum.accuracy += acc;

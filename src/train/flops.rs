@@ -102,13 +102,13 @@ pub fn visible_pairs(batch: &Batch) -> u64 {
 mod tests {
     use super::*;
     use crate::config::{NetName, SizeName};
+    use crate::data::batch::pack_pairs;
     use crate::model::spec::ParamLayout;
-    use crate::train::gpu::PackedSamples;
 
     #[test]
     fn visible_pairs_follow_the_prefix_mask() {
         // One sample of 4 rows with prefix 2: rows 0, 1 see 2 keys, rows 2, 3 see 3, 4.
-        let p = PackedSamples::pack(&[(vec![1, 2], vec![3, 4, 5])], 6).unwrap();
+        let p = pack_pairs(&[(vec![1, 2], vec![3, 4, 5])], 6).unwrap();
         assert_eq!(visible_pairs(&p.batch()), 2 + 2 + 3 + 4);
     }
 
@@ -116,7 +116,7 @@ mod tests {
     fn visible_pairs_match_the_mask_by_brute_force() {
         // The SPEC §4 rule: query t of a sample with prefix p sees key s iff s <= max(t, p-1).
         let samples: Vec<(Vec<i32>, Vec<i32>)> = [(1, 1), (7, 3), (9, 9), (12, 1), (3, 40)].iter().map(|&(i, r)| (vec![1; i], vec![2; r])).collect();
-        let p = PackedSamples::pack(&samples, 100).unwrap();
+        let p = pack_pairs(&samples, 100).unwrap();
         let brute: u64 = p
             .cu_seqlens
             .windows(2)
@@ -136,7 +136,7 @@ mod tests {
         // after the 8 samples count for nothing.
         let cfg = ModelConfig::new(SizeName::Tiny, NetName::Transformer, 512);
         let samples: Vec<(Vec<i32>, Vec<i32>)> = (0..8).map(|_| (vec![1], vec![2])).collect();
-        let p = PackedSamples::pack(&samples, 16).unwrap();
+        let p = pack_pairs(&samples, 16).unwrap();
         let schedule = Schedule::for_training(&cfg.net, 0);
         let layout = ParamLayout::new(&cfg);
         let embed = layout.trainable().next().unwrap().numel();
@@ -151,7 +151,7 @@ mod tests {
         // §3): 2x its GEMMs and 2.5x its attention, for each of its blocks. H and L have the
         // same number of blocks.
         let cfg = ModelConfig::new(SizeName::Tiny, NetName::Hrm, 512);
-        let p = PackedSamples::pack(&[(vec![1; 5], vec![2; 4])], 8).unwrap();
+        let p = pack_pairs(&[(vec![1; 5], vec![2; 4])], 8).unwrap();
         let flops = |bp: usize| useful_flops(&cfg, &Schedule::for_training(&cfg.net, bp), &p.batch());
         let d = &cfg.dims;
         let (t, dd, c, i) = (8.0, d.hidden as f64, (d.heads * HEAD_DIM) as f64, d.intermediate as f64);
@@ -168,7 +168,7 @@ mod tests {
         // hrm at bp_steps 5 reruns the forward of its 5 passes with gradient, of the same
         // number of blocks each; the useful FLOPs do not change.
         let cfg = ModelConfig::new(SizeName::Tiny, NetName::Hrm, 512);
-        let p = PackedSamples::pack(&[(vec![1; 5], vec![2; 4])], 8).unwrap();
+        let p = pack_pairs(&[(vec![1; 5], vec![2; 4])], 8).unwrap();
         let kept = Schedule::for_training(&cfg.net, 5);
         let recomputed = kept.clone().with_recompute(true);
         assert_eq!(useful_flops(&cfg, &recomputed, &p.batch()), useful_flops(&cfg, &kept, &p.batch()));

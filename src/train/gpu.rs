@@ -45,6 +45,7 @@ use cudarc::driver::{CudaSlice, DriverError};
 use half::bf16;
 
 use crate::config::{intermediate_size, Dims, ModelConfig, NetName, TrainConfig, HEAD_DIM};
+use crate::data::batch::{pack_pairs, PackedBatch};
 use crate::gpu::nvtx::Range;
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::model::backend::{Backend, TensorAt};
@@ -57,7 +58,7 @@ use crate::model::spec::{ParamLayout, Role};
 use crate::ops::attention::attention_scratch_bytes;
 use crate::ops::cast::cast_f32_to_bf16;
 use crate::ops::compare::{compare, Comparison, Tolerance, BF16_EPS};
-use crate::ops::cross_entropy::{StepMetrics, IGNORE_LABEL, METRICS_LEN};
+use crate::ops::cross_entropy::{StepMetrics, METRICS_LEN};
 use crate::ops::elementwise::sum_squares;
 use crate::optim::adam_atan2::{adam_atan2, adam_atan2_guard, AdamDeviceTable, LossGuard, CHUNK};
 use crate::optim::{AdamAtan2, AdamCoeffs};
@@ -355,7 +356,7 @@ impl MemoryPlan {
         // The model's own buffers: a step's workspace with and without the passes with gradient.
         let counted = |grad: bool| -> Result<u64> {
             let mut model = Model::new(Footprint::default(), *config, &vec![bf16::ZERO; config.dims.hidden])?;
-            let packed = PackedSamples::worst_case(t);
+            let packed = PackedBatch::worst_case(t);
             let batch = packed.batch();
             let (weights, mut grads) = (layout.master_len, layout.master_len);
             if grad {
@@ -651,88 +652,6 @@ impl Backend for Footprint {
 }
 
 // ---------------------------------------------------------------------------------------
-// Packed batches for checks and benchmarks.
-// ---------------------------------------------------------------------------------------
-
-/// A packed batch owned by its builder (SPEC §4 with `target_only`): inputs `I ++ R[:-1]`,
-/// labels `-100` for the first `len(I) - 1` inputs then `R`, positions from 0 per sample,
-/// padding (input 0, label -100, position 0) after the last sample.
-#[derive(Clone, Debug)]
-pub struct PackedSamples {
-    pub inputs: Vec<i32>,      // [T]
-    pub labels: Vec<i32>,      // [T]
-    pub positions: Vec<i32>,   // [T]
-    pub cu_seqlens: Vec<i32>,  // [S+1]
-    pub prefix_lens: Vec<i32>, // [S]
-}
-
-impl PackedSamples {
-    /// Packs (instruction, response) pairs, each part non-empty, into `rows` slots.
-    pub fn pack(samples: &[(Vec<i32>, Vec<i32>)], rows: usize) -> Result<PackedSamples> {
-        let mut p = PackedSamples { inputs: vec![], labels: vec![], positions: vec![], cu_seqlens: vec![0], prefix_lens: vec![] };
-        for (i, (inst, resp)) in samples.iter().enumerate() {
-            ensure!(!inst.is_empty() && !resp.is_empty(), "sample {i}: instruction and response must be non-empty");
-            let len = inst.len() + resp.len() - 1;
-            p.inputs.extend(inst.iter().chain(&resp[..resp.len() - 1]));
-            p.labels.extend(std::iter::repeat_n(IGNORE_LABEL, inst.len() - 1).chain(resp.iter().copied()));
-            p.positions.extend(0..len as i32);
-            p.cu_seqlens.push(p.inputs.len() as i32);
-            p.prefix_lens.push(inst.len() as i32);
-        }
-        ensure!(p.inputs.len() <= rows, "{} tokens of samples do not fit {rows} rows", p.inputs.len());
-        let pad = rows - p.inputs.len();
-        p.inputs.extend(std::iter::repeat_n(0, pad));
-        p.labels.extend(std::iter::repeat_n(IGNORE_LABEL, pad));
-        p.positions.extend(std::iter::repeat_n(0, pad));
-        Ok(p)
-    }
-
-    /// `rows` slots filled completely with random samples: lengths `len(I) + len(R) - 1`
-    /// uniform in `lens`, instruction fractions uniform in `prefix_frac`, the last sample cut
-    /// to the rows left; tokens uniform in `1..vocab`.
-    pub fn random(rng: &mut Rng, rows: usize, vocab: usize, lens: std::ops::Range<usize>, prefix_frac: (f64, f64)) -> Result<PackedSamples> {
-        ensure!(lens.start >= 2 && lens.start < lens.end, "sample lengths {lens:?}: need at least 2 tokens");
-        ensure!(vocab > 1, "vocabulary of {vocab}");
-        let mut samples = Vec::new();
-        let mut left = rows;
-        while left >= 2 {
-            let len = (lens.start + rng.below((lens.end - lens.start) as u64) as usize).min(left);
-            let frac = prefix_frac.0 + (prefix_frac.1 - prefix_frac.0) * rng.uniform();
-            let inst = ((len as f64 * frac).round() as usize).clamp(1, len - 1);
-            let mut draw = |n: usize| (0..n).map(|_| 1 + rng.below(vocab as u64 - 1) as i32).collect::<Vec<i32>>();
-            samples.push((draw(inst), draw(len + 1 - inst)));
-            left -= len;
-        }
-        PackedSamples::pack(&samples, rows)
-    }
-
-    /// The largest index tables a batch of `rows` tokens can have: one-token samples.
-    fn worst_case(rows: usize) -> PackedSamples {
-        PackedSamples {
-            inputs: vec![0; rows],
-            labels: vec![0; rows],
-            positions: vec![0; rows],
-            cu_seqlens: (0..=rows as i32).collect(),
-            prefix_lens: vec![1; rows],
-        }
-    }
-
-    pub fn batch(&self) -> Batch<'_> {
-        Batch { inputs: &self.inputs, labels: &self.labels, positions: &self.positions, cu_seqlens: &self.cu_seqlens, prefix_lens: &self.prefix_lens }
-    }
-
-    /// Labels that carry a loss.
-    pub fn valid_labels(&self) -> usize {
-        self.labels.iter().filter(|&&y| y != IGNORE_LABEL).count()
-    }
-
-    /// Real (non-padding) tokens.
-    pub fn tokens(&self) -> usize {
-        *self.cu_seqlens.last().expect("cu_seqlens starts with 0") as usize
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // selftest: the model and the engine on the GPU against the CPU.
 // ---------------------------------------------------------------------------------------
 
@@ -807,17 +726,17 @@ fn bf16_params(config: ModelConfig, seed: u64) -> Params {
 
 /// Samples of 99, 12 (a one-token response: causal length 0), 80 (prefix 1: plain causal),
 /// 79 and 2 rows, then 28 rows of padding.
-fn check_batch(rng: &mut Rng) -> Result<PackedSamples> {
+fn check_batch(rng: &mut Rng) -> Result<PackedBatch> {
     let mut draw = |n: usize| (0..n).map(|_| 1 + rng.below(VOCAB as u64 - 1) as i32).collect::<Vec<i32>>();
     let samples = [(40, 60), (12, 1), (1, 80), (50, 30), (1, 2)].map(|(i, r)| (draw(i), draw(r)));
-    PackedSamples::pack(&samples, ROWS)
+    pack_pairs(&samples, ROWS)
 }
 
 fn model_gpu_vs_cpu(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let packed = check_batch(rng)?;
     let batch = packed.batch();
-    let divisor = packed.valid_labels() as f32;
+    let divisor = packed.num_labels() as f32;
     for (net, n_layers, bp_steps, recompute) in CASES {
         let config = small_config(net, n_layers);
         let params = bf16_params(config, rng.next_u64());
@@ -927,9 +846,9 @@ fn engine_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let mut gpu_engine = GpuEngine::new(gpu, params, optimizer)?;
     let mut rows = Vec::new();
     for (step, bp_steps) in [2, 3, 5].into_iter().enumerate() {
-        let packed = PackedSamples::random(rng, ROWS, VOCAB, 8..120, (0.1, 0.9))?;
+        let packed = PackedBatch::random(rng, ROWS, VOCAB, 8..120, (0.1, 0.9))?;
         let schedule = Schedule::for_training(&config.net, bp_steps);
-        let divisor = packed.valid_labels() as f32;
+        let divisor = packed.num_labels() as f32;
         cpu.train_step(&packed.batch(), &schedule, lr, divisor)?;
         gpu_engine.train_step(&packed.batch(), &schedule, lr, divisor)?;
         let (want, got) = (cpu.read_metrics()?, gpu_engine.read_metrics()?);
@@ -948,9 +867,9 @@ fn engine_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let steps = |s: &[u32]| s.iter().map(|&x| x as f32).collect::<Vec<f32>>();
     rows.push(Row::new("engine step counts", shape, exact, compare(&steps(&o_gpu.steps), &steps(&o_cpu.steps), exact)));
 
-    let micro = [PackedSamples::random(rng, ROWS / 2, VOCAB, 8..120, (0.1, 0.9))?, PackedSamples::random(rng, ROWS / 2, VOCAB, 8..120, (0.1, 0.9))?];
+    let micro = [PackedBatch::random(rng, ROWS / 2, VOCAB, 8..120, (0.1, 0.9))?, PackedBatch::random(rng, ROWS / 2, VOCAB, 8..120, (0.1, 0.9))?];
     let views = [micro[0].batch(), micro[1].batch()];
-    let divisor = (micro[0].valid_labels() + micro[1].valid_labels()) as f32 / 2.0;
+    let divisor = (micro[0].num_labels() + micro[1].num_labels()) as f32 / 2.0;
     let schedule = Schedule::for_training(&config.net, 5);
     cpu.train_micro_batches(&views, &schedule, lr, divisor)?;
     gpu_engine.train_micro_batches(&views, &schedule, lr, divisor)?;
@@ -980,7 +899,7 @@ fn cuda_graph_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let params = bf16_params(config, rng.next_u64());
     let coeffs = AdamCoeffs { ema_decay: 0.9, ..AdamCoeffs::from_config(&TrainConfig::default()) };
     let optimizer = AdamAtan2::new(&params, coeffs);
-    let batches = GRAPH_BP_STEPS.iter().map(|_| PackedSamples::random(rng, ROWS, VOCAB, 8..120, (0.1, 0.9))).collect::<Result<Vec<_>>>()?;
+    let batches = GRAPH_BP_STEPS.iter().map(|_| PackedBatch::random(rng, ROWS, VOCAB, 8..120, (0.1, 0.9))).collect::<Result<Vec<_>>>()?;
     let mut engine = GpuEngine::new(gpu, params.clone(), optimizer.clone())?;
     let run = |engine: &mut GpuEngine, graphs: bool| -> Result<(Vec<f32>, Params, AdamAtan2)> {
         engine.set_cuda_graphs(graphs);
@@ -989,7 +908,7 @@ fn cuda_graph_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
         for (i, (&bp, b)) in GRAPH_BP_STEPS.iter().zip(&batches).enumerate() {
             // A learning rate that changes every step: it must reach a replayed graph.
             let lr = TrainConfig::default().lr * (1.0 + i as f32 / 4.0);
-            engine.train_step(&b.batch(), &Schedule::for_training(&config.net, bp), lr, b.valid_labels() as f32)?;
+            engine.train_step(&b.batch(), &Schedule::for_training(&config.net, bp), lr, b.num_labels() as f32)?;
             let m = engine.read_metrics()?;
             metrics.extend([m.loss_sum as f32, m.valid_tokens as f32, m.correct_tokens as f32, m.exact_samples as f32, m.samples_with_labels as f32]);
         }
@@ -1007,7 +926,7 @@ fn cuda_graph_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let with_grad = engine.model.tensors_with_grad(&schedule);
     for (i, b) in batches.iter().take(3).enumerate() {
         let lr = if i == 0 { f32::NAN } else { TrainConfig::default().lr };
-        engine.train_step(&b.batch(), &schedule, lr, b.valid_labels() as f32)?;
+        engine.train_step(&b.batch(), &schedule, lr, b.num_labels() as f32)?;
     }
     let steps_before = match engine.read_metrics() {
         Err(e) => e.downcast_ref::<NonFiniteLoss>().map_or(-1.0, |nf| nf.steps_before as f32),
@@ -1037,15 +956,6 @@ fn cuda_graph_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
 mod tests {
     use super::*;
     use crate::config::SizeName;
-
-    #[test]
-    fn random_batches_fill_every_row() {
-        let mut rng = Rng::new(3);
-        let p = PackedSamples::random(&mut rng, 12_288, 65_536, 64..4096, (0.1, 0.9)).unwrap();
-        assert_eq!(p.tokens(), 12_288);
-        p.batch().check(65_536).unwrap();
-        assert!(p.valid_labels() > 0);
-    }
 
     fn saved_bytes(plan: &MemoryPlan) -> u64 {
         plan.items.iter().find(|(w, _)| w.starts_with("saved activations")).unwrap().1

@@ -53,7 +53,7 @@ use crate::checkpoint::{self, run_dir, TrainState};
 use crate::config::{ModelConfig, NetName, SizeName, TrainConfig};
 use crate::data::demo::{self, DemoConfig};
 use crate::data::loader::micro_batch_tokens;
-use crate::data::{total_steps_estimate, DataPosition, Dataset, Loader, LoaderConfig};
+use crate::data::{total_steps_estimate, DataPosition, Dataset, Loader, LoaderConfig, PackedBatch};
 use crate::model::params::Params;
 use crate::model::schedule::{bp_steps, Schedule};
 use crate::optim::{AdamAtan2, AdamCoeffs, LrSchedule};
@@ -62,7 +62,7 @@ use crate::gpu::Gpu;
 use crate::ops::cross_entropy::StepMetrics;
 use engine::{CpuEngine, Engine, NonFiniteLoss};
 use gpu::{GpuEngine, MemoryPlan};
-use eval::{batch_view, evaluate, step_ratios, Coverage, MeanMetrics};
+use eval::{evaluate, step_ratios, Coverage, MeanMetrics};
 
 /// Where the training data comes from.
 #[derive(Clone, Debug)]
@@ -287,7 +287,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
             break;
         }
         let (position, micro_batches) = item?;
-        let views: Vec<_> = micro_batches.iter().map(batch_view).collect();
+        let views: Vec<_> = micro_batches.iter().map(PackedBatch::batch).collect();
         let step_tokens: usize = micro_batches.iter().map(|b| b.num_tokens()).sum();
         let _step_range = Range::push("step");
         if position.epoch != last_epoch {
