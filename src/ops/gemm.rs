@@ -433,6 +433,7 @@ impl GemmCache {
     /// # Safety
     /// The addresses must hold the matrices the plan of `shape` describes (see the module
     /// doc), 16-byte aligned, and stay alive until the stream has run the product.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn matmul(&self, gpu: &Gpu, shape: GemmShape, beta: f32, a: u64, b: u64, c: u64, d: u64) -> Result<(), GpuError> {
         self.ensure_plan(shape)?;
         // cuBLASLt runs on the calling thread's current context, which cudarc's own calls

@@ -55,13 +55,13 @@ pub fn evaluate(engine: &mut dyn Engine, ds: &Dataset, epoch: usize, batch_token
         Coverage::AllSamples => {
             // The tail rows, packed greedily in row order.
             let mut current: (Vec<usize>, usize) = (Vec::new(), 0);
-            for row in plan.packed_rows..plan.total_rows {
-                if current.1 + lengths[row] > batch_tokens {
+            for (row, &len) in lengths.iter().enumerate().take(plan.total_rows).skip(plan.packed_rows) {
+                if current.1 + len > batch_tokens {
                     batches.push(std::mem::take(&mut current.0));
                     current.1 = 0;
                 }
                 current.0.push(row);
-                current.1 += lengths[row];
+                current.1 += len;
             }
             if !current.0.is_empty() {
                 batches.push(current.0);
