@@ -24,7 +24,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
-use crate::ops::attention::{attention_bwd, attention_bwd_sm80, attention_bwd_sm90, attention_bwd_sm90_overlap, attention_bwd_sm90_unordered, attention_fwd, attention_fwd_sm80, attention_fwd_sm90, attention_fwd_sm90_persistent, attention_fwd_sm90_pingpong, AttentionScratch, BwdKernel, FwdKernel};
+use crate::ops::attention::{AttentionScratch, BwdKernel, FwdKernel, Sm90Bwd, Sm90Fwd};
 use crate::rng::Rng;
 
 const HD: usize = crate::config::HEAD_DIM;
@@ -120,12 +120,12 @@ impl Buffers {
 
     fn forward(&mut self, gpu: &Gpu, kernel: FwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        kernel(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.q.as_view(), &self.k.as_view(), &self.v.as_view(), &cu, &pl, t, nh, &mut self.scratch)
+        kernel.run(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.q.as_view(), &self.k.as_view(), &self.v.as_view(), &cu, &pl, t, nh, &mut self.scratch)
     }
 
     fn backward(&mut self, gpu: &Gpu, kernel: BwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        kernel(
+        kernel.run(
             gpu,
             &mut self.dq.as_view_mut(),
             &mut self.dk.as_view_mut(),
@@ -147,17 +147,17 @@ impl Buffers {
 
 /// The kernels a row can time: every launcher this GPU can run, the portable ones first.
 fn routes(gpu: &Gpu) -> Vec<(&'static str, Pass)> {
-    let mut routes = vec![("fwd sm80 (mma.sync)", Pass::Forward(attention_fwd_sm80))];
+    let mut routes = vec![("fwd sm80 (mma.sync)", Pass::Forward(FwdKernel::Sm80))];
     if gpu.props.is_hopper() {
-        routes.push(("fwd sm90 (TMA + wgmma)", Pass::Forward(attention_fwd_sm90)));
-        routes.push(("fwd sm90 ping-pong", Pass::Forward(attention_fwd_sm90_pingpong)));
-        routes.push(("fwd sm90 persistent", Pass::Forward(attention_fwd_sm90_persistent)));
+        routes.push(("fwd sm90 (TMA + wgmma)", Pass::Forward(FwdKernel::Sm90(Sm90Fwd::Plain))));
+        routes.push(("fwd sm90 ping-pong", Pass::Forward(FwdKernel::Sm90(Sm90Fwd::PingPong))));
+        routes.push(("fwd sm90 persistent", Pass::Forward(FwdKernel::Sm90(Sm90Fwd::Persistent))));
     }
-    routes.push(("bwd sm80 (mma.sync)", Pass::Backward(attention_bwd_sm80)));
+    routes.push(("bwd sm80 (mma.sync)", Pass::Backward(BwdKernel::Sm80)));
     if gpu.props.is_hopper() {
-        routes.push(("bwd sm90 (TMA + wgmma)", Pass::Backward(attention_bwd_sm90)));
-        routes.push(("bwd sm90 one barrier (v7)", Pass::Backward(attention_bwd_sm90_overlap)));
-        routes.push(("bwd sm90 unordered dQ (nondet.)", Pass::Backward(attention_bwd_sm90_unordered)));
+        routes.push(("bwd sm90 (TMA + wgmma)", Pass::Backward(BwdKernel::Sm90(Sm90Bwd::Plain))));
+        routes.push(("bwd sm90 one barrier (v7)", Pass::Backward(BwdKernel::Sm90(Sm90Bwd::Overlap))));
+        routes.push(("bwd sm90 unordered dQ (nondet.)", Pass::Backward(BwdKernel::Sm90(Sm90Bwd::Unordered))));
     }
     routes
 }
@@ -182,7 +182,7 @@ pub fn run(gpu: &Gpu) -> Result<()> {
             let (ms, flops) = match pass {
                 Pass::Forward(kernel) => (super::time_ms(gpu, WARMUP, ITERS, |_| bufs.forward(gpu, kernel, b.t, HEADS))?, fwd_flops),
                 Pass::Backward(kernel) => {
-                    bufs.forward(gpu, attention_fwd, b.t, HEADS)?;
+                    bufs.forward(gpu, FwdKernel::for_device(gpu), b.t, HEADS)?;
                     (super::time_ms(gpu, WARMUP, ITERS, |_| bufs.backward(gpu, kernel, b.t, HEADS))?, 2.5 * fwd_flops)
                 }
             };
@@ -213,8 +213,8 @@ pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
     }
     let check = BenchBatch::new("check", t, &samples);
     let mut bufs = Buffers::new(gpu, &mut rng, &check, nh)?;
-    bufs.forward(gpu, attention_fwd, t, nh)?;
-    bufs.backward(gpu, attention_bwd, t, nh)?;
+    bufs.forward(gpu, FwdKernel::for_device(gpu), t, nh)?;
+    bufs.backward(gpu, BwdKernel::for_device(gpu), t, nh)?;
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {}", dir.join(name).display()));

@@ -494,12 +494,48 @@ fn schedule(gpu: &Gpu, order: &mut CudaSlice<i32>, spans: &CudaSlice<i32>, t: us
     Ok(())
 }
 
-/// A forward launcher: [`attention_fwd`], [`attention_fwd_sm80`] or [`attention_fwd_sm90`].
-pub type FwdKernel = fn(&Gpu, &mut CudaViewMut<bf16>, &mut CudaViewMut<f32>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>, &CudaView<i32>, &CudaView<i32>, usize, usize, &mut AttentionScratch) -> Result<(), GpuError>;
+/// Which forward kernel runs: the portable one or a Hopper version (docs/attention.md, kernel
+/// versions). [`attention_fwd`] runs [`FwdKernel::for_device`]; selftest and `hrm-cu bench
+/// attention` run each one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FwdKernel {
+    /// v2: cuda/attention.cu, `mma.sync`, any GPU since sm_80.
+    Sm80,
+    /// v3, v5 or v6: cuda/attention_sm90.cu, TMA + wgmma; errors on other GPUs.
+    Sm90(Sm90Fwd),
+}
+
+impl FwdKernel {
+    /// The default: v3 on Hopper, v2 elsewhere.
+    pub fn for_device(gpu: &Gpu) -> FwdKernel {
+        if gpu.props.is_hopper() { FwdKernel::Sm90(Sm90Fwd::Plain) } else { FwdKernel::Sm80 }
+    }
+
+    /// Runs this kernel; same contract as [`attention_fwd`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        self,
+        gpu: &Gpu,
+        o: &mut CudaViewMut<bf16>,
+        lse: &mut CudaViewMut<f32>,
+        q: &CudaView<bf16>,
+        k: &CudaView<bf16>,
+        v: &CudaView<bf16>,
+        cu_seqlens: &CudaView<i32>,
+        prefix_lens: &CudaView<i32>,
+        t: usize,
+        nh: usize,
+        scratch: &mut AttentionScratch,
+    ) -> Result<(), GpuError> {
+        match self {
+            FwdKernel::Sm80 => fwd_sm80(gpu, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch),
+            FwdKernel::Sm90(variant) => fwd_sm90(gpu, variant, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch),
+        }
+    }
+}
 
 /// Forward pass on the GPU; same contract as [`attention_fwd_cpu`]. Runs the Hopper kernel
-/// ([`attention_fwd_sm90`]) on sm_90 devices and the portable one ([`attention_fwd_sm80`])
-/// elsewhere. o: [T, NH, HD] bf16 out, lse: [NH, T] fp32 out, q, k, v: [T, NH, HD] bf16
+/// (v3) on sm_90 devices and the portable one (v2) elsewhere ([`FwdKernel::for_device`]). o: [T, NH, HD] bf16 out, lse: [NH, T] fp32 out, q, k, v: [T, NH, HD] bf16
 /// (16-byte aligned), cu_seqlens: [S+1] i32, prefix_lens: [S] i32 (device memory, never read
 /// by the host); `scratch` fits T and NH ([`AttentionScratch::fits`]). Empty samples (equal
 /// consecutive offsets) are allowed: a sample table padded to a fixed length gives the same
@@ -518,14 +554,13 @@ pub fn attention_fwd(
     nh: usize,
     scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    let kernel: FwdKernel = if gpu.props.is_hopper() { attention_fwd_sm90 } else { attention_fwd_sm80 };
-    kernel(gpu, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch)
+    FwdKernel::for_device(gpu).run(gpu, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// Forward pass with the portable kernel (cuda/attention.cu, sm_80+, `mma.sync`); same
 /// contract as [`attention_fwd`]. The default off Hopper; selftested explicitly on every GPU.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_fwd_sm80(
+fn fwd_sm80(
     gpu: &Gpu,
     o: &mut CudaViewMut<bf16>,
     lse: &mut CudaViewMut<f32>,
@@ -566,8 +601,9 @@ const SM90_SMEM: u32 = (5 * 128 * HD * 2 + 1024) as u32;
 const SM90_SMEM_PERSISTENT: u32 = (6 * 128 * HD * 2 + 1024) as u32;
 
 /// The Hopper forward kernels of cuda/attention_sm90.cu (docs/attention.md, kernel versions).
-#[derive(Clone, Copy, PartialEq)]
-enum Sm90Fwd {
+/// v5 and v6 are opt-in until their bench rows beat v3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sm90Fwd {
     /// v3: one block per (query tile, head).
     Plain,
     /// v5: v3 with the ping-pong of the two consumer warpgroups.
@@ -614,66 +650,6 @@ fn tensor_map(ptr: u64, t: usize, nh: usize, box_rows: usize) -> Result<TensorMa
         .during(format!("attention (sm_90): encoding the tensor map of a [{t}, {nh}, {HD}] tensor"))?;
         Ok(TensorMap(map.assume_init()))
     }
-}
-
-/// Forward pass on a Hopper GPU with the TMA + wgmma kernel (cuda/attention_sm90.cu, v3 in
-/// docs/attention.md); same contract as [`attention_fwd`], which calls it on sm_90 devices.
-/// Errors on other GPUs.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_fwd_sm90(
-    gpu: &Gpu,
-    o: &mut CudaViewMut<bf16>,
-    lse: &mut CudaViewMut<f32>,
-    q: &CudaView<bf16>,
-    k: &CudaView<bf16>,
-    v: &CudaView<bf16>,
-    cu_seqlens: &CudaView<i32>,
-    prefix_lens: &CudaView<i32>,
-    t: usize,
-    nh: usize,
-    scratch: &mut AttentionScratch,
-) -> Result<(), GpuError> {
-    fwd_sm90(gpu, Sm90Fwd::Plain, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch)
-}
-
-/// The Hopper forward with FlashAttention-3's ping-pong schedule of the two consumer
-/// warpgroups (v5 in docs/attention.md); same contract as [`attention_fwd_sm90`]. Not the
-/// default until it has passed selftest and beaten v3 in `hrm-cu bench attention`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_fwd_sm90_pingpong(
-    gpu: &Gpu,
-    o: &mut CudaViewMut<bf16>,
-    lse: &mut CudaViewMut<f32>,
-    q: &CudaView<bf16>,
-    k: &CudaView<bf16>,
-    v: &CudaView<bf16>,
-    cu_seqlens: &CudaView<i32>,
-    prefix_lens: &CudaView<i32>,
-    t: usize,
-    nh: usize,
-    scratch: &mut AttentionScratch,
-) -> Result<(), GpuError> {
-    fwd_sm90(gpu, Sm90Fwd::PingPong, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch)
-}
-
-/// The Hopper forward with ping-pong on a persistent grid (v6 in docs/attention.md): one block
-/// per SM takes (query tile, head) items longest first from a queue; same contract as
-/// [`attention_fwd_sm90`]. Not the default until it has passed selftest and beaten v3 and v5.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_fwd_sm90_persistent(
-    gpu: &Gpu,
-    o: &mut CudaViewMut<bf16>,
-    lse: &mut CudaViewMut<f32>,
-    q: &CudaView<bf16>,
-    k: &CudaView<bf16>,
-    v: &CudaView<bf16>,
-    cu_seqlens: &CudaView<i32>,
-    prefix_lens: &CudaView<i32>,
-    t: usize,
-    nh: usize,
-    scratch: &mut AttentionScratch,
-) -> Result<(), GpuError> {
-    fwd_sm90(gpu, Sm90Fwd::Persistent, o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// Launches one of the Hopper forward kernels (they share all arguments but v6's queue head).
@@ -738,27 +714,53 @@ fn fwd_sm90(
     Ok(())
 }
 
-/// A backward launcher: [`attention_bwd`], [`attention_bwd_sm80`] or [`attention_bwd_sm90`].
-pub type BwdKernel = fn(
-    &Gpu,
-    &mut CudaViewMut<bf16>,
-    &mut CudaViewMut<bf16>,
-    &mut CudaViewMut<bf16>,
-    &CudaView<bf16>,
-    &CudaView<bf16>,
-    &CudaView<bf16>,
-    &CudaView<bf16>,
-    &CudaView<bf16>,
-    &CudaView<f32>,
-    &CudaView<i32>,
-    &CudaView<i32>,
-    usize,
-    usize,
-    &mut AttentionScratch,
-) -> Result<(), GpuError>;
+/// Which backward kernel runs: the portable one or a Hopper version (docs/attention.md,
+/// kernel versions). [`attention_bwd`] runs [`BwdKernel::for_device`]; selftest and `hrm-cu
+/// bench attention` run each one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BwdKernel {
+    /// v2: cuda/attention.cu, dK/dV and dQ kernels, any GPU since sm_80.
+    Sm80,
+    /// v4, v7 or v4u: cuda/attention_bwd_sm90.cu, TMA + wgmma; errors on other GPUs.
+    Sm90(Sm90Bwd),
+}
+
+impl BwdKernel {
+    /// The default: v4 on Hopper, v2 elsewhere; both deterministic.
+    pub fn for_device(gpu: &Gpu) -> BwdKernel {
+        if gpu.props.is_hopper() { BwdKernel::Sm90(Sm90Bwd::Plain) } else { BwdKernel::Sm80 }
+    }
+
+    /// Runs this kernel; same contract as [`attention_bwd`] (v4u is not deterministic).
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        self,
+        gpu: &Gpu,
+        dq: &mut CudaViewMut<bf16>,
+        dk: &mut CudaViewMut<bf16>,
+        dv: &mut CudaViewMut<bf16>,
+        do_: &CudaView<bf16>,
+        q: &CudaView<bf16>,
+        k: &CudaView<bf16>,
+        v: &CudaView<bf16>,
+        o: &CudaView<bf16>,
+        lse: &CudaView<f32>,
+        cu_seqlens: &CudaView<i32>,
+        prefix_lens: &CudaView<i32>,
+        t: usize,
+        nh: usize,
+        scratch: &mut AttentionScratch,
+    ) -> Result<(), GpuError> {
+        match self {
+            BwdKernel::Sm80 => bwd_sm80(gpu, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch),
+            BwdKernel::Sm90(variant) => bwd_sm90(gpu, variant, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch),
+        }
+    }
+}
 
 /// Backward pass on the GPU; same contract as [`attention_bwd_cpu`] (dq, dk, dv written).
-/// Runs [`attention_bwd_sm90`] on sm_90 devices and [`attention_bwd_sm80`] elsewhere.
+/// Runs the Hopper kernel (v4) on sm_90 devices and the portable one (v2) elsewhere
+/// ([`BwdKernel::for_device`]).
 /// dq, dk, dv: [T, NH, HD] bf16 out, do_, q, k, v, o: [T, NH, HD] bf16 (16-byte aligned),
 /// lse: [NH, T] fp32 (from the forward), cu_seqlens: [S+1] i32, prefix_lens: [S] i32;
 /// `scratch` fits T and NH. Deterministic: bitwise-identical results from run to run.
@@ -780,15 +782,14 @@ pub fn attention_bwd(
     nh: usize,
     scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    let kernel: BwdKernel = if gpu.props.is_hopper() { attention_bwd_sm90 } else { attention_bwd_sm80 };
-    kernel(gpu, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
+    BwdKernel::for_device(gpu).run(gpu, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// Backward pass with the portable kernels (cuda/attention.cu, sm_80+ with 129 KB of shared
 /// memory per block); same contract as [`attention_bwd`]. No atomics: dK/dV and dQ are separate
 /// kernels.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_bwd_sm80(
+fn bwd_sm80(
     gpu: &Gpu,
     dq: &mut CudaViewMut<bf16>,
     dk: &mut CudaViewMut<bf16>,
@@ -851,9 +852,10 @@ const SM90_BWD_SMEM: u32 = (2 * 32768 + 2 * 32768 + 16384 + 2 * 32768 + 2 * 2 * 
 /// v7 double-buffers dS^T: 16 KB more (226 KB of the 227 KB a block may have).
 const SM90_BWD_SMEM_OVERLAP: u32 = SM90_BWD_SMEM + 16384;
 
-/// The Hopper backward kernels of cuda/attention_bwd_sm90.cu (docs/attention.md, kernel versions).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Sm90Bwd {
+/// The Hopper backward kernels of cuda/attention_bwd_sm90.cu (docs/attention.md, kernel
+/// versions). v7 is opt-in until it beats v4; v4u is never dispatched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sm90Bwd {
     /// v4: two consumer barriers per query tile.
     Plain,
     /// v7: dS^T double-buffered, one consumer barrier per query tile.
@@ -861,79 +863,6 @@ enum Sm90Bwd {
     /// v4 with the dQ partials added in arrival order: not deterministic; an experiment that
     /// measures what the ordered adds cost.
     Unordered,
-}
-
-/// Backward pass on a Hopper GPU with the TMA + wgmma kernels (cuda/attention_bwd_sm90.cu);
-/// same contract as [`attention_bwd`], which calls it on sm_90 devices. Errors on other GPUs.
-/// Deterministic: the dQ contributions of the key tiles are added in the order of the key-tile
-/// schedule (a semaphore per query tile), never in arrival order.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd_sm90(
-    gpu: &Gpu,
-    dq: &mut CudaViewMut<bf16>,
-    dk: &mut CudaViewMut<bf16>,
-    dv: &mut CudaViewMut<bf16>,
-    do_: &CudaView<bf16>,
-    q: &CudaView<bf16>,
-    k: &CudaView<bf16>,
-    v: &CudaView<bf16>,
-    o: &CudaView<bf16>,
-    lse: &CudaView<f32>,
-    cu_seqlens: &CudaView<i32>,
-    prefix_lens: &CudaView<i32>,
-    t: usize,
-    nh: usize,
-    scratch: &mut AttentionScratch,
-) -> Result<(), GpuError> {
-    bwd_sm90(gpu, Sm90Bwd::Plain, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
-}
-
-/// The Hopper backward with dS^T double-buffered, so that the two consumer warpgroups meet once
-/// per query tile instead of twice (v7 in docs/attention.md); same contract as
-/// [`attention_bwd_sm90`]. Not the default until it has passed selftest and beaten v4.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd_sm90_overlap(
-    gpu: &Gpu,
-    dq: &mut CudaViewMut<bf16>,
-    dk: &mut CudaViewMut<bf16>,
-    dv: &mut CudaViewMut<bf16>,
-    do_: &CudaView<bf16>,
-    q: &CudaView<bf16>,
-    k: &CudaView<bf16>,
-    v: &CudaView<bf16>,
-    o: &CudaView<bf16>,
-    lse: &CudaView<f32>,
-    cu_seqlens: &CudaView<i32>,
-    prefix_lens: &CudaView<i32>,
-    t: usize,
-    nh: usize,
-    scratch: &mut AttentionScratch,
-) -> Result<(), GpuError> {
-    bwd_sm90(gpu, Sm90Bwd::Overlap, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
-}
-
-/// The Hopper backward v4 with the dQ partials added in arrival order instead of the schedule's
-/// order. NOT deterministic (fp32 sums in a varying order); an opt-in experiment that measures
-/// what v4's ordered adds cost. Same contract as [`attention_bwd_sm90`] otherwise.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd_sm90_unordered(
-    gpu: &Gpu,
-    dq: &mut CudaViewMut<bf16>,
-    dk: &mut CudaViewMut<bf16>,
-    dv: &mut CudaViewMut<bf16>,
-    do_: &CudaView<bf16>,
-    q: &CudaView<bf16>,
-    k: &CudaView<bf16>,
-    v: &CudaView<bf16>,
-    o: &CudaView<bf16>,
-    lse: &CudaView<f32>,
-    cu_seqlens: &CudaView<i32>,
-    prefix_lens: &CudaView<i32>,
-    t: usize,
-    nh: usize,
-    scratch: &mut AttentionScratch,
-) -> Result<(), GpuError> {
-    bwd_sm90(gpu, Sm90Bwd::Unordered, dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// The body of the Hopper backward launchers: prep, the main kernel of `variant`, dq.
@@ -1181,7 +1110,7 @@ pub fn selftests() -> Vec<Check> {
 
 /// The portable kernel, on every GPU (on Hopper `attention_fwd` does not run it).
 fn check_fwd_sm80(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
-    fwd_rows(gpu, rng, "attention_fwd_sm80", attention_fwd_sm80)
+    fwd_rows(gpu, rng, "attention_fwd_sm80", FwdKernel::Sm80)
 }
 
 /// The Hopper kernel on the same batches; no rows on other GPUs (it is not built for them).
@@ -1189,21 +1118,21 @@ fn check_fwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     if !gpu.props.is_hopper() {
         return Ok(Vec::new());
     }
-    fwd_rows(gpu, rng, "attention_fwd_sm90", attention_fwd_sm90)
+    fwd_rows(gpu, rng, "attention_fwd_sm90", FwdKernel::Sm90(Sm90Fwd::Plain))
 }
 
 fn check_fwd_sm90_pingpong(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     if !gpu.props.is_hopper() {
         return Ok(Vec::new());
     }
-    fwd_rows(gpu, rng, "attention_fwd_sm90_pingpong", attention_fwd_sm90_pingpong)
+    fwd_rows(gpu, rng, "attention_fwd_sm90_pingpong", FwdKernel::Sm90(Sm90Fwd::PingPong))
 }
 
 fn check_fwd_sm90_persistent(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     if !gpu.props.is_hopper() {
         return Ok(Vec::new());
     }
-    fwd_rows(gpu, rng, "attention_fwd_sm90_persistent", attention_fwd_sm90_persistent)
+    fwd_rows(gpu, rng, "attention_fwd_sm90_persistent", FwdKernel::Sm90(Sm90Fwd::Persistent))
 }
 
 fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<Vec<Row>, GpuError> {
@@ -1221,7 +1150,7 @@ fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<V
         let mut o = poisoned_bf16(gpu, n)?;
         let mut lse = gpu.stream.clone_htod(&vec![f32::NAN; nh * t]).during("poison")?;
         let mut scratch = AttentionScratch::new(gpu, t, nh)?;
-        kernel(gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &q.as_view(), &k.as_view(), &v.as_view(), &cu.as_view(), &pl.as_view(), t, nh, &mut scratch)?;
+        kernel.run(gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &q.as_view(), &k.as_view(), &v.as_view(), &cu.as_view(), &pl.as_view(), t, nh, &mut scratch)?;
         let o_gpu = download_bf16(gpu, &o)?;
         let lse_gpu = gpu.stream.clone_dtoh(&lse).during("download")?;
 
@@ -1236,7 +1165,7 @@ fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<V
 
 /// The portable kernels, on every GPU (on Hopper `attention_bwd` does not run them).
 fn check_bwd_sm80(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
-    bwd_rows(gpu, rng, "attention_bwd_sm80", attention_bwd_sm80, true)
+    bwd_rows(gpu, rng, "attention_bwd_sm80", BwdKernel::Sm80, true)
 }
 
 /// The Hopper kernels on the same batches; no rows on other GPUs (they are not built for them).
@@ -1244,21 +1173,21 @@ fn check_bwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     if !gpu.props.is_hopper() {
         return Ok(Vec::new());
     }
-    bwd_rows(gpu, rng, "attention_bwd_sm90", attention_bwd_sm90, true)
+    bwd_rows(gpu, rng, "attention_bwd_sm90", BwdKernel::Sm90(Sm90Bwd::Plain), true)
 }
 
 fn check_bwd_sm90_overlap(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     if !gpu.props.is_hopper() {
         return Ok(Vec::new());
     }
-    bwd_rows(gpu, rng, "attention_bwd_sm90_overlap", attention_bwd_sm90_overlap, true)
+    bwd_rows(gpu, rng, "attention_bwd_sm90_overlap", BwdKernel::Sm90(Sm90Bwd::Overlap), true)
 }
 
 fn check_bwd_sm90_unordered(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     if !gpu.props.is_hopper() {
         return Ok(vec![]);
     }
-    bwd_rows(gpu, rng, "attention_bwd_sm90_unordered", attention_bwd_sm90_unordered, false)
+    bwd_rows(gpu, rng, "attention_bwd_sm90_unordered", BwdKernel::Sm90(Sm90Bwd::Unordered), false)
 }
 
 /// The rows of one backward kernel on every test batch: dq, dk, dv against the CPU reference,
@@ -1289,7 +1218,7 @@ fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel, determinist
         let mut scratch = AttentionScratch::new(gpu, t, nh)?;
         let mut run = || -> Result<[Vec<f32>; 3], GpuError> {
             let (mut dq, mut dk, mut dv) = (poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?);
-            kernel(
+            kernel.run(
                 gpu,
                 &mut dq.as_view_mut(),
                 &mut dk.as_view_mut(),
