@@ -1,7 +1,9 @@
 // attention: PrefixLM attention over a packed batch, FlashAttention-2 style (sm_80+, mma.sync).
 //
 // Shapes: T tokens, NH heads, HD = 128, S samples. q, k, v, o, do, dq, dk, dv: [T, NH, HD]
-// bf16 (token-major, like FlashAttention's varlen layout); lse, delta: [NH, T] fp32;
+// bf16 (token-major, like FlashAttention's varlen layout); q, k, v and dq, dk, dv have rows
+// `ld` elements apart (ld = 4 NH HD: they are blocks of the fused projection gqkv [T, 4 NH HD]
+// and of its gradient), o and do are contiguous (ld = NH HD); lse, delta: [NH, T] fp32;
 // cu_seqlens: [S+1] i32; prefix_lens: [S] i32. The math is in src/ops/attention.rs and the
 // story of the kernels in docs/attention.md.
 //
@@ -94,14 +96,14 @@ __device__ __forceinline__ void load_cols16(uint32_t r[4], const bf16* tile, int
     ldmatrix_x4(r, tile + attn_swz(16 * j + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
 }
 
-// Copies rows [row0, row0 + ROWS) of head h of x: [T, NH, HD] into the swizzled tile
-// [ROWS][HD]; rows past T are zero-filled.
+// Copies rows [row0, row0 + ROWS) of head h of x: [T, NH, HD] (rows ld elements apart) into
+// the swizzled tile [ROWS][HD]; rows past T are zero-filled.
 template <int ROWS, int THREADS>
-__device__ __forceinline__ void load_tile(bf16* tile, const bf16* x, int row0, int T, int NH, int h) {
+__device__ __forceinline__ void load_tile(bf16* tile, const bf16* x, int row0, int T, int ld, int h) {
     for (int i = threadIdx.x; i < ROWS * ATTN_CHUNKS; i += THREADS) {
         int r = i / ATTN_CHUNKS, c = i % ATTN_CHUNKS, gr = row0 + r;
         bool valid = gr < T;
-        const bf16* src = x + ((size_t)(valid ? gr : 0) * NH + h) * ATTN_HD + c * 8;
+        const bf16* src = x + (size_t)(valid ? gr : 0) * ld + h * ATTN_HD + c * 8;
         cp_async16(tile + attn_swz(r, c), src, valid ? 16 : 0);
     }
 }
@@ -116,14 +118,15 @@ __device__ __forceinline__ void load_row_values(float* s, const float* v, int ro
 }
 
 // Writes a warp's 16 staged rows (swizzled, rows [row0, row0+16) of `tile`) to rows
-// [grow0, grow0 + 16) of head h of x: [T, NH, HD], skipping rows past T; 16-byte stores.
-__device__ __forceinline__ void store_rows16(bf16* x, const bf16* tile, int row0, int grow0, int T, int NH, int h, int lane) {
+// [grow0, grow0 + 16) of head h of x: [T, NH, HD] (rows ld elements apart), skipping rows past
+// T; 16-byte stores.
+__device__ __forceinline__ void store_rows16(bf16* x, const bf16* tile, int row0, int grow0, int T, int ld, int h, int lane) {
     __syncwarp();
     #pragma unroll
     for (int it = 0; it < 16 * ATTN_CHUNKS / 32; ++it) {
         int idx = it * 32 + lane, r = idx / ATTN_CHUNKS, c = idx % ATTN_CHUNKS;
         if (grow0 + r < T) {
-            *reinterpret_cast<bf16x8*>(x + ((size_t)(grow0 + r) * NH + h) * ATTN_HD + c * 8) =
+            *reinterpret_cast<bf16x8*>(x + (size_t)(grow0 + r) * ld + h * ATTN_HD + c * 8) =
                 *reinterpret_cast<const bf16x8*>(tile + attn_swz(row0 + r, c));
         }
     }
@@ -304,12 +307,12 @@ __device__ __forceinline__ void fwd_tile(float o[16][4], float m[2], float l[2],
     }
 }
 
-// o: [T, NH, HD] out, lse: [NH, T] out, q, k, v: [T, NH, HD], rows: [T] int2 (attention_spans),
+// o: [T, NH, HD] out, lse: [NH, T] out, q, k, v: [T, NH, HD] rows ld apart, rows: [T] int2 (attention_spans),
 // order: [ceil(T / FWD_BM)] (attention_schedule with tile FWD_BM, step FWD_BN).
 // Grid: ceil(T / FWD_BM) * NH blocks of FWD_THREADS; dynamic shared memory FWD_SMEM.
 extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1)
 attention_fwd(bf16* __restrict__ o, float* __restrict__ lse, const bf16* __restrict__ q, const bf16* __restrict__ k,
-              const bf16* __restrict__ v, const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
+              const bf16* __restrict__ v, const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH, int ld) {
     extern __shared__ __align__(128) unsigned char smem[];
     bf16* sQ = reinterpret_cast<bf16*>(smem);
     bf16* sK = sQ + FWD_BM * ATTN_HD;
@@ -324,14 +327,14 @@ attention_fwd(bf16* __restrict__ o, float* __restrict__ lse, const bf16* __restr
     const int2 sp1 = r1 < T ? rows[r1] : attn_empty_span();
     const WarpSpans ws(sp0, sp1);
 
-    load_tile<FWD_BM, FWD_THREADS>(sQ, q, m0, T, NH, h);
+    load_tile<FWD_BM, FWD_THREADS>(sQ, q, m0, T, ld, h);
     int key_lo, key_hi;
     block_range<FWD_WARPS>(ws, red, &key_lo, &key_hi);
     const int n_begin = key_lo <= key_hi ? key_lo / FWD_BN : 0;
     const int n_end = key_lo <= key_hi ? key_hi / FWD_BN + 1 : 0;
     if (n_begin < n_end) {
-        load_tile<FWD_BN, FWD_THREADS>(sK, k, n_begin * FWD_BN, T, NH, h);
-        load_tile<FWD_BN, FWD_THREADS>(sV, v, n_begin * FWD_BN, T, NH, h);
+        load_tile<FWD_BN, FWD_THREADS>(sK, k, n_begin * FWD_BN, T, ld, h);
+        load_tile<FWD_BN, FWD_THREADS>(sV, v, n_begin * FWD_BN, T, ld, h);
     }
     cp_async_commit();
     cp_async_wait_all();
@@ -349,8 +352,8 @@ attention_fwd(bf16* __restrict__ o, float* __restrict__ lse, const bf16* __restr
     for (int n = n_begin; n < n_end; ++n) {
         const int buf = (n - n_begin) & 1;
         if (n + 1 < n_end) {  // prefetch the next tile into the other buffer
-            load_tile<FWD_BN, FWD_THREADS>(sK + (buf ^ 1) * FWD_BN * ATTN_HD, k, (n + 1) * FWD_BN, T, NH, h);
-            load_tile<FWD_BN, FWD_THREADS>(sV + (buf ^ 1) * FWD_BN * ATTN_HD, v, (n + 1) * FWD_BN, T, NH, h);
+            load_tile<FWD_BN, FWD_THREADS>(sK + (buf ^ 1) * FWD_BN * ATTN_HD, k, (n + 1) * FWD_BN, T, ld, h);
+            load_tile<FWD_BN, FWD_THREADS>(sV + (buf ^ 1) * FWD_BN * ATTN_HD, v, (n + 1) * FWD_BN, T, ld, h);
         }
         cp_async_commit();
         const int k0 = n * FWD_BN, k1 = k0 + FWD_BN - 1;
@@ -374,7 +377,7 @@ attention_fwd(bf16* __restrict__ o, float* __restrict__ lse, const bf16* __restr
     }
     // The warp's rows of sQ are its own (read once, for qf): stage O there.
     stage_rows16(sQ, acc, inv[0], inv[1], 16 * warp, lane);
-    store_rows16(o, sQ, 16 * warp, m0 + 16 * warp, T, NH, h, lane);
+    store_rows16(o, sQ, 16 * warp, m0 + 16 * warp, T, NH * ATTN_HD, h, lane);
     if (u == 0) {
         if (r0 < T) lse[(size_t)h * T + r0] = row_lse[0];
         if (r1 < T) lse[(size_t)h * T + r1] = row_lse[1];
@@ -483,13 +486,15 @@ __device__ __forceinline__ void kv_tile(float dk[16][4], float dv[16][4], const 
     }
 }
 
-// dk, dv: [T, NH, HD] out; q, k, v, do: [T, NH, HD]; lse, delta: [NH, T]; cols: [T] int2
+// dk, dv: [T, NH, HD] out, rows ld apart; q, k, v: [T, NH, HD] rows ld apart; do: [T, NH, HD];
+// lse, delta: [NH, T]; cols: [T] int2
 // (attention_spans); order: [ceil(T / KV_BN)] (attention_schedule over cols, tile KV_BN,
 // step KV_BM). Grid: ceil(T / KV_BN) * NH blocks of KV_THREADS; dynamic shared memory KV_SMEM.
 extern "C" __global__ void __launch_bounds__(KV_THREADS, 1)
 attention_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __restrict__ q, const bf16* __restrict__ k,
                   const bf16* __restrict__ v, const bf16* __restrict__ do_, const float* __restrict__ lse,
-                  const float* __restrict__ delta, const int2* __restrict__ cols, const int* __restrict__ order, int T, int NH) {
+                  const float* __restrict__ delta, const int2* __restrict__ cols, const int* __restrict__ order, int T, int NH,
+                  int ld) {
     extern __shared__ __align__(128) unsigned char smem[];
     bf16* sK = reinterpret_cast<bf16*>(smem);
     bf16* sV = sK + KV_BN * ATTN_HD;
@@ -507,15 +512,15 @@ attention_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __re
     const int2 sp1 = j1 < T ? cols[j1] : attn_empty_span();
     const WarpSpans ws(sp0, sp1);
 
-    load_tile<KV_BN, KV_THREADS>(sK, k, n0, T, NH, h);
-    load_tile<KV_BN, KV_THREADS>(sV, v, n0, T, NH, h);
+    load_tile<KV_BN, KV_THREADS>(sK, k, n0, T, ld, h);
+    load_tile<KV_BN, KV_THREADS>(sV, v, n0, T, ld, h);
     int q_lo, q_hi;
     block_range<KV_WARPS>(ws, red, &q_lo, &q_hi);
     const int m_begin = q_lo <= q_hi ? q_lo / KV_BM : 0;
     const int m_end = q_lo <= q_hi ? q_hi / KV_BM + 1 : 0;
     auto load_queries = [&](int m, int buf) {
-        load_tile<KV_BM, KV_THREADS>(sQ + buf * KV_BM * ATTN_HD, q, m * KV_BM, T, NH, h);
-        load_tile<KV_BM, KV_THREADS>(sdO + buf * KV_BM * ATTN_HD, do_, m * KV_BM, T, NH, h);
+        load_tile<KV_BM, KV_THREADS>(sQ + buf * KV_BM * ATTN_HD, q, m * KV_BM, T, ld, h);
+        load_tile<KV_BM, KV_THREADS>(sdO + buf * KV_BM * ATTN_HD, do_, m * KV_BM, T, NH * ATTN_HD, h);
         load_row_values<KV_BM>(sLse + buf * KV_BM, lse, m * KV_BM, T, h);
         load_row_values<KV_BM>(sDelta + buf * KV_BM, delta, m * KV_BM, T, h);
     };
@@ -548,8 +553,8 @@ attention_bwd_dkv(bf16* __restrict__ dk, bf16* __restrict__ dv, const bf16* __re
     // The warp's rows of sK and sV are read only by the warp itself: stage dK, dV there.
     stage_rows16(sK, dk_acc, ATTN_SCALE, ATTN_SCALE, 16 * warp, lane);
     stage_rows16(sV, dv_acc, 1.f, 1.f, 16 * warp, lane);
-    store_rows16(dk, sK, 16 * warp, n0 + 16 * warp, T, NH, h, lane);
-    store_rows16(dv, sV, 16 * warp, n0 + 16 * warp, T, NH, h, lane);
+    store_rows16(dk, sK, 16 * warp, n0 + 16 * warp, T, ld, h, lane);
+    store_rows16(dv, sV, 16 * warp, n0 + 16 * warp, T, ld, h, lane);
 }
 
 // dQ: one block of 8 warps per (query tile of 128 rows, head), as the forward; warp w owns
@@ -616,13 +621,14 @@ __device__ __forceinline__ void dq_tile(float dq[16][4], const bf16* sQ, const b
     }
 }
 
-// dq: [T, NH, HD] out; q, k, v, do: [T, NH, HD]; lse, delta: [NH, T]; rows: [T] int2;
+// dq: [T, NH, HD] out, rows ld apart; q, k, v: [T, NH, HD] rows ld apart; do: [T, NH, HD];
+// lse, delta: [NH, T]; rows: [T] int2;
 // order: [ceil(T / DQ_BM)] (as the forward's). Grid: ceil(T / DQ_BM) * NH blocks of
 // DQ_THREADS; dynamic shared memory DQ_SMEM.
 extern "C" __global__ void __launch_bounds__(DQ_THREADS, 1)
 attention_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
                  const bf16* __restrict__ do_, const float* __restrict__ lse, const float* __restrict__ delta,
-                 const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
+                 const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH, int ld) {
     extern __shared__ __align__(128) unsigned char smem[];
     bf16* sQ = reinterpret_cast<bf16*>(smem);
     bf16* sdO = sQ + DQ_BM * ATTN_HD;
@@ -641,15 +647,15 @@ attention_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* 
     const float lse2[2] = {r0 < T ? lse[(size_t)h * T + r0] * ATTN_LOG2E : 0.f, r1 < T ? lse[(size_t)h * T + r1] * ATTN_LOG2E : 0.f};
     const float dlt[2] = {r0 < T ? delta[(size_t)h * T + r0] : 0.f, r1 < T ? delta[(size_t)h * T + r1] : 0.f};
 
-    load_tile<DQ_BM, DQ_THREADS>(sQ, q, m0, T, NH, h);
-    load_tile<DQ_BM, DQ_THREADS>(sdO, do_, m0, T, NH, h);
+    load_tile<DQ_BM, DQ_THREADS>(sQ, q, m0, T, ld, h);
+    load_tile<DQ_BM, DQ_THREADS>(sdO, do_, m0, T, NH * ATTN_HD, h);
     int key_lo, key_hi;
     block_range<DQ_WARPS>(ws, red, &key_lo, &key_hi);
     const int n_begin = key_lo <= key_hi ? key_lo / DQ_BN : 0;
     const int n_end = key_lo <= key_hi ? key_hi / DQ_BN + 1 : 0;
     if (n_begin < n_end) {
-        load_tile<DQ_BN, DQ_THREADS>(sK, k, n_begin * DQ_BN, T, NH, h);
-        load_tile<DQ_BN, DQ_THREADS>(sV, v, n_begin * DQ_BN, T, NH, h);
+        load_tile<DQ_BN, DQ_THREADS>(sK, k, n_begin * DQ_BN, T, ld, h);
+        load_tile<DQ_BN, DQ_THREADS>(sV, v, n_begin * DQ_BN, T, ld, h);
     }
     cp_async_commit();
     cp_async_wait_all();
@@ -661,8 +667,8 @@ attention_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* 
     for (int n = n_begin; n < n_end; ++n) {
         const int buf = (n - n_begin) & 1;
         if (n + 1 < n_end) {
-            load_tile<DQ_BN, DQ_THREADS>(sK + (buf ^ 1) * DQ_BN * ATTN_HD, k, (n + 1) * DQ_BN, T, NH, h);
-            load_tile<DQ_BN, DQ_THREADS>(sV + (buf ^ 1) * DQ_BN * ATTN_HD, v, (n + 1) * DQ_BN, T, NH, h);
+            load_tile<DQ_BN, DQ_THREADS>(sK + (buf ^ 1) * DQ_BN * ATTN_HD, k, (n + 1) * DQ_BN, T, ld, h);
+            load_tile<DQ_BN, DQ_THREADS>(sV + (buf ^ 1) * DQ_BN * ATTN_HD, v, (n + 1) * DQ_BN, T, ld, h);
         }
         cp_async_commit();
         const int k0 = n * DQ_BN, k1 = k0 + DQ_BN - 1;
@@ -675,7 +681,7 @@ attention_bwd_dq(bf16* __restrict__ dq, const bf16* __restrict__ q, const bf16* 
     }
 
     stage_rows16(sQ, acc, ATTN_SCALE, ATTN_SCALE, 16 * warp, lane);
-    store_rows16(dq, sQ, 16 * warp, m0 + 16 * warp, T, NH, h, lane);
+    store_rows16(dq, sQ, 16 * warp, m0 + 16 * warp, T, ld, h, lane);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -207,8 +207,9 @@ __device__ __forceinline__ void pack_grads(uint32_t (&pf)[4][4], uint32_t (&dsf)
 }
 
 // tm_q, tm_do: tensor maps of q, do [T, NH, HD] bf16 as (HD, NH, T), boxes (64, 1, 64);
-// tm_k, tm_v: the same of k, v with boxes (64, 1, 128); all 128-byte swizzled.
-// dk, dv: [T, NH, HD] out; dqacc: [NH, T_pad / 64, 64 x 128] fp32 out (each query tile's block in
+// tm_k, tm_v: the same of k, v with boxes (64, 1, 128); all 128-byte swizzled. q, k, v have rows
+// ld elements apart (blocks of the fused projection), do is contiguous.
+// dk, dv: [T, NH, HD] out, rows ld apart (blocks of the projection's gradient); dqacc: [NH, T_pad / 64, 64 x 128] fp32 out (each query tile's block in
 // the consumers' fragment order, see attention_bwd_sm90_dq); sem: [NH, T_pad / 64] zeroed;
 // lse2, delta: [NH, T_pad]; rows, cols: [T] int2; order: [ceil(T / 128)] key tiles by decreasing
 // work (attention_schedule over cols, tile 128, step 64); rank: its inverse.
@@ -220,7 +221,7 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
                                          float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
                                          const float* __restrict__ delta, const int2* __restrict__ rows,
                                          const int2* __restrict__ cols, const int* __restrict__ order,
-                                         const int* __restrict__ rank, int T, int T_pad, int NH) {
+                                         const int* __restrict__ rank, int T, int T_pad, int NH, int ld) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) uint64_t bars[BB_COUNT];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -420,8 +421,8 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
     // dK = scale * acc_dk, dV = acc_dv, staged through this warpgroup's rows of sK and sV (once
     // both warpgroups are done reading sK in the dQ products).
     named_barrier_sync(BAR_CONSUMERS, 256);
-    store_acc_rows(dk, smem + OFF_K, BW_KV_HALF, acc_dk, ATTN_SCALE, ATTN_SCALE, kr, 64 * wg + 16 * warp, n0 + 64 * wg + 16 * warp, T, NH, h, lane);
-    store_acc_rows(dv, smem + OFF_V, BW_KV_HALF, acc_dv, 1.f, 1.f, kr, 64 * wg + 16 * warp, n0 + 64 * wg + 16 * warp, T, NH, h, lane);
+    store_acc_rows(dk, smem + OFF_K, BW_KV_HALF, acc_dk, ATTN_SCALE, ATTN_SCALE, kr, 64 * wg + 16 * warp, n0 + 64 * wg + 16 * warp, T, ld, h, lane);
+    store_acc_rows(dv, smem + OFF_V, BW_KV_HALF, acc_dv, 1.f, 1.f, kr, 64 * wg + 16 * warp, n0 + 64 * wg + 16 * warp, T, ld, h, lane);
 }
 
 // v4: the default on Hopper.
@@ -430,8 +431,8 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dk,
                    bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
                    const float* __restrict__ delta, const int2* __restrict__ rows, const int2* __restrict__ cols,
-                   const int* __restrict__ order, const int* __restrict__ rank, int T, int T_pad, int NH) {
-    bwd_sm90<false, true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
+                   const int* __restrict__ order, const int* __restrict__ rank, int T, int T_pad, int NH, int ld) {
+    bwd_sm90<false, true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
 }
 
 // v7: sdS double-buffered, one consumer barrier per query tile (opt-in until measured).
@@ -441,8 +442,8 @@ attention_bwd_sm90_overlap(const __grid_constant__ CUtensorMap tm_q, const __gri
                            bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem,
                            const float* __restrict__ lse2, const float* __restrict__ delta, const int2* __restrict__ rows,
                            const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank, int T,
-                           int T_pad, int NH) {
-    bwd_sm90<true, true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
+                           int T_pad, int NH, int ld) {
+    bwd_sm90<true, true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
 }
 
 // Experiment (opt-in, NOT deterministic): v4 with the dQ partials added in arrival order, no
@@ -453,22 +454,23 @@ attention_bwd_sm90_unordered(const __grid_constant__ CUtensorMap tm_q, const __g
                              bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem,
                              const float* __restrict__ lse2, const float* __restrict__ delta, const int2* __restrict__ rows,
                              const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank, int T,
-                             int T_pad, int NH) {
-    bwd_sm90<false, false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH);
+                             int T_pad, int NH, int ld) {
+    bwd_sm90<false, false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
 }
 
 // ---------------------------------------------------------------------------------------
 // 3. dq from the fp32 workspace.
 // ---------------------------------------------------------------------------------------
 
-// dq: [T, NH, HD] out = scale * dqacc, bf16; dqacc: [NH, T_pad / 64, 64 x 128] fp32 in fragment
+// dq: [T, NH, HD] out (rows ld elements apart) = scale * dqacc, bf16; dqacc: [NH, T_pad / 64, 64 x 128] fp32 in fragment
 // order: float4 c (< 16) of thread tid (< 128) of tile m holds, with w = c / 8 (the warpgroup,
 // dims [64 w, 64 w + 64)), nt = c % 8, warp = tid / 32, g = tid % 32 / 4, u = tid % 4:
 // rows 16 warp + g (x, y) and 16 warp + g + 8 (z, w) of the tile, dims 64 w + 8 nt + 2u, +1.
 // Rows whose span is empty (padding: no dQ partial was written for tiles of only such rows)
 // get 0. One block of 256 threads per (query tile of 64 rows, head).
 extern "C" __global__ void __launch_bounds__(256)
-attention_bwd_sm90_dq(bf16* __restrict__ dq, const float* __restrict__ dqacc, const int2* __restrict__ rows, int T, int T_pad, int NH) {
+attention_bwd_sm90_dq(bf16* __restrict__ dq, const float* __restrict__ dqacc, const int2* __restrict__ rows, int T, int T_pad, int NH,
+                      int ld) {
     __shared__ float tile[BW_BM][ATTN_HD + 4];
     const int n_q = T_pad / BW_BM;
     const int m = blockIdx.x / NH, h = blockIdx.x % NH;
@@ -492,6 +494,6 @@ attention_bwd_sm90_dq(bf16* __restrict__ dq, const float* __restrict__ dqacc, co
         float x[8];
         #pragma unroll
         for (int j = 0; j < 8; ++j) x[j] = seen ? tile[r][chunk * 8 + j] * ATTN_SCALE : 0.f;
-        *reinterpret_cast<bf16x8*>(dq + ((size_t)row * NH + h) * ATTN_HD + chunk * 8) = float_to_bf16x8(x);
+        *reinterpret_cast<bf16x8*>(dq + (size_t)row * ld + h * ATTN_HD + chunk * 8) = float_to_bf16x8(x);
     }
 }

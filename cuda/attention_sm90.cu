@@ -386,7 +386,7 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
         }
         // Stage O as bf16 in this warp's 16 rows of the Q buffer (no longer read), in the same
         // swizzle, then write whole 16-byte chunks; then (v6) hand the buffer back.
-        store_acc_rows(o, sQb, H_HALF, acc, inv[0], inv[1], 64 * wg + 16 * warp + g, 64 * wg + 16 * warp, row0 + 16 * warp, T, NH, h, lane);
+        store_acc_rows(o, sQb, H_HALF, acc, inv[0], inv[1], 64 * wg + 16 * warp + g, 64 * wg + 16 * warp, row0 + 16 * warp, T, NH * ATTN_HD, h, lane);
         if (u == 0) {
             if (r0 < T) lse[(size_t)h * T + r0] = row_lse[0];
             if (r1 < T) lse[(size_t)h * T + r1] = row_lse[1];
@@ -397,8 +397,9 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
     if (PINGPONG && wg == 0) named_barrier_sync(1, 256);  // warpgroup 1's last arrival
 }
 
-// tm_q, tm_k, tm_v: tensor maps of q, k, v [T, NH, HD] bf16 as 3-D tensors (HD, NH, T), boxes
-// of (64, 1, 128) with 128-byte swizzle; o: [T, NH, HD] out; lse: [NH, T] out; rows: [T] int2;
+// tm_q, tm_k, tm_v: tensor maps of q, k, v [T, NH, HD] bf16 as 3-D tensors (HD, NH, T) (rows
+// 4 NH HD elements apart: blocks of the fused projection), boxes of (64, 1, 128) with 128-byte
+// swizzle; o: [T, NH, HD] out; lse: [NH, T] out; rows: [T] int2;
 // order: [ceil(T / H_BM)] (attention_schedule with tile H_BM, step H_BN).
 // Grid: ceil(T / H_BM) * NH blocks of H_THREADS, head fastest; dynamic shared memory H_SMEM.
 extern "C" __global__ void __launch_bounds__(H_THREADS, 1)

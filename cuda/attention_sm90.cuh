@@ -212,10 +212,11 @@ __device__ __forceinline__ void red_release_add(int* p, int v) {
 // Stages this thread's part of a [64 rows][128] fp32 accumulator (wgmma m64n128 layout: rows
 // row + g, row + g + 8 of the warpgroup's tile, columns 8 nt + 2u, +1) as bf16 times `scale`
 // into `tile` (two swizzled [rows][64] half-tiles `half_bytes` apart), then lets each warp
-// write its 16 rows to x: [T, NH, HD] rows [grow0 + 16 warp, +16), skipping rows >= T.
+// write its 16 rows to head h of x: [T, NH, HD] (rows ld elements apart) rows [grow0 + 16 warp,
+// +16), skipping rows >= T.
 // `lrow` is the thread's first row in the tile (16 warp + g plus the warpgroup's offset).
 __device__ __forceinline__ void store_acc_rows(bf16* x, unsigned char* tile, int half_bytes, const float (&acc)[64], float scale0,
-                                               float scale1, int lrow, int wrow0, int grow0, int T, int NH, int h, int lane) {
+                                               float scale1, int lrow, int wrow0, int grow0, int T, int ld, int h, int lane) {
     const int u = lane & 3;
     #pragma unroll
     for (int nt = 0; nt < 16; ++nt) {
@@ -232,7 +233,7 @@ __device__ __forceinline__ void store_acc_rows(bf16* x, unsigned char* tile, int
         const int idx = it * 32 + lane, r = idx / 16, chunk = idx % 16, c = chunk % 8;
         const int trow = wrow0 + r;
         if (grow0 + r < T) {
-            *reinterpret_cast<uint4*>(x + ((size_t)(grow0 + r) * NH + h) * ATTN_HD + chunk * 8) =
+            *reinterpret_cast<uint4*>(x + (size_t)(grow0 + r) * ld + h * ATTN_HD + chunk * 8) =
                 *reinterpret_cast<const uint4*>(tile + (chunk / 8) * half_bytes + trow * 128 + ((c ^ (trow & 7)) << 4));
         }
     }

@@ -4,16 +4,17 @@
 //   backward   da = dout * s;  dg = dout * a * s * (1 - s)
 //
 // Invariants
-// - Pure element maps over n values; outputs written with `=`, nothing else touched.
+// - Element maps over the T*C values of [T, C] tensors (C = NH*128, a multiple of 8); g is the
+//   gate block of gqkv [T, 4C] (its first C columns), read in place, and dg goes to the same
+//   block of dgqkv; the other blocks are not touched. Outputs written with `=`.
 // - fp32 math on bf16 storage; sigmoid with the accurate expf.
-// - Pointers 16-byte aligned (the launcher checks). The n / 8 vectors go in tiles of
+// - Pointers 16-byte aligned (the launcher checks). The T*C / 8 vectors go in tiles of
 //   GATE_THREADS * UNROLL (UNROLL = GATE_FWD_UNROLL or GATE_BWD_UNROLL), one tile a block
 //   (a grid-stride over tiles only if the grid is capped): thread k of a tile does vectors
 //   tile + k + u * GATE_THREADS, issuing all 2 * UNROLL (forward) or 3 * UNROLL (backward)
 //   16-byte loads before using the first. Many short blocks let the block scheduler fill
 //   the device to the end; v2's one-wave grid-stride loop ran 9.3 iterations a thread on
-//   an H100 (gate_fwd), its last one with 31% of the threads busy. The last n % 8 elements
-//   are done one by one by the first block.
+//   an H100 (gate_fwd), its last one with 31% of the threads busy.
 
 #include "common.cuh"
 
@@ -24,11 +25,19 @@
 // blocks): 1024 threads x 8 loads x 16 B = 128 KB in flight an SM.
 #define GATE_FWD_BLOCKS_PER_SM 3
 
-// out, g, a: [n] bf16
+// The offset in gqkv [T, 4C] of vector i (8 values) of the gate block seen as [T, C]. 32-bit
+// division (the launcher checks T * C / 8 < 2^31), several times cheaper than the 64-bit one.
+__device__ __forceinline__ int64_t gate_offset(int64_t i, int c_vec) {
+    const unsigned row = (unsigned)i / (unsigned)c_vec, col = (unsigned)i - row * (unsigned)c_vec;
+    return (int64_t)row * (32 * c_vec) + 8 * col;
+}
+
+// out, a: [T, C] bf16; gqkv: [T, 4C] bf16 (gate block read)
 extern "C" __global__ void __launch_bounds__(GATE_THREADS, GATE_FWD_BLOCKS_PER_SM)
-gate_fwd(bf16* __restrict__ out, const bf16* __restrict__ g, const bf16* __restrict__ a, int64_t n) {
+gate_fwd(bf16* __restrict__ out, const bf16* __restrict__ gqkv, const bf16* __restrict__ a, int64_t T, int C) {
 #define GATE_UNROLL GATE_FWD_UNROLL
-    const int64_t n_vec = n / 8, tile_stride = (int64_t)gridDim.x * GATE_THREADS * GATE_UNROLL;
+    const int c_vec = C / 8;
+    const int64_t n_vec = T * c_vec, tile_stride = (int64_t)gridDim.x * GATE_THREADS * GATE_UNROLL;
     for (int64_t i0 = (int64_t)blockIdx.x * GATE_THREADS * GATE_UNROLL + threadIdx.x; i0 < n_vec; i0 += tile_stride) {
         const int64_t stride = GATE_THREADS;
         bf16x8 gv[GATE_UNROLL], av[GATE_UNROLL];
@@ -36,7 +45,7 @@ gate_fwd(bf16* __restrict__ out, const bf16* __restrict__ g, const bf16* __restr
         for (int u = 0; u < GATE_UNROLL; u++) {
             const int64_t i = i0 + u * stride;
             if (i < n_vec) {
-                gv[u] = load_bf16x8(g + 8 * i);
+                gv[u] = load_bf16x8(gqkv + gate_offset(i, c_vec));
                 av[u] = load_bf16x8(a + 8 * i);
             }
         }
@@ -53,18 +62,15 @@ gate_fwd(bf16* __restrict__ out, const bf16* __restrict__ g, const bf16* __restr
         }
     }
 #undef GATE_UNROLL
-    if (blockIdx.x != 0) return;
-    for (int64_t i = n_vec * 8 + threadIdx.x; i < n; i += GATE_THREADS) {
-        out[i] = __float2bfloat16_rn(sigmoid(__bfloat162float(g[i])) * __bfloat162float(a[i]));
-    }
 }
 
-// dg, da, dout, g, a: [n] bf16
+// dgqkv: [T, 4C] bf16 (gate block written); da, dout, a: [T, C] bf16; gqkv: [T, 4C] (gate block read)
 extern "C" __global__ void __launch_bounds__(GATE_THREADS)
-gate_bwd(bf16* __restrict__ dg, bf16* __restrict__ da, const bf16* __restrict__ dout, const bf16* __restrict__ g,
-         const bf16* __restrict__ a, int64_t n) {
+gate_bwd(bf16* __restrict__ dgqkv, bf16* __restrict__ da, const bf16* __restrict__ dout, const bf16* __restrict__ gqkv,
+         const bf16* __restrict__ a, int64_t T, int C) {
 #define GATE_UNROLL GATE_BWD_UNROLL
-    const int64_t n_vec = n / 8, tile_stride = (int64_t)gridDim.x * GATE_THREADS * GATE_UNROLL;
+    const int c_vec = C / 8;
+    const int64_t n_vec = T * c_vec, tile_stride = (int64_t)gridDim.x * GATE_THREADS * GATE_UNROLL;
     for (int64_t i0 = (int64_t)blockIdx.x * GATE_THREADS * GATE_UNROLL + threadIdx.x; i0 < n_vec; i0 += tile_stride) {
         const int64_t stride = GATE_THREADS;
         bf16x8 dv[GATE_UNROLL], gv[GATE_UNROLL], av[GATE_UNROLL];
@@ -73,7 +79,7 @@ gate_bwd(bf16* __restrict__ dg, bf16* __restrict__ da, const bf16* __restrict__ 
             const int64_t i = i0 + u * stride;
             if (i < n_vec) {
                 dv[u] = load_bf16x8(dout + 8 * i);
-                gv[u] = load_bf16x8(g + 8 * i);
+                gv[u] = load_bf16x8(gqkv + gate_offset(i, c_vec));
                 av[u] = load_bf16x8(a + 8 * i);
             }
         }
@@ -91,15 +97,9 @@ gate_bwd(bf16* __restrict__ dg, bf16* __restrict__ da, const bf16* __restrict__ 
                 dav[e] = d[e] * s;
                 dgv[e] = d[e] * af[e] * s * (1.0f - s);
             }
-            reinterpret_cast<bf16x8*>(dg)[i] = float_to_bf16x8(dgv);
+            *reinterpret_cast<bf16x8*>(dgqkv + gate_offset(i, c_vec)) = float_to_bf16x8(dgv);
             reinterpret_cast<bf16x8*>(da)[i] = float_to_bf16x8(dav);
         }
     }
 #undef GATE_UNROLL
-    if (blockIdx.x != 0) return;
-    for (int64_t i = n_vec * 8 + threadIdx.x; i < n; i += GATE_THREADS) {
-        const float d = __bfloat162float(dout[i]), s = sigmoid(__bfloat162float(g[i]));
-        da[i] = __float2bfloat16_rn(d * s);
-        dg[i] = __float2bfloat16_rn(d * __bfloat162float(a[i]) * s * (1.0f - s));
-    }
 }

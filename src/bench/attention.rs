@@ -79,16 +79,13 @@ pub fn bench_batches(rng: &mut Rng) -> Vec<BenchBatch> {
     ]
 }
 
-/// Device buffers of one batch: inputs uniform in ±1 (never zeros), outputs, gradients.
+/// Device buffers of one batch: inputs uniform in ±1 (never zeros), outputs, gradients. q, k,
+/// v and their gradients are blocks 1, 2, 3 of `[T, 4, NH, HD]` buffers, as in training.
 struct Buffers {
-    q: CudaSlice<bf16>,
-    k: CudaSlice<bf16>,
-    v: CudaSlice<bf16>,
+    gqkv: CudaSlice<bf16>,
     o: CudaSlice<bf16>,
     do_: CudaSlice<bf16>,
-    dq: CudaSlice<bf16>,
-    dk: CudaSlice<bf16>,
-    dv: CudaSlice<bf16>,
+    dgqkv: CudaSlice<bf16>,
     lse: CudaSlice<f32>,
     cu_seqlens: CudaSlice<i32>,
     prefix_lens: CudaSlice<i32>,
@@ -98,19 +95,15 @@ struct Buffers {
 impl Buffers {
     fn new(gpu: &Gpu, rng: &mut Rng, b: &BenchBatch, nh: usize) -> Result<Buffers> {
         let n = b.t * nh * HD;
-        let mut random = || -> Result<CudaSlice<bf16>> {
+        let mut random = |n: usize| -> Result<CudaSlice<bf16>> {
             let host: Vec<bf16> = rng.uniform_vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
             Ok(gpu.stream.clone_htod(&host)?)
         };
         Ok(Buffers {
-            q: random()?,
-            k: random()?,
-            v: random()?,
-            do_: random()?,
+            gqkv: random(4 * n)?,
+            do_: random(n)?,
             o: gpu.stream.alloc_zeros(n)?,
-            dq: gpu.stream.alloc_zeros(n)?,
-            dk: gpu.stream.alloc_zeros(n)?,
-            dv: gpu.stream.alloc_zeros(n)?,
+            dgqkv: gpu.stream.alloc_zeros(4 * n)?,
             lse: gpu.stream.alloc_zeros(nh * b.t)?,
             cu_seqlens: gpu.stream.clone_htod(&b.cu_seqlens)?,
             prefix_lens: gpu.stream.clone_htod(&b.prefix_lens)?,
@@ -120,28 +113,13 @@ impl Buffers {
 
     fn forward(&mut self, gpu: &Gpu, kernel: FwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        kernel.run(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.q.as_view(), &self.k.as_view(), &self.v.as_view(), &cu, &pl, t, nh, &mut self.scratch)
+        kernel.run(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.gqkv.as_view(), &cu, &pl, t, nh, &mut self.scratch)
     }
 
     fn backward(&mut self, gpu: &Gpu, kernel: BwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        kernel.run(
-            gpu,
-            &mut self.dq.as_view_mut(),
-            &mut self.dk.as_view_mut(),
-            &mut self.dv.as_view_mut(),
-            &self.do_.as_view(),
-            &self.q.as_view(),
-            &self.k.as_view(),
-            &self.v.as_view(),
-            &self.o.as_view(),
-            &self.lse.as_view(),
-            &cu,
-            &pl,
-            t,
-            nh,
-            &mut self.scratch,
-        )
+        let (o, lse) = (self.o.as_view(), self.lse.as_view());
+        kernel.run(gpu, &mut self.dgqkv.as_view_mut(), &self.do_.as_view(), &self.gqkv.as_view(), &o, &lse, &cu, &pl, t, nh, &mut self.scratch)
     }
 }
 
@@ -218,8 +196,12 @@ pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {}", dir.join(name).display()));
-    for (name, buf) in [("q", &bufs.q), ("k", &bufs.k), ("v", &bufs.v), ("do", &bufs.do_), ("o", &bufs.o), ("dq", &bufs.dq), ("dk", &bufs.dk), ("dv", &bufs.dv)] {
-        let host = gpu.stream.clone_dtoh(buf)?;
+    let (gqkv, dgqkv) = (gpu.stream.clone_dtoh(&bufs.gqkv)?, gpu.stream.clone_dtoh(&bufs.dgqkv)?);
+    // Block j of a [T, 4, NH, HD] buffer, as [T, NH, HD].
+    let block = |x: &[bf16], j: usize| -> Vec<bf16> { x.chunks(4 * nh * HD).flat_map(|row| row[j * nh * HD..(j + 1) * nh * HD].to_vec()).collect() };
+    let (do_, o) = (gpu.stream.clone_dtoh(&bufs.do_)?, gpu.stream.clone_dtoh(&bufs.o)?);
+    let tensors = [("q", block(&gqkv, 1)), ("k", block(&gqkv, 2)), ("v", block(&gqkv, 3)), ("do", do_), ("o", o), ("dq", block(&dgqkv, 1)), ("dk", block(&dgqkv, 2)), ("dv", block(&dgqkv, 3))];
+    for (name, host) in tensors {
         write(&format!("{name}.bin"), bytemuck::cast_slice(&host))?;
     }
     write("lse.bin", bytemuck::cast_slice(&gpu.stream.clone_dtoh(&bufs.lse)?))?;

@@ -189,27 +189,22 @@ impl Bench<'_> {
 
     fn rope(&mut self) -> Result<(), GpuError> {
         let gpu = self.gpu;
-        let bytes = 2 * T * 4 * C * 2 + T * 4;
+        // The query and key blocks of each row, read and written in place.
+        let bytes = 2 * T * 2 * C * 2 + T * 4;
         let sets = rotation_sets(gpu, bytes);
-        let gqkv = self.bf16_sets(sets, T * 4 * C, 1.0)?;
-        let mut split: Vec<Vec<CudaSlice<bf16>>> = (0..4).map(|_| self.bf16_sets(sets, T * C, 1.0)).collect::<Result<_, _>>()?;
-        let mut dgqkv = self.zero_sets::<bf16>(sets, T * 4 * C)?;
+        let mut gqkv = self.bf16_sets(sets, T * 4 * C, 1.0)?;
         let pos: Vec<CudaSlice<i32>> = (0..sets).map(|_| random_i32(gpu, T, 4096, self.next_seed())).collect::<Result<_, _>>()?;
-        let shape = format!("[{T},{NH}x128]");
-
+        let shape = format!("[{T},4x{NH}x128]");
         let ms = time_ms(gpu, WARMUP, ITERS, |i| {
             let s = i % sets;
-            let [g, q, k, v] = &mut split[..] else { unreachable!("four split buffers") };
-            qkv_rope_fwd(gpu, &mut g[s].as_view_mut(), &mut q[s].as_view_mut(), &mut k[s].as_view_mut(), &mut v[s].as_view_mut(), &gqkv[s].as_view(), &pos[s].as_view(), T, NH)
+            qkv_rope_fwd(gpu, &mut gqkv[s].as_view_mut(), &pos[s].as_view(), T, NH)
         })?;
-        self.push("qkv_rope_fwd", &shape, ms, Work::Bytes(bytes as f64), "");
-
+        self.push("qkv_rope_fwd", &shape, ms, Work::Bytes(bytes as f64), "in place: q, k blocks");
         let ms = time_ms(gpu, WARMUP, ITERS, |i| {
             let s = i % sets;
-            let [g, q, k, v] = &split[..] else { unreachable!("four split buffers") };
-            qkv_rope_bwd(gpu, &mut dgqkv[s].as_view_mut(), &g[s].as_view(), &q[s].as_view(), &k[s].as_view(), &v[s].as_view(), &pos[s].as_view(), T, NH)
+            qkv_rope_bwd(gpu, &mut gqkv[s].as_view_mut(), &pos[s].as_view(), T, NH)
         })?;
-        self.push("qkv_rope_bwd", &shape, ms, Work::Bytes(bytes as f64), "");
+        self.push("qkv_rope_bwd", &shape, ms, Work::Bytes(bytes as f64), "in place: dq, dk blocks");
         Ok(())
     }
 
@@ -217,19 +212,20 @@ impl Bench<'_> {
         let gpu = self.gpu;
         let n = T * C;
         let sets = rotation_sets(gpu, 5 * n * 2);
-        let (g, a, dout) = (self.bf16_sets(sets, n, 4.0)?, self.bf16_sets(sets, n, 1.0)?, self.bf16_sets(sets, n, 1.0)?);
-        let (mut out, mut dg) = (self.zero_sets::<bf16>(sets, n)?, self.zero_sets::<bf16>(sets, n)?);
+        // g is the gate block of a [T, 4C] projection (rows 4C apart), as in training.
+        let (gqkv, a, dout) = (self.bf16_sets(sets, 4 * n, 4.0)?, self.bf16_sets(sets, n, 1.0)?, self.bf16_sets(sets, n, 1.0)?);
+        let (mut out, mut dgqkv) = (self.zero_sets::<bf16>(sets, n)?, self.zero_sets::<bf16>(sets, 4 * n)?);
         let shape = format!("[{T},{C}]");
         let ms = time_ms(gpu, WARMUP, ITERS, |i| {
             let s = i % sets;
-            gate_fwd(gpu, &mut out[s].as_view_mut(), &g[s].as_view(), &a[s].as_view(), n)
+            gate_fwd(gpu, &mut out[s].as_view_mut(), &gqkv[s].as_view(), &a[s].as_view(), T, NH)
         })?;
-        self.push("gate_fwd", &shape, ms, Work::Bytes((3 * n * 2) as f64), "");
+        self.push("gate_fwd", &shape, ms, Work::Bytes((3 * n * 2) as f64), "g: gate block of gqkv");
         let ms = time_ms(gpu, WARMUP, ITERS, |i| {
             let s = i % sets;
-            gate_bwd(gpu, &mut dg[s].as_view_mut(), &mut out[s].as_view_mut(), &dout[s].as_view(), &g[s].as_view(), &a[s].as_view(), n)
+            gate_bwd(gpu, &mut dgqkv[s].as_view_mut(), &mut out[s].as_view_mut(), &dout[s].as_view(), &gqkv[s].as_view(), &a[s].as_view(), T, NH)
         })?;
-        self.push("gate_bwd", &shape, ms, Work::Bytes((5 * n * 2) as f64), "");
+        self.push("gate_bwd", &shape, ms, Work::Bytes((5 * n * 2) as f64), "dg: gate block of dgqkv");
         Ok(())
     }
 

@@ -128,26 +128,31 @@ pub trait Backend {
     fn rmsnorm_bwd(&self, dx: &mut Self::Act, dy: &Self::Act, x: &Self::Act, rstd: &Self::F32, t: usize, d: usize) -> Result<()>;
 
     // ---- rope ----
+    // The fused projection gqkv [T, 4C] (blocks gate | q | k | v, C = NH * 128) is what the
+    // rope, the attention and the gate read, in place; its gradient dgqkv is assembled in place
+    // by the gate's and the attention's backward, then the rope's.
 
-    /// Splits gqkv [T, 4C] into g, q, k, v [T, C] and rotates q, k by `pos` `[T]`.
-    fn qkv_rope_fwd(&self, g: &mut Self::Act, q: &mut Self::Act, k: &mut Self::Act, v: &mut Self::Act, gqkv: &Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
-    /// dgqkv: [T, 4C] from dg, dq, dk, dv [T, C] (inverse rotation of dq, dk).
-    fn qkv_rope_bwd(&self, dgqkv: &mut Self::Act, dg: &Self::Act, dq: &Self::Act, dk: &Self::Act, dv: &Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    /// Rotates the q and k blocks of gqkv [T, 4C] in place by `pos` `[T]`.
+    fn qkv_rope_fwd(&self, gqkv: &mut Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    /// The inverse rotation of the dq, dk blocks of dgqkv [T, 4C], in place.
+    fn qkv_rope_bwd(&self, dgqkv: &mut Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
 
     // ---- attention ----
 
-    /// o: [T, C], lse: [NH, T]; PrefixLM mask over the samples of `cu_seqlens` [S+1],
-    /// `prefix_lens` `[S]`.
-    fn attention_fwd(&self, o: &mut Self::Act, lse: &mut Self::F32, q: &Self::Act, k: &Self::Act, v: &Self::Act, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
-    /// dq, dk, dv: [T, C] written with `=`.
-    fn attention_bwd(&self, dq: &mut Self::Act, dk: &mut Self::Act, dv: &mut Self::Act, do_: &Self::Act, q: &Self::Act, k: &Self::Act, v: &Self::Act, o: &Self::Act, lse: &Self::F32, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    /// o: [T, C], lse: [NH, T] from the q, k, v blocks of gqkv [T, 4C]; PrefixLM mask over the
+    /// samples of `cu_seqlens` [S+1], `prefix_lens` `[S]`.
+    fn attention_fwd(&self, o: &mut Self::Act, lse: &mut Self::F32, gqkv: &Self::Act, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    /// The dq, dk, dv blocks of dgqkv [T, 4C] written with `=` (its gate block is left as is).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(&self, dgqkv: &mut Self::Act, do_: &Self::Act, gqkv: &Self::Act, o: &Self::Act, lse: &Self::F32, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
 
     // ---- gate, swiglu ----
 
-    /// out: `[n]` = sigmoid(g) * a.
-    fn gate_fwd(&self, out: &mut Self::Act, g: &Self::Act, a: &Self::Act, n: usize) -> Result<()>;
-    /// dg, da: `[n]` from dout `[n]`.
-    fn gate_bwd(&self, dg: &mut Self::Act, da: &mut Self::Act, dout: &Self::Act, g: &Self::Act, a: &Self::Act, n: usize) -> Result<()>;
+    /// out: [T, C] = sigmoid(g) * a, g the gate block of gqkv [T, 4C].
+    fn gate_fwd(&self, out: &mut Self::Act, gqkv: &Self::Act, a: &Self::Act, t: usize, nh: usize) -> Result<()>;
+    /// The gate block of dgqkv [T, 4C] and da [T, C] from dout [T, C] (written with `=`).
+    #[allow(clippy::too_many_arguments)]
+    fn gate_bwd(&self, dgqkv: &mut Self::Act, da: &mut Self::Act, dout: &Self::Act, gqkv: &Self::Act, a: &Self::Act, t: usize, nh: usize) -> Result<()>;
     /// out: [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:].
     fn swiglu_fwd(&self, out: &mut Self::Act, gate_up: &Self::Act, t: usize, i: usize) -> Result<()>;
     /// dgate_up: [T, 2I] from dout [T, I].

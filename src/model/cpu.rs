@@ -7,7 +7,7 @@
 use anyhow::Result;
 
 use crate::model::backend::{Backend, TensorAt};
-use crate::ops::attention::{attention_bwd_cpu, attention_fwd_cpu};
+use crate::ops::attention::{attention_bwd_cpu, attention_fwd_cpu, block_of, write_block};
 use crate::ops::cross_entropy::{cross_entropy_cpu, metrics_cpu, StepMetrics};
 use crate::ops::embedding::{embedding_bwd_cpu, embedding_fwd_cpu};
 use crate::ops::gate::{gate_bwd_cpu, gate_fwd_cpu};
@@ -125,33 +125,41 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn qkv_rope_fwd(&self, g: &mut Vec<f32>, q: &mut Vec<f32>, k: &mut Vec<f32>, v: &mut Vec<f32>, gqkv: &Vec<f32>, pos: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
-        qkv_rope_fwd_cpu(g, q, k, v, gqkv, pos, t, nh);
+    fn qkv_rope_fwd(&self, gqkv: &mut Vec<f32>, pos: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+        qkv_rope_fwd_cpu(gqkv, pos, t, nh);
         Ok(())
     }
 
-    fn qkv_rope_bwd(&self, dgqkv: &mut Vec<f32>, dg: &Vec<f32>, dq: &Vec<f32>, dk: &Vec<f32>, dv: &Vec<f32>, pos: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
-        qkv_rope_bwd_cpu(dgqkv, dg, dq, dk, dv, pos, t, nh);
+    fn qkv_rope_bwd(&self, dgqkv: &mut Vec<f32>, pos: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+        qkv_rope_bwd_cpu(dgqkv, pos, t, nh);
         Ok(())
     }
 
-    fn attention_fwd(&self, o: &mut Vec<f32>, lse: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
-        attention_fwd_cpu(o, lse, q, k, v, cu_seqlens, prefix_lens, t, nh);
+    /// The reference takes q, k, v as separate tensors: copied out of gqkv's blocks.
+    fn attention_fwd(&self, o: &mut Vec<f32>, lse: &mut Vec<f32>, gqkv: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+        let [q, k, v] = [1, 2, 3].map(|j| block_of(gqkv, j, nh));
+        attention_fwd_cpu(o, lse, &q, &k, &v, cu_seqlens, prefix_lens, t, nh);
         Ok(())
     }
 
-    fn attention_bwd(&self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, do_: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, o: &Vec<f32>, lse: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
-        attention_bwd_cpu(dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh);
+    fn attention_bwd(&self, dgqkv: &mut Vec<f32>, do_: &Vec<f32>, gqkv: &Vec<f32>, o: &Vec<f32>, lse: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+        let [q, k, v] = [1, 2, 3].map(|j| block_of(gqkv, j, nh));
+        let mut grads = [(); 3].map(|_| vec![0.0; q.len()]);
+        let [dq, dk, dv] = &mut grads;
+        attention_bwd_cpu(dq, dk, dv, do_, &q, &k, &v, o, lse, cu_seqlens, prefix_lens, t, nh);
+        for (j, grad) in [1, 2, 3].into_iter().zip(&grads) {
+            write_block(dgqkv, j, grad, nh);
+        }
         Ok(())
     }
 
-    fn gate_fwd(&self, out: &mut Vec<f32>, g: &Vec<f32>, a: &Vec<f32>, n: usize) -> Result<()> {
-        gate_fwd_cpu(out, g, a, n);
+    fn gate_fwd(&self, out: &mut Vec<f32>, gqkv: &Vec<f32>, a: &Vec<f32>, t: usize, nh: usize) -> Result<()> {
+        gate_fwd_cpu(out, gqkv, a, t, nh);
         Ok(())
     }
 
-    fn gate_bwd(&self, dg: &mut Vec<f32>, da: &mut Vec<f32>, dout: &Vec<f32>, g: &Vec<f32>, a: &Vec<f32>, n: usize) -> Result<()> {
-        gate_bwd_cpu(dg, da, dout, g, a, n);
+    fn gate_bwd(&self, dgqkv: &mut Vec<f32>, da: &mut Vec<f32>, dout: &Vec<f32>, gqkv: &Vec<f32>, a: &Vec<f32>, t: usize, nh: usize) -> Result<()> {
+        gate_bwd_cpu(dgqkv, da, dout, gqkv, a, t, nh);
         Ok(())
     }
 

@@ -333,59 +333,38 @@ impl<'g> Backend for CudaBackend<'g> {
         })
     }
 
-    fn qkv_rope_fwd(&self, g: &mut CudaSlice<bf16>, q: &mut CudaSlice<bf16>, k: &mut CudaSlice<bf16>, v: &mut CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
-        self.timed(OpClass::Other, || {
-            qkv_rope_fwd(self.gpu, &mut g.as_view_mut(), &mut q.as_view_mut(), &mut k.as_view_mut(), &mut v.as_view_mut(), &gqkv.as_view(), &pos.as_view(), t, nh)
-                .with_context(|| format!("qkv_rope_fwd [T={t}, NH={nh}]"))
-        })
+    fn qkv_rope_fwd(&self, gqkv: &mut CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+        self.timed(OpClass::Other, || qkv_rope_fwd(self.gpu, &mut gqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_fwd [T={t}, NH={nh}]")))
     }
 
-    fn qkv_rope_bwd(&self, dgqkv: &mut CudaSlice<bf16>, dg: &CudaSlice<bf16>, dq: &CudaSlice<bf16>, dk: &CudaSlice<bf16>, dv: &CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
-        self.timed(OpClass::Other, || {
-            qkv_rope_bwd(self.gpu, &mut dgqkv.as_view_mut(), &dg.as_view(), &dq.as_view(), &dk.as_view(), &dv.as_view(), &pos.as_view(), t, nh)
-                .with_context(|| format!("qkv_rope_bwd [T={t}, NH={nh}]"))
-        })
+    fn qkv_rope_bwd(&self, dgqkv: &mut CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+        self.timed(OpClass::Other, || qkv_rope_bwd(self.gpu, &mut dgqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_bwd [T={t}, NH={nh}]")))
     }
 
-    fn attention_fwd(&self, o: &mut CudaSlice<bf16>, lse: &mut CudaSlice<f32>, q: &CudaSlice<bf16>, k: &CudaSlice<bf16>, v: &CudaSlice<bf16>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+    fn attention_fwd(&self, o: &mut CudaSlice<bf16>, lse: &mut CudaSlice<f32>, gqkv: &CudaSlice<bf16>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         let mut scratch = self.attention_scratch(t, nh)?;
         self.timed(OpClass::Attention, || {
-            attention_fwd(self.gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &q.as_view(), &k.as_view(), &v.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh, &mut scratch)
+            attention_fwd(self.gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh, &mut scratch)
                 .with_context(|| format!("attention_fwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
         })
     }
 
-    fn attention_bwd(&self, dq: &mut CudaSlice<bf16>, dk: &mut CudaSlice<bf16>, dv: &mut CudaSlice<bf16>, do_: &CudaSlice<bf16>, q: &CudaSlice<bf16>, k: &CudaSlice<bf16>, v: &CudaSlice<bf16>, o: &CudaSlice<bf16>, lse: &CudaSlice<f32>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+    fn attention_bwd(&self, dgqkv: &mut CudaSlice<bf16>, do_: &CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, o: &CudaSlice<bf16>, lse: &CudaSlice<f32>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         let mut scratch = self.attention_scratch(t, nh)?;
         self.timed(OpClass::Attention, || {
-            attention_bwd(
-                self.gpu,
-                &mut dq.as_view_mut(),
-                &mut dk.as_view_mut(),
-                &mut dv.as_view_mut(),
-                &do_.as_view(),
-                &q.as_view(),
-                &k.as_view(),
-                &v.as_view(),
-                &o.as_view(),
-                &lse.as_view(),
-                &cu_seqlens.as_view(),
-                &prefix_lens.as_view(),
-                t,
-                nh,
-                &mut scratch,
-            )
-            .with_context(|| format!("attention_bwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
+            let (cu, pl) = (cu_seqlens.as_view(), prefix_lens.as_view());
+            attention_bwd(self.gpu, &mut dgqkv.as_view_mut(), &do_.as_view(), &gqkv.as_view(), &o.as_view(), &lse.as_view(), &cu, &pl, t, nh, &mut scratch)
+                .with_context(|| format!("attention_bwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
         })
     }
 
-    fn gate_fwd(&self, out: &mut CudaSlice<bf16>, g: &CudaSlice<bf16>, a: &CudaSlice<bf16>, n: usize) -> Result<()> {
-        self.timed(OpClass::Other, || gate_fwd(self.gpu, &mut out.as_view_mut(), &g.as_view(), &a.as_view(), n).with_context(|| format!("gate_fwd [{n}]")))
+    fn gate_fwd(&self, out: &mut CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, a: &CudaSlice<bf16>, t: usize, nh: usize) -> Result<()> {
+        self.timed(OpClass::Other, || gate_fwd(self.gpu, &mut out.as_view_mut(), &gqkv.as_view(), &a.as_view(), t, nh).with_context(|| format!("gate_fwd [T={t}, NH={nh}]")))
     }
 
-    fn gate_bwd(&self, dg: &mut CudaSlice<bf16>, da: &mut CudaSlice<bf16>, dout: &CudaSlice<bf16>, g: &CudaSlice<bf16>, a: &CudaSlice<bf16>, n: usize) -> Result<()> {
+    fn gate_bwd(&self, dgqkv: &mut CudaSlice<bf16>, da: &mut CudaSlice<bf16>, dout: &CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, a: &CudaSlice<bf16>, t: usize, nh: usize) -> Result<()> {
         self.timed(OpClass::Other, || {
-            gate_bwd(self.gpu, &mut dg.as_view_mut(), &mut da.as_view_mut(), &dout.as_view(), &g.as_view(), &a.as_view(), n).with_context(|| format!("gate_bwd [{n}]"))
+            gate_bwd(self.gpu, &mut dgqkv.as_view_mut(), &mut da.as_view_mut(), &dout.as_view(), &gqkv.as_view(), &a.as_view(), t, nh).with_context(|| format!("gate_bwd [T={t}, NH={nh}]"))
         })
     }
 

@@ -161,10 +161,7 @@ impl WeightMap {
 struct BlockActs<B: Backend> {
     xn1: B::Act,   // [T, D]  rms(x), the attention input
     rstd1: B::F32, // [T]
-    g: B::Act,     // [T, C]  gate heads
-    q: B::Act,     // [T, C]  roped
-    k: B::Act,     // [T, C]  roped
-    v: B::Act,     // [T, C]
+    gqkv: B::Act,  // [T, 4C] rms(x) @ W_gqkv^T: gate | q | k | v heads, q and k roped in place
     o: B::Act,     // [T, C]  attention output
     lse: B::F32,   // [NH, T]
     ga: B::Act,    // [T, C]  sigmoid(g) * o, the input of W_o
@@ -193,12 +190,8 @@ struct BlockGrads<B: Backend> {
     dact: B::Act,  // [T, I]
     dgu: B::Act,   // [T, 2I]
     dga: B::Act,   // [T, C]
-    dg: B::Act,    // [T, C]
     do_: B::Act,   // [T, C]
-    dq: B::Act,    // [T, C]
-    dk: B::Act,    // [T, C]
-    dv: B::Act,    // [T, C]
-    dgqkv: B::Act, // [T, 4C]
+    dgqkv: B::Act, // [T, 4C]  gate and attention gradients in place, then d of the projection
 }
 
 /// The smallest sample table a workspace holds (see [`DeviceBatch`]).
@@ -271,7 +264,6 @@ struct Workspace<B: Backend> {
     batch: DeviceBatch<B>,
     state: [B::Act; 2],  // [T, D] each, indexed by Slot: z_H, z_L
     dstate: [B::Act; 2], // [T, D] their gradients
-    gqkv: B::Act,        // [T, 4C] projection scratch (split by qkv_rope_fwd, not kept)
     /// `x_0 = z + inj` of a pass without gradient.
     scratch_input: B::Act, // [T, D]
     /// The ring every pass runs in when its activations are not kept.
@@ -456,7 +448,7 @@ impl<B: Backend> Model<B> {
                 (true, true) => (&mut ws.inputs[k], &mut ws.scratch),
                 (false, _) => (&mut ws.scratch_input, &mut ws.scratch),
             };
-            pass_forward(be, w, wm.module(pass.module)?, pass, input, acts, &mut ws.gqkv, &mut ws.state, db, sz)?;
+            pass_forward(be, w, wm.module(pass.module)?, pass, input, acts, &mut ws.state, db, sz)?;
             k += usize::from(pass.grad && training);
         }
         let out = schedule.output.index();
@@ -480,7 +472,7 @@ impl<B: Backend> Model<B> {
             let acts = if schedule.recompute {
                 // The states are no longer read once the LM head has run: the rerun writes the
                 // pass's output where its forward did, the same bits.
-                pass_recompute(be, w, blocks, &ws.inputs[k], &mut ws.kept[0], &mut ws.gqkv, &mut ws.state[pass.out.index()], db, sz)?;
+                pass_recompute(be, w, blocks, &ws.inputs[k], &mut ws.kept[0], &mut ws.state[pass.out.index()], db, sz)?;
                 &ws.kept[0]
             } else {
                 &ws.kept[k]
@@ -504,7 +496,6 @@ impl<B: Backend> Workspace<B> {
             batch: DeviceBatch::new(be, t, s)?,
             state: [act(t * d)?, act(t * d)?],
             dstate: [act(t * d)?, act(t * d)?],
-            gqkv: act(t * 4 * c)?,
             scratch_input: act(t * d)?,
             scratch: alloc_pass(be, sz, 2, 1)?,
             inputs: Vec::new(),
@@ -515,11 +506,7 @@ impl<B: Backend> Workspace<B> {
                 dact: act(t * i)?,
                 dgu: act(t * 2 * i)?,
                 dga: act(t * c)?,
-                dg: act(t * c)?,
                 do_: act(t * c)?,
-                dq: act(t * c)?,
-                dk: act(t * c)?,
-                dv: act(t * c)?,
                 dgqkv: act(t * 4 * c)?,
             },
             losses: be.alloc_f32(t)?,
@@ -565,10 +552,7 @@ fn alloc_pass<B: Backend>(be: &B, sz: Sizes, stream: usize, blocks: usize) -> Re
                 Ok(BlockActs {
                     xn1: act(t * d)?,
                     rstd1: f32(t)?,
-                    g: act(t * c)?,
-                    q: act(t * c)?,
-                    k: act(t * c)?,
-                    v: act(t * c)?,
+                    gqkv: act(t * 4 * c)?,
                     o: act(t * c)?,
                     lse: f32(nh * t)?,
                     ga: act(t * c)?,
@@ -598,12 +582,12 @@ fn ring_pair<T>(ring: &mut [T], i: usize) -> (&T, &mut T) {
 
 /// `state[out] = Module(state[z] + state[inj])`, writing `input = x_0 = z + inj` and `acts`.
 #[allow(clippy::too_many_arguments)]
-fn pass_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], pass: &Pass, input: &mut B::Act, acts: &mut PassActs<B>, gqkv: &mut B::Act, state: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn pass_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], pass: &Pass, input: &mut B::Act, acts: &mut PassActs<B>, state: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     // x_0 = z + inj, normed for block 0's attention (one fused op)
     let inj = pass.inj.map(|s| &state[s.index()]);
     let first = &mut acts.blocks[0];
     be.add_rmsnorm_fwd(input, &mut first.xn1, &mut first.rstd1, &state[pass.z.index()], inj, sz.t, sz.d)?;
-    module_forward(be, w, blocks, input, acts, gqkv, &mut state[pass.out.index()], db, sz)
+    module_forward(be, w, blocks, input, acts, &mut state[pass.out.index()], db, sz)
 }
 
 /// The forward of a pass again, from its saved `input` `x_0` [T, D], refilling `acts` for its
@@ -611,22 +595,22 @@ fn pass_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], pas
 /// what the fused add-and-norm computed from it), so the same bits. Writes the pass's output
 /// to `out` [T, D] as the forward did.
 #[allow(clippy::too_many_arguments)]
-fn pass_recompute<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], input: &B::Act, acts: &mut PassActs<B>, gqkv: &mut B::Act, out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn pass_recompute<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], input: &B::Act, acts: &mut PassActs<B>, out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let first = &mut acts.blocks[0];
     be.rmsnorm_fwd(&mut first.xn1, &mut first.rstd1, input, sz.t, sz.d)?;
-    module_forward(be, w, blocks, input, acts, gqkv, out, db, sz)
+    module_forward(be, w, blocks, input, acts, out, db, sz)
 }
 
 /// The blocks and the final rms of a pass: `out = rms(x_n)` from `x_0 = input` [T, D], given
 /// block 0's pre-norm in `acts.blocks[0]`.
 #[allow(clippy::too_many_arguments)]
-fn module_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], input: &B::Act, acts: &mut PassActs<B>, gqkv: &mut B::Act, out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn module_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], input: &B::Act, acts: &mut PassActs<B>, out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let (t, d, n) = (sz.t, sz.d, blocks.len());
     let (xs, bs) = (acts.x.len(), acts.blocks.len());
     for (i, bw) in blocks.iter().enumerate() {
         // block i reads x_i (the input, or the previous block's output) and writes x_{i+1}
         let (x, x_next) = if i == 0 { (input, &mut acts.x[0]) } else { ring_pair(&mut acts.x, i - 1) };
-        block_forward(be, w, bw, &mut acts.blocks[i % bs], gqkv, x, x_next, db, sz)?;
+        block_forward(be, w, bw, &mut acts.blocks[i % bs], x, x_next, db, sz)?;
         // The pre-norm of what reads x_{i+1}: block i+1's attention, or the module's final rms.
         let x_next = &acts.x[i % xs];
         if i + 1 < n {
@@ -641,13 +625,14 @@ fn module_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], i
 
 /// One block, given its input `x` [T, D] and `a.xn1 = rms(x)`; writes `x_out` [T, D].
 #[allow(clippy::too_many_arguments)]
-fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut BlockActs<B>, gqkv: &mut B::Act, x: &B::Act, x_out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut BlockActs<B>, x: &B::Act, x_out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let Sizes { t, d, nh, c, i, .. } = sz;
     // attention: x1 = x + (sigmoid(g) * attn(rope(q), rope(k), v)) @ W_o^T
-    be.linear_fwd(gqkv, &a.xn1, w, bw.gqkv, None, t, 4 * c, d)?;
-    be.qkv_rope_fwd(&mut a.g, &mut a.q, &mut a.k, &mut a.v, gqkv, &db.positions, t, nh)?;
-    be.attention_fwd(&mut a.o, &mut a.lse, &a.q, &a.k, &a.v, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
-    be.gate_fwd(&mut a.ga, &a.g, &a.o, t * c)?;
+    // g, q, k, v stay where the projection wrote them: rope, attention and gate read a.gqkv.
+    be.linear_fwd(&mut a.gqkv, &a.xn1, w, bw.gqkv, None, t, 4 * c, d)?;
+    be.qkv_rope_fwd(&mut a.gqkv, &db.positions, t, nh)?;
+    be.attention_fwd(&mut a.o, &mut a.lse, &a.gqkv, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
+    be.gate_fwd(&mut a.ga, &a.gqkv, &a.o, t, nh)?;
     be.linear_fwd(&mut a.x1, &a.ga, w, bw.o, Some(x), t, d, c)?;
     // MLP: x_out = x1 + (silu(gate) * up) @ W_down^T
     be.rmsnorm_fwd(&mut a.xn2, &mut a.rstd2, &a.x1, t, d)?;
@@ -694,9 +679,10 @@ fn block_backward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, dw: &mu
     // attention: x1 = x + ga @ W_o^T, ga = sigmoid(g) * attn(...)
     be.linear_bwd_input(&mut g.dga, &g.dres, w, bw.o, t, d, c)?;
     be.linear_bwd_weight(dw, bw.o, &g.dres, &a.ga, t, d, c)?;
-    be.gate_bwd(&mut g.dg, &mut g.do_, &g.dga, &a.g, &a.o, t * c)?;
-    be.attention_bwd(&mut g.dq, &mut g.dk, &mut g.dv, &g.do_, &a.q, &a.k, &a.v, &a.o, &a.lse, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
-    be.qkv_rope_bwd(&mut g.dgqkv, &g.dg, &g.dq, &g.dk, &g.dv, &db.positions, t, nh)?;
+    // dgqkv is assembled in place: the gate's block, then q, k, v's, then the inverse rotation.
+    be.gate_bwd(&mut g.dgqkv, &mut g.do_, &g.dga, &a.gqkv, &a.o, t, nh)?;
+    be.attention_bwd(&mut g.dgqkv, &g.do_, &a.gqkv, &a.o, &a.lse, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
+    be.qkv_rope_bwd(&mut g.dgqkv, &db.positions, t, nh)?;
     be.linear_bwd_input(&mut g.dxn, &g.dgqkv, w, bw.gqkv, t, 4 * c, d)?;
     be.linear_bwd_weight(dw, bw.gqkv, &g.dgqkv, &a.xn1, t, 4 * c, d)?;
     be.rmsnorm_bwd(&mut g.dres, &g.dxn, x, &a.rstd1, t, d)

@@ -6,8 +6,10 @@
 //!            dg  = dout * a * s * (1 - s)
 //! ```
 //!
-//! Elementwise over `n = T * NH * HD` values; both gradients are written with `=`. On the
-//! GPU (`cuda/gate.cu`) every buffer is bf16 and the math fp32.
+//! Elementwise over `[T, C]` values, `C = NH * HD`; `g` is the gate block of the fused
+//! projection `gqkv [T, 4C]` (its first `C` columns, rows `4C` apart, read in place), and `dg`
+//! goes to the same block of `dgqkv` (the other blocks are left as they are). Both gradients
+//! are written with `=`. On the GPU (`cuda/gate.cu`) every buffer is bf16 and the math fp32.
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -16,7 +18,8 @@ use rayon::prelude::*;
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::check::{bf16_inputs, download_bf16, max_abs, poisoned_bf16, upload_bf16};
 use crate::ops::compare::{compare, Tolerance, BF16_EPS};
-use crate::ops::shape::{expect_aligned16, expect_len};
+use crate::config::HEAD_DIM;
+use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
 use crate::rng::Rng;
 use crate::selftest::{Check, Row};
 
@@ -27,26 +30,49 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// `out [T,C] = sigmoid(g [T,C]) * a [T,C]`, `n = T*C`.
-pub fn gate_fwd_cpu(out: &mut [f32], g: &[f32], a: &[f32], n: usize) {
-    const OP: &str = "gate_fwd_cpu";
-    expect_len(OP, "out", out.len(), &[("T*C", n)]);
-    expect_len(OP, "g", g.len(), &[("T*C", n)]);
-    expect_len(OP, "a", a.len(), &[("T*C", n)]);
-    out.par_iter_mut().zip(g.par_iter().zip(a)).for_each(|(o, (&g, &a))| *o = sigmoid(g) * a);
+/// The gate block of each row of `x [T, 4C]`.
+fn gate_blocks(x: &[f32], c: usize) -> impl IndexedParallelIterator<Item = &[f32]> {
+    x.par_chunks(4 * c).map(move |row| &row[..c])
 }
 
-/// `dg [T,C]`, `da [T,C]` (written with `=`) from `dout [T,C]` and the forward inputs
-/// `g [T,C]`, `a [T,C]`; `n = T*C`.
-pub fn gate_bwd_cpu(dg: &mut [f32], da: &mut [f32], dout: &[f32], g: &[f32], a: &[f32], n: usize) {
-    const OP: &str = "gate_bwd_cpu";
-    for (name, len) in [("dg", dg.len()), ("da", da.len()), ("dout", dout.len()), ("g", g.len()), ("a", a.len())] {
-        expect_len(OP, name, len, &[("T*C", n)]);
+/// `out [T,C] = sigmoid(g) * a [T,C]`, `g` the gate block of `gqkv [T,4C]`, `C = NH * HD`.
+pub fn gate_fwd_cpu(out: &mut [f32], gqkv: &[f32], a: &[f32], t: usize, nh: usize) {
+    const OP: &str = "gate_fwd_cpu";
+    let c = nh * HEAD_DIM;
+    expect_len(OP, "out", out.len(), &[("T", t), ("C", c)]);
+    expect_len(OP, "gqkv", gqkv.len(), &[("T", t), ("4", 4), ("C", c)]);
+    expect_len(OP, "a", a.len(), &[("T", t), ("C", c)]);
+    if c == 0 {
+        return;
     }
-    dg.par_iter_mut().zip(da.par_iter_mut()).zip(dout.par_iter().zip(g).zip(a)).for_each(|((dg, da), ((&dout, &g), &a))| {
-        let s = sigmoid(g);
-        *da = dout * s;
-        *dg = dout * a * s * (1.0 - s);
+    out.par_chunks_mut(c).zip(gate_blocks(gqkv, c)).zip(a.par_chunks(c)).for_each(|((o, g), a)| {
+        for ((o, &g), &a) in o.iter_mut().zip(g).zip(a) {
+            *o = sigmoid(g) * a;
+        }
+    });
+}
+
+/// The gate block of `dgqkv [T,4C]` and `da [T,C]` (written with `=`) from `dout [T,C]` and
+/// the forward inputs: `g`, the gate block of `gqkv [T,4C]`, and `a [T,C]`.
+pub fn gate_bwd_cpu(dgqkv: &mut [f32], da: &mut [f32], dout: &[f32], gqkv: &[f32], a: &[f32], t: usize, nh: usize) {
+    const OP: &str = "gate_bwd_cpu";
+    let c = nh * HEAD_DIM;
+    for (name, len) in [("dgqkv", dgqkv.len()), ("gqkv", gqkv.len())] {
+        expect_len(OP, name, len, &[("T", t), ("4", 4), ("C", c)]);
+    }
+    for (name, len) in [("da", da.len()), ("dout", dout.len()), ("a", a.len())] {
+        expect_len(OP, name, len, &[("T", t), ("C", c)]);
+    }
+    if c == 0 {
+        return;
+    }
+    let dg = dgqkv.par_chunks_mut(4 * c).map(|row| &mut row[..c]);
+    dg.zip(da.par_chunks_mut(c)).zip(dout.par_chunks(c).zip(gate_blocks(gqkv, c)).zip(a.par_chunks(c))).for_each(|((dg, da), ((dout, g), a))| {
+        for i in 0..c {
+            let s = sigmoid(g[i]);
+            da[i] = dout[i] * s;
+            dg[i] = dout[i] * a[i] * s * (1.0 - s);
+        }
     });
 }
 
@@ -66,51 +92,58 @@ fn elementwise_config(n: usize, unroll: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// GPU [`gate_fwd_cpu`]. out, g, a: [T,C] bf16, `n = T*C`.
-pub fn gate_fwd(gpu: &Gpu, out: &mut CudaViewMut<bf16>, g: &CudaView<bf16>, a: &CudaView<bf16>, n: usize) -> Result<(), GpuError> {
+/// GPU [`gate_fwd_cpu`]. out, a: [T,C], gqkv: [T,4C] bf16 (its gate block is read).
+pub fn gate_fwd(gpu: &Gpu, out: &mut CudaViewMut<bf16>, gqkv: &CudaView<bf16>, a: &CudaView<bf16>, t: usize, nh: usize) -> Result<(), GpuError> {
     const OP: &str = "gate_fwd";
-    for (name, len) in [("out", out.len()), ("g", g.len()), ("a", a.len())] {
-        expect_len(OP, name, len, &[("T*C", n)]);
-    }
+    let c = nh * HEAD_DIM;
+    expect_len(OP, "out", out.len(), &[("T", t), ("C", c)]);
+    expect_len(OP, "gqkv", gqkv.len(), &[("T", t), ("4", 4), ("C", c)]);
+    expect_len(OP, "a", a.len(), &[("T", t), ("C", c)]);
     expect_aligned16(OP, "out", gpu, out);
-    expect_aligned16(OP, "g", gpu, g);
+    expect_aligned16(OP, "gqkv", gpu, gqkv);
     expect_aligned16(OP, "a", gpu, a);
-    if n == 0 {
+    if t * c == 0 {
         return Ok(());
     }
-    let n_i = n as i64;
+    let (t_i, c_i) = (t as i64, as_i32(OP, "C", c));
+    as_i32(OP, "T*C/8", t * c / 8);
     let func = gpu.function(FAMILY, OP)?;
-    let cfg = elementwise_config(n, GATE_FWD_UNROLL);
+    let cfg = elementwise_config(t * c, GATE_FWD_UNROLL);
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(out).arg(g).arg(a).arg(&n_i);
-    // SAFETY: all three buffers hold n bf16 (checked above), 16-byte aligned; the kernel
-    // touches elements 0..n only.
+    args.arg(out).arg(gqkv).arg(a).arg(&t_i).arg(&c_i);
+    // SAFETY: out and a hold T*C bf16, gqkv T*4C (checked above), all 16-byte aligned; the
+    // kernel touches rows < T only, columns < C of each.
     unsafe { args.launch(cfg) }.during(OP)?;
     Ok(())
 }
 
-/// GPU [`gate_bwd_cpu`]. dg, da, dout, g, a: [T,C] bf16, `n = T*C`.
+/// GPU [`gate_bwd_cpu`]. dgqkv, gqkv: [T,4C] bf16 (gate blocks written / read); da, dout, a:
+/// [T,C] bf16.
 #[allow(clippy::too_many_arguments)]
-pub fn gate_bwd(gpu: &Gpu, dg: &mut CudaViewMut<bf16>, da: &mut CudaViewMut<bf16>, dout: &CudaView<bf16>, g: &CudaView<bf16>, a: &CudaView<bf16>, n: usize) -> Result<(), GpuError> {
+pub fn gate_bwd(gpu: &Gpu, dgqkv: &mut CudaViewMut<bf16>, da: &mut CudaViewMut<bf16>, dout: &CudaView<bf16>, gqkv: &CudaView<bf16>, a: &CudaView<bf16>, t: usize, nh: usize) -> Result<(), GpuError> {
     const OP: &str = "gate_bwd";
-    for (name, len) in [("dg", dg.len()), ("da", da.len()), ("dout", dout.len()), ("g", g.len()), ("a", a.len())] {
-        expect_len(OP, name, len, &[("T*C", n)]);
+    let c = nh * HEAD_DIM;
+    for (name, len) in [("dgqkv", dgqkv.len()), ("gqkv", gqkv.len())] {
+        expect_len(OP, name, len, &[("T", t), ("4", 4), ("C", c)]);
     }
-    expect_aligned16(OP, "dg", gpu, dg);
+    for (name, len) in [("da", da.len()), ("dout", dout.len()), ("a", a.len())] {
+        expect_len(OP, name, len, &[("T", t), ("C", c)]);
+    }
+    expect_aligned16(OP, "dgqkv", gpu, dgqkv);
     expect_aligned16(OP, "da", gpu, da);
     expect_aligned16(OP, "dout", gpu, dout);
-    expect_aligned16(OP, "g", gpu, g);
+    expect_aligned16(OP, "gqkv", gpu, gqkv);
     expect_aligned16(OP, "a", gpu, a);
-    if n == 0 {
+    if t * c == 0 {
         return Ok(());
     }
-    let n_i = n as i64;
+    let (t_i, c_i) = (t as i64, as_i32(OP, "C", c));
+    as_i32(OP, "T*C/8", t * c / 8);
     let func = gpu.function(FAMILY, OP)?;
-    let cfg = elementwise_config(n, GATE_BWD_UNROLL);
+    let cfg = elementwise_config(t * c, GATE_BWD_UNROLL);
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(dg).arg(da).arg(dout).arg(g).arg(a).arg(&n_i);
-    // SAFETY: all five buffers hold n bf16 (checked above), 16-byte aligned; the kernel
-    // touches elements 0..n only.
+    args.arg(dgqkv).arg(da).arg(dout).arg(gqkv).arg(a).arg(&t_i).arg(&c_i);
+    // SAFETY: as in gate_fwd; the kernel writes only the gate blocks of dgqkv and all of da.
     unsafe { args.launch(cfg) }.during(OP)?;
     Ok(())
 }
@@ -119,41 +152,58 @@ pub fn selftests() -> Vec<Check> {
     vec![Check { name: "gate_fwd", run: check_fwd }, Check { name: "gate_bwd", run: check_bwd }]
 }
 
-/// (n, input scale): the scalar tail alone, a tail of 7, XL-sized [2049, 1536], large inputs
-/// that saturate the sigmoid.
-const SHAPES: [(usize, f32); 4] = [(5, 1.0), (8 * 1001 + 7, 4.0), (2049 * 1536, 8.0), (4096 + 3, 1000.0)];
+/// (T, NH, input scale): one head, a row count that leaves a partial last tile, XL-sized
+/// [2049, 12 x 128], large inputs that saturate the sigmoid.
+const SHAPES: [(usize, usize, f32); 4] = [(1, 1, 1.0), (1001, 2, 4.0), (2049, 12, 8.0), (33, 3, 1000.0)];
+
+/// The gate blocks of `x [T, 4C]`, gathered into `[T, C]`.
+fn gate_part(x: &[f32], c: usize) -> Vec<f32> {
+    x.chunks(4 * c).flat_map(|row| row[..c].to_vec()).collect()
+}
+
+/// The other three blocks of `x [T, 4C]`, gathered into `[T, 3C]`.
+fn other_parts(x: &[f32], c: usize) -> Vec<f32> {
+    x.chunks(4 * c).flat_map(|row| row[c..].to_vec()).collect()
+}
 
 fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     let mut rows = Vec::new();
-    for (n, scale) in SHAPES {
-        let (g, a) = (bf16_inputs(rng, n, scale), bf16_inputs(rng, n, scale));
-        let mut want = vec![0.0; n];
-        gate_fwd_cpu(&mut want, &g, &a, n);
-        let (dg, da) = (upload_bf16(gpu, &g)?, upload_bf16(gpu, &a)?);
-        let mut out = poisoned_bf16(gpu, n)?;
-        gate_fwd(gpu, &mut out.as_view_mut(), &dg.as_view(), &da.as_view(), n)?;
+    for (t, nh, scale) in SHAPES {
+        let c = nh * HEAD_DIM;
+        let (gqkv, a) = (bf16_inputs(rng, t * 4 * c, scale), bf16_inputs(rng, t * c, scale));
+        let mut want = vec![0.0; t * c];
+        gate_fwd_cpu(&mut want, &gqkv, &a, t, nh);
+        let (dg, da) = (upload_bf16(gpu, &gqkv)?, upload_bf16(gpu, &a)?);
+        let mut out = poisoned_bf16(gpu, t * c)?;
+        gate_fwd(gpu, &mut out.as_view_mut(), &dg.as_view(), &da.as_view(), t, nh)?;
         // One bf16 rounding (2^-9) of an fp32 product whose expf is within 2 ulps: 2^-7.
         let tol = Tolerance { abs: 1e-30, rel: 2.0 * BF16_EPS };
-        rows.push(Row::new("gate_fwd out", format!("[{n}] x{scale}"), tol, compare(&download_bf16(gpu, &out)?, &want, tol)));
+        rows.push(Row::new("gate_fwd out", format!("[{t},{nh}x128] x{scale}"), tol, compare(&download_bf16(gpu, &out)?, &want, tol)));
     }
     Ok(rows)
 }
 
 fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     let mut rows = Vec::new();
-    for (n, scale) in SHAPES {
-        let (g, a, dout) = (bf16_inputs(rng, n, scale), bf16_inputs(rng, n, scale), bf16_inputs(rng, n, 1.0));
-        let (mut dg_want, mut da_want) = (vec![0.0; n], vec![0.0; n]);
-        gate_bwd_cpu(&mut dg_want, &mut da_want, &dout, &g, &a, n);
-        let (dd, dgi, dai) = (upload_bf16(gpu, &dout)?, upload_bf16(gpu, &g)?, upload_bf16(gpu, &a)?);
-        let (mut dg, mut da) = (poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, n)?);
-        gate_bwd(gpu, &mut dg.as_view_mut(), &mut da.as_view_mut(), &dd.as_view(), &dgi.as_view(), &dai.as_view(), n)?;
-        let shape = format!("[{n}] x{scale}");
+    for (t, nh, scale) in SHAPES {
+        let c = nh * HEAD_DIM;
+        let (gqkv, a, dout) = (bf16_inputs(rng, t * 4 * c, scale), bf16_inputs(rng, t * c, scale), bf16_inputs(rng, t * c, 1.0));
+        // dgqkv's other blocks hold what the attention's backward wrote there: kept as they are.
+        let dgqkv_before = bf16_inputs(rng, t * 4 * c, 1.0);
+        let (mut dgqkv_want, mut da_want) = (dgqkv_before.clone(), vec![0.0; t * c]);
+        gate_bwd_cpu(&mut dgqkv_want, &mut da_want, &dout, &gqkv, &a, t, nh);
+        let (dd, dgi, dai) = (upload_bf16(gpu, &dout)?, upload_bf16(gpu, &gqkv)?, upload_bf16(gpu, &a)?);
+        let (mut dgqkv, mut da) = (upload_bf16(gpu, &dgqkv_before)?, poisoned_bf16(gpu, t * c)?);
+        gate_bwd(gpu, &mut dgqkv.as_view_mut(), &mut da.as_view_mut(), &dd.as_view(), &dgi.as_view(), &dai.as_view(), t, nh)?;
+        let shape = format!("[{t},{nh}x128] x{scale}");
         let da_tol = Tolerance { abs: 1e-30, rel: 2.0 * BF16_EPS };
         // s * (1 - s) cancels when s ~ 1: the fp32 error of 1 - s is 2^-24 absolute, so dg
         // carries up to |dout * a| * 2^-23 absolute error.
         let dg_tol = Tolerance { abs: max_abs(&dout) * max_abs(&a) * 2f32.powi(-22), rel: 2.0 * BF16_EPS };
-        rows.push(Row::new("gate_bwd dg", &shape, dg_tol, compare(&download_bf16(gpu, &dg)?, &dg_want, dg_tol)));
+        let exact = Tolerance { abs: 0.0, rel: 0.0 };
+        let got = download_bf16(gpu, &dgqkv)?;
+        rows.push(Row::new("gate_bwd dg", &shape, dg_tol, compare(&gate_part(&got, c), &gate_part(&dgqkv_want, c), dg_tol)));
+        rows.push(Row::new("gate_bwd dgqkv q, k, v untouched", &shape, exact, compare(&other_parts(&got, c), &other_parts(&dgqkv_before, c), exact)));
         rows.push(Row::new("gate_bwd da", &shape, da_tol, compare(&download_bf16(gpu, &da)?, &da_want, da_tol)));
     }
     Ok(rows)
@@ -168,25 +218,30 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences() {
         let mut rng = Rng::new(7);
-        let n = 301;
-        let g = rng.uniform_vec(n, 4.0);
-        let a = rng.uniform_vec(n, 2.0);
-        let r = rng.uniform_vec(n, 1.0);
-        let loss = |g: &[f32], a: &[f32]| {
-            let mut out = vec![0.0; n];
-            gate_fwd_cpu(&mut out, g, a, n);
+        let (t, nh) = (3, 1);
+        let c = nh * HEAD_DIM;
+        let gqkv = rng.uniform_vec(t * 4 * c, 4.0);
+        let a = rng.uniform_vec(t * c, 2.0);
+        let r = rng.uniform_vec(t * c, 1.0);
+        let loss = |gqkv: &[f32], a: &[f32]| {
+            let mut out = vec![0.0; t * c];
+            gate_fwd_cpu(&mut out, gqkv, a, t, nh);
             weighted_sum(&r, &out)
         };
-        let (mut dg, mut da) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-        gate_bwd_cpu(&mut dg, &mut da, &r, &g, &a, n);
-        check_gradient("gate dg", &g, &dg, |g| loss(g, &a), &mut rng, 4);
-        check_gradient("gate da", &a, &da, |a| loss(&g, a), &mut rng, 4);
+        // The blocks the gate does not read have zero gradient: dgqkv starts at 0 there.
+        let (mut dgqkv, mut da) = (vec![0.0; t * 4 * c], vec![f32::NAN; t * c]);
+        gate_bwd_cpu(&mut dgqkv, &mut da, &r, &gqkv, &a, t, nh);
+        check_gradient("gate dgqkv", &gqkv, &dgqkv, |g| loss(g, &a), &mut rng, 8);
+        check_gradient("gate da", &a, &da, |a| loss(&gqkv, a), &mut rng, 4);
     }
 
     #[test]
     fn saturates_without_nan() {
-        let mut out = [f32::NAN; 2];
-        gate_fwd_cpu(&mut out, &[-200.0, 200.0], &[3.0, 3.0], 2);
-        assert_eq!(out, [0.0, 3.0]);
+        let c = HEAD_DIM;
+        let mut gqkv = vec![0.0; 4 * c];
+        (gqkv[0], gqkv[1]) = (-200.0, 200.0);
+        let mut out = vec![f32::NAN; c];
+        gate_fwd_cpu(&mut out, &gqkv, &vec![3.0; c], 1, 1);
+        assert_eq!(out[..2], [0.0, 3.0]);
     }
 }
