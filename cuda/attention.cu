@@ -275,14 +275,14 @@ __device__ __forceinline__ void fwd_tile(float o[16][4], float m[2], float l[2],
         const float m_new = fmaxf(m[i], mx * ATTN_SCALE_LOG2);
         // A row with nothing visible yet keeps m = -inf; subtract 0 instead so no NaN appears.
         const float base = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f(m[i] - base);
+        const float alpha = attn_exp2(m[i] - base);
         m[i] = m_new;
         float sum = 0.f;
         #pragma unroll
         for (int nt = 0; nt < 8; ++nt) {
             #pragma unroll
             for (int c = 2 * i; c < 2 * i + 2; ++c) {
-                s[nt][c] = exp2f(fmaf(s[nt][c], ATTN_SCALE_LOG2, -base));
+                s[nt][c] = attn_exp2(fmaf(s[nt][c], ATTN_SCALE_LOG2, -base));
                 sum += s[nt][c];
             }
         }
@@ -460,7 +460,7 @@ __device__ __forceinline__ void kv_tile(float dk[16][4], float dv[16][4], const 
             for (int c = 0; c < 4; ++c) {
                 const int col = 32 * half + 8 * nt + 2 * u + (c & 1);
                 const bool masked = MASK && !attn_visible(c < 2 ? sp0 : sp1, q0 + col);
-                const float p = exp2f(fmaf(st[nt][c], ATTN_SCALE_LOG2, -sLse[col] * ATTN_LOG2E));
+                const float p = attn_exp2(fmaf(st[nt][c], ATTN_SCALE_LOG2, -sLse[col] * ATTN_LOG2E));
                 const float ds = p * (dpt[nt][c] - sDelta[col]);
                 st[nt][c] = masked ? 0.f : p;
                 dpt[nt][c] = masked ? 0.f : ds;
@@ -601,7 +601,7 @@ __device__ __forceinline__ void dq_tile(float dq[16][4], const bf16* sQ, const b
         #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const int i = c >> 1;
-            const float p = exp2f(fmaf(s[nt][c], ATTN_SCALE_LOG2, -lse2[i]));
+            const float p = attn_exp2(fmaf(s[nt][c], ATTN_SCALE_LOG2, -lse2[i]));
             const float ds = p * (dp[nt][c] - dlt[i]);
             s[nt][c] = MASK && !attn_visible(i == 0 ? sp0 : sp1, k0 + 8 * nt + 2 * u + (c & 1)) ? 0.f : ds;
         }
@@ -718,7 +718,7 @@ extern "C" __global__ void attention_decode(bf16* __restrict__ o, const bf16* __
         for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(FULL_MASK, x, off);
         x *= ATTN_SCALE_LOG2;
         const float m_new = fmaxf(m, x);
-        const float alpha = exp2f(m - m_new), p = exp2f(x - m_new);
+        const float alpha = attn_exp2(m - m_new), p = attn_exp2(x - m_new);
         const float2 v0 = __bfloat1622float2(vp[0]), v1 = __bfloat1622float2(vp[1]);
         l = l * alpha + p;
         acc[0] = acc[0] * alpha + p * v0.x;

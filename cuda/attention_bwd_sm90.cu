@@ -172,7 +172,7 @@ __device__ __forceinline__ void probs_t(float (&s)[32], const float2 (&lse2)[8],
         const float2 l = lse2[nt];
         #pragma unroll
         for (int c = 0; c < 4; ++c) {
-            const float p = exp2f(fmaf(s[4 * nt + c], ATTN_SCALE_LOG2, (c & 1) ? -l.y : -l.x));
+            const float p = attn_exp2(fmaf(s[4 * nt + c], ATTN_SCALE_LOG2, (c & 1) ? -l.y : -l.x));
             s[4 * nt + c] = MASK && !attn_visible(c < 2 ? cs0 : cs1, q0 + 8 * nt + 2 * u + (c & 1)) ? 0.f : p;
         }
     }

@@ -109,14 +109,14 @@ __device__ __forceinline__ void softmax_probs(float (&s)[64], float (&m)[2], flo
         mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
         const float m_new = fmaxf(m[i], mx * ATTN_SCALE_LOG2);
         const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: no NaN
-        alpha[i] = exp2f(m[i] - base);
+        alpha[i] = attn_exp2(m[i] - base);
         m[i] = m_new;
         float sum = 0.f;
         #pragma unroll
         for (int nt = 0; nt < 16; ++nt) {
             #pragma unroll
             for (int c = 2 * i; c < 2 * i + 2; ++c) {
-                s[4 * nt + c] = exp2f(fmaf(s[4 * nt + c], ATTN_SCALE_LOG2, -base));
+                s[4 * nt + c] = attn_exp2(fmaf(s[4 * nt + c], ATTN_SCALE_LOG2, -base));
                 sum += s[4 * nt + c];
             }
         }
