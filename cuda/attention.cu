@@ -3,13 +3,17 @@
 // Shapes: T tokens, NH heads, HD = 128, S samples. q, k, v, o, do, dq, dk, dv: [T, NH, HD]
 // bf16 (token-major, like FlashAttention's varlen layout); q, k, v and dq, dk, dv have rows
 // `ld` elements apart (ld = 4 NH HD: they are blocks of the fused projection gqkv [T, 4 NH HD]
-// and of its gradient), o and do are contiguous (ld = NH HD); lse, delta: [NH, T] fp32;
-// cu_seqlens: [S+1] i32; prefix_lens: [S] i32. The math is in src/ops/attention.rs and the
-// story of the kernels in docs/attention.md.
+// and of its gradient, as are the gate g and dg); lse, delta: [NH, T] fp32; cu_seqlens: [S+1]
+// i32; prefix_lens: [S] i32. The math is in src/ops/attention.rs and the story of the kernels
+// in docs/attention.md.
+//
+// The sigmoid output gate is fused in (src/ops/gate.rs): the forward writes y = sigmoid(g) * o
+// (contiguous) and never o; the backward starts from dy and y, and its first kernel writes the
+// gate's gradient dg, the attention's do = dy * sigmoid(g) (contiguous, a workspace) and delta.
 //
 // Invariants
-// - Forward writes every row of o and lse: padding rows get o = 0, lse = -inf. Backward
-//   writes every row of dq, dk, dv (=, not +=); padding rows get 0.
+// - Forward writes every row of y and lse: padding rows get y = 0, lse = -inf. Backward
+//   writes every row of dq, dk, dv, dg (=, not +=); padding rows get 0.
 // - Deterministic: every output element is produced by exactly one thread block, which sums
 //   its terms in a fixed order; no atomics. dK/dV (one block per key tile, looping over query
 //   tiles) and dQ (one block per query tile, looping over key tiles) are separate kernels, at
@@ -119,15 +123,27 @@ __device__ __forceinline__ void load_row_values(float* s, const float* v, int ro
 
 // Writes a warp's 16 staged rows (swizzled, rows [row0, row0+16) of `tile`) to rows
 // [grow0, grow0 + 16) of head h of x: [T, NH, HD] (rows ld elements apart), skipping rows past
-// T; 16-byte stores.
-__device__ __forceinline__ void store_rows16(bf16* x, const bf16* tile, int row0, int grow0, int T, int ld, int h, int lane) {
+// T; 16-byte stores. With a `gate` (the gate block of gqkv, rows gate_ld apart) the rows are
+// gated on the way: x = sigmoid(g) * tile (the forward's output y).
+__device__ __forceinline__ void store_rows16(bf16* x, const bf16* tile, int row0, int grow0, int T, int ld, int h, int lane,
+                                             const bf16* gate = nullptr, int gate_ld = 0) {
+    constexpr int ITERS = 16 * ATTN_CHUNKS / 32;
+    // The gate's values first, all loads in flight at once.
+    bf16x8 g[ITERS];
+    if (gate) {
+        #pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            const int idx = it * 32 + lane, r = idx / ATTN_CHUNKS, c = idx % ATTN_CHUNKS;
+            if (grow0 + r < T) g[it] = load_bf16x8(gate + (size_t)(grow0 + r) * gate_ld + h * ATTN_HD + c * 8);
+        }
+    }
     __syncwarp();
     #pragma unroll
-    for (int it = 0; it < 16 * ATTN_CHUNKS / 32; ++it) {
+    for (int it = 0; it < ITERS; ++it) {
         int idx = it * 32 + lane, r = idx / ATTN_CHUNKS, c = idx % ATTN_CHUNKS;
         if (grow0 + r < T) {
-            *reinterpret_cast<bf16x8*>(x + (size_t)(grow0 + r) * ld + h * ATTN_HD + c * 8) =
-                *reinterpret_cast<const bf16x8*>(tile + attn_swz(row0 + r, c));
+            const bf16x8 a = *reinterpret_cast<const bf16x8*>(tile + attn_swz(row0 + r, c));
+            *reinterpret_cast<bf16x8*>(x + (size_t)(grow0 + r) * ld + h * ATTN_HD + c * 8) = gate ? attn_gate8(a, g[it]) : a;
         }
     }
 }
@@ -307,12 +323,14 @@ __device__ __forceinline__ void fwd_tile(float o[16][4], float m[2], float l[2],
     }
 }
 
-// o: [T, NH, HD] out, lse: [NH, T] out, q, k, v: [T, NH, HD] rows ld apart, rows: [T] int2 (attention_spans),
-// order: [ceil(T / FWD_BM)] (attention_schedule with tile FWD_BM, step FWD_BN).
+// y: [T, NH, HD] out, the gated output sigmoid(g) * o; lse: [NH, T] out; gate (g), q, k, v:
+// [T, NH, HD] rows ld apart (the blocks of gqkv); rows: [T] int2 (attention_spans), order: [ceil(T / FWD_BM)]
+// (attention_schedule with tile FWD_BM, step FWD_BN).
 // Grid: ceil(T / FWD_BM) * NH blocks of FWD_THREADS; dynamic shared memory FWD_SMEM.
 extern "C" __global__ void __launch_bounds__(FWD_THREADS, 1)
-attention_fwd(bf16* __restrict__ o, float* __restrict__ lse, const bf16* __restrict__ q, const bf16* __restrict__ k,
-              const bf16* __restrict__ v, const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH, int ld) {
+attention_fwd(bf16* __restrict__ y, float* __restrict__ lse, const bf16* __restrict__ gate, const bf16* __restrict__ q,
+              const bf16* __restrict__ k, const bf16* __restrict__ v, const int2* __restrict__ rows, const int* __restrict__ order,
+              int T, int NH, int ld) {
     extern __shared__ __align__(128) unsigned char smem[];
     bf16* sQ = reinterpret_cast<bf16*>(smem);
     bf16* sK = sQ + FWD_BM * ATTN_HD;
@@ -377,7 +395,7 @@ attention_fwd(bf16* __restrict__ o, float* __restrict__ lse, const bf16* __restr
     }
     // The warp's rows of sQ are its own (read once, for qf): stage O there.
     stage_rows16(sQ, acc, inv[0], inv[1], 16 * warp, lane);
-    store_rows16(o, sQ, 16 * warp, m0 + 16 * warp, T, NH * ATTN_HD, h, lane);
+    store_rows16(y, sQ, 16 * warp, m0 + 16 * warp, T, NH * ATTN_HD, h, lane, gate, ld);
     if (u == 0) {
         if (r0 < T) lse[(size_t)h * T + r0] = row_lse[0];
         if (r1 < T) lse[(size_t)h * T + r1] = row_lse[1];
@@ -385,25 +403,24 @@ attention_fwd(bf16* __restrict__ o, float* __restrict__ lse, const bf16* __restr
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward. delta = rowsum(dO * O); then dK, dV per key tile and dQ per query tile.
-// With P = exp(scale Q K^T - lse) and dS = P * (dO V^T - delta):
+// Backward. The gate's backward, which also gives delta = rowsum(dO * O); then dK, dV per
+// key tile and dQ per query tile. With P = exp(scale Q K^T - lse) and dS = P * (dO V^T - delta):
 //   dV = P^T dO, dK = scale dS^T Q, dQ = scale dS K.
 // ---------------------------------------------------------------------------------------
 
-// delta: [NH, T] out = sum over HD of do * o; do, o: [T, NH, HD]. One warp per (row, head).
-extern "C" __global__ void attention_bwd_delta(float* __restrict__ delta, const bf16* __restrict__ do_, const bf16* __restrict__ o,
-                                               int T, int NH) {
+// The gate's backward (attn_gate_bwd_row): da: [T, NH, HD] out (dO of the attention), dgqkv:
+// the gate block of [T, 4 NH HD] out (rows ld apart), delta: [NH, T] out; dy, y: [T, NH, HD] (the
+// gradient of the gated output, the gated output), gqkv: its gate block read (rows ld apart).
+// One warp per (row, head).
+extern "C" __global__ void attention_bwd_gate(bf16* __restrict__ da, bf16* __restrict__ dgqkv, float* __restrict__ delta,
+                                              const bf16* __restrict__ dy, const bf16* __restrict__ gqkv, const bf16* __restrict__ y,
+                                              int T, int NH, int ld) {
     const int64_t item = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;  // = row * NH + head
     const int lane = threadIdx.x % 32;
     if (item >= (int64_t)T * NH) return;
-    const __nv_bfloat162* a = reinterpret_cast<const __nv_bfloat162*>(do_ + item * ATTN_HD) + 2 * lane;
-    const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(o + item * ATTN_HD) + 2 * lane;
-    float2 a0 = __bfloat1622float2(a[0]), a1 = __bfloat1622float2(a[1]);
-    float2 b0 = __bfloat1622float2(b[0]), b1 = __bfloat1622float2(b[1]);
-    float sum = a0.x * b0.x + a0.y * b0.y + a1.x * b1.x + a1.y * b1.y;
-    #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, off);
-    if (lane == 0) delta[(item % NH) * T + item / NH] = sum;
+    const int64_t row = item / NH, h = item % NH, g_at = row * ld + h * ATTN_HD;
+    const float sum = attn_gate_bwd_row(da + item * ATTN_HD, dgqkv + g_at, dy + item * ATTN_HD, gqkv + g_at, y + item * ATTN_HD, lane);
+    if (lane == 0) delta[h * T + row] = sum;
 }
 
 // dK, dV: one block of 8 warps per (key tile of 128 rows, head); warp w owns keys

@@ -39,6 +39,37 @@ __device__ __forceinline__ float attn_exp2(float x) {
     return y;
 }
 
+// The sigmoid output gate (SPEC §2), fused into the attention (src/ops/gate.rs has the math).
+// Forward: 8 outputs y = sigmoid(g) * a from the bf16 output a and the gate's 8 values g.
+__device__ __forceinline__ bf16x8 attn_gate8(const bf16x8& a, const bf16x8& g) {
+    float af[8], gf[8], y[8];
+    bf16x8_to_float(a, af);
+    bf16x8_to_float(g, gf);
+#pragma unroll
+    for (int e = 0; e < 8; e++) y[e] = sigmoid(gf[e]) * af[e];
+    return float_to_bf16x8(y);
+}
+
+// Backward, one warp per (row, head) of 128 values, 4 per lane: da = dy s, dg = dy y (1 - s)
+// (from the output y: the attention's a is not kept), written at da and dg; returns (every
+// lane) D = dy . y, the attention backward's rowsum(da * a).
+__device__ __forceinline__ float attn_gate_bwd_row(bf16* da, bf16* dg, const bf16* dy, const bf16* g, const bf16* y, int lane) {
+    const int at = 4 * lane;
+    const __nv_bfloat162* dy2 = reinterpret_cast<const __nv_bfloat162*>(dy + at);
+    const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(g + at);
+    const __nv_bfloat162* y2 = reinterpret_cast<const __nv_bfloat162*>(y + at);
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+        const float2 d = __bfloat1622float2(dy2[k]), gg = __bfloat1622float2(g2[k]), yy = __bfloat1622float2(y2[k]);
+        const float s0 = sigmoid(gg.x), s1 = sigmoid(gg.y);
+        reinterpret_cast<__nv_bfloat162*>(da + at)[k] = __floats2bfloat162_rn(d.x * s0, d.y * s1);
+        reinterpret_cast<__nv_bfloat162*>(dg + at)[k] = __floats2bfloat162_rn(d.x * yy.x * (1.f - s0), d.y * yy.y * (1.f - s1));
+        sum += d.x * yy.x + d.y * yy.y;
+    }
+    return warp_sum(sum);
+}
+
 // Offset in elements of chunk `chunk` of row `row` in a swizzled [rows][ATTN_HD] tile.
 __device__ __forceinline__ int attn_swz(int row, int chunk) {
     return row * ATTN_HD + ((chunk ^ (row & 7)) << 3);

@@ -3,12 +3,14 @@
 // hrm-cu: sm90a-only
 //
 // Same contract as attention_bwd in attention.cu (shapes, spans, schedule, invariants; read that
-// file's header first): dq, dk, dv written (=), padding rows 0, bitwise-identical reruns.
+// file's header first): dg, dq, dk, dv written (=), padding rows 0, bitwise-identical reruns.
 //
 // Three launches:
-// 1. attention_bwd_sm90_prep: delta = rowsum(do * o) and lse2 = lse * log2(e), both [NH, T_pad]
-//    (T_pad = T rounded up to 64, zero past T, so that a query tile's 64 values are one aligned
-//    256-byte bulk copy); and rank, the inverse of the key-tile schedule.
+// 1. attention_bwd_sm90_prep: the gate's backward (attn_gate_bwd_row: dg into the gate block of
+//    dgqkv, do = dy * sigmoid(g) into a workspace, delta = rowsum(do * o) from dy and y), lse2 =
+//    lse * log2(e); delta and lse2 are [NH, T_pad] (T_pad = T rounded up to 64, zero past T, so
+//    that a query tile's 64 values are one aligned 256-byte bulk copy); and rank, the inverse of
+//    the key-tile schedule.
 // 2. attention_bwd_sm90: one block per (key tile of 128 rows, head), 3 warpgroups.
 //    - Warpgroup 0: warp 0 is the producer (one thread: K, V once by TMA, then Q, dO tiles of 64
 //      rows and their lse2, delta in a 2-stage ring of full/empty mbarriers); warp 1 is the dQ
@@ -95,12 +97,15 @@ static_assert(OFF_DS1 % 1024 == 0, "swizzled tiles start on 1024-byte boundaries
 // 1. Preparation.
 // ---------------------------------------------------------------------------------------
 
-// lse2, delta: [NH, T_pad] out; rank: [n_kv] out, rank[kv_order[i]] = i; do_, o: [T, NH, HD];
+// lse2, delta: [NH, T_pad] out; rank: [n_kv] out, rank[kv_order[i]] = i; da: [T, NH, HD] out
+// (do of the attention); dgqkv: its gate block out (rows ld apart); dy, y: [T, NH, HD] (the
+// gated output's gradient and the gated output); gqkv: its gate block read (rows ld apart);
 // lse: [NH, T]; kv_order: [n_kv]. One warp per (row < T_pad, head); blocks of 256 threads.
 extern "C" __global__ void attention_bwd_sm90_prep(float* __restrict__ lse2, float* __restrict__ delta, int* __restrict__ rank,
-                                                   const bf16* __restrict__ do_, const bf16* __restrict__ o,
+                                                   bf16* __restrict__ da, bf16* __restrict__ dgqkv, const bf16* __restrict__ dy,
+                                                   const bf16* __restrict__ gqkv, const bf16* __restrict__ y,
                                                    const float* __restrict__ lse, const int* __restrict__ kv_order, int T,
-                                                   int T_pad, int NH, int n_kv) {
+                                                   int T_pad, int NH, int n_kv, int ld) {
     const int64_t gid = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (gid < n_kv) rank[kv_order[gid]] = (int)gid;
     const int64_t item = gid / 32;  // = row * NH + head
@@ -109,13 +114,8 @@ extern "C" __global__ void attention_bwd_sm90_prep(float* __restrict__ lse2, flo
     const int row = (int)(item / NH), h = (int)(item % NH);
     float sum = 0.f;
     if (row < T) {
-        const __nv_bfloat162* a = reinterpret_cast<const __nv_bfloat162*>(do_ + item * ATTN_HD) + 2 * lane;
-        const __nv_bfloat162* b = reinterpret_cast<const __nv_bfloat162*>(o + item * ATTN_HD) + 2 * lane;
-        const float2 a0 = __bfloat1622float2(a[0]), a1 = __bfloat1622float2(a[1]);
-        const float2 b0 = __bfloat1622float2(b[0]), b1 = __bfloat1622float2(b[1]);
-        sum = a0.x * b0.x + a0.y * b0.y + a1.x * b1.x + a1.y * b1.y;
-        #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, off);
+        const int64_t g_at = (int64_t)row * ld + h * ATTN_HD;
+        sum = attn_gate_bwd_row(da + item * ATTN_HD, dgqkv + g_at, dy + item * ATTN_HD, gqkv + g_at, y + item * ATTN_HD, lane);
     }
     if (lane == 0) {
         delta[(size_t)h * T_pad + row] = sum;

@@ -33,10 +33,10 @@
 #define H_THREADS 384          // producer warpgroup + 2 consumer warpgroups
 #define H_HALF (128 * 128)     // bytes of one [128][64] bf16 half-tile
 #define H_TILE (2 * H_HALF)    // bytes of one [128][128] tile
-// sQ, sK[2], sV[2], plus 1 KB to align the base to 1024 bytes: 161 KB; v6 double-buffers sQ:
-// 193 KB.
-#define H_SMEM (5 * H_TILE + 1024)
-#define H_SMEM_PERSISTENT (6 * H_TILE + 1024)
+// sQ, sK[2], sV[2], sG (the gate block's rows of the item, for the epilogue), plus 1 KB to
+// align the base to 1024 bytes: 193 KB; v6 double-buffers sQ: 225 KB.
+#define H_SMEM (6 * H_TILE + 1024)
+#define H_SMEM_PERSISTENT (7 * H_TILE + 1024)
 
 // mbarrier indices
 #define B_Q 0        // + Q buffer: Q landed
@@ -45,7 +45,9 @@
 #define B_VFULL 6    // + stage
 #define B_KEMPTY 8   // + stage
 #define B_VEMPTY 10  // + stage
-#define B_COUNT 12
+#define B_GFULL 12   // the item's gate tile landed
+#define B_GEMPTY 13  // both consumer warpgroups are done with the gate tile
+#define B_COUNT 14
 
 // ---------------------------------------------------------------------------------------
 // The kernel.
@@ -153,9 +155,10 @@ __device__ __forceinline__ void rescale_and_pack(float (&acc)[64], uint32_t (&p)
 // The tensor maps are the kernels' __grid_constant__ parameters, passed by reference so that
 // TMA reads them in place. `next_item` (v6 only): a zeroed counter, the head of the queue.
 template <bool PINGPONG, bool PERSISTENT>
-__device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v, bf16* __restrict__ o,
-                                         float* __restrict__ lse, const int2* __restrict__ rows, const int* __restrict__ order, int T,
-                                         int NH, int* __restrict__ next_item) {
+__device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
+                                         const CUtensorMap& tm_g, bf16* __restrict__ y, float* __restrict__ lse,
+                                         const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH,
+                                         int* __restrict__ next_item) {
     constexpr int Q_BUFS = PERSISTENT ? 2 : 1;
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) uint64_t bars[B_COUNT];
@@ -164,6 +167,7 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
     unsigned char* sQ = smem;                     // [Q_BUFS]
     unsigned char* sK = smem + Q_BUFS * H_TILE;   // [2 stages]
     unsigned char* sV = sK + 2 * H_TILE;          // [2 stages]
+    unsigned char* sG = sV + 2 * H_TILE;          // the gate tile of the item in its epilogue
     const int n_items = (T + H_BM - 1) / H_BM * NH;
     const int lane = threadIdx.x % 32;
 
@@ -176,6 +180,8 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
             mbar_init(&bars[B_KEMPTY + st], 2 * 128);
             mbar_init(&bars[B_VEMPTY + st], 2 * 128);
         }
+        mbar_init(&bars[B_GFULL], 1);
+        mbar_init(&bars[B_GEMPTY], 2 * 128);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
@@ -226,6 +232,12 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
                     tma_load(sV + st * H_TILE, &tm_v, &bars[B_VFULL + st], 0, h, row);
                     tma_load(sV + st * H_TILE + H_HALF, &tm_v, &bars[B_VFULL + st], 64, h, row);
                 }
+                // The gate tile, once the previous item's epilogue is done with sG: after the
+                // key tiles, it lands while the consumers work through their last ones.
+                mbar_wait(&bars[B_GEMPTY], (k & 1) ^ 1);
+                mbar_expect_tx(&bars[B_GFULL], H_TILE);
+                tma_load(sG, &tm_g, &bars[B_GFULL], 0, h, m0);
+                tma_load(sG + H_HALF, &tm_g, &bars[B_GFULL], 64, h, m0);
             }
             jbase += n_tiles;
             __syncwarp();
@@ -385,8 +397,12 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
             row_lse[i] = l[i] > 0.f ? (m[i] + log2f(l[i])) * ATTN_LN2 : -INFINITY;
         }
         // Stage O as bf16 in this warp's 16 rows of the Q buffer (no longer read), in the same
-        // swizzle, then write whole 16-byte chunks; then (v6) hand the buffer back.
-        store_acc_rows(o, sQb, H_HALF, acc, inv[0], inv[1], 64 * wg + 16 * warp + g, 64 * wg + 16 * warp, row0 + 16 * warp, T, NH * ATTN_HD, h, lane);
+        // swizzle, then write whole 16-byte chunks gated by the gate tile (same layout); then
+        // hand sG and (v6) the Q buffer back.
+        mbar_wait(&bars[B_GFULL], k & 1);
+        store_acc_rows(y, sQb, H_HALF, acc, inv[0], inv[1], 64 * wg + 16 * warp + g, 64 * wg + 16 * warp, row0 + 16 * warp, T, NH * ATTN_HD, h, lane,
+                       sG);
+        mbar_arrive(&bars[B_GEMPTY]);
         if (u == 0) {
             if (r0 < T) lse[(size_t)h * T + r0] = row_lse[0];
             if (r1 < T) lse[(size_t)h * T + r1] = row_lse[1];
@@ -397,24 +413,26 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
     if (PINGPONG && wg == 0) named_barrier_sync(1, 256);  // warpgroup 1's last arrival
 }
 
-// tm_q, tm_k, tm_v: tensor maps of q, k, v [T, NH, HD] bf16 as 3-D tensors (HD, NH, T) (rows
-// 4 NH HD elements apart: blocks of the fused projection), boxes of (64, 1, 128) with 128-byte
-// swizzle; o: [T, NH, HD] out; lse: [NH, T] out; rows: [T] int2;
+// tm_q, tm_k, tm_v, tm_g: tensor maps of q, k, v and the gate g [T, NH, HD] bf16 as 3-D tensors
+// (HD, NH, T) (rows 4 NH HD elements apart: blocks of the fused projection), boxes of
+// (64, 1, 128) with 128-byte swizzle; y: [T, NH, HD] out, the gated output sigmoid(g) * o;
+// lse: [NH, T] out; rows: [T] int2;
 // order: [ceil(T / H_BM)] (attention_schedule with tile H_BM, step H_BN).
 // Grid: ceil(T / H_BM) * NH blocks of H_THREADS, head fastest; dynamic shared memory H_SMEM.
 extern "C" __global__ void __launch_bounds__(H_THREADS, 1)
 attention_fwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                   const __grid_constant__ CUtensorMap tm_v, bf16* __restrict__ o, float* __restrict__ lse,
-                   const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
-    fwd_sm90<false, false>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH, nullptr);
+                   const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_g, bf16* __restrict__ y,
+                   float* __restrict__ lse, const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
+    fwd_sm90<false, false>(tm_q, tm_k, tm_v, tm_g, y, lse, rows, order, T, NH, nullptr);
 }
 
 // v5: the same with the ping-pong schedule; same arguments.
 extern "C" __global__ void __launch_bounds__(H_THREADS, 1)
 attention_fwd_sm90_pingpong(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                            const __grid_constant__ CUtensorMap tm_v, bf16* __restrict__ o, float* __restrict__ lse,
-                            const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH) {
-    fwd_sm90<true, false>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH, nullptr);
+                            const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_g,
+                            bf16* __restrict__ y, float* __restrict__ lse, const int2* __restrict__ rows,
+                            const int* __restrict__ order, int T, int NH) {
+    fwd_sm90<true, false>(tm_q, tm_k, tm_v, tm_g, y, lse, rows, order, T, NH, nullptr);
 }
 
 // v6: ping-pong and persistent. Same arguments plus next_item: [1] int, zeroed. Grid:
@@ -422,8 +440,8 @@ attention_fwd_sm90_pingpong(const __grid_constant__ CUtensorMap tm_q, const __gr
 // order[i / NH] of head i % NH); dynamic shared memory H_SMEM_PERSISTENT.
 extern "C" __global__ void __launch_bounds__(H_THREADS, 1)
 attention_fwd_sm90_persistent(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                              const __grid_constant__ CUtensorMap tm_v, bf16* __restrict__ o, float* __restrict__ lse,
-                              const int2* __restrict__ rows, const int* __restrict__ order, int T, int NH,
-                              int* __restrict__ next_item) {
-    fwd_sm90<true, true>(tm_q, tm_k, tm_v, o, lse, rows, order, T, NH, next_item);
+                              const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_g,
+                              bf16* __restrict__ y, float* __restrict__ lse, const int2* __restrict__ rows,
+                              const int* __restrict__ order, int T, int NH, int* __restrict__ next_item) {
+    fwd_sm90<true, true>(tm_q, tm_k, tm_v, tm_g, y, lse, rows, order, T, NH, next_item);
 }

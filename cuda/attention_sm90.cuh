@@ -213,10 +213,13 @@ __device__ __forceinline__ void red_release_add(int* p, int v) {
 // row + g, row + g + 8 of the warpgroup's tile, columns 8 nt + 2u, +1) as bf16 times `scale`
 // into `tile` (two swizzled [rows][64] half-tiles `half_bytes` apart), then lets each warp
 // write its 16 rows to head h of x: [T, NH, HD] (rows ld elements apart) rows [grow0 + 16 warp,
-// +16), skipping rows >= T.
+// +16), skipping rows >= T. With a `gate` tile (shared memory, laid out like `tile`: the TMA
+// copy of the gate block's rows) the rows are gated on the way: x = sigmoid(g) * the staged
+// bf16 values (the forward's output y).
 // `lrow` is the thread's first row in the tile (16 warp + g plus the warpgroup's offset).
 __device__ __forceinline__ void store_acc_rows(bf16* x, unsigned char* tile, int half_bytes, const float (&acc)[64], float scale0,
-                                               float scale1, int lrow, int wrow0, int grow0, int T, int ld, int h, int lane) {
+                                               float scale1, int lrow, int wrow0, int grow0, int T, int ld, int h, int lane,
+                                               const unsigned char* gate = nullptr) {
     const int u = lane & 3;
     #pragma unroll
     for (int nt = 0; nt < 16; ++nt) {
@@ -233,8 +236,10 @@ __device__ __forceinline__ void store_acc_rows(bf16* x, unsigned char* tile, int
         const int idx = it * 32 + lane, r = idx / 16, chunk = idx % 16, c = chunk % 8;
         const int trow = wrow0 + r;
         if (grow0 + r < T) {
-            *reinterpret_cast<uint4*>(x + (size_t)(grow0 + r) * ld + h * ATTN_HD + chunk * 8) =
-                *reinterpret_cast<const uint4*>(tile + (chunk / 8) * half_bytes + trow * 128 + ((c ^ (trow & 7)) << 4));
+            const int at = (chunk / 8) * half_bytes + trow * 128 + ((c ^ (trow & 7)) << 4);
+            const bf16x8 a = *reinterpret_cast<const bf16x8*>(tile + at);
+            *reinterpret_cast<bf16x8*>(x + (size_t)(grow0 + r) * ld + h * ATTN_HD + chunk * 8) =
+                gate ? attn_gate8(a, *reinterpret_cast<const bf16x8*>(gate + at)) : a;
         }
     }
 }

@@ -6,11 +6,12 @@ Run on the GPU machine, after our binary has written its outputs:
     hrm-cu bench attention --dump DIR       # src/bench/attention.rs::dump
     python3 tools/attention_torch_check.py DIR
 
-1. Correctness. DIR holds a packed batch (q, k, v, do as bf16) and what our kernels made of it
-   (o, lse, dq, dk, dv). We rebuild the PrefixLM mask of SPEC §4 densely (query t of a sample
-   with prefix p sees key s of the same sample iff s <= max(t, p-1)), run masked attention in
-   fp32 with autograd as the reference, and the same in bf16 as a plain implementation. Our
-   error must be at most twice the plain bf16 error plus 1e-5 (FlashAttention's test rule).
+1. Correctness. DIR holds a packed batch (g, q, k, v and the output gradient dy as bf16) and
+   what our gated attention made of it (y = sigmoid(g) * o, lse, dg, dq, dk, dv). We rebuild the
+   PrefixLM mask of SPEC §4 densely (query t of a sample with prefix p sees key s of the same
+   sample iff s <= max(t, p-1)), run masked attention and the gate in fp32 with autograd as the
+   reference, and the same in bf16 as a plain implementation. Our error must be at most twice
+   the plain bf16 error plus 1e-5 (FlashAttention's test rule).
 2. Timing, for the bench batches (a), (b), (c) whose sample tables DIR also holds:
    - flex_attention with a block mask built from the same mask rule, under torch.compile;
    - the two-pass formulation of the published reference: varlen flash attention
@@ -68,22 +69,24 @@ def check(dir: Path, meta):
     c = meta["check"]
     t, nh = c["t"], c["nh"]
     shape = (t, nh, HD)
-    q, k, v, do = (load(dir, n, torch.bfloat16, shape) for n in ("q", "k", "v", "do"))
-    ours = {n: load(dir, n, torch.bfloat16, shape).float() for n in ("o", "dq", "dk", "dv")}
+    g, q, k, v, dy = (load(dir, n, torch.bfloat16, shape) for n in ("g", "q", "k", "v", "dy"))
+    ours = {n: load(dir, n, torch.bfloat16, shape).float() for n in ("y", "dg", "dq", "dk", "dv")}
     ours["lse"] = load(dir, "lse", torch.float32, (nh, t))
     mask = dense_mask(c["cu_seqlens"], c["prefix_lens"], t)
 
     def run(dtype):
-        xs = [x.to(dtype).requires_grad_() for x in (q, k, v)]
-        o, lse = masked_attention(*xs, mask)
-        o.backward(do.to(dtype))
-        return {"o": o.float(), "lse": lse.float(), "dq": xs[0].grad.float(), "dk": xs[1].grad.float(), "dv": xs[2].grad.float()}
+        xs = [x.to(dtype).requires_grad_() for x in (g, q, k, v)]
+        o, lse = masked_attention(*xs[1:], mask)
+        y = torch.sigmoid(xs[0]) * o
+        y.backward(dy.to(dtype))
+        grads = {name: x.grad.float() for name, x in zip(("dg", "dq", "dk", "dv"), xs)}
+        return {"y": y.float(), "lse": lse.float(), **grads}
 
     ref, plain = run(torch.float32), run(torch.bfloat16)
     print(f"correctness on {meta['card']}: T={t} NH={nh}, {len(c['prefix_lens'])} samples")
     print(f"{'tensor':<6} {'ours err':>10} {'bf16 err':>10} {'limit':>10} result")
     failed = 0
-    for name in ("o", "lse", "dq", "dk", "dv"):
+    for name in ("y", "lse", "dg", "dq", "dk", "dv"):
         r = ref[name]
         finite = torch.isfinite(r)
         # -inf lse on padding rows must be matched exactly; elsewhere compare values.

@@ -79,12 +79,13 @@ pub fn bench_batches(rng: &mut Rng) -> Vec<BenchBatch> {
     ]
 }
 
-/// Device buffers of one batch: inputs uniform in ±1 (never zeros), outputs, gradients. q, k,
-/// v and their gradients are blocks 1, 2, 3 of `[T, 4, NH, HD]` buffers, as in training.
+/// Device buffers of one batch: inputs uniform in ±1 (never zeros), outputs, gradients. g, q,
+/// k, v and their gradients are the blocks of `[T, 4, NH, HD]` buffers, as in training; y is
+/// the gated output sigmoid(g) * o and dy its gradient.
 struct Buffers {
     gqkv: CudaSlice<bf16>,
-    o: CudaSlice<bf16>,
-    do_: CudaSlice<bf16>,
+    y: CudaSlice<bf16>,
+    dy: CudaSlice<bf16>,
     dgqkv: CudaSlice<bf16>,
     lse: CudaSlice<f32>,
     cu_seqlens: CudaSlice<i32>,
@@ -101,8 +102,8 @@ impl Buffers {
         };
         Ok(Buffers {
             gqkv: random(4 * n)?,
-            do_: random(n)?,
-            o: gpu.stream.alloc_zeros(n)?,
+            dy: random(n)?,
+            y: gpu.stream.alloc_zeros(n)?,
             dgqkv: gpu.stream.alloc_zeros(4 * n)?,
             lse: gpu.stream.alloc_zeros(nh * b.t)?,
             cu_seqlens: gpu.stream.clone_htod(&b.cu_seqlens)?,
@@ -113,13 +114,13 @@ impl Buffers {
 
     fn forward(&mut self, gpu: &Gpu, kernel: FwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        kernel.run(gpu, &mut self.o.as_view_mut(), &mut self.lse.as_view_mut(), &self.gqkv.as_view(), &cu, &pl, t, nh, &mut self.scratch)
+        kernel.run(gpu, &mut self.y.as_view_mut(), &mut self.lse.as_view_mut(), &self.gqkv.as_view(), &cu, &pl, t, nh, &mut self.scratch)
     }
 
     fn backward(&mut self, gpu: &Gpu, kernel: BwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
-        let (o, lse) = (self.o.as_view(), self.lse.as_view());
-        kernel.run(gpu, &mut self.dgqkv.as_view_mut(), &self.do_.as_view(), &self.gqkv.as_view(), &o, &lse, &cu, &pl, t, nh, &mut self.scratch)
+        let (y, lse) = (self.y.as_view(), self.lse.as_view());
+        kernel.run(gpu, &mut self.dgqkv.as_view_mut(), &self.dy.as_view(), &self.gqkv.as_view(), &y, &lse, &cu, &pl, t, nh, &mut self.scratch)
     }
 }
 
@@ -173,8 +174,9 @@ pub fn run(gpu: &Gpu) -> Result<()> {
 
 /// Writes into `dir` what `tools/attention_torch_check.py` reads: `meta.json` (the check
 /// batch's sample table and sizes, the three bench batches' tables, the card), the check
-/// batch's inputs `q.bin k.bin v.bin do.bin` and our outputs `o.bin dq.bin dk.bin dv.bin`
-/// (raw little-endian bf16, `[T, NH, HD]`) and `lse.bin` (fp32, `[NH, T]`).
+/// batch's inputs `g.bin q.bin k.bin v.bin dy.bin` and our outputs `y.bin dg.bin dq.bin dk.bin
+/// dv.bin` (raw little-endian bf16, `[T, NH, HD]`; y = sigmoid(g) * o, the gated output) and
+/// `lse.bin` (fp32, `[NH, T]`).
 pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
     let mut rng = Rng::new(7);
     // The check batch: small enough for a dense fp32 reference (T x T scores per head).
@@ -199,8 +201,19 @@ pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
     let (gqkv, dgqkv) = (gpu.stream.clone_dtoh(&bufs.gqkv)?, gpu.stream.clone_dtoh(&bufs.dgqkv)?);
     // Block j of a [T, 4, NH, HD] buffer, as [T, NH, HD].
     let block = |x: &[bf16], j: usize| -> Vec<bf16> { x.chunks(4 * nh * HD).flat_map(|row| row[j * nh * HD..(j + 1) * nh * HD].to_vec()).collect() };
-    let (do_, o) = (gpu.stream.clone_dtoh(&bufs.do_)?, gpu.stream.clone_dtoh(&bufs.o)?);
-    let tensors = [("q", block(&gqkv, 1)), ("k", block(&gqkv, 2)), ("v", block(&gqkv, 3)), ("do", do_), ("o", o), ("dq", block(&dgqkv, 1)), ("dk", block(&dgqkv, 2)), ("dv", block(&dgqkv, 3))];
+    let (dy, y) = (gpu.stream.clone_dtoh(&bufs.dy)?, gpu.stream.clone_dtoh(&bufs.y)?);
+    let tensors = [
+        ("g", block(&gqkv, 0)),
+        ("q", block(&gqkv, 1)),
+        ("k", block(&gqkv, 2)),
+        ("v", block(&gqkv, 3)),
+        ("dy", dy),
+        ("y", y),
+        ("dg", block(&dgqkv, 0)),
+        ("dq", block(&dgqkv, 1)),
+        ("dk", block(&dgqkv, 2)),
+        ("dv", block(&dgqkv, 3)),
+    ];
     for (name, host) in tensors {
         write(&format!("{name}.bin"), bytemuck::cast_slice(&host))?;
     }

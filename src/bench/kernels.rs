@@ -18,7 +18,6 @@ use crate::bench::{print_table, random_bf16, random_host, random_i32, rotation_s
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::cross_entropy::{cross_entropy_with, lm_head_cross_entropy, metrics, CeKernel, IGNORE_LABEL, METRICS_LEN};
 use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch, TokenOrder};
-use crate::ops::gate::{gate_bwd, gate_fwd};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache, GemmOp, GemmShape};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
 use crate::ops::rope::{qkv_rope_bwd, qkv_rope_fwd};
@@ -57,7 +56,6 @@ pub fn run(gpu: &Gpu) -> anyhow::Result<()> {
 
     b.rmsnorm()?;
     b.rope()?;
-    b.gate()?;
     b.swiglu()?;
     b.embedding()?;
     b.cross_entropy()?;
@@ -205,27 +203,6 @@ impl Bench<'_> {
             qkv_rope_bwd(gpu, &mut gqkv[s].as_view_mut(), &pos[s].as_view(), T, NH)
         })?;
         self.push("qkv_rope_bwd", &shape, ms, Work::Bytes(bytes as f64), "in place: dq, dk blocks");
-        Ok(())
-    }
-
-    fn gate(&mut self) -> Result<(), GpuError> {
-        let gpu = self.gpu;
-        let n = T * C;
-        let sets = rotation_sets(gpu, 5 * n * 2);
-        // g is the gate block of a [T, 4C] projection (rows 4C apart), as in training.
-        let (gqkv, a, dout) = (self.bf16_sets(sets, 4 * n, 4.0)?, self.bf16_sets(sets, n, 1.0)?, self.bf16_sets(sets, n, 1.0)?);
-        let (mut out, mut dgqkv) = (self.zero_sets::<bf16>(sets, n)?, self.zero_sets::<bf16>(sets, 4 * n)?);
-        let shape = format!("[{T},{C}]");
-        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
-            let s = i % sets;
-            gate_fwd(gpu, &mut out[s].as_view_mut(), &gqkv[s].as_view(), &a[s].as_view(), T, NH)
-        })?;
-        self.push("gate_fwd", &shape, ms, Work::Bytes((3 * n * 2) as f64), "g: gate block of gqkv");
-        let ms = time_ms(gpu, WARMUP, ITERS, |i| {
-            let s = i % sets;
-            gate_bwd(gpu, &mut dgqkv[s].as_view_mut(), &mut out[s].as_view_mut(), &dout[s].as_view(), &gqkv[s].as_view(), &a[s].as_view(), T, NH)
-        })?;
-        self.push("gate_bwd", &shape, ms, Work::Bytes((5 * n * 2) as f64), "dg: gate block of dgqkv");
         Ok(())
     }
 

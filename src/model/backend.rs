@@ -129,30 +129,26 @@ pub trait Backend {
 
     // ---- rope ----
     // The fused projection gqkv [T, 4C] (blocks gate | q | k | v, C = NH * 128) is what the
-    // rope, the attention and the gate read, in place; its gradient dgqkv is assembled in place
-    // by the gate's and the attention's backward, then the rope's.
+    // rope and the gated attention read, in place; its gradient dgqkv is assembled in place by
+    // the gated attention's backward, then the rope's.
 
     /// Rotates the q and k blocks of gqkv [T, 4C] in place by `pos` `[T]`.
     fn qkv_rope_fwd(&self, gqkv: &mut Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
     /// The inverse rotation of the dq, dk blocks of dgqkv [T, 4C], in place.
     fn qkv_rope_bwd(&self, dgqkv: &mut Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
 
-    // ---- attention ----
+    // ---- gated attention ----
 
-    /// o: [T, C], lse: [NH, T] from the q, k, v blocks of gqkv [T, 4C]; PrefixLM mask over the
-    /// samples of `cu_seqlens` [S+1], `prefix_lens` `[S]`.
-    fn attention_fwd(&self, o: &mut Self::Act, lse: &mut Self::F32, gqkv: &Self::Act, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
-    /// The dq, dk, dv blocks of dgqkv [T, 4C] written with `=` (its gate block is left as is).
+    /// y: [T, C] = sigmoid(g) * attention(q, k, v), lse: [NH, T], from the blocks of gqkv
+    /// [T, 4C]; PrefixLM mask over the samples of `cu_seqlens` [S+1], `prefix_lens` `[S]`. The
+    /// attention's own output is not kept (ops::gate).
+    fn attention_fwd(&self, y: &mut Self::Act, lse: &mut Self::F32, gqkv: &Self::Act, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    /// All four blocks of dgqkv [T, 4C] (dg, dq, dk, dv) written with `=`, from dy [T, C] and
+    /// the forward's y.
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(&self, dgqkv: &mut Self::Act, do_: &Self::Act, gqkv: &Self::Act, o: &Self::Act, lse: &Self::F32, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    fn attention_bwd(&self, dgqkv: &mut Self::Act, dy: &Self::Act, gqkv: &Self::Act, y: &Self::Act, lse: &Self::F32, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
 
-    // ---- gate, swiglu ----
-
-    /// out: [T, C] = sigmoid(g) * a, g the gate block of gqkv [T, 4C].
-    fn gate_fwd(&self, out: &mut Self::Act, gqkv: &Self::Act, a: &Self::Act, t: usize, nh: usize) -> Result<()>;
-    /// The gate block of dgqkv [T, 4C] and da [T, C] from dout [T, C] (written with `=`).
-    #[allow(clippy::too_many_arguments)]
-    fn gate_bwd(&self, dgqkv: &mut Self::Act, da: &mut Self::Act, dout: &Self::Act, gqkv: &Self::Act, a: &Self::Act, t: usize, nh: usize) -> Result<()>;
+    // ---- swiglu ----
     /// out: [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:].
     fn swiglu_fwd(&self, out: &mut Self::Act, gate_up: &Self::Act, t: usize, i: usize) -> Result<()>;
     /// dgate_up: [T, 2I] from dout [T, I].

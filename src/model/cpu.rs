@@ -135,31 +135,26 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    /// The reference takes q, k, v as separate tensors: copied out of gqkv's blocks.
-    fn attention_fwd(&self, o: &mut Vec<f32>, lse: &mut Vec<f32>, gqkv: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+    /// The references take q, k, v as separate tensors, copied out of gqkv's blocks; the
+    /// attention's output `a` lives only until the gate has read it.
+    fn attention_fwd(&self, y: &mut Vec<f32>, lse: &mut Vec<f32>, gqkv: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
         let [q, k, v] = [1, 2, 3].map(|j| block_of(gqkv, j, nh));
-        attention_fwd_cpu(o, lse, &q, &k, &v, cu_seqlens, prefix_lens, t, nh);
+        let mut a = vec![0.0; q.len()];
+        attention_fwd_cpu(&mut a, lse, &q, &k, &v, cu_seqlens, prefix_lens, t, nh);
+        gate_fwd_cpu(y, gqkv, &a, t, nh);
         Ok(())
     }
 
-    fn attention_bwd(&self, dgqkv: &mut Vec<f32>, do_: &Vec<f32>, gqkv: &Vec<f32>, o: &Vec<f32>, lse: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+    fn attention_bwd(&self, dgqkv: &mut Vec<f32>, dy: &Vec<f32>, gqkv: &Vec<f32>, y: &Vec<f32>, lse: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
         let [q, k, v] = [1, 2, 3].map(|j| block_of(gqkv, j, nh));
+        let (mut da, mut delta) = (vec![0.0; q.len()], vec![0.0; t * nh]);
+        gate_bwd_cpu(dgqkv, &mut da, &mut delta, dy, gqkv, y, t, nh);
         let mut grads = [(); 3].map(|_| vec![0.0; q.len()]);
         let [dq, dk, dv] = &mut grads;
-        attention_bwd_cpu(dq, dk, dv, do_, &q, &k, &v, o, lse, cu_seqlens, prefix_lens, t, nh);
+        attention_bwd_cpu(dq, dk, dv, &da, &q, &k, &v, &delta, lse, cu_seqlens, prefix_lens, t, nh);
         for (j, grad) in [1, 2, 3].into_iter().zip(&grads) {
             write_block(dgqkv, j, grad, nh);
         }
-        Ok(())
-    }
-
-    fn gate_fwd(&self, out: &mut Vec<f32>, gqkv: &Vec<f32>, a: &Vec<f32>, t: usize, nh: usize) -> Result<()> {
-        gate_fwd_cpu(out, gqkv, a, t, nh);
-        Ok(())
-    }
-
-    fn gate_bwd(&self, dgqkv: &mut Vec<f32>, da: &mut Vec<f32>, dout: &Vec<f32>, gqkv: &Vec<f32>, a: &Vec<f32>, t: usize, nh: usize) -> Result<()> {
-        gate_bwd_cpu(dgqkv, da, dout, gqkv, a, t, nh);
         Ok(())
     }
 

@@ -41,7 +41,6 @@ use crate::ops::attention::{attention_bwd, attention_fwd, AttentionScratch};
 use crate::ops::cross_entropy::{cross_entropy_in_place, lm_head_cross_entropy, metrics, CeKernel, StepMetrics, METRICS_LEN};
 use crate::ops::elementwise::{add_act, broadcast_rows};
 use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch, TokenOrder};
-use crate::ops::gate::{gate_bwd, gate_fwd};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
 use crate::ops::rope::{qkv_rope_bwd, qkv_rope_fwd};
@@ -341,30 +340,20 @@ impl<'g> Backend for CudaBackend<'g> {
         self.timed(OpClass::Other, || qkv_rope_bwd(self.gpu, &mut dgqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_bwd [T={t}, NH={nh}]")))
     }
 
-    fn attention_fwd(&self, o: &mut CudaSlice<bf16>, lse: &mut CudaSlice<f32>, gqkv: &CudaSlice<bf16>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+    fn attention_fwd(&self, y: &mut CudaSlice<bf16>, lse: &mut CudaSlice<f32>, gqkv: &CudaSlice<bf16>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         let mut scratch = self.attention_scratch(t, nh)?;
         self.timed(OpClass::Attention, || {
-            attention_fwd(self.gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh, &mut scratch)
+            attention_fwd(self.gpu, &mut y.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh, &mut scratch)
                 .with_context(|| format!("attention_fwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
         })
     }
 
-    fn attention_bwd(&self, dgqkv: &mut CudaSlice<bf16>, do_: &CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, o: &CudaSlice<bf16>, lse: &CudaSlice<f32>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+    fn attention_bwd(&self, dgqkv: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, y: &CudaSlice<bf16>, lse: &CudaSlice<f32>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         let mut scratch = self.attention_scratch(t, nh)?;
         self.timed(OpClass::Attention, || {
             let (cu, pl) = (cu_seqlens.as_view(), prefix_lens.as_view());
-            attention_bwd(self.gpu, &mut dgqkv.as_view_mut(), &do_.as_view(), &gqkv.as_view(), &o.as_view(), &lse.as_view(), &cu, &pl, t, nh, &mut scratch)
+            attention_bwd(self.gpu, &mut dgqkv.as_view_mut(), &dy.as_view(), &gqkv.as_view(), &y.as_view(), &lse.as_view(), &cu, &pl, t, nh, &mut scratch)
                 .with_context(|| format!("attention_bwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
-        })
-    }
-
-    fn gate_fwd(&self, out: &mut CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, a: &CudaSlice<bf16>, t: usize, nh: usize) -> Result<()> {
-        self.timed(OpClass::Other, || gate_fwd(self.gpu, &mut out.as_view_mut(), &gqkv.as_view(), &a.as_view(), t, nh).with_context(|| format!("gate_fwd [T={t}, NH={nh}]")))
-    }
-
-    fn gate_bwd(&self, dgqkv: &mut CudaSlice<bf16>, da: &mut CudaSlice<bf16>, dout: &CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, a: &CudaSlice<bf16>, t: usize, nh: usize) -> Result<()> {
-        self.timed(OpClass::Other, || {
-            gate_bwd(self.gpu, &mut dgqkv.as_view_mut(), &mut da.as_view_mut(), &dout.as_view(), &gqkv.as_view(), &a.as_view(), t, nh).with_context(|| format!("gate_bwd [T={t}, NH={nh}]"))
         })
     }
 

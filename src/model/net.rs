@@ -162,9 +162,8 @@ struct BlockActs<B: Backend> {
     xn1: B::Act,   // [T, D]  rms(x), the attention input
     rstd1: B::F32, // [T]
     gqkv: B::Act,  // [T, 4C] rms(x) @ W_gqkv^T: gate | q | k | v heads, q and k roped in place
-    o: B::Act,     // [T, C]  attention output
     lse: B::F32,   // [NH, T]
-    ga: B::Act,    // [T, C]  sigmoid(g) * o, the input of W_o
+    ga: B::Act,    // [T, C]  sigmoid(g) * attn(q, k, v), the input of W_o (attn itself not kept)
     x1: B::Act,    // [T, D]  residual stream after attention
     xn2: B::Act,   // [T, D]  rms(x1), the MLP input
     rstd2: B::F32, // [T]
@@ -190,7 +189,6 @@ struct BlockGrads<B: Backend> {
     dact: B::Act,  // [T, I]
     dgu: B::Act,   // [T, 2I]
     dga: B::Act,   // [T, C]
-    do_: B::Act,   // [T, C]
     dgqkv: B::Act, // [T, 4C]  gate and attention gradients in place, then d of the projection
 }
 
@@ -506,7 +504,6 @@ impl<B: Backend> Workspace<B> {
                 dact: act(t * i)?,
                 dgu: act(t * 2 * i)?,
                 dga: act(t * c)?,
-                do_: act(t * c)?,
                 dgqkv: act(t * 4 * c)?,
             },
             losses: be.alloc_f32(t)?,
@@ -553,7 +550,6 @@ fn alloc_pass<B: Backend>(be: &B, sz: Sizes, stream: usize, blocks: usize) -> Re
                     xn1: act(t * d)?,
                     rstd1: f32(t)?,
                     gqkv: act(t * 4 * c)?,
-                    o: act(t * c)?,
                     lse: f32(nh * t)?,
                     ga: act(t * c)?,
                     x1: act(t * d)?,
@@ -628,11 +624,10 @@ fn module_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], i
 fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut BlockActs<B>, x: &B::Act, x_out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let Sizes { t, d, nh, c, i, .. } = sz;
     // attention: x1 = x + (sigmoid(g) * attn(rope(q), rope(k), v)) @ W_o^T
-    // g, q, k, v stay where the projection wrote them: rope, attention and gate read a.gqkv.
+    // g, q, k, v stay where the projection wrote them: the rope and the gated attention read a.gqkv.
     be.linear_fwd(&mut a.gqkv, &a.xn1, w, bw.gqkv, None, t, 4 * c, d)?;
     be.qkv_rope_fwd(&mut a.gqkv, &db.positions, t, nh)?;
-    be.attention_fwd(&mut a.o, &mut a.lse, &a.gqkv, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
-    be.gate_fwd(&mut a.ga, &a.gqkv, &a.o, t, nh)?;
+    be.attention_fwd(&mut a.ga, &mut a.lse, &a.gqkv, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
     be.linear_fwd(&mut a.x1, &a.ga, w, bw.o, Some(x), t, d, c)?;
     // MLP: x_out = x1 + (silu(gate) * up) @ W_down^T
     be.rmsnorm_fwd(&mut a.xn2, &mut a.rstd2, &a.x1, t, d)?;
@@ -679,9 +674,9 @@ fn block_backward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, dw: &mu
     // attention: x1 = x + ga @ W_o^T, ga = sigmoid(g) * attn(...)
     be.linear_bwd_input(&mut g.dga, &g.dres, w, bw.o, t, d, c)?;
     be.linear_bwd_weight(dw, bw.o, &g.dres, &a.ga, t, d, c)?;
-    // dgqkv is assembled in place: the gate's block, then q, k, v's, then the inverse rotation.
-    be.gate_bwd(&mut g.dgqkv, &mut g.do_, &g.dga, &a.gqkv, &a.o, t, nh)?;
-    be.attention_bwd(&mut g.dgqkv, &g.do_, &a.gqkv, &a.o, &a.lse, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
+    // dgqkv is assembled in place: the gated attention writes its four blocks, then the rope
+    // rotates the q and k ones back.
+    be.attention_bwd(&mut g.dgqkv, &g.dga, &a.gqkv, &a.ga, &a.lse, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
     be.qkv_rope_bwd(&mut g.dgqkv, &db.positions, t, nh)?;
     be.linear_bwd_input(&mut g.dxn, &g.dgqkv, w, bw.gqkv, t, 4 * c, d)?;
     be.linear_bwd_weight(dw, bw.gqkv, &g.dgqkv, &a.xn1, t, 4 * c, d)?;

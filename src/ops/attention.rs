@@ -44,6 +44,7 @@ use rayon::prelude::*;
 use crate::config::HEAD_DIM;
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::compare::{compare, Tolerance};
+use crate::ops::gate::{gate_bwd_cpu, gate_fwd_cpu};
 use crate::rng::Rng;
 use crate::selftest::{Check, Row};
 
@@ -211,9 +212,17 @@ fn fwd_rounded(
     transpose_into(lse, &lse_rows, t, nh);
 }
 
+/// `D[t, h] = do[t, h] . o[t, h]`: [T, NH] from do_, o: [T, NH, HD] (the backward's input
+/// [`attention_bwd_cpu`] takes in place of o; with the gate fused in, `gate_bwd_cpu` computes
+/// it from the gate's output instead).
+pub fn attention_delta_cpu(do_: &[f32], o: &[f32], t: usize, nh: usize) -> Vec<f32> {
+    assert!(do_.len() == t * nh * HD && o.len() == t * nh * HD, "attention_delta_cpu: do and o must be [T={t}, NH={nh}, {HD}]");
+    (0..t * nh).map(|r| dot(&do_[r * HD..][..HD], &o[r * HD..][..HD])).collect()
+}
+
 /// CPU reference of the backward pass; dq, dk, dv are written (`=`), padding rows get 0.
-/// dq, dk, dv: [T, NH, HD] out, do_, q, k, v, o: [T, NH, HD], lse: [NH, T],
-/// cu_seqlens: [S+1], prefix_lens: [S].
+/// dq, dk, dv: [T, NH, HD] out, do_, q, k, v: [T, NH, HD], delta: [T, NH]
+/// ([`attention_delta_cpu`]), lse: [NH, T], cu_seqlens: [S+1], prefix_lens: [S].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd_cpu(
     dq: &mut [f32],
@@ -223,14 +232,14 @@ pub fn attention_bwd_cpu(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    o: &[f32],
+    delta: &[f32],
     lse: &[f32],
     cu_seqlens: &[i32],
     prefix_lens: &[i32],
     t: usize,
     nh: usize,
 ) {
-    bwd_rounded(dq, dk, dv, do_, q, k, v, o, lse, cu_seqlens, prefix_lens, t, nh, |x| x);
+    bwd_rounded(dq, dk, dv, do_, q, k, v, delta, lse, cu_seqlens, prefix_lens, t, nh, |x| x);
 }
 
 /// The backward pass with `round` applied where a plain bf16 implementation with fp32
@@ -244,7 +253,7 @@ fn bwd_rounded(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    o: &[f32],
+    d: &[f32],
     lse: &[f32],
     cu_seqlens: &[i32],
     prefix_lens: &[i32],
@@ -252,11 +261,10 @@ fn bwd_rounded(
     nh: usize,
     round: impl Fn(f32) -> f32 + Sync,
 ) {
-    let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len()), ("o", o.len())];
+    let tensors = [("dq", dq.len()), ("dk", dk.len()), ("dv", dv.len()), ("do", do_.len()), ("q", q.len()), ("k", k.len()), ("v", v.len())];
     check_shapes("attention_bwd_cpu", &tensors, lse.len(), t, nh);
+    assert_eq!(d.len(), t * nh, "attention_bwd_cpu: delta has {} elements, expected [T={t}, NH={nh}]", d.len());
     let spans = row_spans(cu_seqlens, prefix_lens, t);
-    // D[t, h] = do[t, h] . o[t, h]: [T, NH]
-    let d: Vec<f32> = (0..t * nh).map(|r| dot(&do_[r * HD..][..HD], &o[r * HD..][..HD])).collect();
     // P[i,j] of head h, recomputed from the saved log-sum-exp, and dS[i,j] = P (dP - D).
     let p = |i: usize, j: usize, h: usize| round((SCALE * dot(head(q, i, h, nh), head(k, j, h, nh)) - lse[h * t + i]).exp());
     let ds = |p: f32, i: usize, j: usize, h: usize| round(p * (dot(head(do_, i, h, nh), head(v, j, h, nh)) - d[i * nh + h]));
@@ -437,6 +445,9 @@ pub struct AttentionScratch {
     sem: CudaSlice<i32>,
     /// [1] i32 (Hopper persistent forward): the head of the work queue.
     next_item: CudaSlice<i32>,
+    /// [T, NH, HD] bf16 (backward): the attention's output gradient `do = dy * sigmoid(g)`, which
+    /// the gate's backward writes first.
+    da: CudaSlice<bf16>,
 }
 
 /// Element counts of the [`AttentionScratch`] buffers for `t` rows and `nh` heads, in field
@@ -448,7 +459,7 @@ fn scratch_lens(t: usize, nh: usize) -> [usize; 10] {
 
 /// Bytes of an [`AttentionScratch`] for `t` rows and `nh` heads (the memory plan's line).
 pub fn attention_scratch_bytes(t: usize, nh: usize) -> usize {
-    4 * scratch_lens(t, nh).iter().sum::<usize>()
+    4 * scratch_lens(t, nh).iter().sum::<usize>() + 2 * t * nh * HD
 }
 
 impl AttentionScratch {
@@ -470,6 +481,7 @@ impl AttentionScratch {
             dqacc: f32s(dqacc)?,
             sem: i32s(sem)?,
             next_item: i32s(next_item)?,
+            da: gpu.stream.alloc_zeros::<bf16>((t_max * nh * HD).max(1)).during(what)?,
         })
     }
 
@@ -535,7 +547,7 @@ impl FwdKernel {
     pub fn run(
         self,
         gpu: &Gpu,
-        o: &mut CudaViewMut<bf16>,
+        y: &mut CudaViewMut<bf16>,
         lse: &mut CudaViewMut<f32>,
         gqkv: &CudaView<bf16>,
         cu_seqlens: &CudaView<i32>,
@@ -545,8 +557,8 @@ impl FwdKernel {
         scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
         match self {
-            FwdKernel::Sm80 => fwd_sm80(gpu, o, lse, gqkv, cu_seqlens, prefix_lens, t, nh, scratch),
-            FwdKernel::Sm90(variant) => fwd_sm90(gpu, variant, o, lse, gqkv, cu_seqlens, prefix_lens, t, nh, scratch),
+            FwdKernel::Sm80 => fwd_sm80(gpu, y, lse, gqkv, cu_seqlens, prefix_lens, t, nh, scratch),
+            FwdKernel::Sm90(variant) => fwd_sm90(gpu, variant, y, lse, gqkv, cu_seqlens, prefix_lens, t, nh, scratch),
         }
     }
 }
@@ -561,7 +573,7 @@ impl FwdKernel {
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fwd(
     gpu: &Gpu,
-    o: &mut CudaViewMut<bf16>,
+    y: &mut CudaViewMut<bf16>,
     lse: &mut CudaViewMut<f32>,
     gqkv: &CudaView<bf16>,
     cu_seqlens: &CudaView<i32>,
@@ -570,12 +582,13 @@ pub fn attention_fwd(
     nh: usize,
     scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    FwdKernel::for_device(gpu).run(gpu, o, lse, gqkv, cu_seqlens, prefix_lens, t, nh, scratch)
+    FwdKernel::for_device(gpu).run(gpu, y, lse, gqkv, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
-/// The device addresses of the query, key and value blocks of a fused projection (or of its
-/// gradient) `[T, 4, NH, HD]` at `base`, and their row stride in elements (`4 NH HD`).
+/// The device addresses of the gate, query, key and value blocks of a fused projection (or of
+/// its gradient) `[T, 4, NH, HD]` at `base`, and their row stride in elements (`4 NH HD`).
 struct QkvBlocks {
+    g: u64,
     q: u64,
     k: u64,
     v: u64,
@@ -585,7 +598,7 @@ struct QkvBlocks {
 impl QkvBlocks {
     fn at(base: u64, nh: usize) -> QkvBlocks {
         let block_bytes = (nh * HD * 2) as u64;
-        QkvBlocks { q: base + block_bytes, k: base + 2 * block_bytes, v: base + 3 * block_bytes, ld: (4 * nh * HD) as i32 }
+        QkvBlocks { g: base, q: base + block_bytes, k: base + 2 * block_bytes, v: base + 3 * block_bytes, ld: (4 * nh * HD) as i32 }
     }
 }
 
@@ -598,7 +611,7 @@ fn check_qkv(what: &str, name: &str, len: usize, t: usize, nh: usize) {
 #[allow(clippy::too_many_arguments)]
 fn fwd_sm80(
     gpu: &Gpu,
-    o: &mut CudaViewMut<bf16>,
+    y: &mut CudaViewMut<bf16>,
     lse: &mut CudaViewMut<f32>,
     gqkv: &CudaView<bf16>,
     cu_seqlens: &CudaView<i32>,
@@ -607,10 +620,10 @@ fn fwd_sm80(
     nh: usize,
     scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    check_shapes("attention_fwd_sm80", &[("o", o.len())], lse.len(), t, nh);
+    check_shapes("attention_fwd_sm80", &[("y", y.len())], lse.len(), t, nh);
     check_qkv("attention_fwd_sm80", "gqkv", gqkv.len(), t, nh);
     check_table("attention_fwd_sm80", cu_seqlens.len(), prefix_lens.len(), t, nh);
-    assert!(aligned16(gpu, o) && aligned16(gpu, gqkv), "attention_fwd_sm80: tensors must be 16-byte aligned");
+    assert!(aligned16(gpu, y) && aligned16(gpu, gqkv), "attention_fwd_sm80: tensors must be 16-byte aligned");
     scratch.check("attention_fwd_sm80", t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
@@ -621,9 +634,9 @@ fn fwd_sm80(
     let (base, _read) = gqkv.device_ptr(&gpu.stream);
     let qkv = QkvBlocks::at(base, nh);
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(o).arg(lse).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(&s.rows).arg(&s.q_order).arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
+    args.arg(y).arg(lse).arg(&qkv.g).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(&s.rows).arg(&s.q_order).arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
     // SAFETY: shapes checked above; the kernel reads and writes rows < T of head < NH only (of
-    // the q, k, v blocks of gqkv, rows ld apart), rows/order were written by `spans`/`schedule`
+    // the four blocks of gqkv, rows ld apart), rows/order were written by `spans`/`schedule`
     // for this T; FWD_SMEM bytes allowed above.
     unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, FWD_SMEM)) }.during("attention_fwd")?;
     Ok(())
@@ -631,13 +644,13 @@ fn fwd_sm80(
 
 /// The Hopper forward kernel's family (cuda/attention_sm90.cu, built for sm_90a only), its
 /// tiles (query tiles of 128 rows, key tiles of 128), block (3 warpgroups) and shared memory
-/// (Q, two stages of K and V, 1 KB of alignment slack).
+/// (Q, two stages of K and V, the gate tile, 1 KB of alignment slack).
 const SM90_FAMILY: &str = "attention_sm90";
 const SM90_TILE: usize = 128;
 const SM90_THREADS: u32 = 384;
-const SM90_SMEM: u32 = (5 * 128 * HD * 2 + 1024) as u32;
+const SM90_SMEM: u32 = (6 * 128 * HD * 2 + 1024) as u32;
 /// v6 (persistent) double-buffers Q: one more tile.
-const SM90_SMEM_PERSISTENT: u32 = (6 * 128 * HD * 2 + 1024) as u32;
+const SM90_SMEM_PERSISTENT: u32 = (7 * 128 * HD * 2 + 1024) as u32;
 
 /// The Hopper forward kernels of cuda/attention_sm90.cu (docs/attention.md, kernel versions).
 /// v5 and v6 are opt-in until their bench rows beat v3.
@@ -697,7 +710,7 @@ fn tensor_map(ptr: u64, t: usize, nh: usize, ld: usize, box_rows: usize) -> Resu
 fn fwd_sm90(
     gpu: &Gpu,
     variant: Sm90Fwd,
-    o: &mut CudaViewMut<bf16>,
+    y: &mut CudaViewMut<bf16>,
     lse: &mut CudaViewMut<f32>,
     gqkv: &CudaView<bf16>,
     cu_seqlens: &CudaView<i32>,
@@ -715,10 +728,10 @@ fn fwd_sm90(
         Sm90Fwd::PingPong => ("attention_fwd_sm90_pingpong", SM90_SMEM),
         Sm90Fwd::Persistent => ("attention_fwd_sm90_persistent", SM90_SMEM_PERSISTENT),
     };
-    check_shapes(name, &[("o", o.len())], lse.len(), t, nh);
+    check_shapes(name, &[("y", y.len())], lse.len(), t, nh);
     check_qkv(name, "gqkv", gqkv.len(), t, nh);
     check_table(name, cu_seqlens.len(), prefix_lens.len(), t, nh);
-    assert!(aligned16(gpu, o) && aligned16(gpu, gqkv), "{name}: tensors must be 16-byte aligned");
+    assert!(aligned16(gpu, y) && aligned16(gpu, gqkv), "{name}: tensors must be 16-byte aligned");
     scratch.check(name, t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
@@ -728,6 +741,7 @@ fn fwd_sm90(
     let qkv = QkvBlocks::at(base, nh);
     let ld = qkv.ld as usize;
     let (tm_q, tm_k, tm_v) = (tensor_map(qkv.q, t, nh, ld, SM90_TILE)?, tensor_map(qkv.k, t, nh, ld, SM90_TILE)?, tensor_map(qkv.v, t, nh, ld, SM90_TILE)?);
+    let tm_g = tensor_map(qkv.g, t, nh, ld, SM90_TILE)?;
     let func = gpu.function(SM90_FAMILY, name)?;
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .during(format!("{name}: allowing {smem} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
@@ -738,7 +752,7 @@ fn fwd_sm90(
         gpu.stream.memset_zeros(&mut s.next_item).during("attention_fwd_sm90_persistent: zeroing the queue head")?;
     }
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(o).arg(lse).arg(&s.rows).arg(&s.q_order).arg(&t_i32).arg(&nh_i32);
+    args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_g).arg(y).arg(lse).arg(&s.rows).arg(&s.q_order).arg(&t_i32).arg(&nh_i32);
     let blocks = match variant {
         Sm90Fwd::Persistent => {
             args.arg(&mut s.next_item);
@@ -746,8 +760,8 @@ fn fwd_sm90(
         }
         Sm90Fwd::Plain | Sm90Fwd::PingPong => items,
     };
-    // SAFETY: the tensor maps describe exactly the q, k, v blocks of gqkv (alive until the guard
-    // drops after the launch); o, lse shapes checked above; rows/q_order built for this T;
+    // SAFETY: the tensor maps describe exactly the four blocks of gqkv (alive until the guard
+    // drops after the launch); y, lse shapes checked above; rows/q_order built for this T;
     // `smem` bytes allowed above; v6 takes items < ceil(T / 128) * NH from its zeroed counter.
     unsafe { args.launch(config(blocks, SM90_THREADS, smem)) }.during(name.to_string())?;
     Ok(())
@@ -776,9 +790,9 @@ impl BwdKernel {
         self,
         gpu: &Gpu,
         dgqkv: &mut CudaViewMut<bf16>,
-        do_: &CudaView<bf16>,
+        dy: &CudaView<bf16>,
         gqkv: &CudaView<bf16>,
-        o: &CudaView<bf16>,
+        y: &CudaView<bf16>,
         lse: &CudaView<f32>,
         cu_seqlens: &CudaView<i32>,
         prefix_lens: &CudaView<i32>,
@@ -787,8 +801,8 @@ impl BwdKernel {
         scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
         match self {
-            BwdKernel::Sm80 => bwd_sm80(gpu, dgqkv, do_, gqkv, o, lse, cu_seqlens, prefix_lens, t, nh, scratch),
-            BwdKernel::Sm90(variant) => bwd_sm90(gpu, variant, dgqkv, do_, gqkv, o, lse, cu_seqlens, prefix_lens, t, nh, scratch),
+            BwdKernel::Sm80 => bwd_sm80(gpu, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, t, nh, scratch),
+            BwdKernel::Sm90(variant) => bwd_sm90(gpu, variant, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, t, nh, scratch),
         }
     }
 }
@@ -805,9 +819,9 @@ impl BwdKernel {
 pub fn attention_bwd(
     gpu: &Gpu,
     dgqkv: &mut CudaViewMut<bf16>,
-    do_: &CudaView<bf16>,
+    dy: &CudaView<bf16>,
     gqkv: &CudaView<bf16>,
-    o: &CudaView<bf16>,
+    y: &CudaView<bf16>,
     lse: &CudaView<f32>,
     cu_seqlens: &CudaView<i32>,
     prefix_lens: &CudaView<i32>,
@@ -815,7 +829,7 @@ pub fn attention_bwd(
     nh: usize,
     scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    BwdKernel::for_device(gpu).run(gpu, dgqkv, do_, gqkv, o, lse, cu_seqlens, prefix_lens, t, nh, scratch)
+    BwdKernel::for_device(gpu).run(gpu, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, t, nh, scratch)
 }
 
 /// Backward pass with the portable kernels (cuda/attention.cu, sm_80+ with 129 KB of shared
@@ -825,9 +839,9 @@ pub fn attention_bwd(
 fn bwd_sm80(
     gpu: &Gpu,
     dgqkv: &mut CudaViewMut<bf16>,
-    do_: &CudaView<bf16>,
+    dy: &CudaView<bf16>,
     gqkv: &CudaView<bf16>,
-    o: &CudaView<bf16>,
+    y: &CudaView<bf16>,
     lse: &CudaView<f32>,
     cu_seqlens: &CudaView<i32>,
     prefix_lens: &CudaView<i32>,
@@ -835,11 +849,11 @@ fn bwd_sm80(
     nh: usize,
     scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    check_shapes("attention_bwd_sm80", &[("do", do_.len()), ("o", o.len())], lse.len(), t, nh);
+    check_shapes("attention_bwd_sm80", &[("dy", dy.len()), ("y", y.len())], lse.len(), t, nh);
     check_qkv("attention_bwd_sm80", "dgqkv", dgqkv.len(), t, nh);
     check_qkv("attention_bwd_sm80", "gqkv", gqkv.len(), t, nh);
     check_table("attention_bwd_sm80", cu_seqlens.len(), prefix_lens.len(), t, nh);
-    let aligned = aligned16(gpu, dgqkv) && aligned16(gpu, do_) && aligned16(gpu, gqkv) && aligned16(gpu, o);
+    let aligned = aligned16(gpu, dgqkv) && aligned16(gpu, dy) && aligned16(gpu, gqkv) && aligned16(gpu, y);
     assert!(aligned, "attention_bwd_sm80: tensors must be 16-byte aligned");
     scratch.check("attention_bwd_sm80", t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
@@ -848,21 +862,23 @@ fn bwd_sm80(
     schedule(gpu, &mut s.kv_order, &s.cols, t, KV_TILE, QUERY_STEP)?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
 
-    // delta = rowsum(do * o): [NH, T], one warp per (row, head).
-    let func = gpu.function(FAMILY, "attention_bwd_delta")?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut s.delta).arg(do_).arg(o).arg(&t_i32).arg(&nh_i32);
-    // SAFETY: one warp per (row, head) < T * NH reads 128 elements of do_ and o (shapes checked)
-    // and writes one entry of delta ([NH, T], within the scratch's NH * T_pad).
-    unsafe { args.launch(config((t * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_delta")?;
-
     // The guards keep gqkv recorded as read and dgqkv as written by these launches.
     let (base, _read) = gqkv.device_ptr(&gpu.stream);
     let (dbase, _written) = dgqkv.device_ptr_mut(&gpu.stream);
     let (qkv, dqkv) = (QkvBlocks::at(base, nh), QkvBlocks::at(dbase, nh));
+
+    // The gate's backward: dg, do = dy * sigmoid(g) (s.da) and delta = rowsum(do * o) ([NH, T]),
+    // one warp per (row, head).
+    let func = gpu.function(FAMILY, "attention_bwd_gate")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut s.da).arg(&dqkv.g).arg(&mut s.delta).arg(dy).arg(&qkv.g).arg(y).arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
+    // SAFETY: one warp per (row, head) < T * NH reads 128 elements of dy, y (shapes checked) and
+    // of the gate block of gqkv, writes them in s.da (the scratch fits T, NH) and the gate block
+    // of dgqkv, and one entry of delta ([NH, T], within the scratch's NH * T_pad).
+    unsafe { args.launch(config((t * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_gate")?;
     let func = function_with_smem(gpu, "attention_bwd_dkv", KV_SMEM)?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&dqkv.k).arg(&dqkv.v).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(do_).arg(lse).arg(&s.delta).arg(&s.cols).arg(&s.kv_order);
+    args.arg(&dqkv.k).arg(&dqkv.v).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(&s.da).arg(lse).arg(&s.delta).arg(&s.cols).arg(&s.kv_order);
     args.arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
     // SAFETY: shapes checked above; rows < T of heads < NH only (of the q, k, v blocks of gqkv
     // and the dk, dv blocks of dgqkv, rows ld apart); cols/kv_order built for this T.
@@ -870,7 +886,7 @@ fn bwd_sm80(
 
     let func = function_with_smem(gpu, "attention_bwd_dq", DQ_SMEM)?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&dqkv.q).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(do_).arg(lse).arg(&s.delta).arg(&s.rows).arg(&s.q_order);
+    args.arg(&dqkv.q).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(&s.da).arg(lse).arg(&s.delta).arg(&s.rows).arg(&s.q_order);
     args.arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
     // SAFETY: as above (the dq block of dgqkv), with rows/q_order built for this T.
     unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, DQ_SMEM)) }.during("attention_bwd_dq")?;
@@ -908,9 +924,9 @@ fn bwd_sm90(
     gpu: &Gpu,
     variant: Sm90Bwd,
     dgqkv: &mut CudaViewMut<bf16>,
-    do_: &CudaView<bf16>,
+    dy: &CudaView<bf16>,
     gqkv: &CudaView<bf16>,
-    o: &CudaView<bf16>,
+    y: &CudaView<bf16>,
     lse: &CudaView<f32>,
     cu_seqlens: &CudaView<i32>,
     prefix_lens: &CudaView<i32>,
@@ -927,11 +943,11 @@ fn bwd_sm90(
         Sm90Bwd::Overlap => ("attention_bwd_sm90_overlap", SM90_BWD_SMEM_OVERLAP),
         Sm90Bwd::Unordered => ("attention_bwd_sm90_unordered", SM90_BWD_SMEM),
     };
-    check_shapes(name, &[("do", do_.len()), ("o", o.len())], lse.len(), t, nh);
+    check_shapes(name, &[("dy", dy.len()), ("y", y.len())], lse.len(), t, nh);
     check_qkv(name, "dgqkv", dgqkv.len(), t, nh);
     check_qkv(name, "gqkv", gqkv.len(), t, nh);
     check_table(name, cu_seqlens.len(), prefix_lens.len(), t, nh);
-    let aligned = aligned16(gpu, dgqkv) && aligned16(gpu, do_) && aligned16(gpu, gqkv) && aligned16(gpu, o);
+    let aligned = aligned16(gpu, dgqkv) && aligned16(gpu, dy) && aligned16(gpu, gqkv) && aligned16(gpu, y);
     assert!(aligned, "{name}: tensors must be 16-byte aligned");
     scratch.check(name, t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
@@ -949,20 +965,22 @@ fn bwd_sm90(
         gpu.stream.memset_zeros(&mut s.dqacc.slice_mut(..nh * t_pad * HD)).during("attention_bwd_sm90_unordered: zeroing dqacc")?;
     }
 
-    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_prep")?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut s.lse2).arg(&mut s.delta).arg(&mut s.rank).arg(do_).arg(o).arg(lse).arg(&s.kv_order).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&n_kv_i32);
-    // SAFETY: one warp per (row < T_pad, head) writes lse2/delta[h * T_pad + row] and reads do_, o
-    // rows < T (shapes checked) and lse[h * T + row]; threads < n_kv write rank[order[i]], a
-    // permutation of 0..n_kv. The grid has at least n_kv threads (T_pad * NH * 32 >= T / 128).
-    unsafe { args.launch(config((t_pad * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_prep")?;
-
-    // The guards keep gqkv, do recorded as read and dgqkv as written by these launches
-    // (cudarc's stream tracking).
+    // The guards keep gqkv and the workspace do recorded as read and dgqkv as written by these
+    // launches (cudarc's stream tracking).
     let (base, _read) = gqkv.device_ptr(&gpu.stream);
-    let (do_ptr, _do_read) = do_.device_ptr(&gpu.stream);
     let (dbase, _written) = dgqkv.device_ptr_mut(&gpu.stream);
     let (qkv, dqkv) = (QkvBlocks::at(base, nh), QkvBlocks::at(dbase, nh));
+
+    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_prep")?;
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&mut s.lse2).arg(&mut s.delta).arg(&mut s.rank).arg(&mut s.da).arg(&dqkv.g).arg(dy).arg(&qkv.g).arg(y).arg(lse).arg(&s.kv_order);
+    args.arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&n_kv_i32).arg(&qkv.ld);
+    // SAFETY: one warp per (row < T_pad, head) writes lse2/delta[h * T_pad + row] and, for rows
+    // < T, reads dy, y and the gate block of gqkv (shapes checked), lse[h * T + row], and writes
+    // s.da (the scratch fits T, NH) and the gate block of dgqkv; threads < n_kv write
+    // rank[order[i]], a permutation of 0..n_kv. The grid has at least n_kv threads.
+    unsafe { args.launch(config((t_pad * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_prep")?;
+    let (do_ptr, _do_read) = s.da.device_ptr(&gpu.stream);
     let ld = qkv.ld as usize;
     let tm_q = tensor_map(qkv.q, t, nh, ld, SM90_BWD_QUERIES)?;
     let tm_do = tensor_map(do_ptr, t, nh, nh * HD, SM90_BWD_QUERIES)?;
@@ -1059,13 +1077,15 @@ struct TestBatch {
     nh: usize,
     cu_seqlens: Vec<i32>,
     prefix_lens: Vec<i32>,
+    g: Vec<f32>,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
 }
 
 impl TestBatch {
-    /// `(length, prefix)` per sample then `padding` rows; q, k uniform in ±`qk`, v in ±1.
+    /// `(length, prefix)` per sample then `padding` rows; q, k uniform in ±`qk`, v in ±1, the
+    /// gate's pre-activation g in ±4.
     fn new(rng: &mut Rng, name: &'static str, samples: &[(usize, usize)], padding: usize, nh: usize, qk: f32) -> TestBatch {
         let mut cu_seqlens = vec![0i32];
         for &(len, _) in samples {
@@ -1074,18 +1094,17 @@ impl TestBatch {
         let t = *cu_seqlens.last().unwrap() as usize + padding;
         let n = t * nh * HD;
         let mut bf16_vec = |n, scale| rng.uniform_vec(n, scale).into_iter().map(bf16_round).collect::<Vec<_>>();
-        let (q, k, v) = (bf16_vec(n, qk), bf16_vec(n, qk), bf16_vec(n, 1.0));
-        TestBatch { name, t, nh, cu_seqlens, prefix_lens: samples.iter().map(|&(_, p)| p as i32).collect(), q, k, v }
+        let (g, q, k, v) = (bf16_vec(n, 4.0), bf16_vec(n, qk), bf16_vec(n, qk), bf16_vec(n, 1.0));
+        TestBatch { name, t, nh, cu_seqlens, prefix_lens: samples.iter().map(|&(_, p)| p as i32).collect(), g, q, k, v }
     }
 
     fn shape(&self) -> String {
         format!("{} T={} NH={}", self.name, self.t, self.nh)
     }
 
-    /// q, k, v as the fused projection holds them: blocks 1, 2, 3 of `[T, 4, NH, HD]`; the gate
-    /// block is NaN, which a kernel that read it would spread into every output.
+    /// g, q, k, v as the fused projection holds them: the blocks of `[T, 4, NH, HD]`.
     fn gqkv(&self) -> Vec<f32> {
-        interleave_blocks([None, Some(&self.q), Some(&self.k), Some(&self.v)], self.t, self.nh, f32::NAN)
+        interleave_blocks([Some(&self.g), Some(&self.q), Some(&self.k), Some(&self.v)], self.t, self.nh, f32::NAN)
     }
 }
 
@@ -1188,27 +1207,36 @@ fn check_fwd_sm90_persistent(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuEr
     fwd_rows(gpu, rng, "attention_fwd_sm90_persistent", FwdKernel::Sm90(Sm90Fwd::Persistent))
 }
 
+/// The rows of one forward kernel on every test batch: the gated output y = sigmoid(g) * o and
+/// the log-sum-exp against the CPU reference.
 fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<Vec<Row>, GpuError> {
     let mut rows = Vec::new();
     for b in test_batches(rng) {
         let (t, nh, n) = (b.t, b.nh, b.q.len());
+        let gqkv_host = b.gqkv();
         let (mut o_ref, mut lse_ref) = (vec![0.0; n], vec![0.0; nh * t]);
         attention_fwd_cpu(&mut o_ref, &mut lse_ref, &b.q, &b.k, &b.v, &b.cu_seqlens, &b.prefix_lens, t, nh);
+        let mut y_ref = vec![0.0; n];
+        gate_fwd_cpu(&mut y_ref, &gqkv_host, &o_ref, t, nh);
+        // A plain bf16 implementation: o rounded, then the gate's product rounded.
         let (mut o_base, mut lse_base) = (vec![0.0; n], vec![0.0; nh * t]);
         fwd_rounded(&mut o_base, &mut lse_base, &b.q, &b.k, &b.v, &b.cu_seqlens, &b.prefix_lens, t, nh, bf16_round);
+        let mut y_base = vec![0.0; n];
+        gate_fwd_cpu(&mut y_base, &gqkv_host, &o_base, t, nh);
+        y_base.iter_mut().for_each(|x| *x = bf16_round(*x));
 
-        let gqkv = upload_bf16(gpu, &b.gqkv())?;
+        let gqkv = upload_bf16(gpu, &gqkv_host)?;
         let cu = gpu.stream.clone_htod(&b.cu_seqlens).during("upload")?;
         let pl = gpu.stream.clone_htod(&b.prefix_lens).during("upload")?;
-        let mut o = poisoned_bf16(gpu, n)?;
+        let mut y = poisoned_bf16(gpu, n)?;
         let mut lse = gpu.stream.clone_htod(&vec![f32::NAN; nh * t]).during("poison")?;
         let mut scratch = AttentionScratch::new(gpu, t, nh)?;
-        kernel.run(gpu, &mut o.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu.as_view(), &pl.as_view(), t, nh, &mut scratch)?;
-        let o_gpu = download_bf16(gpu, &o)?;
+        kernel.run(gpu, &mut y.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu.as_view(), &pl.as_view(), t, nh, &mut scratch)?;
+        let y_gpu = download_bf16(gpu, &y)?;
         let lse_gpu = gpu.stream.clone_dtoh(&lse).during("download")?;
 
-        let tol = tolerance_vs_baseline(&o_base, &o_ref);
-        rows.push(Row::new(format!("{name} o"), b.shape(), tol, compare(&o_gpu, &o_ref, tol)));
+        let tol = tolerance_vs_baseline(&y_base, &y_ref);
+        rows.push(Row::new(format!("{name} y (gated)"), b.shape(), tol, compare(&y_gpu, &y_ref, tol)));
         let (lse_ref, lse_base) = (finite_lse(&lse_ref), finite_lse(&lse_base));
         let tol = Tolerance { rel: LSE_REL, ..tolerance_vs_baseline(&lse_base, &lse_ref) };
         rows.push(Row::new(format!("{name} lse"), b.shape(), tol, compare(&finite_lse(&lse_gpu), &lse_ref, tol)));
@@ -1243,56 +1271,68 @@ fn check_bwd_sm90_unordered(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuErr
     bwd_rows(gpu, rng, "attention_bwd_sm90_unordered", BwdKernel::Sm90(Sm90Bwd::Unordered), false)
 }
 
-/// The rows of one backward kernel on every test batch: dq, dk, dv against the CPU reference,
-/// the gate block of dgqkv left as it was, and a rerun that must agree bit for bit (dk and dv
-/// only where `deterministic_dq` is false).
+/// The rows of one backward kernel on every test batch: dg, dq, dk, dv against the CPU
+/// reference, and a rerun that must agree bit for bit (dk and dv only where `deterministic_dq`
+/// is false).
 fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel, deterministic_dq: bool) -> Result<Vec<Row>, GpuError> {
     let mut rows = Vec::new();
     for b in test_batches(rng) {
         let (t, nh, n) = (b.t, b.nh, b.q.len());
-        let do_: Vec<f32> = rng.uniform_vec(n, 1.0).into_iter().map(bf16_round).collect();
+        let gqkv_host = b.gqkv();
+        let dy: Vec<f32> = rng.uniform_vec(n, 1.0).into_iter().map(bf16_round).collect();
         let (mut o_ref, mut lse_ref) = (vec![0.0; n], vec![0.0; nh * t]);
         attention_fwd_cpu(&mut o_ref, &mut lse_ref, &b.q, &b.k, &b.v, &b.cu_seqlens, &b.prefix_lens, t, nh);
-        // The GPU sees o in bf16, as the forward stores it; so does the baseline.
+        // The GPU sees y as the forward stores it: o rounded, gated, rounded.
         let o_bf16: Vec<f32> = o_ref.iter().map(|&x| bf16_round(x)).collect();
+        let mut y = vec![0.0; n];
+        gate_fwd_cpu(&mut y, &gqkv_host, &o_bf16, t, nh);
+        y.iter_mut().for_each(|x| *x = bf16_round(*x));
         let table = (&b.cu_seqlens[..], &b.prefix_lens[..]);
-        let mut reference = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
-        let [dq, dk, dv] = &mut reference;
-        attention_bwd_cpu(dq, dk, dv, &do_, &b.q, &b.k, &b.v, &o_ref, &lse_ref, table.0, table.1, t, nh);
-        let mut baseline = [vec![0.0; n], vec![0.0; n], vec![0.0; n]];
-        let [dq, dk, dv] = &mut baseline;
-        bwd_rounded(dq, dk, dv, &do_, &b.q, &b.k, &b.v, &o_bf16, &lse_ref, table.0, table.1, t, nh, bf16_round);
 
-        let gqkv = upload_bf16(gpu, &b.gqkv())?;
-        let (d_do, d_o) = (upload_bf16(gpu, &do_)?, upload_bf16(gpu, &o_bf16)?);
-        // dgqkv's gate block holds the gate's gradient (written before, in the model): it must
-        // come back as it was; the dq, dk, dv blocks start as NaN.
-        let gate_grad: Vec<f32> = rng.uniform_vec(n, 1.0).into_iter().map(bf16_round).collect();
-        let dgqkv_before = interleave_blocks([Some(&gate_grad), None, None, None], t, nh, f32::NAN);
+        // The reference in fp32 from the exact o: dg = dy o s (1 - s), da = dy s, D = da . o.
+        let sig = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let s_ref: Vec<f32> = b.g.iter().map(|&g| sig(g)).collect();
+        let da_ref: Vec<f32> = dy.iter().zip(&s_ref).map(|(d, s)| d * s).collect();
+        let dg_ref: Vec<f32> = (0..n).map(|i| dy[i] * o_ref[i] * s_ref[i] * (1.0 - s_ref[i])).collect();
+        let delta_ref = attention_delta_cpu(&da_ref, &o_ref, t, nh);
+        let mut reference = [vec![0.0; n], vec![0.0; n], vec![0.0; n], dg_ref];
+        let [dq, dk, dv, _] = &mut reference;
+        attention_bwd_cpu(dq, dk, dv, &da_ref, &b.q, &b.k, &b.v, &delta_ref, &lse_ref, table.0, table.1, t, nh);
+        // A plain bf16 implementation: the gate's backward from the stored y, da rounded, then
+        // the attention backward with its roundings.
+        let (mut dgqkv_base, mut da_base, mut delta_base) = (vec![0.0; 4 * n], vec![0.0; n], vec![0.0; t * nh]);
+        gate_bwd_cpu(&mut dgqkv_base, &mut da_base, &mut delta_base, &dy, &gqkv_host, &y, t, nh);
+        da_base.iter_mut().for_each(|x| *x = bf16_round(*x));
+        let dg_base: Vec<f32> = block_of(&dgqkv_base, 0, nh).into_iter().map(bf16_round).collect();
+        let mut baseline = [vec![0.0; n], vec![0.0; n], vec![0.0; n], dg_base];
+        let [dq, dk, dv, _] = &mut baseline;
+        bwd_rounded(dq, dk, dv, &da_base, &b.q, &b.k, &b.v, &delta_base, &lse_ref, table.0, table.1, t, nh, bf16_round);
+
+        let gqkv = upload_bf16(gpu, &gqkv_host)?;
+        let (d_dy, d_y) = (upload_bf16(gpu, &dy)?, upload_bf16(gpu, &y)?);
         let lse = gpu.stream.clone_htod(&lse_ref).during("upload")?;
         let cu = gpu.stream.clone_htod(&b.cu_seqlens).during("upload")?;
         let pl = gpu.stream.clone_htod(&b.prefix_lens).during("upload")?;
         // One scratch for both runs: the rerun must not depend on what the first left in it.
         let mut scratch = AttentionScratch::new(gpu, t, nh)?;
         let mut run = || -> Result<[Vec<f32>; 4], GpuError> {
-            let mut dgqkv = upload_bf16(gpu, &dgqkv_before)?;
+            let mut dgqkv = poisoned_bf16(gpu, 4 * n)?;
             let (cu, pl) = (cu.as_view(), pl.as_view());
-            kernel.run(gpu, &mut dgqkv.as_view_mut(), &d_do.as_view(), &gqkv.as_view(), &d_o.as_view(), &lse.as_view(), &cu, &pl, t, nh, &mut scratch)?;
+            kernel.run(gpu, &mut dgqkv.as_view_mut(), &d_dy.as_view(), &gqkv.as_view(), &d_y.as_view(), &lse.as_view(), &cu, &pl, t, nh, &mut scratch)?;
             let out = download_bf16(gpu, &dgqkv)?;
             Ok([block_of(&out, 1, nh), block_of(&out, 2, nh), block_of(&out, 3, nh), block_of(&out, 0, nh)])
         };
         let first = run()?;
-        for (i, grad) in ["dq", "dk", "dv"].into_iter().enumerate() {
+        for (i, grad) in ["dq", "dk", "dv", "dg"].into_iter().enumerate() {
             let tol = tolerance_vs_baseline(&baseline[i], &reference[i]);
             rows.push(Row::new(format!("{name} {grad}"), b.shape(), tol, compare(&first[i], &reference[i], tol)));
         }
-        let exact = Tolerance { abs: 0.0, rel: 0.0 };
-        rows.push(Row::new(format!("{name} gate block untouched"), b.shape(), exact, compare(&first[3], &gate_grad, exact)));
         // Deterministic: a second run must agree bit for bit.
         let second = run()?;
+        let exact = Tolerance { abs: 0.0, rel: 0.0 };
         let from = if deterministic_dq { 0 } else { 1 };
-        let what = if deterministic_dq { "rerun" } else { "rerun dk dv" };
-        rows.push(Row::new(format!("{name} {what}"), b.shape(), exact, compare(&second[from..3].concat(), &first[from..3].concat(), exact)));
+        let what = if deterministic_dq { "rerun" } else { "rerun dk dv dg" };
+        rows.push(Row::new(format!("{name} {what}"), b.shape(), exact, compare(&second[from..].concat(), &first[from..].concat(), exact)));
     }
     Ok(rows)
 }
@@ -1503,7 +1543,8 @@ mod tests {
         let (o, lse) = forward(&b);
         let n = b.q.len();
         let (mut dq, mut dk, mut dv) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
-        attention_bwd_cpu(&mut dq, &mut dk, &mut dv, &g, &b.q, &b.k, &b.v, &o, &lse, &b.cu_seqlens, &b.prefix_lens, b.t, b.nh);
+        let delta = attention_delta_cpu(&g, &o, b.t, b.nh);
+        attention_bwd_cpu(&mut dq, &mut dk, &mut dv, &g, &b.q, &b.k, &b.v, &delta, &lse, &b.cu_seqlens, &b.prefix_lens, b.t, b.nh);
 
         // Central differences with step 1e-2 on inputs of size ~1: truncation ~h^2 * L''' ~1e-4,
         // fp32 rounding of the loss ~1e-6 / h ~1e-4; gradients are O(0.1..1). A tolerance of

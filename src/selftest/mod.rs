@@ -37,7 +37,6 @@ pub fn registry() -> Vec<Check> {
     checks.extend(crate::ops::gemm::selftests());
     checks.extend(crate::ops::rmsnorm::selftests());
     checks.extend(crate::ops::rope::selftests());
-    checks.extend(crate::ops::gate::selftests());
     checks.extend(crate::ops::swiglu::selftests());
     checks.extend(crate::ops::embedding::selftests());
     checks.extend(crate::ops::cross_entropy::selftests());
