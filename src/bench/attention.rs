@@ -6,7 +6,8 @@
 //!
 //! each packed into 16,384 rows with 12 heads (size XL). One row per kernel this GPU runs: the
 //! portable forward and backward (sm_80) and, on Hopper only, the Hopper ones (sm_90a), which
-//! `attention_fwd` and `attention_bwd` dispatch to there.
+//! `attention_fwd` and `attention_bwd` dispatch to there. The sigmoid gate is fused into every
+//! one of them; its few FLOPs are not counted.
 //! Only the FLOPs of visible (query, key)
 //! pairs count: the forward does two matrix products per pair of 128-vectors, `4 * 128` FLOPs,
 //! the backward `2.5x` that (five products: dV, dP, dQ, dK plus the recomputed S; FlashAttention's

@@ -563,11 +563,12 @@ impl FwdKernel {
     }
 }
 
-/// Forward pass on the GPU; same contract as [`attention_fwd_cpu`]. Runs the Hopper kernel
-/// (v3) on sm_90 devices and the portable one (v2) elsewhere ([`FwdKernel::for_device`]).
-/// o: [T, NH, HD] bf16 out, lse: [NH, T] fp32 out, gqkv: [T, 4, NH, HD] bf16 whose blocks 1, 2,
-/// 3 are q, k, v (16-byte aligned), cu_seqlens: [S+1] i32, prefix_lens: [S] i32 (device memory, never read
-/// by the host); `scratch` fits T and NH ([`AttentionScratch::fits`]). Empty samples (equal
+/// The gated attention forward on the GPU: [`attention_fwd_cpu`] followed by the gate
+/// (`ops::gate::gate_fwd_cpu`). Runs the Hopper kernel (v3) on sm_90 devices and the portable
+/// one (v2) elsewhere ([`FwdKernel::for_device`]).
+/// y: [T, NH, HD] bf16 out (sigmoid(g) * o; o itself is not written), lse: [NH, T] fp32 out,
+/// gqkv: [T, 4, NH, HD] bf16 whose blocks 0..3 are g, q, k, v (16-byte aligned), cu_seqlens:
+/// [S+1] i32, prefix_lens: [S] i32 (device memory, never read by the host); `scratch` fits T and NH ([`AttentionScratch::fits`]). Empty samples (equal
 /// consecutive offsets) are allowed: a sample table padded to a fixed length gives the same
 /// results.
 #[allow(clippy::too_many_arguments)]
@@ -807,14 +808,14 @@ impl BwdKernel {
     }
 }
 
-/// Backward pass on the GPU; same contract as [`attention_bwd_cpu`] (dq, dk, dv written).
-/// Runs the Hopper kernel (v4) on sm_90 devices and the portable one (v2) elsewhere
-/// ([`BwdKernel::for_device`]).
-/// dgqkv: [T, 4, NH, HD] bf16 whose blocks 1, 2, 3 get dq, dk, dv (block 0, the gate's, is not
-/// touched), gqkv: [T, 4, NH, HD] bf16 with q, k, v in blocks 1, 2, 3, do_, o: [T, NH, HD] bf16
-/// (all 16-byte aligned),
-/// lse: [NH, T] fp32 (from the forward), cu_seqlens: [S+1] i32, prefix_lens: [S] i32;
-/// `scratch` fits T and NH. Deterministic: bitwise-identical results from run to run.
+/// The gated attention backward on the GPU: the gate's backward (`ops::gate::gate_bwd_cpu`)
+/// then [`attention_bwd_cpu`]. Runs the Hopper kernel (v4) on sm_90 devices and the portable
+/// one (v2) elsewhere ([`BwdKernel::for_device`]).
+/// dgqkv: [T, 4, NH, HD] bf16 out, all four blocks written (dg, dq, dk, dv); dy: [T, NH, HD]
+/// bf16, the gradient of the forward's y; gqkv: [T, 4, NH, HD] bf16 (g, q, k, v); y: [T, NH,
+/// HD] bf16, the forward's output (all 16-byte aligned); lse: [NH, T] fp32 (from the forward),
+/// cu_seqlens: [S+1] i32, prefix_lens: [S] i32; `scratch` fits T and NH. Deterministic:
+/// bitwise-identical results from run to run.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     gpu: &Gpu,
