@@ -25,7 +25,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
-use crate::ops::attention::{AttentionScratch, BwdKernel, FwdKernel, Sm90Bwd, Sm90Fwd};
+use crate::ops::attention::{block_of, AttentionScratch, BwdKernel, FwdKernel, Sm90Bwd, Sm90Fwd};
 use crate::rng::Rng;
 
 const HD: usize = crate::config::HEAD_DIM;
@@ -200,8 +200,7 @@ pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let write = |name: &str, bytes: &[u8]| std::fs::write(dir.join(name), bytes).with_context(|| format!("writing {}", dir.join(name).display()));
     let (gqkv, dgqkv) = (gpu.stream.clone_dtoh(&bufs.gqkv)?, gpu.stream.clone_dtoh(&bufs.dgqkv)?);
-    // Block j of a [T, 4, NH, HD] buffer, as [T, NH, HD].
-    let block = |x: &[bf16], j: usize| -> Vec<bf16> { x.chunks(4 * nh * HD).flat_map(|row| row[j * nh * HD..(j + 1) * nh * HD].to_vec()).collect() };
+    let block = |x: &[bf16], j: usize| block_of(x, j, nh);
     let (dy, y) = (gpu.stream.clone_dtoh(&bufs.dy)?, gpu.stream.clone_dtoh(&bufs.y)?);
     let tensors = [
         ("g", block(&gqkv, 0)),

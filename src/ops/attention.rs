@@ -131,7 +131,7 @@ fn transpose_into(out: &mut [f32], rows: &[f32], t: usize, nh: usize) {
 }
 
 /// Block `j` (0 gate, 1 q, 2 k, 3 v) of a fused projection `x [T, 4, NH, HD]`, as `[T, NH, HD]`.
-pub fn block_of(x: &[f32], j: usize, nh: usize) -> Vec<f32> {
+pub fn block_of<T: Copy>(x: &[T], j: usize, nh: usize) -> Vec<T> {
     let c = nh * HD;
     x.chunks(4 * c).flat_map(|row| row[j * c..(j + 1) * c].to_vec()).collect()
 }

@@ -23,6 +23,7 @@ use rayon::prelude::*;
 
 use crate::config::{HEAD_DIM, ROPE_THETA};
 use crate::gpu::{DriverContext, Gpu, GpuError};
+use crate::ops::attention::block_of;
 use crate::ops::check::{bf16_inputs, download_bf16, upload, upload_bf16};
 use crate::ops::compare::{compare, Tolerance, BF16_EPS};
 use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
@@ -171,8 +172,7 @@ fn check_in_place(gpu: &Gpu, rng: &mut Rng, op: &str, cpu: CpuRotation, gpu_op: 
         let got = download_bf16(gpu, &x)?;
         let exact = Tolerance { abs: 0.0, rel: 0.0 };
         for (block, name, tol) in [(0, "gate", exact), (1, "query", rotation_tol(scale)), (2, "key", rotation_tol(scale)), (3, "value", exact)] {
-            let pick = |x: &[f32]| -> Vec<f32> { x.chunks(4 * c).flat_map(|row| row[block * c..(block + 1) * c].to_vec()).collect() };
-            rows.push(Row::new(format!("{op} {name}"), &shape, tol, compare(&pick(&got), &pick(&want), tol)));
+            rows.push(Row::new(format!("{op} {name}"), &shape, tol, compare(&block_of(&got, block, nh), &block_of(&want, block, nh), tol)));
         }
     }
     Ok(rows)
