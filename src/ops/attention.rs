@@ -1105,19 +1105,12 @@ impl TestBatch {
 
     /// g, q, k, v as the fused projection holds them: the blocks of `[T, 4, NH, HD]`.
     fn gqkv(&self) -> Vec<f32> {
-        interleave_blocks([Some(&self.g), Some(&self.q), Some(&self.k), Some(&self.v)], self.t, self.nh, f32::NAN)
-    }
-}
-
-/// `[T, 4, NH, HD]` from four `[T, NH, HD]` blocks; a missing block is filled with `fill`.
-fn interleave_blocks(blocks: [Option<&[f32]>; 4], t: usize, nh: usize, fill: f32) -> Vec<f32> {
-    let mut out = vec![fill; t * 4 * nh * HD];
-    for (j, block) in blocks.iter().enumerate() {
-        if let Some(x) = block {
-            write_block(&mut out, j, x, nh);
+        let mut out = vec![0.0; self.t * 4 * self.nh * HD];
+        for (j, block) in [&self.g, &self.q, &self.k, &self.v].into_iter().enumerate() {
+            write_block(&mut out, j, block, self.nh);
         }
+        out
     }
-    out
 }
 
 /// The packed batches of the checks: every edge of the mask and of the tiling.
