@@ -13,8 +13,8 @@
 //    the key-tile schedule.
 // 2. attention_bwd_sm90: one block per (key tile of 128 rows, head), 3 warpgroups.
 //    - Warpgroup 0: warp 0 is the producer (one thread: K, V once by TMA, then Q, dO tiles of 64
-//      rows and their lse2, delta in a 2-stage ring of full/empty mbarriers); warp 1 is the dQ
-//      writer (below). setmaxnreg moves registers from it (40) to the consumers (232).
+//      rows and their lse2, delta in a 2-stage ring of full/empty mbarriers); warps 1 and 2 are the
+//      dQ writers (below). setmaxnreg moves registers from it (40) to the consumers (232).
 //    - Warpgroups 1 and 2 are consumers, 64 keys each, dK and dV accumulated in registers
 //      (2 x 64 fp32 per thread) over the query tiles the block's keys are seen by. Per query
 //      tile, everything transposed (keys are the M dimension, as in attention_bwd_dkv):
@@ -26,8 +26,11 @@
 //                                            (both warpgroups' 64 keys form the k dimension);
 //                                            warpgroup w computes dims [64 w, 64 w + 64)
 //      and dQ_part (fp32, 32 KB) goes to shared memory for the writer.
-//    - The writer adds dQ_part into the fp32 workspace dqacc with the copy engine (a 32 KB bulk
-//      reduce-add; the first contribution is a bulk store, so dqacc needs no zeroing).
+//    - A writer adds dQ_part into the fp32 workspace dqacc with the copy engine (a 32 KB bulk
+//      reduce-add; the first contribution is a bulk store, so dqacc needs no zeroing). There are
+//      two writers, one per sdQ buffer (even and odd query tiles of the block): an ordered add
+//      is released to the next block only once it has completed, and a single writer would
+//      spend that whole latency before it could start the next tile's add.
 //      Determinism: the contributions to one query tile are added in a fixed order, the order
 //      of the key tiles in the schedule. A semaphore per (query tile, head) counts the adds
 //      done; the block whose key tile has `turn` lower-ranked key tiles before it in that query
@@ -38,12 +41,6 @@
 //      row, reach each query tile at the same step and the chain of adds stays short.
 // 3. attention_bwd_sm90_dq: dq = scale * dqacc as bf16, rows that see nothing get 0.
 //
-// attention_bwd_sm90_overlap (v7 in docs/attention.md) is the same kernel body with sdS in two
-// buffers (template parameter OVERLAP), which removes the first of the two consumer barriers per
-// query tile (below): a warpgroup writes its dS^T and issues dV, dK without waiting for the other,
-// and the one remaining barrier (the hand-over of dS^T) waits with those products in flight.
-// 16 KB more shared memory (226 KB).
-//
 // Invariants of the main kernel
 // - Every consumer warpgroup takes part in every query tile of the block's range (dQ needs both
 //   halves of dS); a warpgroup whose 64 keys see none of the tile's queries skips S, dP, dV, dK
@@ -53,10 +50,7 @@
 //   lse = -inf).
 // - sdS is single-buffered: barrier 1 (256 consumer threads) before writing it guarantees both
 //   warpgroups finished the previous tile's dQ product; a second one after writing it (with
-//   fence.proxy.async) hands it to the tensor cores. With OVERLAP, tile i writes buffer i & 1,
-//   last read by the dQ products of tile i - 2; a warpgroup at tile i has passed the hand-over
-//   barrier of tile i - 1, which the other warpgroup reached only after waiting for its dQ
-//   product of tile i - 2. So only the hand-over barrier remains.
+//   fence.proxy.async) hands it to the tensor cores.
 
 #include "attention_sm90.cuh"
 
@@ -69,7 +63,7 @@
 #define BW_DQ_BYTES (BW_BM * ATTN_HD * 4)  // one fp32 dQ partial, 32 KB
 // Shared memory, from a 1024-aligned base: sK, sV [2 halves][128][64]; sQ, sdO [2 stages][2
 // halves][64][64]; sdS [128 keys][64 queries] bf16; sdQ [2][64 x 128] fp32; sLse2, sDelta
-// [2 stages][64] fp32. 210 KB. OVERLAP adds a second sdS buffer at the end (226 KB).
+// [2 stages][64] fp32. 210 KB.
 #define OFF_K 0
 #define OFF_V (OFF_K + 2 * BW_KV_HALF)
 #define OFF_Q (OFF_V + 2 * BW_KV_HALF)
@@ -78,10 +72,7 @@
 #define OFF_DQ (OFF_DS + BW_KV_HALF)
 #define OFF_LSE (OFF_DQ + 2 * BW_DQ_BYTES)
 #define OFF_DELTA (OFF_LSE + 2 * BW_BM * 4)
-#define OFF_DS1 (OFF_DELTA + 2 * BW_BM * 4)  // OVERLAP's second sdS buffer (1024-aligned)
-#define BW_SMEM (OFF_DS1 + 1024)
-#define BW_SMEM_OVERLAP (OFF_DS1 + BW_KV_HALF + 1024)
-static_assert(OFF_DS1 % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
+#define BW_SMEM (OFF_DELTA + 2 * BW_BM * 4 + 1024)  // + 1024 to align the base
 
 // mbarrier indices
 #define BB_KV 0
@@ -213,9 +204,8 @@ __device__ __forceinline__ void pack_grads(uint32_t (&pf)[4][4], uint32_t (&dsf)
 // the consumers' fragment order, see attention_bwd_sm90_dq); sem: [NH, T_pad / 64] zeroed;
 // lse2, delta: [NH, T_pad]; rows, cols: [T] int2; order: [ceil(T / 128)] key tiles by decreasing
 // work (attention_schedule over cols, tile 128, step 64); rank: its inverse.
-// Grid: ceil(T / 128) * NH blocks of BW_THREADS, head fastest; dynamic shared memory BW_SMEM
-// (BW_SMEM_OVERLAP with OVERLAP).
-template <bool OVERLAP, bool ORDERED>
+// Grid: ceil(T / 128) * NH blocks of BW_THREADS, head fastest; dynamic shared memory BW_SMEM.
+template <bool ORDERED>
 __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
                                          const CUtensorMap& tm_do, bf16* __restrict__ dk, bf16* __restrict__ dv,
                                          float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
@@ -274,11 +264,14 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
                 bulk_load(sLse + st * BW_BM, lse2 + (size_t)h * T_pad + m0, BW_BM * 4, full);
                 bulk_load(sDelta + st * BW_BM, delta + (size_t)h * T_pad + m0, BW_BM * 4, full);
             }
-        } else if (warp == 1) {
-            // dQ writer. Query tile m's contributions come from the key tiles [n_lo, n_hi] its
-            // rows see; this block's turn is the number of them ranked before it.
-            for (int i = 0; i < n_steps; ++i) {
-                const int b = i & 1, m = m_hi - i;
+        } else if (warp == 1 || warp == 2) {
+            // dQ writers: warp 1 + b adds the partials of sdQ buffer b, those of the tiles i
+            // with i & 1 == b, so that one's add can complete while the other's is issued.
+            // Query tile m's contributions come from the key tiles [n_lo, n_hi] its rows see;
+            // this block's turn is the number of them ranked before it.
+            const int b = warp - 1;
+            for (int i = b; i < n_steps; i += 2) {
+                const int m = m_hi - i;
                 int k_lo, k_hi;
                 span_union<BW_BM / 32>(rows, m * BW_BM, T, lane, &k_lo, &k_hi);
                 int before = 0;
@@ -337,7 +330,7 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
         const int q0 = (m_hi - i) * BW_BM;
         const uint32_t q_base = smem_u32(smem + OFF_Q + st * BW_Q_TILE), do_base = smem_u32(smem + OFF_DO + st * BW_Q_TILE);
         const bool skip = ws.misses(q0, q0 + BW_BM - 1);
-        unsigned char* sdS = smem + (OVERLAP && b ? OFF_DS1 : OFF_DS);
+        unsigned char* sdS = smem + OFF_DS;
         const uint32_t ds_base = smem_u32(sdS);
         uint32_t pf[4][4], dsf[4][4];
 
@@ -365,7 +358,7 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
 
         // dS^T into sdS ([128 keys][64 queries], swizzled): row kr (and kr + 8), queries
         // 16 kk + 2u, +1 (fragment entries 0, 1) and 16 kk + 8 + 2u, +1 (entries 2, 3).
-        if (!OVERLAP) named_barrier_sync(BAR_CONSUMERS, 256);  // both warpgroups' previous dQ products are done
+        named_barrier_sync(BAR_CONSUMERS, 256);  // both warpgroups' previous dQ products are done
         #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             #pragma unroll
@@ -432,18 +425,7 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
                    bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
                    const float* __restrict__ delta, const int2* __restrict__ rows, const int2* __restrict__ cols,
                    const int* __restrict__ order, const int* __restrict__ rank, int T, int T_pad, int NH, int ld) {
-    bwd_sm90<false, true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
-}
-
-// v7: sdS double-buffered, one consumer barrier per query tile (opt-in until measured).
-extern "C" __global__ void __launch_bounds__(BW_THREADS, 1)
-attention_bwd_sm90_overlap(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                           const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
-                           bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem,
-                           const float* __restrict__ lse2, const float* __restrict__ delta, const int2* __restrict__ rows,
-                           const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank, int T,
-                           int T_pad, int NH, int ld) {
-    bwd_sm90<true, true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
+    bwd_sm90<true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
 }
 
 // Experiment (opt-in, NOT deterministic): v4 with the dQ partials added in arrival order, no
@@ -455,7 +437,7 @@ attention_bwd_sm90_unordered(const __grid_constant__ CUtensorMap tm_q, const __g
                              const float* __restrict__ lse2, const float* __restrict__ delta, const int2* __restrict__ rows,
                              const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank, int T,
                              int T_pad, int NH, int ld) {
-    bwd_sm90<false, false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
+    bwd_sm90<false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -136,7 +136,6 @@ fn routes(gpu: &Gpu) -> Vec<(&'static str, Pass)> {
     routes.push(("bwd sm80 (mma.sync)", Pass::Backward(BwdKernel::Sm80)));
     if gpu.props.is_hopper() {
         routes.push(("bwd sm90 (TMA + wgmma)", Pass::Backward(BwdKernel::Sm90(Sm90Bwd::Plain))));
-        routes.push(("bwd sm90 one barrier (v7)", Pass::Backward(BwdKernel::Sm90(Sm90Bwd::Overlap))));
         routes.push(("bwd sm90 unordered dQ (nondet.)", Pass::Backward(BwdKernel::Sm90(Sm90Bwd::Unordered))));
     }
     routes

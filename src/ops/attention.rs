@@ -775,7 +775,7 @@ fn fwd_sm90(
 pub enum BwdKernel {
     /// v2: cuda/attention.cu, dK/dV and dQ kernels, any GPU since sm_80.
     Sm80,
-    /// v4, v7 or v4u: cuda/attention_bwd_sm90.cu, TMA + wgmma; errors on other GPUs.
+    /// v4 or v4u: cuda/attention_bwd_sm90.cu, TMA + wgmma; errors on other GPUs.
     Sm90(Sm90Bwd),
 }
 
@@ -903,17 +903,13 @@ const SM90_BWD_FAMILY: &str = "attention_bwd_sm90";
 const SM90_BWD_KEYS: usize = 128;
 const SM90_BWD_QUERIES: usize = 64;
 const SM90_BWD_SMEM: u32 = (2 * 32768 + 2 * 32768 + 16384 + 2 * 32768 + 2 * 2 * 64 * 4 + 1024) as u32;
-/// v7 double-buffers dS^T: 16 KB more (226 KB of the 227 KB a block may have).
-const SM90_BWD_SMEM_OVERLAP: u32 = SM90_BWD_SMEM + 16384;
 
 /// The Hopper backward kernels of cuda/attention_bwd_sm90.cu (docs/attention.md, kernel
-/// versions). v7 is opt-in until it beats v4; v4u is never dispatched.
+/// versions). v4u is never dispatched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Sm90Bwd {
-    /// v4: two consumer barriers per query tile.
+    /// v4: dQ partials added in the schedule's order.
     Plain,
-    /// v7: dS^T double-buffered, one consumer barrier per query tile.
-    Overlap,
     /// v4 with the dQ partials added in arrival order: not deterministic; an experiment that
     /// measures what the ordered adds cost.
     Unordered,
@@ -939,11 +935,11 @@ fn bwd_sm90(
     if !p.is_hopper() {
         return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
     }
-    let (name, smem) = match variant {
-        Sm90Bwd::Plain => ("attention_bwd_sm90", SM90_BWD_SMEM),
-        Sm90Bwd::Overlap => ("attention_bwd_sm90_overlap", SM90_BWD_SMEM_OVERLAP),
-        Sm90Bwd::Unordered => ("attention_bwd_sm90_unordered", SM90_BWD_SMEM),
+    let name = match variant {
+        Sm90Bwd::Plain => "attention_bwd_sm90",
+        Sm90Bwd::Unordered => "attention_bwd_sm90_unordered",
     };
+    let smem = SM90_BWD_SMEM;
     check_shapes(name, &[("dy", dy.len()), ("y", y.len())], lse.len(), t, nh);
     check_qkv(name, "dgqkv", dgqkv.len(), t, nh);
     check_qkv(name, "gqkv", gqkv.len(), t, nh);
@@ -1169,7 +1165,6 @@ pub fn selftests() -> Vec<Check> {
         Check { name: "attention_bwd_sm90", run: check_bwd_sm90 },
         Check { name: "attention_fwd_sm90_pingpong", run: check_fwd_sm90_pingpong },
         Check { name: "attention_fwd_sm90_persistent", run: check_fwd_sm90_persistent },
-        Check { name: "attention_bwd_sm90_overlap", run: check_bwd_sm90_overlap },
         Check { name: "attention_bwd_sm90_unordered", run: check_bwd_sm90_unordered },
     ]
 }
@@ -1249,13 +1244,6 @@ fn check_bwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         return Ok(Vec::new());
     }
     bwd_rows(gpu, rng, "attention_bwd_sm90", BwdKernel::Sm90(Sm90Bwd::Plain), true)
-}
-
-fn check_bwd_sm90_overlap(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
-    if !gpu.props.is_hopper() {
-        return Ok(Vec::new());
-    }
-    bwd_rows(gpu, rng, "attention_bwd_sm90_overlap", BwdKernel::Sm90(Sm90Bwd::Overlap), true)
 }
 
 fn check_bwd_sm90_unordered(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
