@@ -12,7 +12,7 @@ Run on the GPU machine, after our binary has written its outputs:
    sample iff s <= max(t, p-1)), run masked attention and the gate in fp32 with autograd as the
    reference, and the same in bf16 as a plain implementation. Our error must be at most twice
    the plain bf16 error plus 1e-5 (FlashAttention's test rule).
-2. Timing, for the bench batches (a), (b), (c) whose sample tables DIR also holds:
+2. Timing, for the bench batches (a) to (d) whose sample tables DIR also holds:
    - flex_attention with a block mask built from the same mask rule, under torch.compile;
    - the two-pass formulation of the published reference: varlen flash attention
      bidirectional over each prefix, causal over each response, merged by log-sum-exp.

@@ -4,7 +4,13 @@
 //! - (b) samples of 4,096 tokens with a 25% prefix;
 //! - (c) lengths uniform in 64..4096, prefix fractions uniform in 10..90%;
 //!
-//! each packed into 16,384 rows with 12 heads (size XL). One row per kernel this GPU runs: the
+//! each packed into 16,384 rows with 12 heads (size XL), and
+//!
+//! - (d) a training batch as `bench train --size XL` draws them: 12,288 rows filled with the
+//!   same mix, the last sample cut to fit. Its samples are longer on average than those of (c)
+//!   (the draw that would overflow is cut, not dropped), so it has more pairs per row.
+//!
+//!  One row per kernel this GPU runs: the
 //! portable forward and backward (sm_80) and, on Hopper only, the Hopper ones (sm_90a), which
 //! `attention_fwd` and `attention_bwd` dispatch to there. The sigmoid gate is fused into every
 //! one of them; its few FLOPs are not counted.
@@ -26,10 +32,13 @@ use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
 use crate::ops::attention::{block_of, AttentionScratch, BwdKernel, FwdKernel, Sm90Bwd, Sm90Fwd};
+use crate::data::batch::PackedBatch;
 use crate::rng::Rng;
 
 const HD: usize = crate::config::HEAD_DIM;
 const ROWS: usize = 16_384;
+/// The tokens of one XL training step (`bench train`'s default batch).
+const TRAINING_ROWS: usize = 12_288;
 const HEADS: usize = 12;
 const WARMUP: usize = 3;
 const ITERS: usize = 20;
@@ -60,8 +69,9 @@ impl BenchBatch {
     }
 }
 
-/// The three batches, (c) drawn from `rng` until the next sample would not fit.
-pub fn bench_batches(rng: &mut Rng) -> Vec<BenchBatch> {
+/// The three batches, (c) drawn from `rng` until the next sample would not fit, and
+/// (d), a training batch of XL.
+pub fn bench_batches(rng: &mut Rng) -> Result<Vec<BenchBatch>> {
     let mut mixed = Vec::new();
     let mut used = 0;
     loop {
@@ -73,11 +83,15 @@ pub fn bench_batches(rng: &mut Rng) -> Vec<BenchBatch> {
         mixed.push((len, ((len as f64 * fraction).round() as usize).max(1)));
         used += len;
     }
-    vec![
+    let training = PackedBatch::random(rng, TRAINING_ROWS, 2, 64..4097, (0.1, 0.9)).context("drawing the training batch")?;
+    let training: Vec<(usize, usize)> =
+        training.cu_seqlens.windows(2).zip(&training.prefix_lens).map(|(w, &p)| ((w[1] - w[0]) as usize, p as usize)).collect();
+    Ok(vec![
         BenchBatch::new("(a) 1 x 16384 causal", ROWS, &[(ROWS, 1)]),
         BenchBatch::new("(b) 4 x 4096, 25% prefix", ROWS, &[(4096, 1024); 4]),
         BenchBatch::new("(c) 64..4096, 10..90% prefix", ROWS, &mixed),
-    ]
+        BenchBatch::new("(d) XL training batch", TRAINING_ROWS, &training),
+    ])
 }
 
 /// Device buffers of one batch: inputs uniform in ±1 (never zeros), outputs, gradients. g, q,
@@ -152,9 +166,9 @@ enum Pass {
 /// Prints the table: per batch and kernel, the time and TFLOP/s over visible pairs.
 pub fn run(gpu: &Gpu) -> Result<()> {
     let mut rng = Rng::new(6);
-    println!("attention on {} ({} SMs), {HEADS} heads of {HD}, {ROWS} rows per batch", gpu.props.name, gpu.props.sm_count);
+    println!("attention on {} ({} SMs), {HEADS} heads of {HD}, {ROWS} rows per batch ((d): {TRAINING_ROWS})", gpu.props.name, gpu.props.sm_count);
     println!("{:<30} {:>7} {:>14}  {:<24} {:>9} {:>9}", "batch", "samples", "visible pairs", "kernel", "ms", "TFLOP/s");
-    for b in bench_batches(&mut rng) {
+    for b in bench_batches(&mut rng)? {
         let mut bufs = Buffers::new(gpu, &mut rng, &b, HEADS)?;
         let fwd_flops = 4.0 * HD as f64 * b.pairs() as f64 * HEADS as f64;
         for (i, (name, pass)) in routes(gpu).into_iter().enumerate() {
@@ -223,7 +237,7 @@ pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
         "card": gpu.props.name,
         "head_dim": HD,
         "check": {"nh": nh, "t": t, "cu_seqlens": check.cu_seqlens, "prefix_lens": check.prefix_lens},
-        "bench": {"nh": HEADS, "batches": bench_batches(&mut Rng::new(6)).iter().map(table).collect::<Vec<_>>()},
+        "bench": {"nh": HEADS, "batches": bench_batches(&mut Rng::new(6))?.iter().map(table).collect::<Vec<_>>()},
     });
     write("meta.json", serde_json::to_string_pretty(&meta)?.as_bytes())?;
     println!("attention: wrote the check batch (T={t}, NH={nh}, {} samples) and our outputs to {}", check.prefix_lens.len(), dir.display());

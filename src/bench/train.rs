@@ -30,7 +30,7 @@ use cudarc::driver::CudaEvent;
 use half::bf16;
 use rayon::prelude::*;
 
-use crate::config::{ModelConfig, Net, NetName, SizeName, TrainConfig};
+use crate::config::{ModelConfig, Net, NetName, SizeName, TrainConfig, HEAD_DIM};
 use crate::gpu::{DriverContext, Gpu};
 use crate::data::batch::PackedBatch;
 use crate::data::loader::micro_batch_tokens;
@@ -41,7 +41,7 @@ use crate::model::spec::ParamLayout;
 use crate::optim::{AdamAtan2, AdamCoeffs};
 use crate::rng::Rng;
 use crate::train::engine::Engine;
-use crate::train::flops::{recompute_flops, useful_flops, HOPPER_BF16_FLOPS};
+use crate::train::flops::{recompute_flops, useful_flops, visible_pairs, HOPPER_BF16_FLOPS};
 use crate::train::gpu::{GpuEngine, MemoryPlan};
 
 /// Distinct steps cycled through (each of `--micro-batches` batches).
@@ -229,17 +229,32 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
         }
         engine.read_metrics().context("the profiled steps")?;
         let be = engine.backend();
-        let phases = be.take_profile()?;
+        let profile = be.take_profile()?;
         be.set_profiling(false);
         let n = args.profile as f64;
         println!("profile over {} steps ({:.1} ms per step with events):", args.profile, wall / n);
         println!("  {:<10} {:>10} {:>7}", "phase", "ms/step", "share");
         let mut accounted = 0.0;
-        for (class, ms) in &phases {
+        for (class, ms) in &profile.classes {
             accounted += ms;
             println!("  {:<10} {:>10.2} {:>6.1}%", format!("{class:?}"), ms / n, 100.0 * ms / wall);
         }
         println!("  {:<10} {:>10.2} {:>6.1}%", "gaps", (wall - accounted) / n, 100.0 * (wall - accounted) / wall);
+        println!("  {:<18} {:<10} {:>10} {:>10} {:>10}", "op", "phase", "calls/step", "ms/step", "us/call");
+        for o in &profile.ops {
+            let calls = o.calls as f64 / n;
+            println!("  {:<18} {:<10} {:>10.0} {:>10.2} {:>10.1}", o.op, format!("{:?}", o.class), calls, o.ms / n, 1e3 * o.ms / o.calls as f64);
+        }
+        // The attention's rate over the visible pairs of the profiled batches (a call's FLOPs:
+        // 4 * HD * pairs * NH forward, 2.5x that backward), as `bench attention` reports it.
+        let batches: Vec<&PackedBatch> = (0..args.profile).flat_map(|i| steps[i % BATCHES].iter()).collect();
+        let pairs = batches.iter().map(|b| visible_pairs(&b.batch()) as f64).sum::<f64>() / batches.len() as f64;
+        let fwd_flops = 4.0 * HEAD_DIM as f64 * pairs * config.dims.heads as f64;
+        for (op, flops) in [("attention_fwd", fwd_flops), ("attention_bwd", 2.5 * fwd_flops)] {
+            if let Some(o) = profile.ops.iter().find(|o| o.op == op) {
+                println!("  {op}: {:.0} TFLOP/s over {:.2}M visible pairs per head and call", flops * o.calls as f64 / (o.ms * 1e-3) / 1e12, pairs / 1e6);
+            }
+        }
     }
     Ok(())
 }

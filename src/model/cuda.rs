@@ -26,7 +26,8 @@
 //! [`Backend::download_f32`], which the trainer calls outside the step.
 //!
 //! With profiling on ([`CudaBackend::set_profiling`]) every op is bracketed by a pair of CUDA
-//! events tagged with its [`OpClass`]; [`CudaBackend::take_profile`] sums them per class.
+//! events tagged with its [`OpClass`] and name; [`CudaBackend::take_profile`] sums them per
+//! class and per op.
 
 use std::cell::{Cell, RefCell};
 
@@ -82,6 +83,21 @@ impl OpClass {
     pub const ALL: [OpClass; 5] = [OpClass::Gemm, OpClass::Attention, OpClass::LmHead, OpClass::Other, OpClass::Optimizer];
 }
 
+/// What [`CudaBackend::take_profile`] measured: milliseconds per class (in [`OpClass::ALL`]
+/// order) and per op (slowest first).
+pub struct Profile {
+    pub classes: Vec<(OpClass, f64)>,
+    pub ops: Vec<OpTime>,
+}
+
+/// The device time of one op summed over its calls.
+pub struct OpTime {
+    pub class: OpClass,
+    pub op: &'static str,
+    pub calls: usize,
+    pub ms: f64,
+}
+
 /// The CUDA implementation of [`Backend`] on one [`Gpu`].
 pub struct CudaBackend<'g> {
     gpu: &'g Gpu,
@@ -98,8 +114,8 @@ pub struct CudaBackend<'g> {
     /// Device allocations made so far (see [`CudaBackend::allocations`]).
     allocations: Cell<u64>,
     profiling: Cell<bool>,
-    /// (class, start, end) of every op since the last [`CudaBackend::take_profile`].
-    spans: RefCell<Vec<(OpClass, CudaEvent, CudaEvent)>>,
+    /// (class, op, start, end) of every op since the last [`CudaBackend::take_profile`].
+    spans: RefCell<Vec<(OpClass, &'static str, CudaEvent, CudaEvent)>>,
 }
 
 impl<'g> CudaBackend<'g> {
@@ -147,8 +163,8 @@ impl<'g> CudaBackend<'g> {
         allocation
     }
 
-    /// Runs `f`, bracketed by timing events tagged `class` when profiling is on.
-    pub fn timed<T>(&self, class: OpClass, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    /// Runs `f`, bracketed by timing events tagged `class` and `op` when profiling is on.
+    pub fn timed<T>(&self, class: OpClass, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         if !self.profiling.get() {
             return f();
         }
@@ -160,20 +176,27 @@ impl<'g> CudaBackend<'g> {
         let start = event()?;
         let out = f()?;
         let end = event()?;
-        self.spans.borrow_mut().push((class, start, end));
+        self.spans.borrow_mut().push((class, op, start, end));
         Ok(out)
     }
 
-    /// Milliseconds of device time per class since the last call, in [`OpClass::ALL`] order
-    /// (synchronises).
-    pub fn take_profile(&self) -> Result<Vec<(OpClass, f64)>> {
+    /// Device time since the last call, per class and per op (synchronises).
+    pub fn take_profile(&self) -> Result<Profile> {
         let spans = std::mem::take(&mut *self.spans.borrow_mut());
-        let mut totals: Vec<(OpClass, f64)> = OpClass::ALL.iter().map(|&c| (c, 0.0)).collect();
-        for (class, start, end) in &spans {
-            let ms = start.elapsed_ms(end).during("reading a profiling event")?;
-            totals.iter_mut().find(|(c, _)| c == class).expect("every class is listed").1 += ms as f64;
+        let mut profile = Profile { classes: OpClass::ALL.iter().map(|&c| (c, 0.0)).collect(), ops: Vec::new() };
+        for (class, op, start, end) in &spans {
+            let ms = start.elapsed_ms(end).during("reading a profiling event")? as f64;
+            profile.classes.iter_mut().find(|(c, _)| c == class).expect("every class is listed").1 += ms;
+            match profile.ops.iter_mut().find(|o| o.op == *op) {
+                Some(o) => {
+                    o.calls += 1;
+                    o.ms += ms;
+                }
+                None => profile.ops.push(OpTime { class: *class, op, calls: 1, ms }),
+            }
         }
-        Ok(totals)
+        profile.ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(profile)
     }
 
     /// The logits scratch for a batch of `t` tokens: at least `[lm_head_rows(t, v), V]` bf16.
@@ -250,7 +273,7 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn zero_metrics(&self, sums: &mut CudaSlice<f64>) -> Result<()> {
-        self.timed(OpClass::Other, || self.gpu.stream.memset_zeros(sums).context("zeroing the metric sums"))
+        self.timed(OpClass::Other, "zero_metrics", || self.gpu.stream.memset_zeros(sums).context("zeroing the metric sums"))
     }
 
     fn write_i32(&self, dst: &mut CudaSlice<i32>, host: &[i32]) -> Result<()> {
@@ -267,15 +290,15 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn zero_act(&self, x: &mut CudaSlice<bf16>) -> Result<()> {
-        self.timed(OpClass::Other, || self.gpu.stream.memset_zeros(x).context("zero_act"))
+        self.timed(OpClass::Other, "zero_act", || self.gpu.stream.memset_zeros(x).context("zero_act"))
     }
 
     fn add_act(&self, dst: &mut CudaSlice<bf16>, src: &CudaSlice<bf16>, n: usize) -> Result<()> {
-        self.timed(OpClass::Other, || add_act(self.gpu, &mut dst.slice_mut(..n), &src.slice(..n), n).with_context(|| format!("add_act [{n}]")))
+        self.timed(OpClass::Other, "add_act", || add_act(self.gpu, &mut dst.slice_mut(..n), &src.slice(..n), n).with_context(|| format!("add_act [{n}]")))
     }
 
     fn broadcast_rows(&self, out: &mut CudaSlice<bf16>, row: &CudaSlice<bf16>, t: usize, d: usize) -> Result<()> {
-        self.timed(OpClass::Other, || broadcast_rows(self.gpu, &mut out.as_view_mut(), &row.as_view(), t, d).with_context(|| format!("broadcast_rows [{t}, {d}]")))
+        self.timed(OpClass::Other, "broadcast_rows", || broadcast_rows(self.gpu, &mut out.as_view_mut(), &row.as_view(), t, d).with_context(|| format!("broadcast_rows [{t}, {d}]")))
     }
 
     fn weights_len(&self, w: &CudaSlice<bf16>) -> usize {
@@ -291,7 +314,7 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn linear_fwd(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, residual: Option<&CudaSlice<bf16>>, t: usize, n: usize, k: usize) -> Result<()> {
-        self.timed(OpClass::Gemm, || {
+        self.timed(OpClass::Gemm, "linear_fwd", || {
             let residual = residual.map(|r| r.as_view());
             linear_fwd(self.gpu, &self.gemm, &mut y.as_view_mut(), &x.as_view(), &w.slice(w_at.range()), residual.as_ref(), t, n, k)
                 .with_context(|| format!("linear_fwd [T={t}, N={n}, K={k}]"))
@@ -299,21 +322,21 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn linear_bwd_input(&self, dx: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, t: usize, n: usize, k: usize) -> Result<()> {
-        self.timed(OpClass::Gemm, || {
+        self.timed(OpClass::Gemm, "linear_bwd_input", || {
             linear_bwd_input(self.gpu, &self.gemm, &mut dx.as_view_mut(), &dy.as_view(), &w.slice(w_at.range()), t, n, k)
                 .with_context(|| format!("linear_bwd_input [T={t}, N={n}, K={k}]"))
         })
     }
 
     fn linear_bwd_weight(&self, dw: &mut CudaSlice<f32>, dw_at: TensorAt, dy: &CudaSlice<bf16>, x: &CudaSlice<bf16>, t: usize, n: usize, k: usize) -> Result<()> {
-        self.timed(OpClass::Gemm, || {
+        self.timed(OpClass::Gemm, "linear_bwd_weight", || {
             linear_bwd_weight(self.gpu, &self.gemm, &mut dw.slice_mut(dw_at.range()), &dy.as_view(), &x.as_view(), t, n, k)
                 .with_context(|| format!("linear_bwd_weight [T={t}, N={n}, K={k}]"))
         })
     }
 
     fn add_rmsnorm_fwd(&self, x: &mut CudaSlice<bf16>, y: &mut CudaSlice<bf16>, rstd: &mut CudaSlice<f32>, z: &CudaSlice<bf16>, inj: Option<&CudaSlice<bf16>>, t: usize, d: usize) -> Result<()> {
-        self.timed(OpClass::Other, || {
+        self.timed(OpClass::Other, "add_rmsnorm_fwd", || {
             let inj = inj.map(|i| i.as_view());
             add_rmsnorm_fwd(self.gpu, &mut x.as_view_mut(), &mut y.as_view_mut(), &mut rstd.as_view_mut(), &z.as_view(), inj.as_ref(), t, d)
                 .with_context(|| format!("add_rmsnorm_fwd [T={t}, D={d}]"))
@@ -321,28 +344,28 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn rmsnorm_fwd(&self, y: &mut CudaSlice<bf16>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, t: usize, d: usize) -> Result<()> {
-        self.timed(OpClass::Other, || {
+        self.timed(OpClass::Other, "rmsnorm_fwd", || {
             rmsnorm_fwd(self.gpu, &mut y.as_view_mut(), &mut rstd.as_view_mut(), &x.as_view(), t, d).with_context(|| format!("rmsnorm_fwd [T={t}, D={d}]"))
         })
     }
 
     fn rmsnorm_bwd(&self, dx: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, x: &CudaSlice<bf16>, rstd: &CudaSlice<f32>, t: usize, d: usize) -> Result<()> {
-        self.timed(OpClass::Other, || {
+        self.timed(OpClass::Other, "rmsnorm_bwd", || {
             rmsnorm_bwd(self.gpu, &mut dx.as_view_mut(), &dy.as_view(), &x.as_view(), &rstd.as_view(), t, d).with_context(|| format!("rmsnorm_bwd [T={t}, D={d}]"))
         })
     }
 
     fn qkv_rope_fwd(&self, gqkv: &mut CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
-        self.timed(OpClass::Other, || qkv_rope_fwd(self.gpu, &mut gqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_fwd [T={t}, NH={nh}]")))
+        self.timed(OpClass::Other, "qkv_rope_fwd", || qkv_rope_fwd(self.gpu, &mut gqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_fwd [T={t}, NH={nh}]")))
     }
 
     fn qkv_rope_bwd(&self, dgqkv: &mut CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
-        self.timed(OpClass::Other, || qkv_rope_bwd(self.gpu, &mut dgqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_bwd [T={t}, NH={nh}]")))
+        self.timed(OpClass::Other, "qkv_rope_bwd", || qkv_rope_bwd(self.gpu, &mut dgqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_bwd [T={t}, NH={nh}]")))
     }
 
     fn attention_fwd(&self, y: &mut CudaSlice<bf16>, lse: &mut CudaSlice<f32>, gqkv: &CudaSlice<bf16>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         let mut scratch = self.attention_scratch(t, nh)?;
-        self.timed(OpClass::Attention, || {
+        self.timed(OpClass::Attention, "attention_fwd", || {
             attention_fwd(self.gpu, &mut y.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh, &mut scratch)
                 .with_context(|| format!("attention_fwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
         })
@@ -350,7 +373,7 @@ impl<'g> Backend for CudaBackend<'g> {
 
     fn attention_bwd(&self, dgqkv: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, y: &CudaSlice<bf16>, lse: &CudaSlice<f32>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         let mut scratch = self.attention_scratch(t, nh)?;
-        self.timed(OpClass::Attention, || {
+        self.timed(OpClass::Attention, "attention_bwd", || {
             let (cu, pl) = (cu_seqlens.as_view(), prefix_lens.as_view());
             attention_bwd(self.gpu, &mut dgqkv.as_view_mut(), &dy.as_view(), &gqkv.as_view(), &y.as_view(), &lse.as_view(), &cu, &pl, t, nh, &mut scratch)
                 .with_context(|| format!("attention_bwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
@@ -358,17 +381,17 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn swiglu_fwd(&self, out: &mut CudaSlice<bf16>, gate_up: &CudaSlice<bf16>, t: usize, i: usize) -> Result<()> {
-        self.timed(OpClass::Other, || swiglu_fwd(self.gpu, &mut out.as_view_mut(), &gate_up.as_view(), t, i).with_context(|| format!("swiglu_fwd [T={t}, I={i}]")))
+        self.timed(OpClass::Other, "swiglu_fwd", || swiglu_fwd(self.gpu, &mut out.as_view_mut(), &gate_up.as_view(), t, i).with_context(|| format!("swiglu_fwd [T={t}, I={i}]")))
     }
 
     fn swiglu_bwd(&self, dgate_up: &mut CudaSlice<bf16>, dout: &CudaSlice<bf16>, gate_up: &CudaSlice<bf16>, t: usize, i: usize) -> Result<()> {
-        self.timed(OpClass::Other, || {
+        self.timed(OpClass::Other, "swiglu_bwd", || {
             swiglu_bwd(self.gpu, &mut dgate_up.as_view_mut(), &dout.as_view(), &gate_up.as_view(), t, i).with_context(|| format!("swiglu_bwd [T={t}, I={i}]"))
         })
     }
 
     fn embedding_fwd(&self, out: &mut CudaSlice<bf16>, tokens: &CudaSlice<i32>, w: &CudaSlice<bf16>, w_at: TensorAt, t: usize, d: usize, scale: f32) -> Result<()> {
-        self.timed(OpClass::Other, || {
+        self.timed(OpClass::Other, "embedding_fwd", || {
             embedding_fwd(self.gpu, &mut out.as_view_mut(), &tokens.as_view(), &w.slice(w_at.range()), t, d, scale).with_context(|| format!("embedding_fwd [T={t}, D={d}]"))
         })
     }
@@ -390,7 +413,7 @@ impl<'g> Backend for CudaBackend<'g> {
         let v = dw_at.len / d;
         let mut slot = self.embed_scratch.borrow_mut();
         let scratch = slot.as_mut().context("embedding_bwd: no token order was prepared (Backend::prepare_token_order)")?;
-        self.timed(OpClass::Other, || {
+        self.timed(OpClass::Other, "embedding_bwd", || {
             embedding_bwd(self.gpu, &mut dw.slice_mut(dw_at.range()), &dout.as_view(), &tokens.as_view(), t, d, scale, scratch).with_context(|| format!("embedding_bwd [T={t}, D={d}, V={v}]"))
         })
     }
@@ -401,7 +424,7 @@ impl<'g> Backend for CudaBackend<'g> {
         let mut logits = logits.slice_mut(..rows * v); // [rows, V]
         let w = w.slice(w_at.range()); // [V, D]
         let what = || format!("lm_head_loss [T={t}, V={v}, D={d}] in chunks of {rows} rows");
-        self.timed(OpClass::LmHead, || {
+        self.timed(OpClass::LmHead, "lm_head_loss", || {
             if let Some((dy, dw)) = grads {
                 let mut dw = dw.slice_mut(w_at.range());
                 return lm_head_cross_entropy(self.gpu, &self.gemm, &mut dy.as_view_mut(), &mut dw, &mut losses.as_view_mut(), &mut correct.as_view_mut(), &y.as_view(), &w, &labels.as_view(), t, v, d, &grad_scale.as_view(), &mut logits)
@@ -421,7 +444,7 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn step_metrics(&self, sums: &mut CudaSlice<f64>, losses: &CudaSlice<f32>, correct: &CudaSlice<u8>, labels: &CudaSlice<i32>, cu_seqlens: &CudaSlice<i32>, t: usize) -> Result<()> {
-        self.timed(OpClass::Other, || {
+        self.timed(OpClass::Other, "step_metrics", || {
             metrics(self.gpu, &mut sums.as_view_mut(), &losses.as_view(), &correct.as_view(), &labels.as_view(), &cu_seqlens.as_view(), t).with_context(|| format!("step_metrics [T={t}, S={}]", cu_seqlens.len() - 1))
         })
     }

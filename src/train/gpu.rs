@@ -191,7 +191,7 @@ impl<'g> GpuEngine<'g> {
     fn enqueue_zero_sums(&mut self) -> Result<()> {
         let gpu = self.gpu;
         let _zeroing = Range::push("zero_grads");
-        self.model.backend().timed(OpClass::Other, || gpu.stream.memset_zeros(&mut self.grads).context("zeroing the gradients"))?;
+        self.model.backend().timed(OpClass::Other, "zero_grads", || gpu.stream.memset_zeros(&mut self.grads).context("zeroing the gradients"))?;
         self.model.backend().zero_metrics(&mut self.metrics)
     }
 
@@ -207,7 +207,7 @@ impl<'g> GpuEngine<'g> {
         let _optimizer = Range::push("optimizer");
         let coeffs = &self.coeffs;
         let (master, m, v, ema, grads, compute, table, metrics) = (&mut self.master, &mut self.m, &mut self.v, &mut self.ema, &self.grads, &mut self.compute, &mut self.table, &self.metrics);
-        self.model.backend().timed(OpClass::Optimizer, || {
+        self.model.backend().timed(OpClass::Optimizer, "adam_atan2", || {
             adam_atan2_guard(gpu, table, &metrics.as_view()).context("AdamATan2 loss guard")?;
             adam_atan2(gpu, &mut master.as_view_mut(), &mut m.as_view_mut(), &mut v.as_view_mut(), &mut ema.as_view_mut(), &grads.as_view(), &mut compute.as_view_mut(), table, coeffs)
                 .context("AdamATan2 step")
