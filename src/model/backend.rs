@@ -139,6 +139,11 @@ pub trait Backend {
 
     // ---- gated attention ----
 
+    /// The sample table (`cu_seqlens`, `prefix_lens`) was just rewritten: tables a backend
+    /// derives from it and keeps between attention calls (the CUDA row spans and tile orders)
+    /// must be rebuilt.
+    fn sample_table_changed(&self) {}
+
     /// y: [T, C] = sigmoid(g) * attention(q, k, v), lse: [NH, T], from the blocks of gqkv
     /// [T, 4C]; PrefixLM mask over the samples of `cu_seqlens` [S+1], `prefix_lens` `[S]`. The
     /// attention's own output is not kept (ops::gate).

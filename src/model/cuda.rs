@@ -217,7 +217,10 @@ impl<'g> CudaBackend<'g> {
         let mut slot = self.attn_scratch.borrow_mut();
         if slot.as_ref().is_none_or(|s| !s.fits(t, nh)) {
             *slot = None; // release the smaller one first
-            *slot = Some(self.counted(AttentionScratch::new(self.gpu, t, nh).context("allocating the attention scratch"))?);
+            let mut scratch = self.counted(AttentionScratch::new(self.gpu, t, nh).context("allocating the attention scratch"))?;
+            // Built once per batch: the model announces every new sample table.
+            scratch.hold_tables();
+            *slot = Some(scratch);
         }
         Ok(std::cell::RefMut::map(slot, |s| s.as_mut().expect("allocated above")))
     }
@@ -361,6 +364,12 @@ impl<'g> Backend for CudaBackend<'g> {
 
     fn qkv_rope_bwd(&self, dgqkv: &mut CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         self.timed(OpClass::Other, "qkv_rope_bwd", || qkv_rope_bwd(self.gpu, &mut dgqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_bwd [T={t}, NH={nh}]")))
+    }
+
+    fn sample_table_changed(&self) {
+        if let Some(scratch) = self.attn_scratch.borrow_mut().as_mut() {
+            scratch.sample_table_changed();
+        }
     }
 
     fn attention_fwd(&self, y: &mut CudaSlice<bf16>, lse: &mut CudaSlice<f32>, gqkv: &CudaSlice<bf16>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {

@@ -241,6 +241,7 @@ impl<B: Backend> DeviceBatch<B> {
         be.write_i32(&mut self.positions, batch.positions)?;
         be.write_i32(&mut self.cu_seqlens, &cu_seqlens)?;
         be.write_i32(&mut self.prefix_lens, &prefix_lens)?;
+        be.sample_table_changed();
         be.write_f32(&mut self.grad_scale, &[grad_scale])
     }
 }

@@ -420,13 +420,18 @@ const ORDER_TILE: usize = 128;
 const _: () = assert!(Q_TILE == ORDER_TILE && KV_TILE == ORDER_TILE && SM90_TILE == ORDER_TILE && SM90_BWD_KEYS == ORDER_TILE);
 
 /// The device tables and workspaces of the GPU launchers for up to `t_max` rows and `NH`
-/// heads, allocated once and reused by every call; each call rebuilds what it reads (the row
-/// tables and tile orders from the sample table, the zeroed counters), so nothing carries over
-/// from one call to the next. Lengths with `T_pad` = T rounded up to 64 and `tiles` =
-/// ceil(T / 128):
+/// heads, allocated once and reused by every call. By default each call rebuilds what it reads
+/// (the row tables and tile orders from the sample table, the zeroed counters), so nothing
+/// carries over from one call to the next. After [`AttentionScratch::hold_tables`] the row
+/// tables and tile orders built from one sample table are kept for every later call on the
+/// same sample-table buffers and T, until [`AttentionScratch::sample_table_changed`]: a model
+/// step builds them once for its hundreds of attention calls. Lengths with `T_pad` = T rounded
+/// up to 64 and `tiles` = ceil(T / 128):
 pub struct AttentionScratch {
     t_max: usize,
     nh: usize,
+    /// What the tables hold, when they are held (see [`HeldTables`]).
+    held: Option<HeldTables>,
     /// [T, 2] i32 each: the key rows every query sees, the query rows that see every key.
     rows: CudaSlice<i32>,
     cols: CudaSlice<i32>,
@@ -450,6 +455,16 @@ pub struct AttentionScratch {
     da: CudaSlice<bf16>,
 }
 
+/// Which tables a holding [`AttentionScratch`] has built since the sample table last changed:
+/// the row spans for (cu_seqlens, prefix_lens, samples, T) at these device addresses, and the query
+/// and key tile orders with the step each was counted in (the kernels differ).
+#[derive(Default)]
+struct HeldTables {
+    spans_for: Option<(u64, u64, usize, usize)>,
+    q_order_step: Option<usize>,
+    kv_order_step: Option<usize>,
+}
+
 /// Element counts of the [`AttentionScratch`] buffers for `t` rows and `nh` heads, in field
 /// order (all 4-byte elements).
 fn scratch_lens(t: usize, nh: usize) -> [usize; 10] {
@@ -471,6 +486,7 @@ impl AttentionScratch {
         Ok(AttentionScratch {
             t_max,
             nh,
+            held: None,
             rows: i32s(rows)?,
             cols: i32s(cols)?,
             q_order: i32s(q_order)?,
@@ -493,11 +509,37 @@ impl AttentionScratch {
     fn check(&self, what: &str, t: usize, nh: usize) {
         assert!(self.fits(t, nh), "{what}: the scratch holds T <= {} rows of NH = {} heads, the call has T = {t}, NH = {nh}", self.t_max, self.nh);
     }
+
+    /// From now on, keep the row tables and tile orders between calls on the same sample-table
+    /// buffers and T. The caller promises to call [`AttentionScratch::sample_table_changed`]
+    /// whenever it writes new contents into those buffers.
+    pub fn hold_tables(&mut self) {
+        self.held = Some(HeldTables::default());
+    }
+
+    /// The sample table's contents changed: the next call rebuilds the tables.
+    pub fn sample_table_changed(&mut self) {
+        if let Some(held) = &mut self.held {
+            *held = HeldTables::default();
+        }
+    }
 }
 
 /// The row spans of every query and key (`[T, 2]` i32 each in `s.rows`, `s.cols`, see
-/// cuda/attention.cuh), built on the device from the sample table.
+/// cuda/attention.cuh), built on the device from the sample table (unless held from an
+/// earlier call on the same table).
 fn spans(gpu: &Gpu, s: &mut AttentionScratch, cu_seqlens: &CudaView<i32>, prefix_lens: &CudaView<i32>, t: usize) -> Result<(), GpuError> {
+    let key = {
+        let (cu, _read) = cu_seqlens.device_ptr(&gpu.stream);
+        let (pl, _read) = prefix_lens.device_ptr(&gpu.stream);
+        (cu, pl, prefix_lens.len(), t)
+    };
+    if let Some(held) = &mut s.held {
+        if held.spans_for == Some(key) {
+            return Ok(());
+        }
+        *held = HeldTables { spans_for: Some(key), ..HeldTables::default() };
+    }
     let (n_samples, t_i32) = (prefix_lens.len() as i32, t as i32);
     let func = gpu.function(FAMILY, "attention_spans")?;
     let mut args = gpu.stream.launch_builder(&func);
@@ -507,6 +549,30 @@ fn spans(gpu: &Gpu, s: &mut AttentionScratch, cu_seqlens: &CudaView<i32>, prefix
     // T int2 (the scratch fits T, checked by the callers).
     unsafe { args.launch(config(prefix_lens.len() + 1, BLOCK_THREADS, 0)) }.during("attention_spans")?;
     Ok(())
+}
+
+/// The query tiles of 128 rows in `s.q_order`, ordered by decreasing work counted in key
+/// tiles of `step` rows (unless held); [`spans`] first.
+fn query_order(gpu: &Gpu, s: &mut AttentionScratch, t: usize, step: usize) -> Result<(), GpuError> {
+    if let Some(held) = &mut s.held {
+        if held.q_order_step == Some(step) {
+            return Ok(());
+        }
+        held.q_order_step = Some(step);
+    }
+    schedule(gpu, &mut s.q_order, &s.rows, t, ORDER_TILE, step)
+}
+
+/// The key tiles of 128 rows in `s.kv_order`, ordered by decreasing work counted in query
+/// tiles of `step` rows (unless held); [`spans`] first.
+fn key_order(gpu: &Gpu, s: &mut AttentionScratch, t: usize, step: usize) -> Result<(), GpuError> {
+    if let Some(held) = &mut s.held {
+        if held.kv_order_step == Some(step) {
+            return Ok(());
+        }
+        held.kv_order_step = Some(step);
+    }
+    schedule(gpu, &mut s.kv_order, &s.cols, t, ORDER_TILE, step)
 }
 
 /// Writes into `order` the tiles of `tile` rows ordered by decreasing work, counted in
@@ -628,7 +694,7 @@ fn fwd_sm80(
     scratch.check("attention_fwd_sm80", t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
-    schedule(gpu, &mut s.q_order, &s.rows, t, Q_TILE, KEY_STEP)?;
+    query_order(gpu, s, t, KEY_STEP)?;
     let func = function_with_smem(gpu, "attention_fwd", FWD_SMEM)?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
     // The guard keeps gqkv recorded as read by this launch (cudarc's stream tracking).
@@ -736,7 +802,7 @@ fn fwd_sm90(
     scratch.check(name, t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
-    schedule(gpu, &mut s.q_order, &s.rows, t, SM90_TILE, SM90_TILE)?;
+    query_order(gpu, s, t, SM90_TILE)?;
     // The guard keeps gqkv recorded as read by this launch (cudarc's stream tracking).
     let (base, _read) = gqkv.device_ptr(&gpu.stream);
     let qkv = QkvBlocks::at(base, nh);
@@ -859,8 +925,8 @@ fn bwd_sm80(
     scratch.check("attention_bwd_sm80", t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
-    schedule(gpu, &mut s.q_order, &s.rows, t, Q_TILE, KEY_STEP)?;
-    schedule(gpu, &mut s.kv_order, &s.cols, t, KV_TILE, QUERY_STEP)?;
+    query_order(gpu, s, t, KEY_STEP)?;
+    key_order(gpu, s, t, QUERY_STEP)?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
 
     // The guards keep gqkv recorded as read and dgqkv as written by these launches.
@@ -949,7 +1015,7 @@ fn bwd_sm90(
     scratch.check(name, t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
-    schedule(gpu, &mut s.kv_order, &s.cols, t, SM90_BWD_KEYS, SM90_BWD_QUERIES)?;
+    key_order(gpu, s, t, SM90_BWD_QUERIES)?;
     let (n_kv, n_q) = (t.div_ceil(SM90_BWD_KEYS), t.div_ceil(SM90_BWD_QUERIES));
     let t_pad = n_q * SM90_BWD_QUERIES;
     let (t_i32, t_pad_i32, nh_i32, n_kv_i32) = (t as i32, t_pad as i32, nh as i32, n_kv as i32);
@@ -1161,6 +1227,7 @@ pub fn selftests() -> Vec<Check> {
         Check { name: "attention_fwd_sm80", run: check_fwd_sm80 },
         Check { name: "attention_bwd_sm80", run: check_bwd_sm80 },
         Check { name: "attention_decode", run: check_decode },
+        Check { name: "attention_held_tables", run: check_held_tables },
         Check { name: "attention_fwd_sm90", run: check_fwd_sm90 },
         Check { name: "attention_bwd_sm90", run: check_bwd_sm90 },
         Check { name: "attention_fwd_sm90_pingpong", run: check_fwd_sm90_pingpong },
@@ -1317,6 +1384,48 @@ fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel, determinist
         rows.push(Row::new(format!("{name} {what}"), b.shape(), exact, compare(&second[from..].concat(), &first[from..].concat(), exact)));
     }
     Ok(rows)
+}
+
+/// A scratch that holds its tables (as the model's does) gives, bit for bit, what a fresh one
+/// gives: on a second batch written into the same sample-table buffers after
+/// `sample_table_changed`, and again on a later call that reuses the held tables. The default
+/// kernels, forward and backward.
+fn check_held_tables(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let nh = 2;
+    // Two sample tables of the same T and sample count: where the first has a long prefix and
+    // padding, the second is causal with many tiles.
+    let first = TestBatch::new(rng, "held first", &[(300, 290), (150, 1)], 62, nh, 2.0);
+    let second = TestBatch::new(rng, "held second", &[(40, 20), (472, 1)], 0, nh, 2.0);
+    assert_eq!((first.t, first.prefix_lens.len()), (second.t, second.prefix_lens.len()));
+    let (t, n) = (second.t, second.q.len());
+    let gqkv = upload_bf16(gpu, &second.gqkv())?;
+    let dy = upload_bf16(gpu, &rng.uniform_vec(n, 1.0).into_iter().map(bf16_round).collect::<Vec<_>>())?;
+    // fwd then bwd: y, lse and the four gradient blocks, downloaded as one vector.
+    let run = |scratch: &mut AttentionScratch, cu: &CudaSlice<i32>, pl: &CudaSlice<i32>| -> Result<Vec<f32>, GpuError> {
+        let (mut y, mut dgqkv) = (poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, 4 * n)?);
+        let mut lse = gpu.stream.clone_htod(&vec![f32::NAN; nh * t]).during("poison")?;
+        let (cu, pl) = (cu.as_view(), pl.as_view());
+        attention_fwd(gpu, &mut y.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu, &pl, t, nh, scratch)?;
+        attention_bwd(gpu, &mut dgqkv.as_view_mut(), &dy.as_view(), &gqkv.as_view(), &y.as_view(), &lse.as_view(), &cu, &pl, t, nh, scratch)?;
+        let lse = gpu.stream.clone_dtoh(&lse).during("download")?;
+        Ok([download_bf16(gpu, &y)?, finite_lse(&lse), download_bf16(gpu, &dgqkv)?].concat())
+    };
+    let mut held = AttentionScratch::new(gpu, t, nh)?;
+    held.hold_tables();
+    let mut cu = gpu.stream.clone_htod(&first.cu_seqlens).during("upload")?;
+    let mut pl = gpu.stream.clone_htod(&first.prefix_lens).during("upload")?;
+    run(&mut held, &cu, &pl)?;
+    gpu.stream.memcpy_htod(&second.cu_seqlens, &mut cu).during("upload")?;
+    gpu.stream.memcpy_htod(&second.prefix_lens, &mut pl).during("upload")?;
+    held.sample_table_changed();
+    let after_change = run(&mut held, &cu, &pl)?;
+    let reused = run(&mut held, &cu, &pl)?;
+    let fresh = run(&mut AttentionScratch::new(gpu, t, nh)?, &cu, &pl)?;
+    let exact = Tolerance { abs: 0.0, rel: 0.0 };
+    Ok(vec![
+        Row::new("attention held tables, new sample table", second.shape(), exact, compare(&after_change, &fresh, exact)),
+        Row::new("attention held tables, reused", second.shape(), exact, compare(&reused, &fresh, exact)),
+    ])
 }
 
 fn check_decode(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
