@@ -39,7 +39,9 @@
 //      in practice) are already running: no deadlock. Blocks walk their query tiles from the
 //      last one down, so that the key tiles of one sample, which all end at the sample's last
 //      row, reach each query tile at the same step and the chain of adds stays short.
-// 3. attention_bwd_sm90_dq: dq = scale * dqacc as bf16, rows that see nothing get 0.
+// 3. attention_bwd_sm90_finish: dq = scale * dqacc, rows that see nothing get 0; then RoPE's
+//    backward on dq and on the dk the main kernel wrote (the rotation of qkv_rope_fwd undone, as
+//    in cuda/rope.cu), so that dq and dk are the gradients of the projection before RoPE.
 //
 // Invariants of the main kernel
 // - Every consumer warpgroup takes part in every query tile of the block's range (dQ needs both
@@ -201,7 +203,7 @@ __device__ __forceinline__ void pack_grads(uint32_t (&pf)[4][4], uint32_t (&dsf)
 // tm_k, tm_v: the same of k, v with boxes (64, 1, 128); all 128-byte swizzled. q, k, v have rows
 // ld elements apart (blocks of the fused projection), do is contiguous.
 // dk, dv: [T, NH, HD] out, rows ld apart (blocks of the projection's gradient); dqacc: [NH, T_pad / 64, 64 x 128] fp32 out (each query tile's block in
-// the consumers' fragment order, see attention_bwd_sm90_dq); sem: [NH, T_pad / 64] zeroed;
+// the consumers' fragment order, see attention_bwd_sm90_finish); sem: [NH, T_pad / 64] zeroed;
 // lse2, delta: [NH, T_pad]; rows, cols: [T] int2; order: [ceil(T / 128)] key tiles by decreasing
 // work (attention_schedule over cols, tile 128, step 64); rank: its inverse.
 // Grid: ceil(T / 128) * NH blocks of BW_THREADS, head fastest; dynamic shared memory BW_SMEM.
@@ -441,21 +443,60 @@ attention_bwd_sm90_unordered(const __grid_constant__ CUtensorMap tm_q, const __g
 }
 
 // ---------------------------------------------------------------------------------------
-// 3. dq from the fp32 workspace.
+// 3. dq from the fp32 workspace, and RoPE's backward on dq and dk.
 // ---------------------------------------------------------------------------------------
 
-// dq: [T, NH, HD] out (rows ld elements apart) = scale * dqacc, bf16; dqacc: [NH, T_pad / 64, 64 x 128] fp32 in fragment
-// order: float4 c (< 16) of thread tid (< 128) of tile m holds, with w = c / 8 (the warpgroup,
-// dims [64 w, 64 w + 64)), nt = c % 8, warp = tid / 32, g = tid % 32 / 4, u = tid % 4:
-// rows 16 warp + g (x, y) and 16 warp + g + 8 (z, w) of the tile, dims 64 w + 8 nt + 2u, +1.
-// Rows whose span is empty (padding: no dQ partial was written for tiles of only such rows)
-// get 0. One block of 256 threads per (query tile of 64 rows, head).
+// sin and cos of an angle x >= 0 (a position times a RoPE frequency, x < 2^17) to ~3e-7:
+// x reduced to [-pi, pi] by one Cody-Waite step (fma keeps k * 2pi_hi exact), then the special
+// function unit's approximation, accurate there. sincosf would spend ~30 instructions on each
+// of the 64 angles of every row and head; these are a few.
+__device__ __forceinline__ void rope_sincos(float x, float* s, float* c) {
+    const float two_pi_hi = 6.28318548202514648f, two_pi_lo = -1.7484556e-7f;  // 2pi = hi + lo
+    const float k = rintf(x * 0.159154943091895336f);
+    float r = fmaf(-k, two_pi_hi, x);
+    r = fmaf(-k, two_pi_lo, r);
+    __sincosf(r, s, c);
+}
+
+// The rotation of RoPE's backward for 8 dims j = j0 + e of a row at position `pos`: the cos
+// and -sin of a_j = pos * inv_freq[j].
+struct RopeBack8 {
+    float cs[8], sn[8];
+    __device__ __forceinline__ RopeBack8(int pos, const float* inv_freq, int j0) {
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            rope_sincos((float)pos * inv_freq[j0 + e], &sn[e], &cs[e]);
+            sn[e] = -sn[e];
+        }
+    }
+    // (x1[e], x2[e]) = (dims j, j + 64) rotated back, the arithmetic of cuda/rope.cu.
+    __device__ __forceinline__ void apply(float (&x1)[8], float (&x2)[8]) const {
+        #pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float a = x1[e] * cs[e] - x2[e] * sn[e], b = x2[e] * cs[e] + x1[e] * sn[e];
+            x1[e] = a;
+            x2[e] = b;
+        }
+    }
+};
+
+// dq: [T, NH, HD] out (rows ld elements apart) = RoPE^-1(scale * dqacc), bf16; dk: the same
+// layout, rotated back in place; dqacc: [NH, T_pad / 64, 64 x 128] fp32 in fragment order:
+// float4 c (< 16) of thread tid (< 128) of tile m holds, with w = c / 8 (the warpgroup, dims
+// [64 w, 64 w + 64)), nt = c % 8, warp = tid / 32, g = tid % 32 / 4, u = tid % 4: rows
+// 16 warp + g (x, y) and 16 warp + g + 8 (z, w) of the tile, dims 64 w + 8 nt + 2u, +1.
+// pos: [T] the RoPE positions. Rows whose span is empty (padding: no dQ partial was written
+// for tiles of only such rows) get dq = 0. One block of 256 threads per (query tile of 64
+// rows, head); each thread then rotates two (row, 8 dims and their +64 partners) items.
 extern "C" __global__ void __launch_bounds__(256)
-attention_bwd_sm90_dq(bf16* __restrict__ dq, const float* __restrict__ dqacc, const int2* __restrict__ rows, int T, int T_pad, int NH,
-                      int ld) {
+attention_bwd_sm90_finish(bf16* __restrict__ dq, bf16* __restrict__ dk, const float* __restrict__ dqacc, const int2* __restrict__ rows,
+                          const int* __restrict__ pos, int T, int T_pad, int NH, int ld) {
     __shared__ float tile[BW_BM][ATTN_HD + 4];
+    __shared__ float inv_freq[ATTN_HD / 2];
     const int n_q = T_pad / BW_BM;
     const int m = blockIdx.x / NH, h = blockIdx.x % NH;
+    // Rounded once from double: the table of cuda/rope.cu and src/ops/rope.rs.
+    if (threadIdx.x < ATTN_HD / 2) inv_freq[threadIdx.x] = (float)(1.0 / pow(10000.0, (2.0 * threadIdx.x) / (double)ATTN_HD));
     const float4* src = reinterpret_cast<const float4*>(dqacc + ((size_t)h * n_q + m) * (BW_BM * ATTN_HD));
     #pragma unroll
     for (int it = 0; it < BW_BM * ATTN_HD / 4 / 256; ++it) {
@@ -468,14 +509,28 @@ attention_bwd_sm90_dq(bf16* __restrict__ dq, const float* __restrict__ dqacc, co
     }
     __syncthreads();
     #pragma unroll
-    for (int it = 0; it < BW_BM * ATTN_CHUNKS / 256; ++it) {
-        const int idx = it * 256 + threadIdx.x, r = idx / ATTN_CHUNKS, chunk = idx % ATTN_CHUNKS;
+    for (int it = 0; it < BW_BM * (ATTN_CHUNKS / 2) / 256; ++it) {
+        const int idx = it * 256 + threadIdx.x, r = idx / (ATTN_CHUNKS / 2), chunk = idx % (ATTN_CHUNKS / 2);
         const int row = m * BW_BM + r;
         if (row >= T) continue;
         const bool seen = attn_visible(rows[row], row);  // a real row sees itself; padding sees nothing
-        float x[8];
+        const int j0 = chunk * 8;
+        float x1[8], x2[8];
         #pragma unroll
-        for (int j = 0; j < 8; ++j) x[j] = seen ? tile[r][chunk * 8 + j] * ATTN_SCALE : 0.f;
-        *reinterpret_cast<bf16x8*>(dq + (size_t)row * ld + h * ATTN_HD + chunk * 8) = float_to_bf16x8(x);
+        for (int j = 0; j < 8; ++j) {
+            x1[j] = seen ? tile[r][j0 + j] * ATTN_SCALE : 0.f;
+            x2[j] = seen ? tile[r][ATTN_HD / 2 + j0 + j] * ATTN_SCALE : 0.f;
+        }
+        const RopeBack8 rot(pos[row], inv_freq, j0);
+        rot.apply(x1, x2);
+        bf16* q_row = dq + (size_t)row * ld + h * ATTN_HD;
+        *reinterpret_cast<bf16x8*>(q_row + j0) = float_to_bf16x8(x1);
+        *reinterpret_cast<bf16x8*>(q_row + ATTN_HD / 2 + j0) = float_to_bf16x8(x2);
+        bf16* k_row = dk + (size_t)row * ld + h * ATTN_HD;
+        bf16x8_to_float(load_bf16x8(k_row + j0), x1);
+        bf16x8_to_float(load_bf16x8(k_row + ATTN_HD / 2 + j0), x2);
+        rot.apply(x1, x2);
+        *reinterpret_cast<bf16x8*>(k_row + j0) = float_to_bf16x8(x1);
+        *reinterpret_cast<bf16x8*>(k_row + ATTN_HD / 2 + j0) = float_to_bf16x8(x2);
     }
 }

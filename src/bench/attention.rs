@@ -19,7 +19,8 @@
 //! the backward `2.5x` that (five products: dV, dP, dQ, dK plus the recomputed S; FlashAttention's
 //! convention, although the portable deterministic dQ kernel recomputes S and dP once more). Times are
 //! CUDA-event medians after warm-up, the inputs (150 MB of q, k, v) exceed the L2 cache, and
-//! each call includes its span and schedule kernels and workspace allocations.
+//! each call includes its span and schedule kernels and workspace allocations; a backward call
+//! also includes RoPE's backward on dq and dk (with each sample's positions), which it fuses.
 //!
 //! [`dump`] writes a small batch with our kernels' outputs, and the three batches' sample tables,
 //! for `tools/attention_torch_check.py`.
@@ -59,6 +60,15 @@ impl BenchBatch {
         }
         assert!(*cu_seqlens.last().unwrap() as usize <= t);
         BenchBatch { name, t, cu_seqlens, prefix_lens: samples.iter().map(|&(_, p)| p as i32).collect() }
+    }
+
+    /// RoPE positions `[T]`: from 0 at each sample's start, 0 on padding rows.
+    pub fn positions(&self) -> Vec<i32> {
+        let mut pos = vec![0; self.t];
+        for w in self.cu_seqlens.windows(2) {
+            (w[0]..w[1]).for_each(|row| pos[row as usize] = row - w[0]);
+        }
+        pos
     }
 
     /// Visible (query, key) pairs per head: a sample of length n with prefix p has p^2 pairs in
@@ -105,11 +115,13 @@ struct Buffers {
     lse: CudaSlice<f32>,
     cu_seqlens: CudaSlice<i32>,
     prefix_lens: CudaSlice<i32>,
+    /// RoPE's positions, whose backward the attention backward applies to dq and dk.
+    positions: CudaSlice<i32>,
     scratch: AttentionScratch,
 }
 
 impl Buffers {
-    fn new(gpu: &Gpu, rng: &mut Rng, b: &BenchBatch, nh: usize) -> Result<Buffers> {
+    fn new(gpu: &Gpu, rng: &mut Rng, b: &BenchBatch, positions: &[i32], nh: usize) -> Result<Buffers> {
         let n = b.t * nh * HD;
         let mut random = |n: usize| -> Result<CudaSlice<bf16>> {
             let host: Vec<bf16> = rng.uniform_vec(n, 1.0).into_iter().map(bf16::from_f32).collect();
@@ -123,6 +135,7 @@ impl Buffers {
             lse: gpu.stream.alloc_zeros(nh * b.t)?,
             cu_seqlens: gpu.stream.clone_htod(&b.cu_seqlens)?,
             prefix_lens: gpu.stream.clone_htod(&b.prefix_lens)?,
+            positions: gpu.stream.clone_htod(positions)?,
             scratch: AttentionScratch::new(gpu, b.t, nh)?,
         })
     }
@@ -135,7 +148,8 @@ impl Buffers {
     fn backward(&mut self, gpu: &Gpu, kernel: BwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
         let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
         let (y, lse) = (self.y.as_view(), self.lse.as_view());
-        kernel.run(gpu, &mut self.dgqkv.as_view_mut(), &self.dy.as_view(), &self.gqkv.as_view(), &y, &lse, &cu, &pl, t, nh, &mut self.scratch)
+        let pos = self.positions.as_view();
+        kernel.run(gpu, &mut self.dgqkv.as_view_mut(), &self.dy.as_view(), &self.gqkv.as_view(), &y, &lse, &cu, &pl, &pos, t, nh, &mut self.scratch)
     }
 }
 
@@ -169,7 +183,7 @@ pub fn run(gpu: &Gpu) -> Result<()> {
     println!("attention on {} ({} SMs), {HEADS} heads of {HD}, {ROWS} rows per batch ((d): {TRAINING_ROWS})", gpu.props.name, gpu.props.sm_count);
     println!("{:<30} {:>7} {:>14}  {:<24} {:>9} {:>9}", "batch", "samples", "visible pairs", "kernel", "ms", "TFLOP/s");
     for b in bench_batches(&mut rng)? {
-        let mut bufs = Buffers::new(gpu, &mut rng, &b, HEADS)?;
+        let mut bufs = Buffers::new(gpu, &mut rng, &b, &b.positions(), HEADS)?;
         let fwd_flops = 4.0 * HD as f64 * b.pairs() as f64 * HEADS as f64;
         for (i, (name, pass)) in routes(gpu).into_iter().enumerate() {
             let (ms, flops) = match pass {
@@ -206,7 +220,9 @@ pub fn dump(gpu: &Gpu, dir: &Path) -> Result<()> {
         used += len;
     }
     let check = BenchBatch::new("check", t, &samples);
-    let mut bufs = Buffers::new(gpu, &mut rng, &check, nh)?;
+    // Positions 0: RoPE's backward, which our backward applies, is then the identity, and the
+    // PyTorch check (attention without RoPE) compares the attention alone.
+    let mut bufs = Buffers::new(gpu, &mut rng, &check, &vec![0; t], nh)?;
     bufs.forward(gpu, FwdKernel::for_device(gpu), t, nh)?;
     bufs.backward(gpu, BwdKernel::for_device(gpu), t, nh)?;
 

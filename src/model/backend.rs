@@ -129,13 +129,11 @@ pub trait Backend {
 
     // ---- rope ----
     // The fused projection gqkv [T, 4C] (blocks gate | q | k | v, C = NH * 128) is what the
-    // rope and the gated attention read, in place; its gradient dgqkv is assembled in place by
-    // the gated attention's backward, then the rope's.
+    // rope and the gated attention read, in place; its gradient dgqkv is written by the gated
+    // attention's backward, which includes the rope's.
 
     /// Rotates the q and k blocks of gqkv [T, 4C] in place by `pos` `[T]`.
     fn qkv_rope_fwd(&self, gqkv: &mut Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
-    /// The inverse rotation of the dq, dk blocks of dgqkv [T, 4C], in place.
-    fn qkv_rope_bwd(&self, dgqkv: &mut Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
 
     // ---- gated attention ----
 
@@ -149,9 +147,10 @@ pub trait Backend {
     /// attention's own output is not kept (ops::gate).
     fn attention_fwd(&self, y: &mut Self::Act, lse: &mut Self::F32, gqkv: &Self::Act, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
     /// All four blocks of dgqkv [T, 4C] (dg, dq, dk, dv) written with `=`, from dy [T, C] and
-    /// the forward's y.
+    /// the forward's y; dq and dk with RoPE's backward by `pos` applied (the inverse rotation),
+    /// so that they are the gradients of the projection's q, k before `qkv_rope_fwd`.
     #[allow(clippy::too_many_arguments)]
-    fn attention_bwd(&self, dgqkv: &mut Self::Act, dy: &Self::Act, gqkv: &Self::Act, y: &Self::Act, lse: &Self::F32, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    fn attention_bwd(&self, dgqkv: &mut Self::Act, dy: &Self::Act, gqkv: &Self::Act, y: &Self::Act, lse: &Self::F32, cu_seqlens: &Self::I32, prefix_lens: &Self::I32, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
 
     // ---- swiglu ----
     /// out: [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:].

@@ -130,11 +130,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn qkv_rope_bwd(&self, dgqkv: &mut Vec<f32>, pos: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
-        qkv_rope_bwd_cpu(dgqkv, pos, t, nh);
-        Ok(())
-    }
-
     /// The references take q, k, v as separate tensors, copied out of gqkv's blocks; the
     /// attention's output `a` lives only until the gate has read it.
     fn attention_fwd(&self, y: &mut Vec<f32>, lse: &mut Vec<f32>, gqkv: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
@@ -145,7 +140,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention_bwd(&self, dgqkv: &mut Vec<f32>, dy: &Vec<f32>, gqkv: &Vec<f32>, y: &Vec<f32>, lse: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
+    fn attention_bwd(&self, dgqkv: &mut Vec<f32>, dy: &Vec<f32>, gqkv: &Vec<f32>, y: &Vec<f32>, lse: &Vec<f32>, cu_seqlens: &Vec<i32>, prefix_lens: &Vec<i32>, pos: &Vec<i32>, t: usize, nh: usize) -> Result<()> {
         let [q, k, v] = [1, 2, 3].map(|j| block_of(gqkv, j, nh));
         let (mut da, mut delta) = (vec![0.0; q.len()], vec![0.0; t * nh]);
         gate_bwd_cpu(dgqkv, &mut da, &mut delta, dy, gqkv, y, t, nh);
@@ -155,6 +150,7 @@ impl Backend for CpuBackend {
         for (j, grad) in [1, 2, 3].into_iter().zip(&grads) {
             write_block(dgqkv, j, grad, nh);
         }
+        qkv_rope_bwd_cpu(dgqkv, pos, t, nh);
         Ok(())
     }
 

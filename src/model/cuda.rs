@@ -38,13 +38,13 @@ use half::bf16;
 
 use crate::gpu::{DriverContext, Gpu};
 use crate::model::backend::{Backend, TensorAt};
-use crate::ops::attention::{attention_bwd, attention_fwd, AttentionScratch};
+use crate::ops::attention::{attention_bwd, AttentionScratch, FwdKernel};
 use crate::ops::cross_entropy::{cross_entropy_in_place, lm_head_cross_entropy, metrics, CeKernel, StepMetrics, METRICS_LEN};
 use crate::ops::elementwise::{add_act, broadcast_rows};
 use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch, TokenOrder};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
-use crate::ops::rope::{qkv_rope_bwd, qkv_rope_fwd};
+use crate::ops::rope::qkv_rope_fwd;
 use crate::ops::swiglu::{swiglu_bwd, swiglu_fwd};
 
 /// The LM head's logits scratch holds at most this many bytes by default: 256 MiB is 2048
@@ -362,10 +362,6 @@ impl<'g> Backend for CudaBackend<'g> {
         self.timed(OpClass::Other, "qkv_rope_fwd", || qkv_rope_fwd(self.gpu, &mut gqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_fwd [T={t}, NH={nh}]")))
     }
 
-    fn qkv_rope_bwd(&self, dgqkv: &mut CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
-        self.timed(OpClass::Other, "qkv_rope_bwd", || qkv_rope_bwd(self.gpu, &mut dgqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_bwd [T={t}, NH={nh}]")))
-    }
-
     fn sample_table_changed(&self) {
         if let Some(scratch) = self.attn_scratch.borrow_mut().as_mut() {
             scratch.sample_table_changed();
@@ -375,16 +371,18 @@ impl<'g> Backend for CudaBackend<'g> {
     fn attention_fwd(&self, y: &mut CudaSlice<bf16>, lse: &mut CudaSlice<f32>, gqkv: &CudaSlice<bf16>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         let mut scratch = self.attention_scratch(t, nh)?;
         self.timed(OpClass::Attention, "attention_fwd", || {
-            attention_fwd(self.gpu, &mut y.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh, &mut scratch)
+            // The model's batches are packed sample mixes: the kernel for those.
+            let kernel = FwdKernel::for_packed_batches(self.gpu);
+            kernel.run(self.gpu, &mut y.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu_seqlens.as_view(), &prefix_lens.as_view(), t, nh, &mut scratch)
                 .with_context(|| format!("attention_fwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
         })
     }
 
-    fn attention_bwd(&self, dgqkv: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, y: &CudaSlice<bf16>, lse: &CudaSlice<f32>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
+    fn attention_bwd(&self, dgqkv: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, gqkv: &CudaSlice<bf16>, y: &CudaSlice<bf16>, lse: &CudaSlice<f32>, cu_seqlens: &CudaSlice<i32>, prefix_lens: &CudaSlice<i32>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         let mut scratch = self.attention_scratch(t, nh)?;
         self.timed(OpClass::Attention, "attention_bwd", || {
-            let (cu, pl) = (cu_seqlens.as_view(), prefix_lens.as_view());
-            attention_bwd(self.gpu, &mut dgqkv.as_view_mut(), &dy.as_view(), &gqkv.as_view(), &y.as_view(), &lse.as_view(), &cu, &pl, t, nh, &mut scratch)
+            let (cu, pl, pos) = (cu_seqlens.as_view(), prefix_lens.as_view(), pos.as_view());
+            attention_bwd(self.gpu, &mut dgqkv.as_view_mut(), &dy.as_view(), &gqkv.as_view(), &y.as_view(), &lse.as_view(), &cu, &pl, &pos, t, nh, &mut scratch)
                 .with_context(|| format!("attention_bwd [T={t}, NH={nh}, S={}]", prefix_lens.len()))
         })
     }

@@ -677,8 +677,7 @@ fn block_backward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, dw: &mu
     be.linear_bwd_weight(dw, bw.o, &g.dres, &a.ga, t, d, c)?;
     // dgqkv is assembled in place: the gated attention writes its four blocks, then the rope
     // rotates the q and k ones back.
-    be.attention_bwd(&mut g.dgqkv, &g.dga, &a.gqkv, &a.ga, &a.lse, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
-    be.qkv_rope_bwd(&mut g.dgqkv, &db.positions, t, nh)?;
+    be.attention_bwd(&mut g.dgqkv, &g.dga, &a.gqkv, &a.ga, &a.lse, &db.cu_seqlens, &db.prefix_lens, &db.positions, t, nh)?;
     be.linear_bwd_input(&mut g.dxn, &g.dgqkv, w, bw.gqkv, t, 4 * c, d)?;
     be.linear_bwd_weight(dw, bw.gqkv, &g.dgqkv, &a.xn1, t, 4 * c, d)?;
     be.rmsnorm_bwd(&mut g.dres, &g.dxn, x, &a.rstd1, t, d)

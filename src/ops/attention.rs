@@ -45,6 +45,7 @@ use crate::config::HEAD_DIM;
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::compare::{compare, Tolerance};
 use crate::ops::gate::{gate_bwd_cpu, gate_fwd_cpu};
+use crate::ops::rope::{qkv_rope_bwd, qkv_rope_bwd_cpu};
 use crate::rng::Rng;
 use crate::selftest::{Check, Row};
 
@@ -603,9 +604,18 @@ pub enum FwdKernel {
 }
 
 impl FwdKernel {
-    /// The default: v3 on Hopper, v2 elsewhere.
+    /// The default, whatever the batch: v3 on Hopper, v2 elsewhere.
     pub fn for_device(gpu: &Gpu) -> FwdKernel {
         if gpu.props.is_hopper() { FwdKernel::Sm90(Sm90Fwd::Plain) } else { FwdKernel::Sm80 }
+    }
+
+    /// For batches packed from many samples of up to a few thousand tokens, as training's are:
+    /// v6 (the persistent grid) on Hopper, v2 elsewhere. On such batches v6's items are short
+    /// and its overlap of one item's start with the previous item's end pays: 3-5% less
+    /// forward time in an XL training step on an H200 (docs/attention.md, fourth session);
+    /// on one long sequence (batch (a)) v3 is ~10% faster.
+    pub fn for_packed_batches(gpu: &Gpu) -> FwdKernel {
+        if gpu.props.is_hopper() { FwdKernel::Sm90(Sm90Fwd::Persistent) } else { FwdKernel::Sm80 }
     }
 
     /// Runs this kernel; same contract as [`attention_fwd`].
@@ -863,25 +873,28 @@ impl BwdKernel {
         lse: &CudaView<f32>,
         cu_seqlens: &CudaView<i32>,
         prefix_lens: &CudaView<i32>,
+        positions: &CudaView<i32>,
         t: usize,
         nh: usize,
         scratch: &mut AttentionScratch,
     ) -> Result<(), GpuError> {
         match self {
-            BwdKernel::Sm80 => bwd_sm80(gpu, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, t, nh, scratch),
-            BwdKernel::Sm90(variant) => bwd_sm90(gpu, variant, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, t, nh, scratch),
+            BwdKernel::Sm80 => bwd_sm80(gpu, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, positions, t, nh, scratch),
+            BwdKernel::Sm90(variant) => bwd_sm90(gpu, variant, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, positions, t, nh, scratch),
         }
     }
 }
 
-/// The gated attention backward on the GPU: the gate's backward (`ops::gate::gate_bwd_cpu`)
-/// then [`attention_bwd_cpu`]. Runs the Hopper kernel (v4) on sm_90 devices and the portable
-/// one (v2) elsewhere ([`BwdKernel::for_device`]).
+/// The gated attention backward on the GPU, RoPE's backward included: the gate's backward
+/// (`ops::gate::gate_bwd_cpu`), [`attention_bwd_cpu`], then `ops::rope::qkv_rope_bwd_cpu` on
+/// dq and dk, so that they are the gradients of the projection's q and k before the forward
+/// rotated them in place (`qkv_rope_fwd`). Runs the Hopper kernel (v4) on sm_90 devices and the
+/// portable one (v2) elsewhere ([`BwdKernel::for_device`]).
 /// dgqkv: [T, 4, NH, HD] bf16 out, all four blocks written (dg, dq, dk, dv); dy: [T, NH, HD]
-/// bf16, the gradient of the forward's y; gqkv: [T, 4, NH, HD] bf16 (g, q, k, v); y: [T, NH,
-/// HD] bf16, the forward's output (all 16-byte aligned); lse: [NH, T] fp32 (from the forward),
-/// cu_seqlens: [S+1] i32, prefix_lens: [S] i32; `scratch` fits T and NH. Deterministic:
-/// bitwise-identical results from run to run.
+/// bf16, the gradient of the forward's y; gqkv: [T, 4, NH, HD] bf16 (g, q, k, v, q and k as
+/// rotated); y: [T, NH, HD] bf16, the forward's output (all 16-byte aligned); lse: [NH, T] fp32
+/// (from the forward), cu_seqlens: [S+1] i32, prefix_lens: [S] i32, positions: [T] i32 (RoPE's);
+/// `scratch` fits T and NH. Deterministic: bitwise-identical results from run to run.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     gpu: &Gpu,
@@ -892,11 +905,12 @@ pub fn attention_bwd(
     lse: &CudaView<f32>,
     cu_seqlens: &CudaView<i32>,
     prefix_lens: &CudaView<i32>,
+    positions: &CudaView<i32>,
     t: usize,
     nh: usize,
     scratch: &mut AttentionScratch,
 ) -> Result<(), GpuError> {
-    BwdKernel::for_device(gpu).run(gpu, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, t, nh, scratch)
+    BwdKernel::for_device(gpu).run(gpu, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, positions, t, nh, scratch)
 }
 
 /// Backward pass with the portable kernels (cuda/attention.cu, sm_80+ with 129 KB of shared
@@ -912,6 +926,7 @@ fn bwd_sm80(
     lse: &CudaView<f32>,
     cu_seqlens: &CudaView<i32>,
     prefix_lens: &CudaView<i32>,
+    positions: &CudaView<i32>,
     t: usize,
     nh: usize,
     scratch: &mut AttentionScratch,
@@ -929,6 +944,7 @@ fn bwd_sm80(
     key_order(gpu, s, t, QUERY_STEP)?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
 
+    {
     // The guards keep gqkv recorded as read and dgqkv as written by these launches.
     let (base, _read) = gqkv.device_ptr(&gpu.stream);
     let (dbase, _written) = dgqkv.device_ptr_mut(&gpu.stream);
@@ -957,7 +973,9 @@ fn bwd_sm80(
     args.arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
     // SAFETY: as above (the dq block of dgqkv), with rows/q_order built for this T.
     unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, DQ_SMEM)) }.during("attention_bwd_dq")?;
-    Ok(())
+    }
+    // RoPE's backward on the dq and dk blocks (the Hopper path fuses it into its last kernel).
+    qkv_rope_bwd(gpu, dgqkv, positions, t, nh)
 }
 
 /// The Hopper backward's family (cuda/attention_bwd_sm90.cu, sm_90a only): blocks of 3
@@ -993,6 +1011,7 @@ fn bwd_sm90(
     lse: &CudaView<f32>,
     cu_seqlens: &CudaView<i32>,
     prefix_lens: &CudaView<i32>,
+    positions: &CudaView<i32>,
     t: usize,
     nh: usize,
     scratch: &mut AttentionScratch,
@@ -1061,12 +1080,14 @@ fn bwd_sm90(
     // for this T; `smem` bytes allowed above.
     unsafe { args.launch(config(n_kv * nh, SM90_THREADS, smem)) }.during(name.to_string())?;
 
-    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_dq")?;
+    assert!(positions.len() >= t, "{name}: {} positions for T = {t} rows", positions.len());
+    let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_finish")?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&dqkv.q).arg(&s.dqacc).arg(&s.rows).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&qkv.ld);
-    // SAFETY: one block per (query tile < T_pad / 64, head) reads its 32 KB of dqacc and writes
-    // rows < T of that head of the dq block of dgqkv (shape checked).
-    unsafe { args.launch(config(n_q * nh, BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_dq")?;
+    args.arg(&dqkv.q).arg(&dqkv.k).arg(&s.dqacc).arg(&s.rows).arg(positions).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&qkv.ld);
+    // SAFETY: one block per (query tile < T_pad / 64, head) reads its 32 KB of dqacc and the
+    // positions of its rows < T (checked), writes those rows of that head of the dq block and
+    // rewrites them in the dk block of dgqkv (shape checked).
+    unsafe { args.launch(config(n_q * nh, BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_finish")?;
     Ok(())
 }
 
@@ -1173,6 +1194,26 @@ impl TestBatch {
         }
         out
     }
+
+    /// RoPE positions `[T]`: 0, 1, ... from each sample's start (as the packer writes them),
+    /// 0 on padding rows.
+    fn positions(&self) -> Vec<i32> {
+        let mut pos = vec![0; self.t];
+        for w in self.cu_seqlens.windows(2) {
+            (w[0]..w[1]).for_each(|row| pos[row as usize] = row - w[0]);
+        }
+        pos
+    }
+}
+
+/// RoPE's backward on the gradients `dq`, `dk` `[T, NH, HD]` (in place), as the GPU backward
+/// applies it before returning them.
+fn rope_back_cpu(dq: &mut Vec<f32>, dk: &mut Vec<f32>, pos: &[i32], t: usize, nh: usize) {
+    let mut dgqkv = vec![0.0; t * 4 * nh * HD];
+    write_block(&mut dgqkv, 1, dq, nh);
+    write_block(&mut dgqkv, 2, dk, nh);
+    qkv_rope_bwd_cpu(&mut dgqkv, pos, t, nh);
+    (*dq, *dk) = (block_of(&dgqkv, 1, nh), block_of(&dgqkv, 2, nh));
 }
 
 /// The packed batches of the checks: every edge of the mask and of the tiling.
@@ -1347,6 +1388,8 @@ fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel, determinist
         let mut reference = [vec![0.0; n], vec![0.0; n], vec![0.0; n], dg_ref];
         let [dq, dk, dv, _] = &mut reference;
         attention_bwd_cpu(dq, dk, dv, &da_ref, &b.q, &b.k, &b.v, &delta_ref, &lse_ref, table.0, table.1, t, nh);
+        let positions = b.positions();
+        rope_back_cpu(dq, dk, &positions, t, nh);
         // A plain bf16 implementation: the gate's backward from the stored y, da rounded, then
         // the attention backward with its roundings.
         let (mut dgqkv_base, mut da_base, mut delta_base) = (vec![0.0; 4 * n], vec![0.0; n], vec![0.0; t * nh]);
@@ -1356,18 +1399,21 @@ fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel, determinist
         let mut baseline = [vec![0.0; n], vec![0.0; n], vec![0.0; n], dg_base];
         let [dq, dk, dv, _] = &mut baseline;
         bwd_rounded(dq, dk, dv, &da_base, &b.q, &b.k, &b.v, &delta_base, &lse_ref, table.0, table.1, t, nh, bf16_round);
+        rope_back_cpu(dq, dk, &positions, t, nh);
+        dq.iter_mut().chain(dk.iter_mut()).for_each(|x| *x = bf16_round(*x));
 
         let gqkv = upload_bf16(gpu, &gqkv_host)?;
         let (d_dy, d_y) = (upload_bf16(gpu, &dy)?, upload_bf16(gpu, &y)?);
         let lse = gpu.stream.clone_htod(&lse_ref).during("upload")?;
         let cu = gpu.stream.clone_htod(&b.cu_seqlens).during("upload")?;
         let pl = gpu.stream.clone_htod(&b.prefix_lens).during("upload")?;
+        let pos = gpu.stream.clone_htod(&positions).during("upload")?;
         // One scratch for both runs: the rerun must not depend on what the first left in it.
         let mut scratch = AttentionScratch::new(gpu, t, nh)?;
         let mut run = || -> Result<[Vec<f32>; 4], GpuError> {
             let mut dgqkv = poisoned_bf16(gpu, 4 * n)?;
             let (cu, pl) = (cu.as_view(), pl.as_view());
-            kernel.run(gpu, &mut dgqkv.as_view_mut(), &d_dy.as_view(), &gqkv.as_view(), &d_y.as_view(), &lse.as_view(), &cu, &pl, t, nh, &mut scratch)?;
+            kernel.run(gpu, &mut dgqkv.as_view_mut(), &d_dy.as_view(), &gqkv.as_view(), &d_y.as_view(), &lse.as_view(), &cu, &pl, &pos.as_view(), t, nh, &mut scratch)?;
             let out = download_bf16(gpu, &dgqkv)?;
             Ok([block_of(&out, 1, nh), block_of(&out, 2, nh), block_of(&out, 3, nh), block_of(&out, 0, nh)])
         };
@@ -1400,13 +1446,14 @@ fn check_held_tables(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     let (t, n) = (second.t, second.q.len());
     let gqkv = upload_bf16(gpu, &second.gqkv())?;
     let dy = upload_bf16(gpu, &rng.uniform_vec(n, 1.0).into_iter().map(bf16_round).collect::<Vec<_>>())?;
+    let pos = gpu.stream.clone_htod(&second.positions()).during("upload")?;
     // fwd then bwd: y, lse and the four gradient blocks, downloaded as one vector.
     let run = |scratch: &mut AttentionScratch, cu: &CudaSlice<i32>, pl: &CudaSlice<i32>| -> Result<Vec<f32>, GpuError> {
         let (mut y, mut dgqkv) = (poisoned_bf16(gpu, n)?, poisoned_bf16(gpu, 4 * n)?);
         let mut lse = gpu.stream.clone_htod(&vec![f32::NAN; nh * t]).during("poison")?;
         let (cu, pl) = (cu.as_view(), pl.as_view());
         attention_fwd(gpu, &mut y.as_view_mut(), &mut lse.as_view_mut(), &gqkv.as_view(), &cu, &pl, t, nh, scratch)?;
-        attention_bwd(gpu, &mut dgqkv.as_view_mut(), &dy.as_view(), &gqkv.as_view(), &y.as_view(), &lse.as_view(), &cu, &pl, t, nh, scratch)?;
+        attention_bwd(gpu, &mut dgqkv.as_view_mut(), &dy.as_view(), &gqkv.as_view(), &y.as_view(), &lse.as_view(), &cu, &pl, &pos.as_view(), t, nh, scratch)?;
         let lse = gpu.stream.clone_dtoh(&lse).during("download")?;
         Ok([download_bf16(gpu, &y)?, finite_lse(&lse), download_bf16(gpu, &dgqkv)?].concat())
     };

@@ -610,13 +610,10 @@ impl Backend for Footprint {
     fn qkv_rope_fwd(&self, _: &mut usize, _: &usize, _: usize, _: usize) -> Result<()> {
         Ok(())
     }
-    fn qkv_rope_bwd(&self, _: &mut usize, _: &usize, _: usize, _: usize) -> Result<()> {
-        Ok(())
-    }
     fn attention_fwd(&self, _: &mut usize, _: &mut usize, _: &usize, _: &usize, _: &usize, _: usize, _: usize) -> Result<()> {
         Ok(())
     }
-    fn attention_bwd(&self, _: &mut usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: usize, _: usize) -> Result<()> {
+    fn attention_bwd(&self, _: &mut usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: &usize, _: usize, _: usize) -> Result<()> {
         Ok(())
     }
     fn swiglu_fwd(&self, _: &mut usize, _: &usize, _: usize, _: usize) -> Result<()> {
