@@ -166,6 +166,12 @@ def two_pass_route(cu_seqlens, prefix_lens, t):
 
 
 def timing(meta):
+    # The compiled backward is timed by calling it again and again (retain_graph=True), which
+    # PyTorch refuses for a graph compiled with donated buffers, the default once a new batch
+    # length makes it recompile (batch (d) has 12,288 rows against 16,384).
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
     b = meta["bench"]
     nh = b["nh"]
     print(f"\nPyTorch {torch.__version__} on {torch.cuda.get_device_name()}, {nh} heads of {HD}")
