@@ -39,9 +39,10 @@
 //      in practice) are already running: no deadlock. Blocks walk their query tiles from the
 //      last one down, so that the key tiles of one sample, which all end at the sample's last
 //      row, reach each query tile at the same step and the chain of adds stays short.
-// 3. attention_bwd_sm90_finish: dq = scale * dqacc, rows that see nothing get 0; then RoPE's
-//    backward on dq and on the dk the main kernel wrote (the rotation of qkv_rope_fwd undone, as
-//    in cuda/rope.cu), so that dq and dk are the gradients of the projection before RoPE.
+// 3. attention_bwd_sm90_finish: dq = RoPE^-1(scale * dqacc), rows that see nothing get 0. The
+//    main kernel rotates dk back in its epilogue: with RoPE's backward (the rotation of
+//    qkv_rope_fwd undone, as in cuda/rope.cu) dq and dk are the gradients of the projection's q
+//    and k before the forward rotated them.
 //
 // Invariants of the main kernel
 // - Every consumer warpgroup takes part in every query tile of the block's range (dQ needs both
@@ -85,6 +86,19 @@
 #define BB_COUNT 9
 
 #define BAR_CONSUMERS 1  // named barrier of the 256 consumer threads
+
+// sin and cos of an angle x >= 0 (a position times a RoPE frequency, in fp32 as the forward
+// forms it) to ~3e-7: x reduced to [-pi, pi] by one Cody-Waite step (the fma keeps k * 2pi_hi
+// exact, 2pi_lo carries the rest of 2pi), then the special function unit's approximation,
+// accurate there. sincosf would spend ~30 instructions on each of the 64 angles of every row
+// and head; this is a few.
+__device__ __forceinline__ void rope_sincos(float x, float* s, float* c) {
+    const float two_pi_hi = 6.28318548202514648f, two_pi_lo = -1.7484556e-7f;  // 2pi = hi + lo
+    const float k = rintf(x * 0.159154943091895336f);
+    float r = fmaf(-k, two_pi_hi, x);
+    r = fmaf(-k, two_pi_lo, r);
+    __sincosf(r, s, c);
+}
 
 // ---------------------------------------------------------------------------------------
 // 1. Preparation.
@@ -205,7 +219,8 @@ __device__ __forceinline__ void pack_grads(uint32_t (&pf)[4][4], uint32_t (&dsf)
 // dk, dv: [T, NH, HD] out, rows ld apart (blocks of the projection's gradient); dqacc: [NH, T_pad / 64, 64 x 128] fp32 out (each query tile's block in
 // the consumers' fragment order, see attention_bwd_sm90_finish); sem: [NH, T_pad / 64] zeroed;
 // lse2, delta: [NH, T_pad]; rows, cols: [T] int2; order: [ceil(T / 128)] key tiles by decreasing
-// work (attention_schedule over cols, tile 128, step 64); rank: its inverse.
+// work (attention_schedule over cols, tile 128, step 64); rank: its inverse; pos: [T] RoPE's
+// positions and inv_freq: [64] its frequencies, for RoPE's backward on dk in the epilogue.
 // Grid: ceil(T / 128) * NH blocks of BW_THREADS, head fastest; dynamic shared memory BW_SMEM.
 template <bool ORDERED>
 __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
@@ -213,7 +228,8 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
                                          float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
                                          const float* __restrict__ delta, const int2* __restrict__ rows,
                                          const int2* __restrict__ cols, const int* __restrict__ order,
-                                         const int* __restrict__ rank, int T, int T_pad, int NH, int ld) {
+                                         const int* __restrict__ rank, const int* __restrict__ pos,
+                                         const float* __restrict__ inv_freq, int T, int T_pad, int NH, int ld) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) uint64_t bars[BB_COUNT];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -413,6 +429,31 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
         mbar_arrive(&bars[BB_DQFULL + b]);
     }
 
+    // RoPE's backward on dK, in registers: this thread's columns j = 8 nt + 2u + e (nt < 8) and
+    // their partners j + 64 are acc_dk[4 nt + c] and acc_dk[4 (nt + 8) + c], c = 2 rr + e, on
+    // key rows kr + 8 rr of the tile; each pair is rotated back by pos * inv_freq[j].
+    {
+        const int r0 = n0 + kr;
+        const int p[2] = {r0 < T ? pos[r0] : 0, r0 + 8 < T ? pos[r0 + 8] : 0};
+        #pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float f = inv_freq[8 * nt + 2 * u + e];
+                #pragma unroll
+                for (int rr = 0; rr < 2; ++rr) {
+                    float sn, cs;
+                    rope_sincos((float)p[rr] * f, &sn, &cs);
+                    float& x1 = acc_dk[4 * nt + 2 * rr + e];
+                    float& x2 = acc_dk[4 * (nt + 8) + 2 * rr + e];
+                    const float a = x1 * cs + x2 * sn, b = x2 * cs - x1 * sn;
+                    x1 = a;
+                    x2 = b;
+                }
+            }
+        }
+    }
+
     // dK = scale * acc_dk, dV = acc_dv, staged through this warpgroup's rows of sK and sV (once
     // both warpgroups are done reading sK in the dQ products).
     named_barrier_sync(BAR_CONSUMERS, 256);
@@ -426,8 +467,9 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
                    const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dk,
                    bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
                    const float* __restrict__ delta, const int2* __restrict__ rows, const int2* __restrict__ cols,
-                   const int* __restrict__ order, const int* __restrict__ rank, int T, int T_pad, int NH, int ld) {
-    bwd_sm90<true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
+                   const int* __restrict__ order, const int* __restrict__ rank, const int* __restrict__ pos,
+                   const float* __restrict__ inv_freq, int T, int T_pad, int NH, int ld) {
+    bwd_sm90<true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, pos, inv_freq, T, T_pad, NH, ld);
 }
 
 // Experiment (opt-in, NOT deterministic): v4 with the dQ partials added in arrival order, no
@@ -437,66 +479,29 @@ attention_bwd_sm90_unordered(const __grid_constant__ CUtensorMap tm_q, const __g
                              const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
                              bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem,
                              const float* __restrict__ lse2, const float* __restrict__ delta, const int2* __restrict__ rows,
-                             const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank, int T,
-                             int T_pad, int NH, int ld) {
-    bwd_sm90<false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, T, T_pad, NH, ld);
+                             const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank,
+                             const int* __restrict__ pos, const float* __restrict__ inv_freq, int T, int T_pad, int NH, int ld) {
+    bwd_sm90<false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, pos, inv_freq, T, T_pad, NH, ld);
 }
 
 // ---------------------------------------------------------------------------------------
-// 3. dq from the fp32 workspace, and RoPE's backward on dq and dk.
+// 3. dq from the fp32 workspace, with RoPE's backward.
 // ---------------------------------------------------------------------------------------
 
-// sin and cos of an angle x >= 0 (a position times a RoPE frequency, x < 2^17) to ~3e-7:
-// x reduced to [-pi, pi] by one Cody-Waite step (fma keeps k * 2pi_hi exact), then the special
-// function unit's approximation, accurate there. sincosf would spend ~30 instructions on each
-// of the 64 angles of every row and head; these are a few.
-__device__ __forceinline__ void rope_sincos(float x, float* s, float* c) {
-    const float two_pi_hi = 6.28318548202514648f, two_pi_lo = -1.7484556e-7f;  // 2pi = hi + lo
-    const float k = rintf(x * 0.159154943091895336f);
-    float r = fmaf(-k, two_pi_hi, x);
-    r = fmaf(-k, two_pi_lo, r);
-    __sincosf(r, s, c);
-}
-
-// The rotation of RoPE's backward for 8 dims j = j0 + e of a row at position `pos`: the cos
-// and -sin of a_j = pos * inv_freq[j].
-struct RopeBack8 {
-    float cs[8], sn[8];
-    __device__ __forceinline__ RopeBack8(int pos, const float* inv_freq, int j0) {
-        #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            rope_sincos((float)pos * inv_freq[j0 + e], &sn[e], &cs[e]);
-            sn[e] = -sn[e];
-        }
-    }
-    // (x1[e], x2[e]) = (dims j, j + 64) rotated back, the arithmetic of cuda/rope.cu.
-    __device__ __forceinline__ void apply(float (&x1)[8], float (&x2)[8]) const {
-        #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const float a = x1[e] * cs[e] - x2[e] * sn[e], b = x2[e] * cs[e] + x1[e] * sn[e];
-            x1[e] = a;
-            x2[e] = b;
-        }
-    }
-};
-
-// dq: [T, NH, HD] out (rows ld elements apart) = RoPE^-1(scale * dqacc), bf16; dk: the same
-// layout, rotated back in place; dqacc: [NH, T_pad / 64, 64 x 128] fp32 in fragment order:
-// float4 c (< 16) of thread tid (< 128) of tile m holds, with w = c / 8 (the warpgroup, dims
-// [64 w, 64 w + 64)), nt = c % 8, warp = tid / 32, g = tid % 32 / 4, u = tid % 4: rows
-// 16 warp + g (x, y) and 16 warp + g + 8 (z, w) of the tile, dims 64 w + 8 nt + 2u, +1.
-// pos: [T] the RoPE positions. Rows whose span is empty (padding: no dQ partial was written
-// for tiles of only such rows) get dq = 0. One block of 256 threads per (query tile of 64
-// rows, head); each thread then rotates two (row, 8 dims and their +64 partners) items.
+// dq: [T, NH, HD] out (rows ld elements apart) = RoPE^-1(scale * dqacc), bf16; dqacc: [NH,
+// T_pad / 64, 64 x 128] fp32 in fragment order: float4 c (< 16) of thread tid (< 128) of tile m
+// holds, with w = c / 8 (the warpgroup, dims [64 w, 64 w + 64)), nt = c % 8, warp = tid / 32,
+// g = tid % 32 / 4, u = tid % 4: rows 16 warp + g (x, y) and 16 warp + g + 8 (z, w) of the
+// tile, dims 64 w + 8 nt + 2u, +1. pos: [T] the RoPE positions, inv_freq: [64] RoPE's
+// frequencies. Rows whose span is empty (padding: no dQ partial was written for tiles of only
+// such rows) get 0. One block of 256 threads per (query tile of 64 rows, head); each thread
+// then rotates back two items of (row, dims j0 .. j0 + 8 and their +64 partners).
 extern "C" __global__ void __launch_bounds__(256)
-attention_bwd_sm90_finish(bf16* __restrict__ dq, bf16* __restrict__ dk, const float* __restrict__ dqacc, const int2* __restrict__ rows,
-                          const int* __restrict__ pos, int T, int T_pad, int NH, int ld) {
+attention_bwd_sm90_finish(bf16* __restrict__ dq, const float* __restrict__ dqacc, const int2* __restrict__ rows,
+                          const int* __restrict__ pos, const float* __restrict__ inv_freq, int T, int T_pad, int NH, int ld) {
     __shared__ float tile[BW_BM][ATTN_HD + 4];
-    __shared__ float inv_freq[ATTN_HD / 2];
     const int n_q = T_pad / BW_BM;
     const int m = blockIdx.x / NH, h = blockIdx.x % NH;
-    // Rounded once from double: the table of cuda/rope.cu and src/ops/rope.rs.
-    if (threadIdx.x < ATTN_HD / 2) inv_freq[threadIdx.x] = (float)(1.0 / pow(10000.0, (2.0 * threadIdx.x) / (double)ATTN_HD));
     const float4* src = reinterpret_cast<const float4*>(dqacc + ((size_t)h * n_q + m) * (BW_BM * ATTN_HD));
     #pragma unroll
     for (int it = 0; it < BW_BM * ATTN_HD / 4 / 256; ++it) {
@@ -510,27 +515,22 @@ attention_bwd_sm90_finish(bf16* __restrict__ dq, bf16* __restrict__ dk, const fl
     __syncthreads();
     #pragma unroll
     for (int it = 0; it < BW_BM * (ATTN_CHUNKS / 2) / 256; ++it) {
-        const int idx = it * 256 + threadIdx.x, r = idx / (ATTN_CHUNKS / 2), chunk = idx % (ATTN_CHUNKS / 2);
+        const int idx = it * 256 + threadIdx.x, r = idx / (ATTN_CHUNKS / 2), j0 = 8 * (idx % (ATTN_CHUNKS / 2));
         const int row = m * BW_BM + r;
         if (row >= T) continue;
         const bool seen = attn_visible(rows[row], row);  // a real row sees itself; padding sees nothing
-        const int j0 = chunk * 8;
+        const float p = (float)pos[row];
         float x1[8], x2[8];
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            x1[j] = seen ? tile[r][j0 + j] * ATTN_SCALE : 0.f;
-            x2[j] = seen ? tile[r][ATTN_HD / 2 + j0 + j] * ATTN_SCALE : 0.f;
+        for (int e = 0; e < 8; ++e) {
+            const float a = seen ? tile[r][j0 + e] * ATTN_SCALE : 0.f, b = seen ? tile[r][ATTN_HD / 2 + j0 + e] * ATTN_SCALE : 0.f;
+            float sn, cs;
+            rope_sincos(p * inv_freq[j0 + e], &sn, &cs);
+            x1[e] = a * cs + b * sn;  // the rotation by -pos * inv_freq, as in cuda/rope.cu
+            x2[e] = b * cs - a * sn;
         }
-        const RopeBack8 rot(pos[row], inv_freq, j0);
-        rot.apply(x1, x2);
         bf16* q_row = dq + (size_t)row * ld + h * ATTN_HD;
         *reinterpret_cast<bf16x8*>(q_row + j0) = float_to_bf16x8(x1);
         *reinterpret_cast<bf16x8*>(q_row + ATTN_HD / 2 + j0) = float_to_bf16x8(x2);
-        bf16* k_row = dk + (size_t)row * ld + h * ATTN_HD;
-        bf16x8_to_float(load_bf16x8(k_row + j0), x1);
-        bf16x8_to_float(load_bf16x8(k_row + ATTN_HD / 2 + j0), x2);
-        rot.apply(x1, x2);
-        *reinterpret_cast<bf16x8*>(k_row + j0) = float_to_bf16x8(x1);
-        *reinterpret_cast<bf16x8*>(k_row + ATTN_HD / 2 + j0) = float_to_bf16x8(x2);
     }
 }

@@ -45,7 +45,7 @@ use crate::config::HEAD_DIM;
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::compare::{compare, Tolerance};
 use crate::ops::gate::{gate_bwd_cpu, gate_fwd_cpu};
-use crate::ops::rope::{qkv_rope_bwd, qkv_rope_bwd_cpu};
+use crate::ops::rope::{qkv_rope_bwd, qkv_rope_bwd_cpu, rope_inv_freq};
 use crate::rng::Rng;
 use crate::selftest::{Check, Row};
 
@@ -451,6 +451,9 @@ pub struct AttentionScratch {
     sem: CudaSlice<i32>,
     /// [1] i32 (Hopper persistent forward): the head of the work queue.
     next_item: CudaSlice<i32>,
+    /// [64] fp32 (Hopper backward): RoPE's frequencies, `ops::rope::rope_inv_freq`, for the
+    /// rotation the backward undoes.
+    inv_freq: CudaSlice<f32>,
     /// [T, NH, HD] bf16 (backward): the attention's output gradient `do = dy * sigmoid(g)`, which
     /// the gate's backward writes first.
     da: CudaSlice<bf16>,
@@ -468,9 +471,9 @@ struct HeldTables {
 
 /// Element counts of the [`AttentionScratch`] buffers for `t` rows and `nh` heads, in field
 /// order (all 4-byte elements).
-fn scratch_lens(t: usize, nh: usize) -> [usize; 10] {
+fn scratch_lens(t: usize, nh: usize) -> [usize; 11] {
     let (tiles, t_pad) = (t.div_ceil(ORDER_TILE), t.div_ceil(SM90_BWD_QUERIES) * SM90_BWD_QUERIES);
-    [2 * t, 2 * t, tiles, tiles, nh * t_pad, nh * t_pad, tiles, nh * t_pad * HD, nh * t_pad / SM90_BWD_QUERIES, 1]
+    [2 * t, 2 * t, tiles, tiles, nh * t_pad, nh * t_pad, tiles, nh * t_pad * HD, nh * t_pad / SM90_BWD_QUERIES, 1, HD / 2]
 }
 
 /// Bytes of an [`AttentionScratch`] for `t` rows and `nh` heads (the memory plan's line).
@@ -480,7 +483,8 @@ pub fn attention_scratch_bytes(t: usize, nh: usize) -> usize {
 
 impl AttentionScratch {
     pub fn new(gpu: &Gpu, t_max: usize, nh: usize) -> Result<AttentionScratch, GpuError> {
-        let [rows, cols, q_order, kv_order, delta, lse2, rank, dqacc, sem, next_item] = scratch_lens(t_max, nh);
+        let [rows, cols, q_order, kv_order, delta, lse2, rank, dqacc, sem, next_item, inv_freq] = scratch_lens(t_max, nh);
+        debug_assert_eq!(inv_freq, rope_inv_freq().len());
         let what = "allocating the attention scratch";
         let i32s = |n: usize| gpu.stream.alloc_zeros::<i32>(n.max(1)).during(what);
         let f32s = |n: usize| gpu.stream.alloc_zeros::<f32>(n.max(1)).during(what);
@@ -498,6 +502,7 @@ impl AttentionScratch {
             dqacc: f32s(dqacc)?,
             sem: i32s(sem)?,
             next_item: i32s(next_item)?,
+            inv_freq: gpu.stream.clone_htod(&rope_inv_freq()).during(what)?,
             da: gpu.stream.alloc_zeros::<bf16>((t_max * nh * HD).max(1)).during(what)?,
         })
     }
@@ -1072,21 +1077,23 @@ fn bwd_sm90(
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
         .during(format!("{name}: allowing {smem} bytes of shared memory (the device offers {})", p.smem_per_block_optin))?;
     let mut args = gpu.stream.launch_builder(&func);
+    assert!(positions.len() >= t, "{name}: {} positions for T = {t} rows", positions.len());
     args.arg(&tm_q).arg(&tm_k).arg(&tm_v).arg(&tm_do).arg(&dqkv.k).arg(&dqkv.v).arg(&mut s.dqacc).arg(&mut s.sem);
-    args.arg(&s.lse2).arg(&s.delta).arg(&s.rows).arg(&s.cols).arg(&s.kv_order).arg(&s.rank).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&qkv.ld);
+    args.arg(&s.lse2).arg(&s.delta).arg(&s.rows).arg(&s.cols).arg(&s.kv_order).arg(&s.rank).arg(positions).arg(&s.inv_freq);
+    args.arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&qkv.ld);
     // SAFETY: the tensor maps describe exactly the q, k, v blocks of gqkv and do (alive until
-    // the guards drop after the launch); the dk, dv blocks of dgqkv (rows ld apart) checked above; dqacc holds at least NH * T_pad
-    // * HD fp32, sem NH * T_pad / 64 ints, lse2 and delta NH * T_pad; rows/cols/kv_order/rank built
-    // for this T; `smem` bytes allowed above.
+    // the guards drop after the launch); the dk, dv blocks of dgqkv (rows ld apart) checked
+    // above; dqacc holds at least NH * T_pad * HD fp32, sem NH * T_pad / 64 ints, lse2 and delta
+    // NH * T_pad; rows/cols/kv_order/rank built for this T; positions hold T (checked), inv_freq
+    // 64; `smem` bytes allowed above.
     unsafe { args.launch(config(n_kv * nh, SM90_THREADS, smem)) }.during(name.to_string())?;
 
-    assert!(positions.len() >= t, "{name}: {} positions for T = {t} rows", positions.len());
     let func = gpu.function(SM90_BWD_FAMILY, "attention_bwd_sm90_finish")?;
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&dqkv.q).arg(&dqkv.k).arg(&s.dqacc).arg(&s.rows).arg(positions).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&qkv.ld);
-    // SAFETY: one block per (query tile < T_pad / 64, head) reads its 32 KB of dqacc and the
-    // positions of its rows < T (checked), writes those rows of that head of the dq block and
-    // rewrites them in the dk block of dgqkv (shape checked).
+    args.arg(&dqkv.q).arg(&s.dqacc).arg(&s.rows).arg(positions).arg(&s.inv_freq).arg(&t_i32).arg(&t_pad_i32).arg(&nh_i32).arg(&qkv.ld);
+    // SAFETY: one block per (query tile < T_pad / 64, head) reads its 32 KB of dqacc, the
+    // positions of its rows < T (checked above) and the 64 frequencies, and writes those rows
+    // of that head of the dq block of dgqkv (shape checked).
     unsafe { args.launch(config(n_q * nh, BLOCK_THREADS, 0)) }.during("attention_bwd_sm90_finish")?;
     Ok(())
 }
