@@ -100,6 +100,16 @@ __device__ __forceinline__ void rope_sincos(float x, float* s, float* c) {
     __sincosf(r, s, c);
 }
 
+// (x1, x2), dims j and j + 64 of a row, rotated back by angle = pos * inv_freq[j]: RoPE's
+// backward, the transpose of cuda/rope.cu's rotation.
+__device__ __forceinline__ void rope_back_pair(float& x1, float& x2, float angle) {
+    float sn, cs;
+    rope_sincos(angle, &sn, &cs);
+    const float a = x1 * cs + x2 * sn, b = x2 * cs - x1 * sn;
+    x1 = a;
+    x2 = b;
+}
+
 // ---------------------------------------------------------------------------------------
 // 1. Preparation.
 // ---------------------------------------------------------------------------------------
@@ -441,15 +451,7 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
             for (int e = 0; e < 2; ++e) {
                 const float f = inv_freq[8 * nt + 2 * u + e];
                 #pragma unroll
-                for (int rr = 0; rr < 2; ++rr) {
-                    float sn, cs;
-                    rope_sincos((float)p[rr] * f, &sn, &cs);
-                    float& x1 = acc_dk[4 * nt + 2 * rr + e];
-                    float& x2 = acc_dk[4 * (nt + 8) + 2 * rr + e];
-                    const float a = x1 * cs + x2 * sn, b = x2 * cs - x1 * sn;
-                    x1 = a;
-                    x2 = b;
-                }
+                for (int rr = 0; rr < 2; ++rr) rope_back_pair(acc_dk[4 * nt + 2 * rr + e], acc_dk[4 * (nt + 8) + 2 * rr + e], (float)p[rr] * f);
             }
         }
     }
@@ -523,11 +525,10 @@ attention_bwd_sm90_finish(bf16* __restrict__ dq, const float* __restrict__ dqacc
         float x1[8], x2[8];
         #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            const float a = seen ? tile[r][j0 + e] * ATTN_SCALE : 0.f, b = seen ? tile[r][ATTN_HD / 2 + j0 + e] * ATTN_SCALE : 0.f;
-            float sn, cs;
-            rope_sincos(p * inv_freq[j0 + e], &sn, &cs);
-            x1[e] = a * cs + b * sn;  // the rotation by -pos * inv_freq, as in cuda/rope.cu
-            x2[e] = b * cs - a * sn;
+            float a = seen ? tile[r][j0 + e] * ATTN_SCALE : 0.f, b = seen ? tile[r][ATTN_HD / 2 + j0 + e] * ATTN_SCALE : 0.f;
+            rope_back_pair(a, b, p * inv_freq[j0 + e]);
+            x1[e] = a;
+            x2[e] = b;
         }
         bf16* q_row = dq + (size_t)row * ld + h * ATTN_HD;
         *reinterpret_cast<bf16x8*>(q_row + j0) = float_to_bf16x8(x1);

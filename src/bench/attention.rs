@@ -32,7 +32,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
-use crate::ops::attention::{block_of, AttentionScratch, BwdKernel, FwdKernel, Sm90Bwd, Sm90Fwd};
+use crate::ops::attention::{block_of, sample_positions, AttentionScratch, BwdKernel, FwdKernel, Sm90Bwd, Sm90Fwd};
 use crate::data::batch::PackedBatch;
 use crate::rng::Rng;
 
@@ -60,15 +60,6 @@ impl BenchBatch {
         }
         assert!(*cu_seqlens.last().unwrap() as usize <= t);
         BenchBatch { name, t, cu_seqlens, prefix_lens: samples.iter().map(|&(_, p)| p as i32).collect() }
-    }
-
-    /// RoPE positions `[T]`: from 0 at each sample's start, 0 on padding rows.
-    pub fn positions(&self) -> Vec<i32> {
-        let mut pos = vec![0; self.t];
-        for w in self.cu_seqlens.windows(2) {
-            (w[0]..w[1]).for_each(|row| pos[row as usize] = row - w[0]);
-        }
-        pos
     }
 
     /// Visible (query, key) pairs per head: a sample of length n with prefix p has p^2 pairs in
@@ -183,7 +174,7 @@ pub fn run(gpu: &Gpu) -> Result<()> {
     println!("attention on {} ({} SMs), {HEADS} heads of {HD}, {ROWS} rows per batch ((d): {TRAINING_ROWS})", gpu.props.name, gpu.props.sm_count);
     println!("{:<30} {:>7} {:>14}  {:<24} {:>9} {:>9}", "batch", "samples", "visible pairs", "kernel", "ms", "TFLOP/s");
     for b in bench_batches(&mut rng)? {
-        let mut bufs = Buffers::new(gpu, &mut rng, &b, &b.positions(), HEADS)?;
+        let mut bufs = Buffers::new(gpu, &mut rng, &b, &sample_positions(&b.cu_seqlens, b.t), HEADS)?;
         let fwd_flops = 4.0 * HD as f64 * b.pairs() as f64 * HEADS as f64;
         for (i, (name, pass)) in routes(gpu).into_iter().enumerate() {
             let (ms, flops) = match pass {

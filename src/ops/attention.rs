@@ -1202,15 +1202,19 @@ impl TestBatch {
         out
     }
 
-    /// RoPE positions `[T]`: 0, 1, ... from each sample's start (as the packer writes them),
-    /// 0 on padding rows.
     fn positions(&self) -> Vec<i32> {
-        let mut pos = vec![0; self.t];
-        for w in self.cu_seqlens.windows(2) {
-            (w[0]..w[1]).for_each(|row| pos[row as usize] = row - w[0]);
-        }
-        pos
+        sample_positions(&self.cu_seqlens, self.t)
     }
+}
+
+/// RoPE positions `[T]` of a packed batch given by its sample starts: 0, 1, ... from each
+/// sample's start (as the packer writes them), 0 on padding rows.
+pub fn sample_positions(cu_seqlens: &[i32], t: usize) -> Vec<i32> {
+    let mut pos = vec![0; t];
+    for w in cu_seqlens.windows(2) {
+        (w[0]..w[1]).for_each(|row| pos[row as usize] = row - w[0]);
+    }
+    pos
 }
 
 /// RoPE's backward on the gradients `dq`, `dk` `[T, NH, HD]` (in place), as the GPU backward
@@ -1604,6 +1608,12 @@ mod tests {
     /// Samples: length 1, prefix-only (the response of one token, causal length 0), prefix 3 of
     /// 7, fully causal (p = 1) and p = 0, then 3 padding rows.
     const EDGE_SAMPLES: [(usize, usize); 5] = [(1, 1), (5, 5), (7, 3), (6, 1), (4, 0)];
+
+    #[test]
+    fn sample_positions_restart_at_each_sample_and_pad_with_zero() {
+        assert_eq!(sample_positions(&[0, 3, 5], 7), [0, 1, 2, 0, 1, 0, 0]);
+        assert_eq!(sample_positions(&[0, 1], 1), [0]);
+    }
 
     #[test]
     fn forward_matches_dense_masked_softmax() {
