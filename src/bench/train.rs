@@ -235,7 +235,7 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
         println!("profile over {} steps ({:.1} ms per step with events):", args.profile, wall / n);
         println!("  {:<10} {:>10} {:>7}", "phase", "ms/step", "share");
         let mut accounted = 0.0;
-        for (class, ms) in &profile.classes {
+        for (class, ms) in &profile.classes() {
             accounted += ms;
             println!("  {:<10} {:>10.2} {:>6.1}%", format!("{class:?}"), ms / n, 100.0 * ms / wall);
         }

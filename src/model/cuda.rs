@@ -83,11 +83,16 @@ impl OpClass {
     pub const ALL: [OpClass; 5] = [OpClass::Gemm, OpClass::Attention, OpClass::LmHead, OpClass::Other, OpClass::Optimizer];
 }
 
-/// What [`CudaBackend::take_profile`] measured: milliseconds per class (in [`OpClass::ALL`]
-/// order) and per op (slowest first).
+/// What [`CudaBackend::take_profile`] measured: the device time of every op, slowest first.
 pub struct Profile {
-    pub classes: Vec<(OpClass, f64)>,
     pub ops: Vec<OpTime>,
+}
+
+impl Profile {
+    /// Milliseconds per class, in [`OpClass::ALL`] order.
+    pub fn classes(&self) -> Vec<(OpClass, f64)> {
+        OpClass::ALL.iter().map(|&c| (c, self.ops.iter().filter(|o| o.class == c).map(|o| o.ms).sum())).collect()
+    }
 }
 
 /// The device time of one op summed over its calls.
@@ -183,10 +188,9 @@ impl<'g> CudaBackend<'g> {
     /// Device time since the last call, per class and per op (synchronises).
     pub fn take_profile(&self) -> Result<Profile> {
         let spans = std::mem::take(&mut *self.spans.borrow_mut());
-        let mut profile = Profile { classes: OpClass::ALL.iter().map(|&c| (c, 0.0)).collect(), ops: Vec::new() };
+        let mut profile = Profile { ops: Vec::new() };
         for (class, op, start, end) in &spans {
             let ms = start.elapsed_ms(end).during("reading a profiling event")? as f64;
-            profile.classes.iter_mut().find(|(c, _)| c == class).expect("every class is listed").1 += ms;
             match profile.ops.iter_mut().find(|o| o.op == *op) {
                 Some(o) => {
                     o.calls += 1;

@@ -950,34 +950,35 @@ fn bwd_sm80(
     let (t_i32, nh_i32) = (t as i32, nh as i32);
 
     {
-    // The guards keep gqkv recorded as read and dgqkv as written by these launches.
-    let (base, _read) = gqkv.device_ptr(&gpu.stream);
-    let (dbase, _written) = dgqkv.device_ptr_mut(&gpu.stream);
-    let (qkv, dqkv) = (QkvBlocks::at(base, nh), QkvBlocks::at(dbase, nh));
+        // The guards keep gqkv recorded as read and dgqkv as written by these launches, and are
+        // dropped before RoPE's backward takes dgqkv.
+        let (base, _read) = gqkv.device_ptr(&gpu.stream);
+        let (dbase, _written) = dgqkv.device_ptr_mut(&gpu.stream);
+        let (qkv, dqkv) = (QkvBlocks::at(base, nh), QkvBlocks::at(dbase, nh));
 
-    // The gate's backward: dg, do = dy * sigmoid(g) (s.da) and delta = rowsum(do * o) ([NH, T]),
-    // one warp per (row, head).
-    let func = gpu.function(FAMILY, "attention_bwd_gate")?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&mut s.da).arg(&dqkv.g).arg(&mut s.delta).arg(dy).arg(&qkv.g).arg(y).arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
-    // SAFETY: one warp per (row, head) < T * NH reads 128 elements of dy, y (shapes checked) and
-    // of the gate block of gqkv, writes them in s.da (the scratch fits T, NH) and the gate block
-    // of dgqkv, and one entry of delta ([NH, T], within the scratch's NH * T_pad).
-    unsafe { args.launch(config((t * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_gate")?;
-    let func = function_with_smem(gpu, "attention_bwd_dkv", KV_SMEM)?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&dqkv.k).arg(&dqkv.v).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(&s.da).arg(lse).arg(&s.delta).arg(&s.cols).arg(&s.kv_order);
-    args.arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
-    // SAFETY: shapes checked above; rows < T of heads < NH only (of the q, k, v blocks of gqkv
-    // and the dk, dv blocks of dgqkv, rows ld apart); cols/kv_order built for this T.
-    unsafe { args.launch(config(t.div_ceil(KV_TILE) * nh, BLOCK_THREADS, KV_SMEM)) }.during("attention_bwd_dkv")?;
+        // The gate's backward: dg, do = dy * sigmoid(g) (s.da) and delta = rowsum(do * o) ([NH, T]),
+        // one warp per (row, head).
+        let func = gpu.function(FAMILY, "attention_bwd_gate")?;
+        let mut args = gpu.stream.launch_builder(&func);
+        args.arg(&mut s.da).arg(&dqkv.g).arg(&mut s.delta).arg(dy).arg(&qkv.g).arg(y).arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
+        // SAFETY: one warp per (row, head) < T * NH reads 128 elements of dy, y (shapes checked) and
+        // of the gate block of gqkv, writes them in s.da (the scratch fits T, NH) and the gate block
+        // of dgqkv, and one entry of delta ([NH, T], within the scratch's NH * T_pad).
+        unsafe { args.launch(config((t * nh).div_ceil(8), BLOCK_THREADS, 0)) }.during("attention_bwd_gate")?;
+        let func = function_with_smem(gpu, "attention_bwd_dkv", KV_SMEM)?;
+        let mut args = gpu.stream.launch_builder(&func);
+        args.arg(&dqkv.k).arg(&dqkv.v).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(&s.da).arg(lse).arg(&s.delta).arg(&s.cols).arg(&s.kv_order);
+        args.arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
+        // SAFETY: shapes checked above; rows < T of heads < NH only (of the q, k, v blocks of gqkv
+        // and the dk, dv blocks of dgqkv, rows ld apart); cols/kv_order built for this T.
+        unsafe { args.launch(config(t.div_ceil(KV_TILE) * nh, BLOCK_THREADS, KV_SMEM)) }.during("attention_bwd_dkv")?;
 
-    let func = function_with_smem(gpu, "attention_bwd_dq", DQ_SMEM)?;
-    let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&dqkv.q).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(&s.da).arg(lse).arg(&s.delta).arg(&s.rows).arg(&s.q_order);
-    args.arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
-    // SAFETY: as above (the dq block of dgqkv), with rows/q_order built for this T.
-    unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, DQ_SMEM)) }.during("attention_bwd_dq")?;
+        let func = function_with_smem(gpu, "attention_bwd_dq", DQ_SMEM)?;
+        let mut args = gpu.stream.launch_builder(&func);
+        args.arg(&dqkv.q).arg(&qkv.q).arg(&qkv.k).arg(&qkv.v).arg(&s.da).arg(lse).arg(&s.delta).arg(&s.rows).arg(&s.q_order);
+        args.arg(&t_i32).arg(&nh_i32).arg(&qkv.ld);
+        // SAFETY: as above (the dq block of dgqkv), with rows/q_order built for this T.
+        unsafe { args.launch(config(t.div_ceil(Q_TILE) * nh, BLOCK_THREADS, DQ_SMEM)) }.during("attention_bwd_dq")?;
     }
     // RoPE's backward on the dq and dk blocks (the Hopper path fuses it into its last kernel).
     qkv_rope_bwd(gpu, dgqkv, positions, t, nh)
