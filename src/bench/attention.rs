@@ -18,9 +18,11 @@
 //! pairs count: the forward does two matrix products per pair of 128-vectors, `4 * 128` FLOPs,
 //! the backward `2.5x` that (five products: dV, dP, dQ, dK plus the recomputed S; FlashAttention's
 //! convention, although the portable deterministic dQ kernel recomputes S and dP once more). Times are
-//! CUDA-event medians after warm-up, the inputs (150 MB of q, k, v) exceed the L2 cache, and
-//! each call includes its span and schedule kernels and workspace allocations; a backward call
-//! also includes RoPE's backward on dq and dk (with each sample's positions), which it fuses.
+//! CUDA-event medians after warm-up, the inputs (150 MB of q, k, v) exceed the L2 cache, and a
+//! backward call includes RoPE's backward on dq and dk (with each sample's positions), which it
+//! fuses. The row spans and tile orders are held across calls, as a training step holds them
+//! (built once per batch for its hundreds of attention calls): a row times the kernels as the
+//! model runs them, and a line per batch gives what building the tables once costs.
 //!
 //! [`dump`] writes a small batch with our kernels' outputs, and the three batches' sample tables,
 //! for `tools/attention_torch_check.py`.
@@ -127,8 +129,19 @@ impl Buffers {
             cu_seqlens: gpu.stream.clone_htod(&b.cu_seqlens)?,
             prefix_lens: gpu.stream.clone_htod(&b.prefix_lens)?,
             positions: gpu.stream.clone_htod(positions)?,
-            scratch: AttentionScratch::new(gpu, b.t, nh)?,
+            scratch: {
+                let mut scratch = AttentionScratch::new(gpu, b.t, nh)?;
+                scratch.hold_tables();
+                scratch
+            },
         })
+    }
+
+    /// Builds the row spans and tile orders afresh, as the first attention call of a training
+    /// step does.
+    fn build_tables(&mut self, gpu: &Gpu, t: usize) -> Result<(), GpuError> {
+        self.scratch.sample_table_changed();
+        self.scratch.build_tables(gpu, &self.cu_seqlens.as_view(), &self.prefix_lens.as_view(), t)
     }
 
     fn forward(&mut self, gpu: &Gpu, kernel: FwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {
@@ -176,6 +189,7 @@ pub fn run(gpu: &Gpu) -> Result<()> {
     for b in bench_batches(&mut rng)? {
         let mut bufs = Buffers::new(gpu, &mut rng, &b, &sample_positions(&b.cu_seqlens, b.t), HEADS)?;
         let fwd_flops = 4.0 * HD as f64 * b.pairs() as f64 * HEADS as f64;
+        let tables_ms = super::time_ms(gpu, WARMUP, ITERS, |_| bufs.build_tables(gpu, b.t))?;
         for (i, (name, pass)) in routes(gpu).into_iter().enumerate() {
             let (ms, flops) = match pass {
                 Pass::Forward(kernel) => (super::time_ms(gpu, WARMUP, ITERS, |_| bufs.forward(gpu, kernel, b.t, HEADS))?, fwd_flops),
@@ -187,6 +201,7 @@ pub fn run(gpu: &Gpu) -> Result<()> {
             let (label, samples, pairs) = if i == 0 { (b.name, b.prefix_lens.len().to_string(), b.pairs().to_string()) } else { ("", String::new(), String::new()) };
             println!("{label:<30} {samples:>7} {pairs:>14}  {name:<24} {ms:>9.3} {:>9.1}", flops / (ms * 1e-3) / 1e12);
         }
+        println!("{:<55}{:<24} {tables_ms:>9.3}", "", "tables, once per batch");
     }
     Ok(())
 }

@@ -529,6 +529,18 @@ impl AttentionScratch {
             *held = HeldTables::default();
         }
     }
+
+    /// Builds now, for a holding scratch, the tables that the kernels a model step runs on this
+    /// GPU read (the row spans and the tile orders of the Hopper forward and backward, or of
+    /// the portable ones), as the first attention call after a new sample table would.
+    pub fn build_tables(&mut self, gpu: &Gpu, cu_seqlens: &CudaView<i32>, prefix_lens: &CudaView<i32>, t: usize) -> Result<(), GpuError> {
+        assert!(self.held.is_some(), "AttentionScratch::build_tables: call hold_tables first; otherwise every call rebuilds them");
+        self.check("AttentionScratch::build_tables", t, self.nh);
+        spans(gpu, self, cu_seqlens, prefix_lens, t)?;
+        let (q_step, kv_step) = if gpu.props.is_hopper() { (SM90_TILE, SM90_BWD_QUERIES) } else { (KEY_STEP, QUERY_STEP) };
+        query_order(gpu, self, t, q_step)?;
+        key_order(gpu, self, t, kv_step)
+    }
 }
 
 /// The row spans of every query and key (`[T, 2]` i32 each in `s.rows`, `s.cols`, see
