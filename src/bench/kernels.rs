@@ -318,7 +318,7 @@ impl Bench<'_> {
             GemmOp::BackwardWeight => {
                 let (dy, x) = (random_bf16(gpu, t * n, 1.0, self.next_seed())?, random_bf16(gpu, t * k, 1.0, self.next_seed())?);
                 let mut dw = gpu.stream.alloc_zeros::<f32>(n * k).during("allocating bench outputs")?;
-                time_candidates(gpu, gemm, shape, &mut |_| linear_bwd_weight(gpu, gemm, &mut dw.as_view_mut(), &dy.as_view(), &x.as_view(), t, n, k))
+                time_candidates(gpu, gemm, shape, &mut |_| linear_bwd_weight(gpu, gemm, &mut dw.as_view_mut(), &dy.as_view(), &x.as_view(), t, n, k, true))
             }
         }
     }
@@ -388,6 +388,7 @@ impl Bench<'_> {
                     D,
                     &grad_scale.as_view(),
                     &mut scratch.as_view_mut(),
+                    true,
                 )
             })?;
             let flops = 3.0 * 2.0 * (T * V * D) as f64;

@@ -7,8 +7,8 @@
 //!
 //! ```text
 //! step ─┬─ stage                (the batch and the optimiser's inputs, written to the device)
-//!       ├─ zero_grads
-//!       ├─ forward_backward      (the model's forward, then its backward)
+//!       ├─ forward_backward      (the model's forward, then its backward, which writes the
+//!       │                          step's gradients: no zeroing pass before it)
 //!       ├─ optimizer             (the loss guard and the fused AdamATan2 launch)
 //!       └─ log / eval / checkpoint   (on the steps that do them; they read the metrics back)
 //! ```

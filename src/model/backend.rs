@@ -103,6 +103,8 @@ pub trait Backend {
     fn add_act(&self, dst: &mut Self::Act, src: &Self::Act, n: usize) -> Result<()>;
     /// out: [T, D] = `row` `[D]` repeated on every row (`z_L_init` to every token).
     fn broadcast_rows(&self, out: &mut Self::Act, row: &Self::Act, t: usize, d: usize) -> Result<()>;
+    /// The gradient region of one tensor = 0 (a region that no product of the step writes).
+    fn zero_grads_at(&self, g: &mut Self::Grads, at: TensorAt) -> Result<()>;
     /// Elements in a flat weight buffer (checked against the layout before a step).
     fn weights_len(&self, w: &Self::Weights) -> usize;
     fn grads_len(&self, g: &Self::Grads) -> usize;
@@ -115,8 +117,10 @@ pub trait Backend {
     fn linear_fwd(&self, y: &mut Self::Act, x: &Self::Act, w: &Self::Weights, w_at: TensorAt, residual: Option<&Self::Act>, t: usize, n: usize, k: usize) -> Result<()>;
     /// dx: [T, K] = dy [T, N] @ w [N, K].
     fn linear_bwd_input(&self, dx: &mut Self::Act, dy: &Self::Act, w: &Self::Weights, w_at: TensorAt, t: usize, n: usize, k: usize) -> Result<()>;
-    /// dw: [N, K] at `dw_at` += dy^T [N, T] @ x [T, K].
-    fn linear_bwd_weight(&self, dw: &mut Self::Grads, dw_at: TensorAt, dy: &Self::Act, x: &Self::Act, t: usize, n: usize, k: usize) -> Result<()>;
+    /// dw: [N, K] at `dw_at` += dy^T [N, T] @ x [T, K] with `accumulate`; without, `=` (the
+    /// tensor's first contribution in a step: what the region held is not read).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_bwd_weight(&self, dw: &mut Self::Grads, dw_at: TensorAt, dy: &Self::Act, x: &Self::Act, t: usize, n: usize, k: usize, accumulate: bool) -> Result<()>;
 
     // ---- rmsnorm ----
 
@@ -174,9 +178,11 @@ pub trait Backend {
 
     /// The LM head fused with fp32 cross-entropy: `logits [T, V] = y [T, D] @ w^T`,
     /// losses: `[T]` and correct: `[T]` as `cross_entropy_cpu` (0 on ignored rows). With
-    /// `grads = Some((dy, dw))`: `dlogits = (softmax - onehot) * grad_scale` (grad_scale: `[1]`),
-    /// dy: [T, D] = dlogits @ w (written), dw: [V, D] at `w_at` += dlogits^T @ y.
-    fn lm_head_loss(&self, losses: &mut Self::F32, correct: &mut Self::U8, grads: Option<(&mut Self::Act, &mut Self::Grads)>, y: &Self::Act, w: &Self::Weights, w_at: TensorAt, labels: &Self::I32, t: usize, v: usize, d: usize, grad_scale: &Self::F32) -> Result<()>;
+    /// `grads = Some((dy, dw, accumulate))`: `dlogits = (softmax - onehot) * grad_scale`
+    /// (grad_scale: `[1]`), dy: [T, D] = dlogits @ w (written), dw: [V, D] at `w_at` +=
+    /// dlogits^T @ y (`=` without `accumulate`, as [`Backend::linear_bwd_weight`]).
+    #[allow(clippy::type_complexity)]
+    fn lm_head_loss(&self, losses: &mut Self::F32, correct: &mut Self::U8, grads: Option<(&mut Self::Act, &mut Self::Grads, bool)>, y: &Self::Act, w: &Self::Weights, w_at: TensorAt, labels: &Self::I32, t: usize, v: usize, d: usize, grad_scale: &Self::F32) -> Result<()>;
     /// sums += the [`StepMetrics`] of a batch's per-token results (accumulated, so that a
     /// step's micro-batches add up; zero them first with [`Backend::zero_metrics`]):
     /// losses, correct, labels `[T]`, cu_seqlens [S+1] (empty samples count for nothing).

@@ -73,6 +73,11 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn zero_grads_at(&self, g: &mut [f32], at: TensorAt) -> Result<()> {
+        g[at.range()].fill(0.0);
+        Ok(())
+    }
+
     fn add_act(&self, dst: &mut Vec<f32>, src: &Vec<f32>, n: usize) -> Result<()> {
         dst[..n].iter_mut().zip(&src[..n]).for_each(|(a, b)| *a += b);
         Ok(())
@@ -105,8 +110,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn linear_bwd_weight(&self, dw: &mut [f32], dw_at: TensorAt, dy: &Vec<f32>, x: &Vec<f32>, t: usize, n: usize, k: usize) -> Result<()> {
-        linear_bwd_weight_cpu(&mut dw[dw_at.range()], dy, x, t, n, k);
+    fn linear_bwd_weight(&self, dw: &mut [f32], dw_at: TensorAt, dy: &Vec<f32>, x: &Vec<f32>, t: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
+        linear_bwd_weight_cpu(&mut dw[dw_at.range()], dy, x, t, n, k, accumulate);
         Ok(())
     }
 
@@ -178,14 +183,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn lm_head_loss(&self, losses: &mut Vec<f32>, correct: &mut Vec<u8>, grads: Option<(&mut Vec<f32>, &mut [f32])>, y: &Vec<f32>, w: &[f32], w_at: TensorAt, labels: &Vec<i32>, t: usize, v: usize, d: usize, grad_scale: &Vec<f32>) -> Result<()> {
+    fn lm_head_loss(&self, losses: &mut Vec<f32>, correct: &mut Vec<u8>, grads: Option<(&mut Vec<f32>, &mut [f32], bool)>, y: &Vec<f32>, w: &[f32], w_at: TensorAt, labels: &Vec<i32>, t: usize, v: usize, d: usize, grad_scale: &Vec<f32>) -> Result<()> {
         let w = &w[w_at.range()];
         let mut logits = vec![0.0f32; t * v]; // [T, V]
         linear_fwd_cpu(&mut logits, y, w, None, t, v, d);
         let mut dlogits = vec![0.0f32; t * v]; // [T, V]
         cross_entropy_cpu(&mut dlogits, losses, correct, &logits, labels, t, v, grad_scale[0]);
-        if let Some((dy, dw)) = grads {
-            linear_bwd_weight_cpu(&mut dw[w_at.range()], &dlogits, y, t, v, d);
+        if let Some((dy, dw, accumulate)) = grads {
+            linear_bwd_weight_cpu(&mut dw[w_at.range()], &dlogits, y, t, v, d, accumulate);
             linear_bwd_input_cpu(dy, &dlogits, w, t, v, d);
         }
         Ok(())

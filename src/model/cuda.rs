@@ -300,6 +300,10 @@ impl<'g> Backend for CudaBackend<'g> {
         self.timed(OpClass::Other, "zero_act", || self.gpu.stream.memset_zeros(x).context("zero_act"))
     }
 
+    fn zero_grads_at(&self, g: &mut CudaSlice<f32>, at: TensorAt) -> Result<()> {
+        self.timed(OpClass::Other, "zero_grads_at", || self.gpu.stream.memset_zeros(&mut g.slice_mut(at.range())).context("zero_grads_at"))
+    }
+
     fn add_act(&self, dst: &mut CudaSlice<bf16>, src: &CudaSlice<bf16>, n: usize) -> Result<()> {
         self.timed(OpClass::Other, "add_act", || add_act(self.gpu, &mut dst.slice_mut(..n), &src.slice(..n), n).with_context(|| format!("add_act [{n}]")))
     }
@@ -335,9 +339,9 @@ impl<'g> Backend for CudaBackend<'g> {
         })
     }
 
-    fn linear_bwd_weight(&self, dw: &mut CudaSlice<f32>, dw_at: TensorAt, dy: &CudaSlice<bf16>, x: &CudaSlice<bf16>, t: usize, n: usize, k: usize) -> Result<()> {
+    fn linear_bwd_weight(&self, dw: &mut CudaSlice<f32>, dw_at: TensorAt, dy: &CudaSlice<bf16>, x: &CudaSlice<bf16>, t: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
         self.timed(OpClass::Gemm, "linear_bwd_weight", || {
-            linear_bwd_weight(self.gpu, &self.gemm, &mut dw.slice_mut(dw_at.range()), &dy.as_view(), &x.as_view(), t, n, k)
+            linear_bwd_weight(self.gpu, &self.gemm, &mut dw.slice_mut(dw_at.range()), &dy.as_view(), &x.as_view(), t, n, k, accumulate)
                 .with_context(|| format!("linear_bwd_weight [T={t}, N={n}, K={k}]"))
         })
     }
@@ -429,16 +433,16 @@ impl<'g> Backend for CudaBackend<'g> {
         })
     }
 
-    fn lm_head_loss(&self, losses: &mut CudaSlice<f32>, correct: &mut CudaSlice<u8>, grads: Option<(&mut CudaSlice<bf16>, &mut CudaSlice<f32>)>, y: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, labels: &CudaSlice<i32>, t: usize, v: usize, d: usize, grad_scale: &CudaSlice<f32>) -> Result<()> {
+    fn lm_head_loss(&self, losses: &mut CudaSlice<f32>, correct: &mut CudaSlice<u8>, grads: Option<(&mut CudaSlice<bf16>, &mut CudaSlice<f32>, bool)>, y: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, labels: &CudaSlice<i32>, t: usize, v: usize, d: usize, grad_scale: &CudaSlice<f32>) -> Result<()> {
         let mut logits = self.lm_scratch(t, v)?;
         let rows = lm_head_rows(t, v, self.lm_chunk_bytes);
         let mut logits = logits.slice_mut(..rows * v); // [rows, V]
         let w = w.slice(w_at.range()); // [V, D]
         let what = || format!("lm_head_loss [T={t}, V={v}, D={d}] in chunks of {rows} rows");
         self.timed(OpClass::LmHead, "lm_head_loss", || {
-            if let Some((dy, dw)) = grads {
+            if let Some((dy, dw, accumulate)) = grads {
                 let mut dw = dw.slice_mut(w_at.range());
-                return lm_head_cross_entropy(self.gpu, &self.gemm, &mut dy.as_view_mut(), &mut dw, &mut losses.as_view_mut(), &mut correct.as_view_mut(), &y.as_view(), &w, &labels.as_view(), t, v, d, &grad_scale.as_view(), &mut logits)
+                return lm_head_cross_entropy(self.gpu, &self.gemm, &mut dy.as_view_mut(), &mut dw, &mut losses.as_view_mut(), &mut correct.as_view_mut(), &y.as_view(), &w, &labels.as_view(), t, v, d, &grad_scale.as_view(), &mut logits, accumulate)
                     .with_context(what);
             }
             // Forward only: the same chunks without the two backward GEMMs.

@@ -99,6 +99,17 @@ impl Batch<'_> {
     }
 }
 
+/// What a step's backward finds in the gradient buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradStart {
+    /// Nothing of this step (the first micro-batch; the buffer holds the last step's): each
+    /// trained tensor's first contribution writes its region, and the regions nothing writes
+    /// are zeroed, so the buffer needs no zeroing pass of its own.
+    Fresh,
+    /// Gradients to add to (a later micro-batch of the step, or a caller's running sum).
+    Accumulate,
+}
+
 /// What one training step hands back to the trainer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepOutput {
@@ -331,7 +342,7 @@ impl<B: Backend> Model<B> {
     /// [`Model::stage_step`] and [`Model::enqueue_step`] and reads metrics when it logs.
     pub fn forward_backward(&mut self, weights: &B::Weights, batch: &Batch, schedule: &Schedule, grads: &mut B::Grads, loss_divisor: f32) -> Result<StepOutput> {
         self.stage_step(batch, schedule, loss_divisor)?;
-        let metrics = self.enqueue_and_read(weights, schedule, Some(grads))?;
+        let metrics = self.enqueue_and_read(weights, schedule, Some((grads, GradStart::Accumulate)))?;
         Ok(StepOutput { metrics, tensors_with_grad: self.tensors_with_grad(schedule) })
     }
 
@@ -374,12 +385,14 @@ impl<B: Backend> Model<B> {
     }
 
     /// The second half: enqueues the forward and backward of the staged batch with `schedule`
-    /// (which must be the staged one's or need no more pass inputs and kept passes). `grads` and
-    /// `metrics` (the batch's sums, on the backend) accumulate: zero them first
-    /// ([`Backend::zero_metrics`]), then stage and enqueue each micro-batch of a step in turn.
-    /// Nothing is read back and nothing is allocated.
-    pub fn enqueue_step(&mut self, weights: &B::Weights, schedule: &Schedule, grads: &mut B::Grads, metrics: &mut B::Metrics) -> Result<()> {
-        self.enqueue(weights, schedule, Some(grads), metrics)
+    /// (which must be the staged one's or need no more pass inputs and kept passes). `metrics`
+    /// (the batch's sums, on the backend) accumulate: zero them first
+    /// ([`Backend::zero_metrics`]), then stage and enqueue each micro-batch of a step in turn,
+    /// the first with [`GradStart::Fresh`], the others with [`GradStart::Accumulate`]: `grads`
+    /// then holds the step's summed gradients without being zeroed first. Nothing is read back
+    /// and nothing is allocated.
+    pub fn enqueue_step(&mut self, weights: &B::Weights, schedule: &Schedule, grads: &mut B::Grads, start: GradStart, metrics: &mut B::Metrics) -> Result<()> {
+        self.enqueue(weights, schedule, Some((grads, start)), metrics)
     }
 
     /// The per-token losses `[T]` of the last step (0 on ignored labels). Synchronises.
@@ -403,7 +416,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// Enqueues the staged step with the model's own metric sums and reads them back.
-    fn enqueue_and_read(&mut self, w: &B::Weights, schedule: &Schedule, grads: Option<&mut B::Grads>) -> Result<StepMetrics> {
+    fn enqueue_and_read(&mut self, w: &B::Weights, schedule: &Schedule, grads: Option<(&mut B::Grads, GradStart)>) -> Result<StepMetrics> {
         let mut sums = match self.metrics.take() {
             Some(sums) => sums,
             None => self.backend.alloc_metrics()?,
@@ -413,12 +426,24 @@ impl<B: Backend> Model<B> {
         read
     }
 
-    fn enqueue(&mut self, w: &B::Weights, schedule: &Schedule, grads: Option<&mut B::Grads>, metrics: &mut B::Metrics) -> Result<()> {
+    fn enqueue(&mut self, w: &B::Weights, schedule: &Schedule, grads: Option<(&mut B::Grads, GradStart)>, metrics: &mut B::Metrics) -> Result<()> {
         let master_len = self.layout.master_len;
         ensure!(self.backend.weights_len(w) == master_len, "weights hold {} elements, the layout {master_len}", self.backend.weights_len(w));
-        if let Some(g) = &grads {
+        if let Some((g, _)) = &grads {
             ensure!(self.backend.grads_len(g) == master_len, "gradients hold {} elements, the layout {master_len}", self.backend.grads_len(g));
         }
+        // A fresh step writes each trained tensor's gradient with its first contribution; the
+        // regions nothing overwrites are zeroed: tensors without gradient this step (so that
+        // the whole buffer is this step's, as the gradient norm reads it) and the embedding,
+        // whose backward adds only the rows of the batch's tokens.
+        let untouched: Vec<TensorAt> = match &grads {
+            Some((_, GradStart::Fresh)) => {
+                let with_grad = self.tensors_with_grad(schedule);
+                let specs = self.layout.tensors.iter().zip(with_grad).filter(|(spec, with)| spec.offset.is_some() && (!with || spec.role == Role::Embedding));
+                specs.map(|(spec, _)| TensorAt::of(spec)).collect::<Result<_>>()?
+            }
+            _ => Vec::new(),
+        };
         ensure!(self.config.net.has_z_l_init() || schedule.passes.iter().all(|p| p.z != Slot::L && p.inj != Some(Slot::L)), "the schedule reads z_L, which the {:?} net does not have", self.config.net.name());
         let sz = self.sizes(self.ws.as_ref().context("no batch was staged")?.t);
         let ws = self.ws.as_mut().expect("checked above");
@@ -451,15 +476,22 @@ impl<B: Backend> Model<B> {
             k += usize::from(pass.grad && training);
         }
         let out = schedule.output.index();
-        let Some(grads) = grads else {
+        let Some((grads, start)) = grads else {
             be.lm_head_loss(&mut ws.losses, &mut ws.correct, None, &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, &db.grad_scale)?;
             return be.step_metrics(metrics, &ws.losses, &ws.correct, &db.labels, &db.cu_seqlens, t);
         };
+        for &at in &untouched {
+            be.zero_grads_at(grads, at)?;
+        }
         // The LM head writes d z[output]; the other state's gradient starts at zero.
-        be.lm_head_loss(&mut ws.losses, &mut ws.correct, Some((&mut ws.dstate[out], &mut *grads)), &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, &db.grad_scale)?;
+        let fresh = start == GradStart::Fresh;
+        be.lm_head_loss(&mut ws.losses, &mut ws.correct, Some((&mut ws.dstate[out], &mut *grads, !fresh)), &ws.state[out], w, wm.lm_head, &db.labels, t, sz.v, d, &db.grad_scale)?;
         be.zero_act(&mut ws.dstate[schedule.output.other().index()])?;
 
         // ---- backward ----
+        // A module's weights get gradient from each of its passes with gradient: the first of
+        // them in the backward's order writes it (when the step is fresh), the others add.
+        let mut modules_written: Vec<ModuleName> = Vec::new();
         for pass in schedule.passes.iter().rev() {
             if !pass.grad {
                 // A pass without gradient is a constant: the gradient of its output stops here.
@@ -476,7 +508,11 @@ impl<B: Backend> Model<B> {
             } else {
                 &ws.kept[k]
             };
-            pass_backward(be, w, blocks, grads, pass, &ws.inputs[k], acts, &mut ws.grads, &mut ws.dstate, db, sz)?;
+            let accumulate = !fresh || modules_written.contains(&pass.module);
+            if !accumulate {
+                modules_written.push(pass.module);
+            }
+            pass_backward(be, w, blocks, grads, accumulate, pass, &ws.inputs[k], acts, &mut ws.grads, &mut ws.dstate, db, sz)?;
         }
         if schedule.embedding_grad {
             be.embedding_bwd(grads, wm.embed, &ws.dstate[Slot::H.index()], &db.tokens, t, d, scale)?;
@@ -639,9 +675,9 @@ fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut 
 
 /// Backward of `state[out] = Module(state[z] + state[inj])` from its `input` `x_0` [T, D] and
 /// kept `acts`: consumes `dstate[out]`, adds `d(z + inj)` to `dstate[z]` and `dstate[inj]`,
-/// accumulates the module's weight gradients.
+/// accumulates the module's weight gradients (writes them without `accumulate`).
 #[allow(clippy::too_many_arguments)]
-fn pass_backward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], dw: &mut B::Grads, pass: &Pass, input: &B::Act, acts: &PassActs<B>, g: &mut BlockGrads<B>, dstate: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn pass_backward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], dw: &mut B::Grads, accumulate: bool, pass: &Pass, input: &B::Act, acts: &PassActs<B>, g: &mut BlockGrads<B>, dstate: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let (t, d, n) = (sz.t, sz.d, blocks.len());
     // out = rms(x_n): dres = d x_n
     be.zero_act(&mut g.dres)?;
@@ -650,7 +686,7 @@ fn pass_backward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], dw
     be.zero_act(&mut dstate[pass.out.index()])?;
     for i in (0..n).rev() {
         let x = if i == 0 { input } else { &acts.x[i - 1] };
-        block_backward(be, w, &blocks[i], dw, &acts.blocks[i], x, g, db, sz)?;
+        block_backward(be, w, &blocks[i], dw, accumulate, &acts.blocks[i], x, g, db, sz)?;
     }
     // dres = d(z + inj), which fans out to both
     be.add_act(&mut dstate[pass.z.index()], &g.dres, t * d)?;
@@ -661,24 +697,25 @@ fn pass_backward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], dw
 }
 
 /// One block's backward: `g.dres` holds `d x_out` on entry and `d x` on exit (the residual
-/// stream's gradient accumulates in place); weight gradients accumulate into `dw`.
+/// stream's gradient accumulates in place); weight gradients accumulate into `dw` (are
+/// written there without `accumulate`).
 #[allow(clippy::too_many_arguments)]
-fn block_backward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, dw: &mut B::Grads, a: &BlockActs<B>, x: &B::Act, g: &mut BlockGrads<B>, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn block_backward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, dw: &mut B::Grads, accumulate: bool, a: &BlockActs<B>, x: &B::Act, g: &mut BlockGrads<B>, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let Sizes { t, d, nh, c, i, .. } = sz;
     // MLP: x_out = x1 + act @ W_down^T, act = swiglu(rms(x1) @ W_gate_up^T)
     be.linear_bwd_input(&mut g.dact, &g.dres, w, bw.down, t, d, i)?;
-    be.linear_bwd_weight(dw, bw.down, &g.dres, &a.act, t, d, i)?;
+    be.linear_bwd_weight(dw, bw.down, &g.dres, &a.act, t, d, i, accumulate)?;
     be.swiglu_bwd(&mut g.dgu, &g.dact, &a.gu, t, i)?;
     be.linear_bwd_input(&mut g.dxn, &g.dgu, w, bw.gate_up, t, 2 * i, d)?;
-    be.linear_bwd_weight(dw, bw.gate_up, &g.dgu, &a.xn2, t, 2 * i, d)?;
+    be.linear_bwd_weight(dw, bw.gate_up, &g.dgu, &a.xn2, t, 2 * i, d, accumulate)?;
     be.rmsnorm_bwd(&mut g.dres, &g.dxn, &a.x1, &a.rstd2, t, d)?;
     // attention: x1 = x + ga @ W_o^T, ga = sigmoid(g) * attn(...)
     be.linear_bwd_input(&mut g.dga, &g.dres, w, bw.o, t, d, c)?;
-    be.linear_bwd_weight(dw, bw.o, &g.dres, &a.ga, t, d, c)?;
+    be.linear_bwd_weight(dw, bw.o, &g.dres, &a.ga, t, d, c, accumulate)?;
     // dgqkv is assembled in place: the gated attention writes its four blocks, then the rope
     // rotates the q and k ones back.
     be.attention_bwd(&mut g.dgqkv, &g.dga, &a.gqkv, &a.ga, &a.lse, &db.cu_seqlens, &db.prefix_lens, &db.positions, t, nh)?;
     be.linear_bwd_input(&mut g.dxn, &g.dgqkv, w, bw.gqkv, t, 4 * c, d)?;
-    be.linear_bwd_weight(dw, bw.gqkv, &g.dgqkv, &a.xn1, t, 4 * c, d)?;
+    be.linear_bwd_weight(dw, bw.gqkv, &g.dgqkv, &a.xn1, t, 4 * c, d, accumulate)?;
     be.rmsnorm_bwd(&mut g.dres, &g.dxn, x, &a.rstd1, t, d)
 }

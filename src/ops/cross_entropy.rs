@@ -342,10 +342,11 @@ fn launch_ce(
 /// logits      = z[c] @ w^T                       (GEMM, bf16 out)
 /// logits     <- dlogits, losses[c], correct[c]   (cross-entropy, in place)
 /// dz[c]       = dlogits @ w                      (GEMM, bf16, written with =)
-/// dw         += dlogits^T @ z[c]                 (GEMM, fp32, accumulated)
+/// dw         += dlogits^T @ z[c]                 (GEMM, fp32, accumulated; the first
+///                                                 chunk writes it unless `accumulate`)
 /// ```
 ///
-/// dz: [T,D] bf16, dw: [V,D] fp32 (+=), losses: [T] fp32, correct: [T] u8, z: [T,D] bf16,
+/// dz: [T,D] bf16, dw: [V,D] fp32 (+= with `accumulate`, else =), losses: [T] fp32, correct: [T] u8, z: [T,D] bf16,
 /// w: [V,D] bf16, labels: [T] i32, grad_scale: [1] fp32, logits: [chunk, V] bf16 scratch.
 /// With T = 16k, V = 64k
 /// and chunk = 4096 the scratch is 512 MiB instead of 2 GiB for the whole batch.
@@ -365,6 +366,7 @@ pub fn lm_head_cross_entropy(
     d: usize,
     grad_scale: &CudaView<f32>,
     logits: &mut CudaViewMut<bf16>,
+    accumulate: bool,
 ) -> Result<(), GpuError> {
     const OP: &str = "lm_head_cross_entropy";
     expect_len(OP, "dz", dz.len(), &[("T", t), ("D", d)]);
@@ -384,7 +386,7 @@ pub fn lm_head_cross_entropy(
         cross_entropy_in_place(gpu, kernel, &mut block, &mut losses.slice_mut(r.clone()), &mut correct.slice_mut(r.clone()), &labels.slice(r), rows, v, grad_scale)?;
         let dlogits = block.as_view();
         linear_bwd_input(gpu, gemm, &mut dz.slice_mut(rd.clone()), &dlogits, w, rows, v, d)?;
-        linear_bwd_weight(gpu, gemm, dw, &dlogits, &z.slice(rd), rows, v, d)?;
+        linear_bwd_weight(gpu, gemm, dw, &dlogits, &z.slice(rd), rows, v, d, accumulate || start > 0)?;
     }
     Ok(())
 }
@@ -538,7 +540,7 @@ fn check_lm_head(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         let mut dz_want = vec![0.0; t * d];
         linear_bwd_input_cpu(&mut dz_want, &dl, &w, t, v, d);
         let mut dw_want = dw0.clone();
-        linear_bwd_weight_cpu(&mut dw_want, &dl, &z, t, v, d);
+        linear_bwd_weight_cpu(&mut dw_want, &dl, &z, t, v, d, true);
 
         let (dzin, dwin, dlab, dscale) = (upload_bf16(gpu, &z)?, upload_bf16(gpu, &w)?, upload(gpu, &labels)?, upload(gpu, &[grad_scale])?);
         let (mut dz, mut dw) = (poisoned_bf16(gpu, t * d)?, upload(gpu, &dw0)?);
@@ -559,6 +561,7 @@ fn check_lm_head(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
             d,
             &dscale.as_view(),
             &mut scratch.as_view_mut(),
+            true,
         )?;
         let shape = format!("[{t},{d}] V={v} chunk={chunk}");
         // Loss as in `cross_entropy` (logits below 2).
@@ -576,6 +579,28 @@ fn check_lm_head(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         rows.push(Row::new("lm_head_ce correct", &shape, exact, compare(&ok, &ok_want, exact)));
         rows.push(Row::new("lm_head_ce dz", &shape, dz_tol, compare(&download_bf16(gpu, &dz)?, &dz_want, dz_tol)));
         rows.push(Row::new("lm_head_ce dw (+=)", &shape, dw_tol, compare(&download(gpu, &dw)?, &dw_want, dw_tol)));
+        // A step's first contribution: the first chunk writes dw (NaN before proves it).
+        let mut dw_written = vec![f32::NAN; v * d];
+        linear_bwd_weight_cpu(&mut dw_written, &dl, &z, t, v, d, false);
+        let mut dw = poisoned_f32(gpu, v * d)?;
+        lm_head_cross_entropy(
+            gpu,
+            &gemm,
+            &mut dz.as_view_mut(),
+            &mut dw.as_view_mut(),
+            &mut losses.as_view_mut(),
+            &mut correct.as_view_mut(),
+            &dzin.as_view(),
+            &dwin.as_view(),
+            &dlab.as_view(),
+            t,
+            v,
+            d,
+            &dscale.as_view(),
+            &mut scratch.as_view_mut(),
+            false,
+        )?;
+        rows.push(Row::new("lm_head_ce dw (=)", &shape, dw_tol, compare(&download(gpu, &dw)?, &dw_written, dw_tol)));
     }
     Ok(rows)
 }

@@ -6,7 +6,8 @@
 //! ```text
 //! forward      y  [T,N]  = x [T,K] @ w^T            (+ residual [T,N])
 //! input grad   dx [T,K] (+)= dy [T,N] @ w [N,K]
-//! weight grad  dw [N,K] += dy^T [N,T] @ x [T,K]      (parameter gradients accumulate)
+//! weight grad  dw [N,K] (+)= dy^T [N,T] @ x [T,K]    (accumulated, or written by the first
+//!                                                    contribution of a step)
 //! ```
 //!
 //! The CPU reference calls `matrixmultiply`'s blocked, multi-threaded sgemm.
@@ -51,7 +52,7 @@ use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, De
 use half::bf16;
 
 use crate::gpu::{DriverContext, Gpu, GpuError};
-use crate::ops::check::{bf16_inputs, download, download_bf16, poisoned_bf16, upload, upload_bf16};
+use crate::ops::check::{bf16_inputs, download, download_bf16, poisoned_bf16, poisoned_f32, upload, upload_bf16};
 use crate::ops::compare::{compare, Tolerance, BF16_EPS};
 use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
 use crate::rng::Rng;
@@ -86,13 +87,15 @@ pub fn linear_bwd_input_cpu(dx: &mut [f32], dy: &[f32], w: &[f32], t: usize, n: 
 }
 
 /// `dw [N,K] += dy [T,N]^T @ x [T,K]`.
-pub fn linear_bwd_weight_cpu(dw: &mut [f32], dy: &[f32], x: &[f32], t: usize, n: usize, k: usize) {
+/// `dw [N,K] += dy^T [N,T] @ x [T,K]` with `accumulate`, else `=` (what dw held, NaN
+/// included, is ignored).
+pub fn linear_bwd_weight_cpu(dw: &mut [f32], dy: &[f32], x: &[f32], t: usize, n: usize, k: usize, accumulate: bool) {
     const OP: &str = "linear_bwd_weight_cpu";
     expect_len(OP, "dw", dw.len(), &[("N", n), ("K", k)]);
     expect_len(OP, "dy", dy.len(), &[("T", t), ("N", n)]);
     expect_len(OP, "x", x.len(), &[("T", t), ("K", k)]);
     // dy^T is dy read with row stride 1 and column stride N.
-    sgemm(n, t, k, dy, (1, n), x, (k, 1), 1.0, dw);
+    sgemm(n, t, k, dy, (1, n), x, (k, 1), if accumulate { 1.0 } else { 0.0 }, dw);
 }
 
 /// `c [M,N] = a [M,K] @ b [K,N] + beta * c` with `a` and `b` given as (row stride, column
@@ -629,7 +632,8 @@ pub fn linear_bwd_input(
     unsafe { gemm.matmul(gpu, shape, 0.0, w_ptr, dy_ptr, dx_ptr, dx_ptr) }
 }
 
-/// GPU [`linear_bwd_weight_cpu`]: dw: [N,K] fp32 (+=), dy: [T,N] bf16, x: [T,K] bf16.
+/// GPU [`linear_bwd_weight_cpu`]: dw: [N,K] fp32 (+= with `accumulate`, else =), dy: [T,N]
+/// bf16, x: [T,K] bf16.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd_weight(
     gpu: &Gpu,
@@ -640,6 +644,7 @@ pub fn linear_bwd_weight(
     t: usize,
     n: usize,
     k: usize,
+    accumulate: bool,
 ) -> Result<(), GpuError> {
     const OP: &str = "linear_bwd_weight";
     check_sizes(OP, t, n, k);
@@ -657,8 +662,8 @@ pub fn linear_bwd_weight(
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (dw_ptr, _dw) = dw.device_ptr_mut(&gpu.stream);
     // SAFETY: A = x [T,K], B = dy [T,N] bf16, C = D = dw [N,K] fp32, lengths checked above,
-    // 16-byte aligned, alive until the product has run.
-    unsafe { gemm.matmul(gpu, shape, 1.0, x_ptr, dy_ptr, dw_ptr, dw_ptr) }
+    // 16-byte aligned, alive until the product has run; with beta = 0 C is not read.
+    unsafe { gemm.matmul(gpu, shape, if accumulate { 1.0 } else { 0.0 }, x_ptr, dy_ptr, dw_ptr, dw_ptr) }
 }
 
 /// N and K are positive (an empty sum is not a GEMM worth a plan) and fit cuBLASLt's ints.
@@ -726,14 +731,20 @@ fn check_bwd_weight(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         let (dy, x) = (bf16_inputs(rng, t * n, scale), bf16_inputs(rng, t * k, 1.0));
         let dw0 = rng.uniform_vec(n * k, scale);
         let mut want = dw0.clone();
-        linear_bwd_weight_cpu(&mut want, &dy, &x, t, n, k);
+        linear_bwd_weight_cpu(&mut want, &dy, &x, t, n, k, true);
         let (ddy, dx) = (upload_bf16(gpu, &dy)?, upload_bf16(gpu, &x)?);
         let mut dw = upload(gpu, &dw0)?;
-        linear_bwd_weight(gpu, &gemm, &mut dw.as_view_mut(), &ddy.as_view(), &dx.as_view(), t, n, k)?;
+        linear_bwd_weight(gpu, &gemm, &mut dw.as_view_mut(), &ddy.as_view(), &dx.as_view(), t, n, k, true)?;
         // fp32 out: only the two accumulations differ (see bf16_out_tol, sum over T) and the
         // final add to dw0 (a few 2^-24).
         let tol = Tolerance { abs: 2f32.powi(-20) * t as f32 * scale, rel: 4.0 * f32::EPSILON };
         rows.push(Row::new("linear_bwd_weight dw+=dy^T x", format!("[{t},{n},{k}] x{scale}"), tol, compare(&download(gpu, &dw)?, &want, tol)));
+        // Written (a step's first contribution): what dw held, NaN here, is not read.
+        let mut want = vec![f32::NAN; n * k];
+        linear_bwd_weight_cpu(&mut want, &dy, &x, t, n, k, false);
+        let mut dw = poisoned_f32(gpu, n * k)?;
+        linear_bwd_weight(gpu, &gemm, &mut dw.as_view_mut(), &ddy.as_view(), &dx.as_view(), t, n, k, false)?;
+        rows.push(Row::new("linear_bwd_weight dw=dy^T x", format!("[{t},{n},{k}] x{scale}"), tol, compare(&download(gpu, &dw)?, &want, tol)));
     }
     Ok(rows)
 }
@@ -797,8 +808,12 @@ mod tests {
         // dw: accumulates onto a random start.
         let start = rng.uniform_vec(n * k, 1.0);
         let mut dw = start.clone();
-        linear_bwd_weight_cpu(&mut dw, &r, &x, t, n, k);
+        linear_bwd_weight_cpu(&mut dw, &r, &x, t, n, k, true);
         let delta: Vec<f32> = dw.iter().zip(&start).map(|(a, b)| a - b).collect();
         check_gradient("linear dw", &w, &delta, |w| loss(&x, w), &mut rng, 4);
+        // Written instead (NaN before proves it): the same gradient.
+        let mut written = vec![f32::NAN; n * k];
+        linear_bwd_weight_cpu(&mut written, &r, &x, t, n, k, false);
+        check_gradient("linear dw written", &w, &written, |w| loss(&x, w), &mut rng, 4);
     }
 }

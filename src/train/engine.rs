@@ -12,7 +12,7 @@ use rayon::prelude::*;
 
 use crate::model::backend::Backend;
 use crate::model::cpu::CpuBackend;
-use crate::model::net::{Batch, Model};
+use crate::model::net::{Batch, GradStart, Model};
 use crate::model::params::Params;
 use crate::model::schedule::Schedule;
 use crate::ops::cross_entropy::StepMetrics;
@@ -76,7 +76,8 @@ pub struct CpuEngine {
     model: Model<CpuBackend>,
     params: Params,
     optimizer: AdamAtan2,
-    /// Master-shaped gradient buffer, zeroed before every step, summed over its micro-batches.
+    /// Master-shaped gradient buffer: each step's, summed over its micro-batches, written by
+    /// the first ([`GradStart::Fresh`]).
     grads: Vec<f32>,
     /// The last step's metric sums (over its micro-batches).
     metrics: StepMetrics,
@@ -98,11 +99,11 @@ impl Engine for CpuEngine {
         if self.guard.skip {
             return Ok(()); // every update is skipped until the trainer reads the metrics
         }
-        self.grads.fill(0.0);
         self.model.backend().zero_metrics(&mut self.metrics)?;
-        for batch in micro_batches {
+        for (i, batch) in micro_batches.iter().enumerate() {
+            let start = if i == 0 { GradStart::Fresh } else { GradStart::Accumulate };
             self.model.stage_step(batch, schedule, loss_divisor)?;
-            self.model.enqueue_step(&self.params.master, schedule, &mut self.grads, &mut self.metrics)?;
+            self.model.enqueue_step(&self.params.master, schedule, &mut self.grads, start, &mut self.metrics)?;
         }
         self.guard.observe(self.metrics.loss_sum);
         if !self.guard.skip {
@@ -189,6 +190,47 @@ mod tests {
         assert_eq!(err.downcast_ref::<NonFiniteLoss>().expect("a NonFiniteLoss").steps_before, 1, "one finite step (2) since the read, then 3's NaN");
         assert_eq!(engine.snapshot().unwrap().1.steps, after_2.steps, "steps 3 and 4 updated nothing");
         assert!(engine.read_metrics().is_err(), "the guard stays set");
+    }
+
+    /// No zeroing pass: a step's backward writes each gradient with its first contribution and
+    /// zeroes what nothing writes. An engine whose gradient buffer holds NaN before the step
+    /// (a stale buffer at its worst) ends it with the gradients, bit for bit, of one whose
+    /// buffer was zero; with schedules where some tensors get no gradient (hrm with one
+    /// backpropagated pass, whose other module's weights get none: zero) and two micro-batches.
+    #[test]
+    fn a_step_writes_its_gradients_over_whatever_the_buffer_held() {
+        let mut rng = Rng::new(8);
+        let batches: Vec<PackedBatch> = (0..2).map(|_| PackedBatch::random(&mut rng, 64, 256, 4..20, (0.2, 0.8)).unwrap()).collect();
+        for (net, bp_steps) in [(NetName::Transformer, 0), (NetName::Hrm, 1), (NetName::Hrm, 5)] {
+            let config = ModelConfig::new(SizeName::Tiny, net, 256);
+            let schedule = Schedule::for_training(&config.net, bp_steps);
+            for micro in [1, 2] {
+                let run = |stale: f32| {
+                    let params = Params::init(config, 1);
+                    let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&TrainConfig::default()));
+                    let mut engine = CpuEngine::new(params, optimizer).unwrap();
+                    engine.grads.fill(stale);
+                    let micro_batches: Vec<Batch> = batches[..micro].iter().map(PackedBatch::batch).collect();
+                    engine.train_micro_batches(&micro_batches, &schedule, LR, 40.0).unwrap();
+                    engine.read_metrics().unwrap();
+                    engine
+                };
+                let (zeroed, stale) = (run(0.0), run(f32::NAN));
+                let bits = |g: &[f32]| g.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                assert!(bits(&stale.grads) == bits(&zeroed.grads), "{net:?}, bp_steps {bp_steps}, {micro} micro-batches: the gradients depend on what the buffer held");
+                let with_grad = zeroed.model.tensors_with_grad(&schedule);
+                for (spec, with) in zeroed.model.layout().tensors.iter().zip(with_grad) {
+                    let Some(offset) = spec.offset else { continue };
+                    let region = &stale.grads[offset..offset + spec.numel()];
+                    if !with {
+                        assert!(region.iter().all(|&g| g == 0.0), "{net:?}, bp_steps {bp_steps}: {} has no gradient this step, yet its region is not zero", spec.name);
+                    }
+                }
+                if bp_steps == 1 {
+                    assert!(zeroed.model.tensors_with_grad(&schedule).iter().any(|&w| !w), "hrm with one backpropagated pass leaves a module without gradient");
+                }
+            }
+        }
     }
 
     /// `n` random (instruction, response) pairs of 2..6 and 2..10 tokens.

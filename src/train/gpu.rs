@@ -51,7 +51,7 @@ use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::model::backend::{Backend, TensorAt};
 use crate::model::cpu::CpuBackend;
 use crate::model::cuda::{embedding_scratch_bytes, lm_head_rows, CudaBackend, OpClass, LM_HEAD_CHUNK_BYTES};
-use crate::model::net::{Batch, Model};
+use crate::model::net::{Batch, GradStart, Model};
 use crate::model::params::Params;
 use crate::model::schedule::Schedule;
 use crate::model::spec::{ParamLayout, Role};
@@ -160,16 +160,16 @@ impl<'g> GpuEngine<'g> {
     }
 
     /// The device work of a one-batch step, on what [`Engine::train_micro_batches`] staged:
-    /// zero the gradients and metric sums, the model's forward and backward, the loss guard,
-    /// the optimiser. It reads no host value that changes between steps, so it can be
-    /// captured in a graph.
+    /// zero the metric sums, the model's forward and backward (which writes the gradients
+    /// afresh), the loss guard, the optimiser. It reads no host value that changes between
+    /// steps, so it can be captured in a graph.
     fn enqueue_update(&mut self, schedule: &Schedule) -> Result<()> {
-        self.enqueue_zero_sums()?;
-        self.enqueue_forward_backward(schedule)?;
+        self.model.backend().zero_metrics(&mut self.metrics)?;
+        self.enqueue_forward_backward(schedule, GradStart::Fresh)?;
         self.enqueue_optimizer()
     }
 
-    /// A step of several micro-batches, op by op: zero the sums once, then stage each
+    /// A step of several micro-batches, op by op: zero the metric sums once, then stage each
     /// micro-batch and enqueue its forward and backward (gradients and metric sums accumulate),
     /// then one update. Staging a micro-batch overwrites the device batch that the previous
     /// one's queued kernels read, safely: the copies are on the same stream, after those
@@ -177,28 +177,21 @@ impl<'g> GpuEngine<'g> {
     /// are staged by the driver; the token order's pinned buffer waits for its previous copy,
     /// `EmbeddingBwdScratch::upload_order`).
     fn enqueue_accumulated(&mut self, micro_batches: &[Batch], schedule: &Schedule, loss_divisor: f32) -> Result<()> {
-        self.enqueue_zero_sums()?;
-        for batch in micro_batches {
+        self.model.backend().zero_metrics(&mut self.metrics)?;
+        for (i, batch) in micro_batches.iter().enumerate() {
             let staging = Range::push("stage");
             self.model.stage_step(batch, schedule, loss_divisor)?;
             drop(staging);
-            self.enqueue_forward_backward(schedule)?;
+            self.enqueue_forward_backward(schedule, if i == 0 { GradStart::Fresh } else { GradStart::Accumulate })?;
         }
         self.enqueue_optimizer()
     }
 
-    /// `grads = 0`, `metrics = 0`: what a step's micro-batches accumulate into.
-    fn enqueue_zero_sums(&mut self) -> Result<()> {
-        let gpu = self.gpu;
-        let _zeroing = Range::push("zero_grads");
-        self.model.backend().timed(OpClass::Other, "zero_grads", || gpu.stream.memset_zeros(&mut self.grads).context("zeroing the gradients"))?;
-        self.model.backend().zero_metrics(&mut self.metrics)
-    }
-
-    /// The staged batch's forward and backward, adding to the gradients and metric sums.
-    fn enqueue_forward_backward(&mut self, schedule: &Schedule) -> Result<()> {
+    /// The staged batch's forward and backward, adding to the metric sums and writing
+    /// (`Fresh`) or adding to the gradients.
+    fn enqueue_forward_backward(&mut self, schedule: &Schedule, start: GradStart) -> Result<()> {
         let _forward_backward = Range::push("forward_backward");
-        self.model.enqueue_step(&self.compute, schedule, &mut self.grads, &mut self.metrics)
+        self.model.enqueue_step(&self.compute, schedule, &mut self.grads, start, &mut self.metrics)
     }
 
     /// The loss guard on the step's summed loss, then AdamATan2 on the summed gradients.
@@ -574,6 +567,9 @@ impl Backend for Footprint {
     fn zero_act(&self, _: &mut usize) -> Result<()> {
         Ok(())
     }
+    fn zero_grads_at(&self, _: &mut usize, _: TensorAt) -> Result<()> {
+        Ok(())
+    }
     fn add_act(&self, _: &mut usize, _: &usize, _: usize) -> Result<()> {
         Ok(())
     }
@@ -595,7 +591,7 @@ impl Backend for Footprint {
     fn linear_bwd_input(&self, _: &mut usize, _: &usize, _: &usize, _: TensorAt, _: usize, _: usize, _: usize) -> Result<()> {
         Ok(())
     }
-    fn linear_bwd_weight(&self, _: &mut usize, _: TensorAt, _: &usize, _: &usize, _: usize, _: usize, _: usize) -> Result<()> {
+    fn linear_bwd_weight(&self, _: &mut usize, _: TensorAt, _: &usize, _: &usize, _: usize, _: usize, _: usize, _: bool) -> Result<()> {
         Ok(())
     }
     fn add_rmsnorm_fwd(&self, _: &mut usize, _: &mut usize, _: &mut usize, _: &usize, _: Option<&usize>, _: usize, _: usize) -> Result<()> {
@@ -631,7 +627,7 @@ impl Backend for Footprint {
     fn embedding_bwd(&self, _: &mut usize, _: TensorAt, _: &usize, _: &usize, _: usize, _: usize, _: f32) -> Result<()> {
         Ok(())
     }
-    fn lm_head_loss(&self, _: &mut usize, _: &mut usize, _: Option<(&mut usize, &mut usize)>, _: &usize, _: &usize, _: TensorAt, _: &usize, _: usize, _: usize, _: usize, _: &usize) -> Result<()> {
+    fn lm_head_loss(&self, _: &mut usize, _: &mut usize, _: Option<(&mut usize, &mut usize, bool)>, _: &usize, _: &usize, _: TensorAt, _: &usize, _: usize, _: usize, _: usize, _: &usize) -> Result<()> {
         Ok(())
     }
     fn step_metrics(&self, _: &mut usize, _: &usize, _: &usize, _: &usize, _: &usize, _: usize) -> Result<()> {
