@@ -20,7 +20,7 @@
 //! device into a `[5]` fp64 accumulator (see [`METRICS_LEN`]) that the host reads only when
 //! it logs.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use cudarc::driver::sys::CUfunction_attribute as FuncAttr;
 use half::bf16;
 use rayon::prelude::*;
@@ -546,23 +546,29 @@ fn check_lm_head(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         let (mut dz, mut dw) = (poisoned_bf16(gpu, t * d)?, upload(gpu, &dw0)?);
         let (mut losses, mut correct) = (poisoned_f32(gpu, t)?, upload(gpu, &vec![7u8; t])?);
         let mut scratch = poisoned_bf16(gpu, chunk * v)?;
-        lm_head_cross_entropy(
-            gpu,
-            &gemm,
-            &mut dz.as_view_mut(),
-            &mut dw.as_view_mut(),
-            &mut losses.as_view_mut(),
-            &mut correct.as_view_mut(),
-            &dzin.as_view(),
-            &dwin.as_view(),
-            &dlab.as_view(),
-            t,
-            v,
-            d,
-            &dscale.as_view(),
-            &mut scratch.as_view_mut(),
-            true,
-        )?;
+        let mut run = |dw: &mut CudaSlice<f32>, accumulate: bool| {
+            lm_head_cross_entropy(
+                gpu,
+                &gemm,
+                &mut dz.as_view_mut(),
+                &mut dw.as_view_mut(),
+                &mut losses.as_view_mut(),
+                &mut correct.as_view_mut(),
+                &dzin.as_view(),
+                &dwin.as_view(),
+                &dlab.as_view(),
+                t,
+                v,
+                d,
+                &dscale.as_view(),
+                &mut scratch.as_view_mut(),
+                accumulate,
+            )
+        };
+        run(&mut dw, true)?;
+        // A step's first contribution: the first chunk writes dw (NaN before proves it).
+        let mut dw_written = poisoned_f32(gpu, v * d)?;
+        run(&mut dw_written, false)?;
         let shape = format!("[{t},{d}] V={v} chunk={chunk}");
         // Loss as in `cross_entropy` (logits below 2).
         let loss_tol = Tolerance { abs: 1.2e-5, rel: 1e-6 };
@@ -579,28 +585,9 @@ fn check_lm_head(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         rows.push(Row::new("lm_head_ce correct", &shape, exact, compare(&ok, &ok_want, exact)));
         rows.push(Row::new("lm_head_ce dz", &shape, dz_tol, compare(&download_bf16(gpu, &dz)?, &dz_want, dz_tol)));
         rows.push(Row::new("lm_head_ce dw (+=)", &shape, dw_tol, compare(&download(gpu, &dw)?, &dw_want, dw_tol)));
-        // A step's first contribution: the first chunk writes dw (NaN before proves it).
-        let mut dw_written = vec![f32::NAN; v * d];
-        linear_bwd_weight_cpu(&mut dw_written, &dl, &z, t, v, d, false);
-        let mut dw = poisoned_f32(gpu, v * d)?;
-        lm_head_cross_entropy(
-            gpu,
-            &gemm,
-            &mut dz.as_view_mut(),
-            &mut dw.as_view_mut(),
-            &mut losses.as_view_mut(),
-            &mut correct.as_view_mut(),
-            &dzin.as_view(),
-            &dwin.as_view(),
-            &dlab.as_view(),
-            t,
-            v,
-            d,
-            &dscale.as_view(),
-            &mut scratch.as_view_mut(),
-            false,
-        )?;
-        rows.push(Row::new("lm_head_ce dw (=)", &shape, dw_tol, compare(&download(gpu, &dw)?, &dw_written, dw_tol)));
+        let mut dw_written_want = vec![f32::NAN; v * d];
+        linear_bwd_weight_cpu(&mut dw_written_want, &dl, &z, t, v, d, false);
+        rows.push(Row::new("lm_head_ce dw (=)", &shape, dw_tol, compare(&download(gpu, &dw_written)?, &dw_written_want, dw_tol)));
     }
     Ok(rows)
 }
