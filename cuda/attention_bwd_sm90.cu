@@ -232,14 +232,14 @@ __device__ __forceinline__ void pack_grads(uint32_t (&pf)[4][4], uint32_t (&dsf)
 // work (attention_schedule over cols, tile 128, step 64); rank: its inverse; pos: [T] RoPE's
 // positions and inv_freq: [64] its frequencies, for RoPE's backward on dk in the epilogue.
 // Grid: ceil(T / 128) * NH blocks of BW_THREADS, head fastest; dynamic shared memory BW_SMEM.
-template <bool ORDERED>
-__device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensorMap& tm_k, const CUtensorMap& tm_v,
-                                         const CUtensorMap& tm_do, bf16* __restrict__ dk, bf16* __restrict__ dv,
-                                         float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
-                                         const float* __restrict__ delta, const int2* __restrict__ rows,
-                                         const int2* __restrict__ cols, const int* __restrict__ order,
-                                         const int* __restrict__ rank, const int* __restrict__ pos,
-                                         const float* __restrict__ inv_freq, int T, int T_pad, int NH, int ld) {
+// The tensor maps are __grid_constant__ parameters, which TMA reads in place.
+extern "C" __global__ void __launch_bounds__(BW_THREADS, 1)
+attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                   const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dk,
+                   bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
+                   const float* __restrict__ delta, const int2* __restrict__ rows, const int2* __restrict__ cols,
+                   const int* __restrict__ order, const int* __restrict__ rank, const int* __restrict__ pos,
+                   const float* __restrict__ inv_freq, int T, int T_pad, int NH, int ld) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) uint64_t bars[BB_COUNT];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -309,27 +309,20 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
                 if (lane == 0) {
                     float* dst = dqacc + ((size_t)h * n_q + m) * (BW_BM * ATTN_HD);
                     const unsigned char* src = smem + OFF_DQ + b * BW_DQ_BYTES;
-                    if (ORDERED) {
-                        int* lock = sem + (size_t)h * n_q + m;
-                        while (ld_acquire(lock) != turn) __nanosleep(64);
-                        fence_async_global();
-                        if (turn == 0) bulk_store<false>(dst, src, BW_DQ_BYTES);
-                        else bulk_store<true>(dst, src, BW_DQ_BYTES);
-                        // sdQ is free once read; the next block's turn waits for the writes.
-                        bulk_wait_read();
-                        mbar_arrive(&bars[BB_DQEMPTY + b]);
-                        bulk_wait_all();
-                        fence_async_global();
-                        red_release_add(lock, 1);
-                    } else {
-                        bulk_store<true>(dst, src, BW_DQ_BYTES);  // dqacc zeroed by the launcher
-                        bulk_wait_read();
-                        mbar_arrive(&bars[BB_DQEMPTY + b]);
-                    }
+                    int* lock = sem + (size_t)h * n_q + m;
+                    while (ld_acquire(lock) != turn) __nanosleep(64);
+                    fence_async_global();
+                    if (turn == 0) bulk_store<false>(dst, src, BW_DQ_BYTES);
+                    else bulk_store<true>(dst, src, BW_DQ_BYTES);
+                    // sdQ is free once read; the next block's turn waits for the writes.
+                    bulk_wait_read();
+                    mbar_arrive(&bars[BB_DQEMPTY + b]);
+                    bulk_wait_all();
+                    fence_async_global();
+                    red_release_add(lock, 1);
                 }
                 __syncwarp();
             }
-            if (!ORDERED && lane == 0) bulk_wait_all();  // the last adds land before the block exits
         }
         return;
     }
@@ -461,29 +454,6 @@ __device__ __forceinline__ void bwd_sm90(const CUtensorMap& tm_q, const CUtensor
     named_barrier_sync(BAR_CONSUMERS, 256);
     store_acc_rows(dk, smem + OFF_K, BW_KV_HALF, acc_dk, ATTN_SCALE, ATTN_SCALE, kr, 64 * wg + 16 * warp, n0 + 64 * wg + 16 * warp, T, ld, h, lane);
     store_acc_rows(dv, smem + OFF_V, BW_KV_HALF, acc_dv, 1.f, 1.f, kr, 64 * wg + 16 * warp, n0 + 64 * wg + 16 * warp, T, ld, h, lane);
-}
-
-// v4: the default on Hopper.
-extern "C" __global__ void __launch_bounds__(BW_THREADS, 1)
-attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                   const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do, bf16* __restrict__ dk,
-                   bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem, const float* __restrict__ lse2,
-                   const float* __restrict__ delta, const int2* __restrict__ rows, const int2* __restrict__ cols,
-                   const int* __restrict__ order, const int* __restrict__ rank, const int* __restrict__ pos,
-                   const float* __restrict__ inv_freq, int T, int T_pad, int NH, int ld) {
-    bwd_sm90<true>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, pos, inv_freq, T, T_pad, NH, ld);
-}
-
-// Experiment (opt-in, NOT deterministic): v4 with the dQ partials added in arrival order, no
-// semaphores; dqacc must be zeroed. Measures what the ordered adds of v4 cost.
-extern "C" __global__ void __launch_bounds__(BW_THREADS, 1)
-attention_bwd_sm90_unordered(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
-                             const __grid_constant__ CUtensorMap tm_v, const __grid_constant__ CUtensorMap tm_do,
-                             bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ dqacc, int* __restrict__ sem,
-                             const float* __restrict__ lse2, const float* __restrict__ delta, const int2* __restrict__ rows,
-                             const int2* __restrict__ cols, const int* __restrict__ order, const int* __restrict__ rank,
-                             const int* __restrict__ pos, const float* __restrict__ inv_freq, int T, int T_pad, int NH, int ld) {
-    bwd_sm90<false>(tm_q, tm_k, tm_v, tm_do, dk, dv, dqacc, sem, lse2, delta, rows, cols, order, rank, pos, inv_freq, T, T_pad, NH, ld);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 
 use crate::gpu::{Gpu, GpuError};
-use crate::ops::attention::{block_of, sample_positions, AttentionScratch, BwdKernel, FwdKernel, Sm90Bwd, Sm90Fwd};
+use crate::ops::attention::{block_of, sample_positions, AttentionScratch, BwdKernel, FwdKernel, Sm90Fwd};
 use crate::data::batch::PackedBatch;
 use crate::rng::Rng;
 
@@ -167,8 +167,7 @@ fn routes(gpu: &Gpu) -> Vec<(&'static str, Pass)> {
     }
     routes.push(("bwd sm80 (mma.sync)", Pass::Backward(BwdKernel::Sm80)));
     if gpu.props.is_hopper() {
-        routes.push(("bwd sm90 (TMA + wgmma)", Pass::Backward(BwdKernel::Sm90(Sm90Bwd::Plain))));
-        routes.push(("bwd sm90 unordered dQ (nondet.)", Pass::Backward(BwdKernel::Sm90(Sm90Bwd::Unordered))));
+        routes.push(("bwd sm90 (TMA + wgmma)", Pass::Backward(BwdKernel::Sm90)));
     }
     routes
 }

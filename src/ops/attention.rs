@@ -868,17 +868,17 @@ fn fwd_sm90(
 pub enum BwdKernel {
     /// v2: cuda/attention.cu, dK/dV and dQ kernels, any GPU since sm_80.
     Sm80,
-    /// v4 or v4u: cuda/attention_bwd_sm90.cu, TMA + wgmma; errors on other GPUs.
-    Sm90(Sm90Bwd),
+    /// v4: cuda/attention_bwd_sm90.cu, TMA + wgmma; errors on other GPUs.
+    Sm90,
 }
 
 impl BwdKernel {
     /// The default: v4 on Hopper, v2 elsewhere; both deterministic.
     pub fn for_device(gpu: &Gpu) -> BwdKernel {
-        if gpu.props.is_hopper() { BwdKernel::Sm90(Sm90Bwd::Plain) } else { BwdKernel::Sm80 }
+        if gpu.props.is_hopper() { BwdKernel::Sm90 } else { BwdKernel::Sm80 }
     }
 
-    /// Runs this kernel; same contract as [`attention_bwd`] (v4u is not deterministic).
+    /// Runs this kernel; same contract as [`attention_bwd`].
     #[allow(clippy::too_many_arguments)]
     pub fn run(
         self,
@@ -897,7 +897,7 @@ impl BwdKernel {
     ) -> Result<(), GpuError> {
         match self {
             BwdKernel::Sm80 => bwd_sm80(gpu, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, positions, t, nh, scratch),
-            BwdKernel::Sm90(variant) => bwd_sm90(gpu, variant, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, positions, t, nh, scratch),
+            BwdKernel::Sm90 => bwd_sm90(gpu, dgqkv, dy, gqkv, y, lse, cu_seqlens, prefix_lens, positions, t, nh, scratch),
         }
     }
 }
@@ -1006,22 +1006,10 @@ const SM90_BWD_KEYS: usize = 128;
 const SM90_BWD_QUERIES: usize = 64;
 const SM90_BWD_SMEM: u32 = (2 * 32768 + 2 * 32768 + 16384 + 2 * 32768 + 2 * 2 * 64 * 4 + 1024) as u32;
 
-/// The Hopper backward kernels of cuda/attention_bwd_sm90.cu (docs/attention.md, kernel
-/// versions). v4u is never dispatched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sm90Bwd {
-    /// v4: dQ partials added in the schedule's order.
-    Plain,
-    /// v4 with the dQ partials added in arrival order: not deterministic; an experiment that
-    /// measures what the ordered adds cost.
-    Unordered,
-}
-
-/// The body of the Hopper backward launchers: prep, the main kernel of `variant`, dq.
+/// The Hopper backward: prep, the main kernel, dq.
 #[allow(clippy::too_many_arguments)]
 fn bwd_sm90(
     gpu: &Gpu,
-    variant: Sm90Bwd,
     dgqkv: &mut CudaViewMut<bf16>,
     dy: &CudaView<bf16>,
     gqkv: &CudaView<bf16>,
@@ -1038,10 +1026,7 @@ fn bwd_sm90(
     if !p.is_hopper() {
         return Err(GpuError::Unsupported { ordinal: p.ordinal, name: p.name.clone(), major: p.major, minor: p.minor });
     }
-    let name = match variant {
-        Sm90Bwd::Plain => "attention_bwd_sm90",
-        Sm90Bwd::Unordered => "attention_bwd_sm90_unordered",
-    };
+    let name = "attention_bwd_sm90";
     let smem = SM90_BWD_SMEM;
     check_shapes(name, &[("dy", dy.len()), ("y", y.len())], lse.len(), t, nh);
     check_qkv(name, "dgqkv", dgqkv.len(), t, nh);
@@ -1061,9 +1046,6 @@ fn bwd_sm90(
     // written before they are read (dqacc by the first contribution to each query tile, a bulk
     // store); the semaphores must start at 0.
     gpu.stream.memset_zeros(&mut s.sem.slice_mut(..nh * n_q)).during("attention_bwd_sm90: zeroing the semaphores")?;
-    if matches!(variant, Sm90Bwd::Unordered) {
-        gpu.stream.memset_zeros(&mut s.dqacc.slice_mut(..nh * t_pad * HD)).during("attention_bwd_sm90_unordered: zeroing dqacc")?;
-    }
 
     // The guards keep gqkv and the workspace do recorded as read and dgqkv as written by these
     // launches (cudarc's stream tracking).
@@ -1297,7 +1279,6 @@ pub fn selftests() -> Vec<Check> {
         Check { name: "attention_bwd_sm90", run: check_bwd_sm90 },
         Check { name: "attention_fwd_sm90_pingpong", run: check_fwd_sm90_pingpong },
         Check { name: "attention_fwd_sm90_persistent", run: check_fwd_sm90_persistent },
-        Check { name: "attention_bwd_sm90_unordered", run: check_bwd_sm90_unordered },
     ]
 }
 
@@ -1367,7 +1348,7 @@ fn fwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: FwdKernel) -> Result<V
 
 /// The portable kernels, on every GPU (on Hopper `attention_bwd` does not run them).
 fn check_bwd_sm80(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
-    bwd_rows(gpu, rng, "attention_bwd_sm80", BwdKernel::Sm80, true)
+    bwd_rows(gpu, rng, "attention_bwd_sm80", BwdKernel::Sm80)
 }
 
 /// The Hopper kernels on the same batches; no rows on other GPUs (they are not built for them).
@@ -1375,20 +1356,12 @@ fn check_bwd_sm90(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     if !gpu.props.is_hopper() {
         return Ok(Vec::new());
     }
-    bwd_rows(gpu, rng, "attention_bwd_sm90", BwdKernel::Sm90(Sm90Bwd::Plain), true)
-}
-
-fn check_bwd_sm90_unordered(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
-    if !gpu.props.is_hopper() {
-        return Ok(vec![]);
-    }
-    bwd_rows(gpu, rng, "attention_bwd_sm90_unordered", BwdKernel::Sm90(Sm90Bwd::Unordered), false)
+    bwd_rows(gpu, rng, "attention_bwd_sm90", BwdKernel::Sm90)
 }
 
 /// The rows of one backward kernel on every test batch: dg, dq, dk, dv against the CPU
-/// reference, and a rerun that must agree bit for bit (dk and dv only where `deterministic_dq`
-/// is false).
-fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel, deterministic_dq: bool) -> Result<Vec<Row>, GpuError> {
+/// reference, and a rerun that must agree bit for bit.
+fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel) -> Result<Vec<Row>, GpuError> {
     let mut rows = Vec::new();
     for b in test_batches(rng) {
         let (t, nh, n) = (b.t, b.nh, b.q.len());
@@ -1449,9 +1422,7 @@ fn bwd_rows(gpu: &Gpu, rng: &mut Rng, name: &str, kernel: BwdKernel, determinist
         // Deterministic: a second run must agree bit for bit.
         let second = run()?;
         let exact = Tolerance { abs: 0.0, rel: 0.0 };
-        let from = if deterministic_dq { 0 } else { 1 };
-        let what = if deterministic_dq { "rerun" } else { "rerun dk dv dg" };
-        rows.push(Row::new(format!("{name} {what}"), b.shape(), exact, compare(&second[from..].concat(), &first[from..].concat(), exact)));
+        rows.push(Row::new(format!("{name} rerun"), b.shape(), exact, compare(&second.concat(), &first.concat(), exact)));
     }
     Ok(rows)
 }
