@@ -137,11 +137,12 @@ impl Buffers {
         })
     }
 
-    /// Builds the row spans and tile orders afresh, as the first attention call of a training
-    /// step does.
+    /// Builds the row spans and tile orders afresh, as the first attention calls of a training
+    /// step do (for the kernels the model runs).
     fn build_tables(&mut self, gpu: &Gpu, t: usize) -> Result<(), GpuError> {
         self.scratch.sample_table_changed();
-        self.scratch.build_tables(gpu, &self.cu_seqlens.as_view(), &self.prefix_lens.as_view(), t)
+        let (cu, pl) = (self.cu_seqlens.as_view(), self.prefix_lens.as_view());
+        self.scratch.build_tables(gpu, &cu, &pl, t, FwdKernel::for_packed_batches(gpu), BwdKernel::for_device(gpu))
     }
 
     fn forward(&mut self, gpu: &Gpu, kernel: FwdKernel, t: usize, nh: usize) -> Result<(), GpuError> {

@@ -530,16 +530,15 @@ impl AttentionScratch {
         }
     }
 
-    /// Builds now, for a holding scratch, the tables that the kernels a model step runs on this
-    /// GPU read (the row spans and the tile orders of the Hopper forward and backward, or of
-    /// the portable ones), as the first attention call after a new sample table would.
-    pub fn build_tables(&mut self, gpu: &Gpu, cu_seqlens: &CudaView<i32>, prefix_lens: &CudaView<i32>, t: usize) -> Result<(), GpuError> {
+    /// Builds now, for a holding scratch, the tables that `fwd` and `bwd` read (the row spans
+    /// and their tile orders), as their first calls after a new sample table would.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_tables(&mut self, gpu: &Gpu, cu_seqlens: &CudaView<i32>, prefix_lens: &CudaView<i32>, t: usize, fwd: FwdKernel, bwd: BwdKernel) -> Result<(), GpuError> {
         assert!(self.held.is_some(), "AttentionScratch::build_tables: call hold_tables first; otherwise every call rebuilds them");
         self.check("AttentionScratch::build_tables", t, self.nh);
         spans(gpu, self, cu_seqlens, prefix_lens, t)?;
-        let (q_step, kv_step) = if gpu.props.is_hopper() { (SM90_TILE, SM90_BWD_QUERIES) } else { (KEY_STEP, QUERY_STEP) };
-        query_order(gpu, self, t, q_step)?;
-        key_order(gpu, self, t, kv_step)
+        fwd.build_orders(gpu, self, t)?;
+        bwd.build_orders(gpu, self, t)
     }
 }
 
@@ -621,6 +620,14 @@ pub enum FwdKernel {
 }
 
 impl FwdKernel {
+    /// Builds (unless held) the tile order this kernel reads; [`spans`] first.
+    fn build_orders(self, gpu: &Gpu, s: &mut AttentionScratch, t: usize) -> Result<(), GpuError> {
+        match self {
+            FwdKernel::Sm80 => query_order(gpu, s, t, KEY_STEP),
+            FwdKernel::Sm90(_) => query_order(gpu, s, t, SM90_TILE),
+        }
+    }
+
     /// The default, whatever the batch: v3 on Hopper, v2 elsewhere.
     pub fn for_device(gpu: &Gpu) -> FwdKernel {
         if gpu.props.is_hopper() { FwdKernel::Sm90(Sm90Fwd::Plain) } else { FwdKernel::Sm80 }
@@ -721,7 +728,7 @@ fn fwd_sm80(
     scratch.check("attention_fwd_sm80", t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
-    query_order(gpu, s, t, KEY_STEP)?;
+    FwdKernel::Sm80.build_orders(gpu, s, t)?;
     let func = function_with_smem(gpu, "attention_fwd", FWD_SMEM)?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
     // The guard keeps gqkv recorded as read by this launch (cudarc's stream tracking).
@@ -829,7 +836,7 @@ fn fwd_sm90(
     scratch.check(name, t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
-    query_order(gpu, s, t, SM90_TILE)?;
+    FwdKernel::Sm90(variant).build_orders(gpu, s, t)?;
     // The guard keeps gqkv recorded as read by this launch (cudarc's stream tracking).
     let (base, _read) = gqkv.device_ptr(&gpu.stream);
     let qkv = QkvBlocks::at(base, nh);
@@ -873,6 +880,17 @@ pub enum BwdKernel {
 }
 
 impl BwdKernel {
+    /// Builds (unless held) the tile orders this kernel reads; [`spans`] first.
+    fn build_orders(self, gpu: &Gpu, s: &mut AttentionScratch, t: usize) -> Result<(), GpuError> {
+        match self {
+            BwdKernel::Sm80 => {
+                query_order(gpu, s, t, KEY_STEP)?;
+                key_order(gpu, s, t, QUERY_STEP)
+            }
+            BwdKernel::Sm90 => key_order(gpu, s, t, SM90_BWD_QUERIES),
+        }
+    }
+
     /// The default: v4 on Hopper, v2 elsewhere; both deterministic.
     pub fn for_device(gpu: &Gpu) -> BwdKernel {
         if gpu.props.is_hopper() { BwdKernel::Sm90 } else { BwdKernel::Sm80 }
@@ -957,8 +975,7 @@ fn bwd_sm80(
     scratch.check("attention_bwd_sm80", t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
-    query_order(gpu, s, t, KEY_STEP)?;
-    key_order(gpu, s, t, QUERY_STEP)?;
+    BwdKernel::Sm80.build_orders(gpu, s, t)?;
     let (t_i32, nh_i32) = (t as i32, nh as i32);
 
     {
@@ -1037,7 +1054,7 @@ fn bwd_sm90(
     scratch.check(name, t, nh);
     spans(gpu, scratch, cu_seqlens, prefix_lens, t)?;
     let s = scratch;
-    key_order(gpu, s, t, SM90_BWD_QUERIES)?;
+    BwdKernel::Sm90.build_orders(gpu, s, t)?;
     let (n_kv, n_q) = (t.div_ceil(SM90_BWD_KEYS), t.div_ceil(SM90_BWD_QUERIES));
     let t_pad = n_q * SM90_BWD_QUERIES;
     let (t_i32, t_pad_i32, nh_i32, n_kv_i32) = (t as i32, t_pad as i32, nh as i32, n_kv as i32);
