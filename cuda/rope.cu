@@ -1,8 +1,7 @@
 // rope: rotate-half RoPE on the query and key heads of the fused gate/query/key/value
 // projection (SPEC §2), in place; mirrors src/ops/rope.rs.
 //
-//   a_i = pos * inv_freq[i],  inv_freq[i] = 10000^(-2i/128), i in 0..64   (fp32, as PyTorch)
-//   forward    out[i] = x[i] cos a_i - x[i+64] sin a_i;   out[i+64] = x[i+64] cos a_i + x[i] sin a_i
+//   forward    the rotation by a_i = pos * inv_freq[i] (cuda/rope.cuh; fp32, as PyTorch)
 //   backward   the same with sin a_i -> -sin a_i (the transposed rotation)
 //
 // Invariants
@@ -14,34 +13,27 @@
 //   gate and value blocks are not touched.
 // - Every pointer is 16-byte aligned (the launcher checks).
 
-#include "common.cuh"
+#include "rope.cuh"
 
-#define HEAD_DIM 128
-#define HALF_DIM 64
+#define HEAD_DIM ROPE_HEAD_DIM
+#define HALF_DIM ROPE_HALF_DIM
 #define ROPE_THREADS 256
 
 // Fills cos_a, sin_a [64] for `pos`; every thread of the block must call it.
 __device__ __forceinline__ void rope_table(int pos, float* cos_a, float* sin_a) {
-    if (threadIdx.x < HALF_DIM) {
-        // Rounded once from double, the same fp32 table as rope_inv_freq() on the CPU.
-        const float inv_freq = (float)(1.0 / pow(10000.0, (2.0 * threadIdx.x) / (double)HEAD_DIM));
-        sincosf((float)pos * inv_freq, &sin_a[threadIdx.x], &cos_a[threadIdx.x]);
-    }
+    if (threadIdx.x < HALF_DIM) sincosf((float)pos * rope_inv_freq(threadIdx.x), &sin_a[threadIdx.x], &cos_a[threadIdx.x]);
     __syncthreads();
 }
 
 // Rotates 8 (first-half, second-half) pairs starting at column `c` of a head in place by +a or
 // -a. x: one head [128] bf16
 __device__ __forceinline__ void rotate_pair_item(bf16* __restrict__ x, int c, const float* cos_a, const float* sin_a, float sign) {
-    float x1[8], x2[8], o1[8], o2[8];
+    float x1[8], x2[8], sn[8], o1[8], o2[8];
     bf16x8_to_float(load_bf16x8(x + c), x1);
     bf16x8_to_float(load_bf16x8(x + c + HALF_DIM), x2);
 #pragma unroll
-    for (int e = 0; e < 8; e++) {
-        const float cs = cos_a[c + e], sn = sign * sin_a[c + e];
-        o1[e] = x1[e] * cs - x2[e] * sn;
-        o2[e] = x2[e] * cs + x1[e] * sn;
-    }
+    for (int e = 0; e < 8; e++) sn[e] = sign * sin_a[c + e];
+    rope_rotate8(x1, x2, cos_a + c, sn, o1, o2);
     *reinterpret_cast<bf16x8*>(x + c) = float_to_bf16x8(o1);
     *reinterpret_cast<bf16x8*>(x + c + HALF_DIM) = float_to_bf16x8(o2);
 }

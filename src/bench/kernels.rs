@@ -19,6 +19,7 @@ use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::cross_entropy::{cross_entropy_with, lm_head_cross_entropy, metrics, CeKernel, IGNORE_LABEL, METRICS_LEN};
 use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch, TokenOrder};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache, GemmOp, GemmShape};
+use crate::ops::gemm_sm90::{linear_fwd_sm90, linear_rope_fwd_sm90, linear_swiglu_fwd_sm90, supports as sm90_gemm_supports, supports_rope as sm90_rope_supports, supports_swiglu as sm90_swiglu_supports};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
 use crate::ops::rope::{qkv_rope_bwd, qkv_rope_fwd};
 use crate::ops::swiglu::{swiglu_bwd, swiglu_fwd};
@@ -339,9 +340,52 @@ impl Bench<'_> {
                     GemmOp::BackwardWeight => "dw += dy^T x (fp32)",
                 };
                 self.push(&format!("{name} {label}"), format!("T={T} N={n} K={k}"), timing.chosen_ms, Work::Flops(shape.flops()), &timing.note());
+                if op == GemmOp::Forward && sm90_gemm_supports(self.gpu, n, k) {
+                    // Ours (docs/design/gemm-epilogues.md), same shape, next to cuBLASLt's.
+                    let ms = self.gemm_sm90(n, k)?;
+                    self.push(&format!("{name} {label} (ours, sm90)"), format!("T={T} N={n} K={k}"), ms, Work::Flops(shape.flops()), "gemm_sm90");
+                }
+                if op == GemmOp::Forward && name == "gqkv_proj" && sm90_rope_supports(self.gpu, NH, k) {
+                    let ms = self.gemm_rope_sm90(k)?;
+                    let note = "gemm_rope_sm90: replaces this product and qkv_rope_fwd";
+                    self.push(&format!("{name} y = x w^T, rope(q, k) (ours, sm90)"), format!("T={T} N={n} K={k}"), ms, Work::Flops(shape.flops()), note);
+                }
+                if op == GemmOp::Forward && name == "gate_up_proj" && sm90_swiglu_supports(self.gpu, n / 2, k) {
+                    let ms = self.gemm_swiglu_sm90(n / 2, k)?;
+                    let note = "gemm_swiglu_sm90: replaces this product and swiglu_fwd";
+                    self.push(&format!("{name} y = x w^T, act = swiglu(y) (ours, sm90)"), format!("T={T} N={n} K={k}"), ms, Work::Flops(shape.flops()), note);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Our Hopper forward product on fresh random operands of [T, K] x [N, K]^T.
+    fn gemm_sm90(&mut self, n: usize, k: usize) -> Result<f64, GpuError> {
+        let gpu = self.gpu;
+        let (x, w) = (random_bf16(gpu, T * k, 1.0, self.next_seed())?, random_bf16(gpu, n * k, 1.0, self.next_seed())?);
+        let mut y = gpu.stream.alloc_zeros::<bf16>(T * n).during("allocating bench outputs")?;
+        time_ms(gpu, WARMUP, ITERS, |_| linear_fwd_sm90(gpu, &mut y.as_view_mut(), &x.as_view(), &w.as_view(), T, n, k))
+    }
+
+    /// Our Hopper qkv product with the RoPE epilogue: gqkv [T, 4C], positions of 4 samples.
+    fn gemm_rope_sm90(&mut self, k: usize) -> Result<f64, GpuError> {
+        let gpu = self.gpu;
+        let n = 4 * C;
+        let (x, w) = (random_bf16(gpu, T * k, 1.0, self.next_seed())?, random_bf16(gpu, n * k, 1.0, self.next_seed())?);
+        let pos: Vec<i32> = (0..T).map(|r| (r % (T / 4)) as i32).collect();
+        let pos = upload(gpu, &pos)?;
+        let mut y = gpu.stream.alloc_zeros::<bf16>(T * n).during("allocating bench outputs")?;
+        time_ms(gpu, WARMUP, ITERS, |_| linear_rope_fwd_sm90(gpu, &mut y.as_view_mut(), &x.as_view(), &w.as_view(), &pos.as_view(), T, NH, k))
+    }
+
+    /// Our Hopper gate_up product with the SwiGLU epilogue: gu [T, 2I] and act [T, I].
+    fn gemm_swiglu_sm90(&mut self, i: usize, k: usize) -> Result<f64, GpuError> {
+        let gpu = self.gpu;
+        let (x, w) = (random_bf16(gpu, T * k, 1.0, self.next_seed())?, random_bf16(gpu, 2 * i * k, 1.0, self.next_seed())?);
+        let mut gu = gpu.stream.alloc_zeros::<bf16>(T * 2 * i).during("allocating bench outputs")?;
+        let mut act = gpu.stream.alloc_zeros::<bf16>(T * i).during("allocating bench outputs")?;
+        time_ms(gpu, WARMUP, ITERS, |_| linear_swiglu_fwd_sm90(gpu, Some(&mut gu.as_view_mut()), &mut act.as_view_mut(), &x.as_view(), &w.as_view(), T, i, k))
     }
 
     /// What tuning costs at set-up: a fresh cache prepares every product of an XL block and

@@ -87,6 +87,10 @@ pub struct TrainBenchArgs {
     /// Replay the step from a CUDA graph: off, on, or both (timed one after the other)
     #[arg(long, value_enum, default_value = "off")]
     pub cuda_graph: GraphMode,
+    /// Run the qkv and gate_up products as our Hopper GEMM with RoPE and SwiGLU in their
+    /// epilogues (docs/design/gemm-epilogues.md) instead of cuBLASLt and the separate passes
+    #[arg(long)]
+    pub epilogue_gemms: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -106,6 +110,7 @@ impl Default for TrainBenchArgs {
             steps: DEFAULT_STEPS,
             profile: 0,
             cuda_graph: GraphMode::Off,
+            epilogue_gemms: false,
             seed: 0,
         }
     }
@@ -164,7 +169,11 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
     let optimizer = AdamAtan2::new(&params, coeffs);
     reset_pool_peak(gpu)?;
     let mut engine = GpuEngine::new(gpu, params, optimizer)?;
+    engine.backend().set_epilogue_gemms(args.epilogue_gemms);
     println!("on {}", engine.describe());
+    if args.epilogue_gemms {
+        println!("qkv and gate_up products: ours with the RoPE and SwiGLU epilogues where the GPU and shapes allow");
+    }
 
     let modes: &[bool] = match args.cuda_graph {
         GraphMode::Off => &[false],

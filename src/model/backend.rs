@@ -41,6 +41,7 @@
 
 use anyhow::{anyhow, Result};
 
+use crate::config::HEAD_DIM;
 use crate::model::spec::TensorSpec;
 use crate::ops::cross_entropy::StepMetrics;
 
@@ -138,6 +139,14 @@ pub trait Backend {
 
     /// Rotates the q and k blocks of gqkv [T, 4C] in place by `pos` `[T]`.
     fn qkv_rope_fwd(&self, gqkv: &mut Self::Act, pos: &Self::I32, t: usize, nh: usize) -> Result<()>;
+    /// gqkv: [T, 4C] = x [T, D] @ w^T (w: [4C, D] at `w_at`, C = NH * 128), then its q and k
+    /// blocks rotated by `pos` `[T]`: the projection and its RoPE, which a backend may run as
+    /// one op (the CUDA one does on Hopper, in the product's epilogue).
+    #[allow(clippy::too_many_arguments)]
+    fn gqkv_rope_fwd(&self, gqkv: &mut Self::Act, x: &Self::Act, w: &Self::Weights, w_at: TensorAt, pos: &Self::I32, t: usize, nh: usize, d: usize) -> Result<()> {
+        self.linear_fwd(gqkv, x, w, w_at, None, t, 4 * nh * HEAD_DIM, d)?;
+        self.qkv_rope_fwd(gqkv, pos, t, nh)
+    }
 
     // ---- gated attention ----
 
@@ -159,6 +168,14 @@ pub trait Backend {
     // ---- swiglu ----
     /// out: [T, I] = silu(gate_up[:, :I]) * gate_up[:, I:].
     fn swiglu_fwd(&self, out: &mut Self::Act, gate_up: &Self::Act, t: usize, i: usize) -> Result<()>;
+    /// gate_up: [T, 2I] = x [T, D] @ w^T (w: [2I, D] at `w_at`) and out: [T, I] =
+    /// silu(gate_up[:, :I]) * gate_up[:, I:]: the MLP's first product and its activation, which
+    /// a backend may run as one op (the CUDA one does on Hopper, in the product's epilogue).
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up_swiglu_fwd(&self, gate_up: &mut Self::Act, out: &mut Self::Act, x: &Self::Act, w: &Self::Weights, w_at: TensorAt, t: usize, i: usize, d: usize) -> Result<()> {
+        self.linear_fwd(gate_up, x, w, w_at, None, t, 2 * i, d)?;
+        self.swiglu_fwd(out, gate_up, t, i)
+    }
     /// dgate_up: [T, 2I] from dout [T, I].
     fn swiglu_bwd(&self, dgate_up: &mut Self::Act, dout: &Self::Act, gate_up: &Self::Act, t: usize, i: usize) -> Result<()>;
 

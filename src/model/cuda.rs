@@ -36,6 +36,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice};
 use half::bf16;
 
+use crate::config::HEAD_DIM;
 use crate::gpu::{DriverContext, Gpu};
 use crate::model::backend::{Backend, TensorAt};
 use crate::ops::attention::{attention_bwd, AttentionScratch, FwdKernel};
@@ -43,6 +44,7 @@ use crate::ops::cross_entropy::{cross_entropy_in_place, lm_head_cross_entropy, m
 use crate::ops::elementwise::{add_act, broadcast_rows};
 use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch, TokenOrder};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache};
+use crate::ops::gemm_sm90::{linear_rope_fwd_sm90, linear_swiglu_fwd_sm90, supports_rope as sm90_rope_supports, supports_swiglu as sm90_swiglu_supports};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
 use crate::ops::rope::qkv_rope_fwd;
 use crate::ops::swiglu::{swiglu_bwd, swiglu_fwd};
@@ -116,6 +118,9 @@ pub struct CudaBackend<'g> {
     embed_scratch: RefCell<Option<EmbeddingBwdScratch>>,
     /// The attention launchers' scratch; replaced when a batch has more rows.
     attn_scratch: RefCell<Option<AttentionScratch>>,
+    /// Whether the qkv and gate_up products run as our Hopper GEMM with RoPE and SwiGLU in
+    /// their epilogues (`ops::gemm_sm90`) instead of cuBLASLt and the separate passes.
+    epilogue_gemms: Cell<bool>,
     /// Device allocations made so far (see [`CudaBackend::allocations`]).
     allocations: Cell<u64>,
     profiling: Cell<bool>,
@@ -133,6 +138,7 @@ impl<'g> CudaBackend<'g> {
             lm_chunk_bytes: LM_HEAD_CHUNK_BYTES,
             embed_scratch: RefCell::new(None),
             attn_scratch: RefCell::new(None),
+            epilogue_gemms: Cell::new(false),
             allocations: Cell::new(0),
             profiling: Cell::new(false),
             spans: RefCell::new(Vec::new()),
@@ -143,6 +149,15 @@ impl<'g> CudaBackend<'g> {
     /// chunks to run several per batch).
     pub fn with_lm_head_chunk_bytes(self, bytes: usize) -> CudaBackend<'g> {
         CudaBackend { lm_chunk_bytes: bytes, ..self }
+    }
+
+    /// Runs the qkv and gate_up products with RoPE and SwiGLU in their epilogues
+    /// (`ops::gemm_sm90`, Hopper only; off by default: in the XL step it is no faster than
+    /// cuBLASLt and the separate passes, docs/design/gemm-epilogues.md). Set it before the
+    /// first step: a captured step keeps the route it was captured with. The results differ
+    /// from the default route by the products' accumulation order.
+    pub fn set_epilogue_gemms(&self, on: bool) {
+        self.epilogue_gemms.set(on);
     }
 
     /// Turns the per-op event timing on or off (off by default: it costs two event records
@@ -332,6 +347,17 @@ impl<'g> Backend for CudaBackend<'g> {
         })
     }
 
+    fn gate_up_swiglu_fwd(&self, gate_up: &mut CudaSlice<bf16>, out: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, t: usize, i: usize, d: usize) -> Result<()> {
+        if !(self.epilogue_gemms.get() && sm90_swiglu_supports(self.gpu, i, d)) {
+            self.linear_fwd(gate_up, x, w, w_at, None, t, 2 * i, d)?;
+            return self.swiglu_fwd(out, gate_up, t, i);
+        }
+        self.timed(OpClass::Gemm, "gate_up_swiglu_fwd", || {
+            linear_swiglu_fwd_sm90(self.gpu, Some(&mut gate_up.as_view_mut()), &mut out.as_view_mut(), &x.as_view(), &w.slice(w_at.range()), t, i, d)
+                .with_context(|| format!("gate_up_swiglu_fwd [T={t}, I={i}, D={d}]"))
+        })
+    }
+
     fn linear_bwd_input(&self, dx: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, t: usize, n: usize, k: usize) -> Result<()> {
         self.timed(OpClass::Gemm, "linear_bwd_input", || {
             linear_bwd_input(self.gpu, &self.gemm, &mut dx.as_view_mut(), &dy.as_view(), &w.slice(w_at.range()), t, n, k)
@@ -368,6 +394,17 @@ impl<'g> Backend for CudaBackend<'g> {
 
     fn qkv_rope_fwd(&self, gqkv: &mut CudaSlice<bf16>, pos: &CudaSlice<i32>, t: usize, nh: usize) -> Result<()> {
         self.timed(OpClass::Other, "qkv_rope_fwd", || qkv_rope_fwd(self.gpu, &mut gqkv.as_view_mut(), &pos.as_view(), t, nh).with_context(|| format!("qkv_rope_fwd [T={t}, NH={nh}]")))
+    }
+
+    fn gqkv_rope_fwd(&self, gqkv: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, pos: &CudaSlice<i32>, t: usize, nh: usize, d: usize) -> Result<()> {
+        if !(self.epilogue_gemms.get() && sm90_rope_supports(self.gpu, nh, d)) {
+            self.linear_fwd(gqkv, x, w, w_at, None, t, 4 * nh * HEAD_DIM, d)?;
+            return self.qkv_rope_fwd(gqkv, pos, t, nh);
+        }
+        self.timed(OpClass::Gemm, "gqkv_rope_fwd", || {
+            linear_rope_fwd_sm90(self.gpu, &mut gqkv.as_view_mut(), &x.as_view(), &w.slice(w_at.range()), &pos.as_view(), t, nh, d)
+                .with_context(|| format!("gqkv_rope_fwd [T={t}, NH={nh}, D={d}]"))
+        })
     }
 
     fn sample_table_changed(&self) {

@@ -662,14 +662,12 @@ fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut 
     let Sizes { t, d, nh, c, i, .. } = sz;
     // attention: x1 = x + (sigmoid(g) * attn(rope(q), rope(k), v)) @ W_o^T
     // g, q, k, v stay where the projection wrote them: the rope and the gated attention read a.gqkv.
-    be.linear_fwd(&mut a.gqkv, &a.xn1, w, bw.gqkv, None, t, 4 * c, d)?;
-    be.qkv_rope_fwd(&mut a.gqkv, &db.positions, t, nh)?;
+    be.gqkv_rope_fwd(&mut a.gqkv, &a.xn1, w, bw.gqkv, &db.positions, t, nh, d)?;
     be.attention_fwd(&mut a.ga, &mut a.lse, &a.gqkv, &db.cu_seqlens, &db.prefix_lens, t, nh)?;
     be.linear_fwd(&mut a.x1, &a.ga, w, bw.o, Some(x), t, d, c)?;
     // MLP: x_out = x1 + (silu(gate) * up) @ W_down^T
     be.rmsnorm_fwd(&mut a.xn2, &mut a.rstd2, &a.x1, t, d)?;
-    be.linear_fwd(&mut a.gu, &a.xn2, w, bw.gate_up, None, t, 2 * i, d)?;
-    be.swiglu_fwd(&mut a.act, &a.gu, t, i)?;
+    be.gate_up_swiglu_fwd(&mut a.gu, &mut a.act, &a.xn2, w, bw.gate_up, t, i, d)?;
     be.linear_fwd(x_out, &a.act, w, bw.down, Some(&a.x1), t, d, i)
 }
 

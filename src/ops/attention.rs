@@ -768,7 +768,7 @@ pub enum Sm90Fwd {
 /// A `CUtensorMap` passed by value as a `__grid_constant__` kernel parameter.
 #[repr(C, align(128))]
 #[derive(Clone, Copy)]
-struct TensorMap(sys::CUtensorMap);
+pub(crate) struct TensorMap(sys::CUtensorMap);
 
 // SAFETY: a plain 128-byte, 128-aligned C struct, copied into the kernel's parameter space.
 unsafe impl DeviceRepr for TensorMap {}
@@ -777,7 +777,7 @@ unsafe impl DeviceRepr for TensorMap {}
 /// seen as the 3-D tensor (HD, NH, T) and copied in boxes of (64, 1, `box_rows`): half a head
 /// row by `box_rows` rows, 128-byte swizzled (cuda/attention_sm90.cuh). Rows past T read as
 /// zeros.
-fn tensor_map(ptr: u64, t: usize, nh: usize, ld: usize, box_rows: usize) -> Result<TensorMap, GpuError> {
+pub(crate) fn tensor_map(ptr: u64, t: usize, nh: usize, ld: usize, box_rows: usize) -> Result<TensorMap, GpuError> {
     let dims: [u64; 3] = [HD as u64, nh as u64, t as u64];
     let strides: [u64; 2] = [(HD * 2) as u64, (ld * 2) as u64]; // bytes, dims 1 and 2
     let boxes: [u32; 3] = [64, 1, box_rows as u32];

@@ -685,7 +685,7 @@ const SHAPES: [(usize, usize, usize, f32); 5] = [(1, 8, 8, 1.0), (33, 35, 37, 1.
 /// bf16 output: one rounding (2^-9, checked at 2^-7); where the sum cancels, the two fp32
 /// accumulations (tensor cores, blocked sgemm) each err by ~sqrt(K) * 2^-24 * sqrt(K) *
 /// scale^2; 2^-20 * K * scale^2 is a factor of 8 above that.
-fn bf16_out_tol(k: usize, scale_a: f32, scale_b: f32) -> Tolerance {
+pub(crate) fn bf16_out_tol(k: usize, scale_a: f32, scale_b: f32) -> Tolerance {
     Tolerance { abs: 2f32.powi(-20) * k as f32 * scale_a * scale_b, rel: 2.0 * BF16_EPS }
 }
 

@@ -10,6 +10,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gate;
 pub mod gemm;
+pub mod gemm_sm90;
 #[cfg(test)]
 pub mod gradcheck;
 pub mod rmsnorm;

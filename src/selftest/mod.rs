@@ -35,6 +35,7 @@ pub fn registry() -> Vec<Check> {
     let mut checks = Vec::new();
     checks.extend(crate::ops::cast::selftests());
     checks.extend(crate::ops::gemm::selftests());
+    checks.extend(crate::ops::gemm_sm90::selftests());
     checks.extend(crate::ops::rmsnorm::selftests());
     checks.extend(crate::ops::rope::selftests());
     checks.extend(crate::ops::swiglu::selftests());

@@ -1,0 +1,309 @@
+//! Our own Hopper GEMM for the linear layers' forward products (`cuda/gemm_sm90.cu`), for the
+//! epilogues cuBLASLt cannot run (`docs/design/gemm-epilogues.md`):
+//!
+//! ```text
+//! linear_fwd_sm90          y [T, N] = x [T, K] @ w [N, K]^T                     N % 256 == 0
+//! linear_rope_fwd_sm90     gqkv [T, 4C] = x [T, K] @ w [4C, K]^T, its q and k    C % 256 == 0
+//!                          blocks rotated by RoPE at pos [T]  (as qkv_rope_fwd of the stored product)
+//! linear_swiglu_fwd_sm90   gu [T, 2I] = x [T, K] @ w [2I, K]^T                  I % 128 == 0
+//!                          act [T, I] = silu(gu[:, :I]) * gu[:, I:]  (from gu as rounded to bf16)
+//! ```
+//!
+//! bf16 in and out, fp32 accumulation, K % 128 == 0. `act` has exactly the bits `swiglu_fwd`
+//! computes from the `gu` written beside it.
+//!
+//! The model runs the two fused kernels only when asked (`CudaBackend::set_epilogue_gemms`,
+//! `bench train --epilogue-gemms`): in the XL step they are not yet faster than cuBLASLt and
+//! the separate passes (the measurements are in `docs/design/gemm-epilogues.md`).
+
+use std::sync::OnceLock;
+
+use cudarc::driver::sys::{self, CUfunction_attribute};
+use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use crate::config::HEAD_DIM;
+use crate::gpu::{DriverContext, Gpu, GpuError};
+use crate::ops::attention::{tensor_map, TensorMap};
+use crate::ops::check::{bf16_inputs, download_bf16, poisoned_bf16, upload, upload_bf16};
+use crate::ops::compare::{compare, Tolerance, BF16_EPS};
+use crate::ops::gemm::{bf16_out_tol, linear_fwd_cpu};
+use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
+use crate::ops::rope::qkv_rope_fwd;
+use crate::ops::swiglu::{swiglu_fwd, swiglu_fwd_cpu};
+use crate::rng::Rng;
+use crate::selftest::{Check, Row};
+
+const FAMILY: &str = "gemm_sm90";
+/// Output tile (rows x columns): 256 columns of y, or 128 of act (128 gate + 128 up of gu).
+const TILE_M: usize = 128;
+const TILE_N: usize = 256;
+/// Rows of w per TMA box: a B tile is two boxes.
+const B_BOX_ROWS: usize = 128;
+/// The tensor maps view a [rows, K] operand as (128, K / 128, rows): K in blocks of 128.
+const K_BLOCK: usize = 128;
+const THREADS: u32 = 384;
+/// Rows of y (or gu) per TMA store box.
+const STORE_BOX_ROWS: usize = 64;
+/// Three stages of A [128][64] and B [256][64] bf16, the two consumers' [64][256] bf16 hand-off
+/// buffers, 1 KB of alignment slack.
+const SMEM: u32 = (3 * (128 * 64 * 2 + 256 * 64 * 2) + 2 * 64 * 256 * 2 + 1024) as u32;
+
+/// Whether [`linear_fwd_sm90`] runs on this GPU for N out features and K in features.
+pub fn supports(gpu: &Gpu, n: usize, k: usize) -> bool {
+    gpu.props.is_hopper() && n > 0 && k > 0 && n % TILE_N == 0 && k % K_BLOCK == 0
+}
+
+/// Whether [`linear_rope_fwd_sm90`] runs on this GPU for NH heads and K in features (C = NH *
+/// 128 a multiple of the tile, so that no tile straddles two blocks of gqkv).
+pub fn supports_rope(gpu: &Gpu, nh: usize, k: usize) -> bool {
+    supports(gpu, 4 * nh * HEAD_DIM, k) && (nh * HEAD_DIM) % TILE_N == 0
+}
+
+/// Whether [`linear_swiglu_fwd_sm90`] runs on this GPU for I act columns and K in features.
+pub fn supports_swiglu(gpu: &Gpu, i: usize, k: usize) -> bool {
+    gpu.props.is_hopper() && i > 0 && k > 0 && i % (TILE_N / 2) == 0 && k % K_BLOCK == 0
+}
+
+/// The tensor maps of x [T, K] and w [rows, K], and a launch over `pairs` pairs of output
+/// tiles (one cluster of two blocks a pair) with the shared memory allowed.
+#[allow(clippy::too_many_arguments)]
+fn prepare(gpu: &Gpu, op: &str, kernel: &str, x: u64, w: u64, t: usize, w_rows: usize, k: usize, pairs: usize) -> Result<(TensorMap, TensorMap, CudaFunction, LaunchConfig), GpuError> {
+    let tm_x = tensor_map(x, t, k / K_BLOCK, k, TILE_M)?;
+    let tm_w = tensor_map(w, w_rows, k / K_BLOCK, k, B_BOX_ROWS)?;
+    let func = gpu.function(FAMILY, kernel)?;
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM as i32)
+        .during(format!("{op}: allowing {SMEM} bytes of shared memory (the device offers {})", gpu.props.smem_per_block_optin))?;
+    let clusters = pairs.min(resident_clusters(gpu, op, &func)?);
+    let cfg = LaunchConfig { grid_dim: (2 * clusters as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM };
+    Ok((tm_x, tm_w, func, cfg))
+}
+
+/// How many clusters of two blocks the device runs at once (one block an SM; an SM left
+/// without a partner in its GPC idles), so that the persistent grid is one wave. Asked once a
+/// process: both kernels have the same resources, and a process drives GPUs of one kind.
+fn resident_clusters(gpu: &Gpu, op: &str, func: &CudaFunction) -> Result<usize, GpuError> {
+    static RESIDENT: OnceLock<usize> = OnceLock::new();
+    if let Some(&n) = RESIDENT.get() {
+        return Ok(n);
+    }
+    let config = sys::CUlaunchConfig {
+        gridDimX: 2 * gpu.props.sm_count as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: SMEM,
+        hStream: std::ptr::null_mut(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut clusters = 0;
+    // SAFETY: `config` is a complete launch configuration without attributes (the kernel
+    // declares its cluster size); the driver writes one int.
+    unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) }.result().during(format!("{op}: asking how many clusters of two fit"))?;
+    // None fitting (not seen on Hopper) fails at the launch, with the driver's reason.
+    Ok(*RESIDENT.get_or_init(|| (clusters as usize).max(1)))
+}
+
+/// y: [T, N] bf16 = x [T, K] @ w [N, K]^T on a Hopper GPU; the contract of
+/// [`crate::ops::gemm::linear_fwd`] without the residual. Panics unless [`supports`]`(n, k)`.
+pub fn linear_fwd_sm90(gpu: &Gpu, y: &mut CudaViewMut<bf16>, x: &CudaView<bf16>, w: &CudaView<bf16>, t: usize, n: usize, k: usize) -> Result<(), GpuError> {
+    const OP: &str = "linear_fwd_sm90";
+    assert!(supports(gpu, n, k), "{OP}: needs a Hopper GPU, N = {n} a multiple of {TILE_N} and K = {k} of {K_BLOCK}");
+    expect_len(OP, "y", y.len(), &[("T", t), ("N", n)]);
+    expect_len(OP, "x", x.len(), &[("T", t), ("K", k)]);
+    expect_len(OP, "w", w.len(), &[("N", n), ("K", k)]);
+    expect_aligned16(OP, "y", gpu, y);
+    expect_aligned16(OP, "x", gpu, x);
+    expect_aligned16(OP, "w", gpu, w);
+    if t == 0 {
+        return Ok(());
+    }
+    let (x_ptr, _x) = x.device_ptr(&gpu.stream);
+    let (w_ptr, _w) = w.device_ptr(&gpu.stream);
+    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_sm90", x_ptr, w_ptr, t, n, k, t.div_ceil(TILE_M).div_ceil(2) * (n / TILE_N))?;
+    let (y_ptr, _y) = y.device_ptr_mut(&gpu.stream);
+    let tm_y = tensor_map(y_ptr, t, n / K_BLOCK, n, STORE_BOX_ROWS)?;
+    let (t_i, n_i, k_i) = (as_i32(OP, "T", t), as_i32(OP, "N", n), as_i32(OP, "K", k));
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&tm_x).arg(&tm_w).arg(&tm_y).arg(&t_i).arg(&n_i).arg(&k_i);
+    // SAFETY: the tensor maps describe exactly x [T, K], w [N, K] and y [T, N] (alive until
+    // the guards drop after the launch; TMA writes rows < T only); N and K are multiples of
+    // the tile and the K block (asserted); `SMEM` bytes allowed in `prepare`.
+    unsafe { args.launch(cfg) }.during(OP)?;
+    Ok(())
+}
+
+/// gqkv: [T, 4C] bf16 = x [T, K] @ w [4C, K]^T with its query and key blocks rotated by RoPE
+/// at `pos` `[T]`, in one kernel on a Hopper GPU: the bits of [`linear_fwd_sm90`] followed by
+/// `qkv_rope_fwd`. Panics unless [`supports_rope`]`(nh, k)`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_rope_fwd_sm90(gpu: &Gpu, gqkv: &mut CudaViewMut<bf16>, x: &CudaView<bf16>, w: &CudaView<bf16>, pos: &CudaView<i32>, t: usize, nh: usize, k: usize) -> Result<(), GpuError> {
+    const OP: &str = "linear_rope_fwd_sm90";
+    assert!(supports_rope(gpu, nh, k), "{OP}: needs a Hopper GPU, NH = {nh} even and K = {k} a multiple of {K_BLOCK}");
+    let (c, n) = (nh * HEAD_DIM, 4 * nh * HEAD_DIM);
+    expect_len(OP, "gqkv", gqkv.len(), &[("T", t), ("4C", n)]);
+    expect_len(OP, "x", x.len(), &[("T", t), ("K", k)]);
+    expect_len(OP, "w", w.len(), &[("4C", n), ("K", k)]);
+    expect_len(OP, "pos", pos.len(), &[("T", t)]);
+    expect_aligned16(OP, "gqkv", gpu, gqkv);
+    expect_aligned16(OP, "x", gpu, x);
+    expect_aligned16(OP, "w", gpu, w);
+    if t == 0 {
+        return Ok(());
+    }
+    let (x_ptr, _x) = x.device_ptr(&gpu.stream);
+    let (w_ptr, _w) = w.device_ptr(&gpu.stream);
+    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_rope_sm90", x_ptr, w_ptr, t, n, k, t.div_ceil(TILE_M).div_ceil(2) * (n / TILE_N))?;
+    let (y_ptr, _y) = gqkv.device_ptr_mut(&gpu.stream);
+    let tm_y = tensor_map(y_ptr, t, n / K_BLOCK, n, STORE_BOX_ROWS)?;
+    let (t_i, n_i, k_i, c_i) = (as_i32(OP, "T", t), as_i32(OP, "4C", n), as_i32(OP, "K", k), as_i32(OP, "C", c));
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&tm_x).arg(&tm_w).arg(&tm_y).arg(pos).arg(&t_i).arg(&n_i).arg(&k_i).arg(&c_i);
+    // SAFETY: the tensor maps describe exactly x [T, K], w [4C, K] and gqkv [T, 4C] (alive
+    // until the guards drop after the launch; TMA writes rows < T only); pos holds T values
+    // (checked), read on rows < T; 4C and K are multiples of the tile and the K block, C of
+    // the tile (asserted); `SMEM` bytes allowed in `prepare`.
+    unsafe { args.launch(cfg) }.during(OP)?;
+    Ok(())
+}
+
+/// gu: [T, 2I] bf16 = x [T, K] @ w [2I, K]^T and act: [T, I] = silu(gate) * up from it, in one
+/// kernel on a Hopper GPU. Without `gu` only act is written (a pass that keeps no
+/// activations). Panics unless [`supports_swiglu`]`(i, k)`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_swiglu_fwd_sm90(gpu: &Gpu, gu: Option<&mut CudaViewMut<bf16>>, act: &mut CudaViewMut<bf16>, x: &CudaView<bf16>, w: &CudaView<bf16>, t: usize, i: usize, k: usize) -> Result<(), GpuError> {
+    const OP: &str = "linear_swiglu_fwd_sm90";
+    assert!(supports_swiglu(gpu, i, k), "{OP}: needs a Hopper GPU, I = {i} a multiple of {} and K = {k} of {K_BLOCK}", TILE_N / 2);
+    expect_len(OP, "act", act.len(), &[("T", t), ("I", i)]);
+    expect_len(OP, "x", x.len(), &[("T", t), ("K", k)]);
+    expect_len(OP, "w", w.len(), &[("2I", 2 * i), ("K", k)]);
+    expect_aligned16(OP, "act", gpu, act);
+    expect_aligned16(OP, "x", gpu, x);
+    expect_aligned16(OP, "w", gpu, w);
+    if let Some(gu) = gu.as_ref() {
+        expect_len(OP, "gu", gu.len(), &[("T", t), ("2I", 2 * i)]);
+        expect_aligned16(OP, "gu", gpu, *gu);
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let (x_ptr, _x) = x.device_ptr(&gpu.stream);
+    let (w_ptr, _w) = w.device_ptr(&gpu.stream);
+    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_swiglu_sm90", x_ptr, w_ptr, t, 2 * i, k, t.div_ceil(TILE_M).div_ceil(2) * (i / (TILE_N / 2)))?;
+    let gu = gu.map(|g| g.device_ptr_mut(&gpu.stream));
+    // Without gu the kernel stores nothing through its map: x's stands in.
+    let (tm_gu, store_gu) = match gu.as_ref() {
+        Some((gu_ptr, _)) => (tensor_map(*gu_ptr, t, 2 * i / K_BLOCK, 2 * i, STORE_BOX_ROWS)?, 1i32),
+        None => (tm_x, 0),
+    };
+    let (act_ptr, _act) = act.device_ptr_mut(&gpu.stream);
+    let (t_i, i_i, k_i) = (as_i32(OP, "T", t), as_i32(OP, "I", i), as_i32(OP, "K", k));
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&tm_x).arg(&tm_w).arg(&tm_gu).arg(&store_gu).arg(&act_ptr).arg(&t_i).arg(&i_i).arg(&k_i);
+    // SAFETY: the tensor maps describe exactly x [T, K], w [2I, K] and gu [T, 2I] (alive until
+    // the guards drop after the launch; TMA writes rows < T only); act holds T * I bf16
+    // (checked), written on rows < T only; I and K are multiples of the tile and the K block
+    // (asserted); `SMEM` bytes allowed in `prepare`.
+    unsafe { args.launch(cfg) }.during(OP)?;
+    Ok(())
+}
+
+pub fn selftests() -> Vec<Check> {
+    vec![Check { name: "linear_fwd_sm90", run: check_fwd }, Check { name: "linear_rope_fwd_sm90", run: check_rope }, Check { name: "linear_swiglu_fwd_sm90", run: check_swiglu }]
+}
+
+/// (T, N, K, input scale): one partial row tile, several tiles each way, the XL projections'
+/// N and K, large inputs.
+const SHAPES: [(usize, usize, usize, f32); 4] = [(1, 256, 128, 1.0), (333, 512, 384, 1.0), (1000, 1536, 1536, 1.0), (129, 768, 4096, 100.0)];
+
+/// Against the CPU reference with `ops::gemm`'s tolerance for a bf16 output; no rows off
+/// Hopper.
+fn check_fwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (t, n, k, scale) in SHAPES {
+        if !supports(gpu, n, k) {
+            continue;
+        }
+        let (x, w) = (bf16_inputs(rng, t * k, scale), bf16_inputs(rng, n * k, 1.0));
+        let (dx, dw) = (upload_bf16(gpu, &x)?, upload_bf16(gpu, &w)?);
+        let tol = bf16_out_tol(k, scale, 1.0);
+        let mut want = vec![0.0; t * n];
+        linear_fwd_cpu(&mut want, &x, &w, None, t, n, k);
+        let mut y = poisoned_bf16(gpu, t * n)?;
+        linear_fwd_sm90(gpu, &mut y.as_view_mut(), &dx.as_view(), &dw.as_view(), t, n, k)?;
+        rows.push(Row::new("linear_fwd_sm90 y = x w^T", format!("[{t},{n},{k}] x{scale}"), tol, compare(&download_bf16(gpu, &y)?, &want, tol)));
+    }
+    Ok(rows)
+}
+
+/// (T, NH, K, input scale): one partial row tile, several tiles each way, the XL projection,
+/// large inputs.
+const ROPE_SHAPES: [(usize, usize, usize, f32); 4] = [(1, 2, 128, 1.0), (333, 2, 384, 1.0), (1000, 12, 1536, 1.0), (129, 4, 1536, 30.0)];
+
+/// Bit for bit against `qkv_rope_fwd` of the plain product (both checked against the CPU
+/// reference by their own rows), positions up to 4095. No rows off Hopper.
+fn check_rope(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (t, nh, k, scale) in ROPE_SHAPES {
+        if !supports_rope(gpu, nh, k) {
+            continue;
+        }
+        let n = 4 * nh * HEAD_DIM;
+        let (x, w) = (bf16_inputs(rng, t * k, scale), bf16_inputs(rng, n * k, 1.0));
+        let pos: Vec<i32> = (0..t).map(|_| (rng.uniform() * 4096.0) as i32).collect();
+        let (dx, dw, dpos) = (upload_bf16(gpu, &x)?, upload_bf16(gpu, &w)?, upload(gpu, &pos)?);
+        let mut want = poisoned_bf16(gpu, t * n)?;
+        linear_fwd_sm90(gpu, &mut want.as_view_mut(), &dx.as_view(), &dw.as_view(), t, n, k)?;
+        qkv_rope_fwd(gpu, &mut want.as_view_mut(), &dpos.as_view(), t, nh)?;
+        let mut got = poisoned_bf16(gpu, t * n)?;
+        linear_rope_fwd_sm90(gpu, &mut got.as_view_mut(), &dx.as_view(), &dw.as_view(), &dpos.as_view(), t, nh, k)?;
+        let exact = Tolerance { abs: 0.0, rel: 0.0 };
+        rows.push(Row::new("linear_rope_fwd_sm90 (= qkv_rope_fwd of the product)", format!("[{t},{n},{k}] x{scale}"), exact, compare(&download_bf16(gpu, &got)?, &download_bf16(gpu, &want)?, exact)));
+    }
+    Ok(rows)
+}
+
+/// (T, I, K, input scale): one partial row tile, several tiles each way, the XL MLP's I and K,
+/// large inputs.
+const SWIGLU_SHAPES: [(usize, usize, usize, f32); 4] = [(1, 128, 128, 1.0), (333, 384, 384, 1.0), (1000, 4096, 1536, 1.0), (129, 256, 1536, 30.0)];
+
+/// gu against the CPU product (`ops::gemm`'s tolerance); act against the CPU SwiGLU of the gu
+/// the kernel wrote (one bf16 rounding) and, bit for bit, against `swiglu_fwd` of that gu; act
+/// alone (no gu) against act with gu. No rows off Hopper.
+fn check_swiglu(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (t, i, k, scale) in SWIGLU_SHAPES {
+        if !supports_swiglu(gpu, i, k) {
+            continue;
+        }
+        let (x, w) = (bf16_inputs(rng, t * k, scale), bf16_inputs(rng, 2 * i * k, 1.0));
+        let (dx, dw) = (upload_bf16(gpu, &x)?, upload_bf16(gpu, &w)?);
+        let shape = format!("[{t},{i},{k}] x{scale}");
+        let (mut gu, mut act) = (poisoned_bf16(gpu, t * 2 * i)?, poisoned_bf16(gpu, t * i)?);
+        linear_swiglu_fwd_sm90(gpu, Some(&mut gu.as_view_mut()), &mut act.as_view_mut(), &dx.as_view(), &dw.as_view(), t, i, k)?;
+        let (gu_got, act_got) = (download_bf16(gpu, &gu)?, download_bf16(gpu, &act)?);
+
+        let mut gu_want = vec![0.0; t * 2 * i];
+        linear_fwd_cpu(&mut gu_want, &x, &w, None, t, 2 * i, k);
+        let tol = bf16_out_tol(k, scale, 1.0);
+        rows.push(Row::new("linear_swiglu_fwd_sm90 gu", shape.clone(), tol, compare(&gu_got, &gu_want, tol)));
+
+        let mut act_want = vec![0.0; t * i];
+        swiglu_fwd_cpu(&mut act_want, &gu_got, t, i);
+        let tol = Tolerance { abs: 1e-30, rel: 2.0 * BF16_EPS };
+        rows.push(Row::new("linear_swiglu_fwd_sm90 act", shape.clone(), tol, compare(&act_got, &act_want, tol)));
+
+        let exact = Tolerance { abs: 0.0, rel: 0.0 };
+        let mut act_unfused = poisoned_bf16(gpu, t * i)?;
+        swiglu_fwd(gpu, &mut act_unfused.as_view_mut(), &gu.as_view(), t, i)?;
+        rows.push(Row::new("linear_swiglu_fwd_sm90 act (= swiglu_fwd)", shape.clone(), exact, compare(&act_got, &download_bf16(gpu, &act_unfused)?, exact)));
+
+        let mut act_only = poisoned_bf16(gpu, t * i)?;
+        linear_swiglu_fwd_sm90(gpu, None, &mut act_only.as_view_mut(), &dx.as_view(), &dw.as_view(), t, i, k)?;
+        rows.push(Row::new("linear_swiglu_fwd_sm90 act, no gu (=)", shape, exact, compare(&download_bf16(gpu, &act_only)?, &act_got, exact)));
+    }
+    Ok(rows)
+}
