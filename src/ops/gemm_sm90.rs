@@ -65,10 +65,20 @@ pub fn supports_swiglu(gpu: &Gpu, i: usize, k: usize) -> bool {
     gpu.props.is_hopper() && i > 0 && k > 0 && i % (TILE_N / 2) == 0 && k % K_BLOCK == 0
 }
 
-/// The tensor maps of x [T, K] and w [rows, K], and a launch over `pairs` pairs of output
-/// tiles (one cluster of two blocks a pair) with the shared memory allowed.
+/// Checks the operands every kernel reads: x [T, K] and w [rows, K], rows named by `w_rows`.
+fn expect_operands(op: &str, gpu: &Gpu, x: &CudaView<bf16>, w: &CudaView<bf16>, t: usize, w_rows: (&str, usize), k: usize) {
+    expect_len(op, "x", x.len(), &[("T", t), ("K", k)]);
+    expect_len(op, "w", w.len(), &[w_rows, ("K", k)]);
+    expect_aligned16(op, "x", gpu, x);
+    expect_aligned16(op, "w", gpu, w);
+}
+
+/// The tensor maps of x [T, K] and w [rows, K], and a launch with the shared memory allowed
+/// over the output tiles' pairs of rows (one cluster of two blocks a pair) times `tiles_n`
+/// tile columns.
 #[allow(clippy::too_many_arguments)]
-fn prepare(gpu: &Gpu, op: &str, kernel: &str, x: u64, w: u64, t: usize, w_rows: usize, k: usize, pairs: usize) -> Result<(TensorMap, TensorMap, CudaFunction, LaunchConfig), GpuError> {
+fn prepare(gpu: &Gpu, op: &str, kernel: &str, x: u64, w: u64, t: usize, w_rows: usize, k: usize, tiles_n: usize) -> Result<(TensorMap, TensorMap, CudaFunction, LaunchConfig), GpuError> {
+    let pairs = t.div_ceil(TILE_M).div_ceil(2) * tiles_n;
     let tm_x = tensor_map(x, t, k / K_BLOCK, k, TILE_M)?;
     let tm_w = tensor_map(w, w_rows, k / K_BLOCK, k, B_BOX_ROWS)?;
     let func = gpu.function(FAMILY, kernel)?;
@@ -81,7 +91,7 @@ fn prepare(gpu: &Gpu, op: &str, kernel: &str, x: u64, w: u64, t: usize, w_rows: 
 
 /// How many clusters of two blocks the device runs at once (one block an SM; an SM left
 /// without a partner in its GPC idles), so that the persistent grid is one wave. Asked once a
-/// process: both kernels have the same resources, and a process drives GPUs of one kind.
+/// process: the three kernels have the same resources, and a process drives GPUs of one kind.
 fn resident_clusters(gpu: &Gpu, op: &str, func: &CudaFunction) -> Result<usize, GpuError> {
     static RESIDENT: OnceLock<usize> = OnceLock::new();
     if let Some(&n) = RESIDENT.get() {
@@ -112,18 +122,15 @@ fn resident_clusters(gpu: &Gpu, op: &str, func: &CudaFunction) -> Result<usize, 
 pub fn linear_fwd_sm90(gpu: &Gpu, y: &mut CudaViewMut<bf16>, x: &CudaView<bf16>, w: &CudaView<bf16>, t: usize, n: usize, k: usize) -> Result<(), GpuError> {
     const OP: &str = "linear_fwd_sm90";
     assert!(supports(gpu, n, k), "{OP}: needs a Hopper GPU, N = {n} a multiple of {TILE_N} and K = {k} of {K_BLOCK}");
+    expect_operands(OP, gpu, x, w, t, ("N", n), k);
     expect_len(OP, "y", y.len(), &[("T", t), ("N", n)]);
-    expect_len(OP, "x", x.len(), &[("T", t), ("K", k)]);
-    expect_len(OP, "w", w.len(), &[("N", n), ("K", k)]);
     expect_aligned16(OP, "y", gpu, y);
-    expect_aligned16(OP, "x", gpu, x);
-    expect_aligned16(OP, "w", gpu, w);
     if t == 0 {
         return Ok(());
     }
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_sm90", x_ptr, w_ptr, t, n, k, t.div_ceil(TILE_M).div_ceil(2) * (n / TILE_N))?;
+    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_sm90", x_ptr, w_ptr, t, n, k, n / TILE_N)?;
     let (y_ptr, _y) = y.device_ptr_mut(&gpu.stream);
     let tm_y = tensor_map(y_ptr, t, n / K_BLOCK, n, STORE_BOX_ROWS)?;
     let (t_i, n_i, k_i) = (as_i32(OP, "T", t), as_i32(OP, "N", n), as_i32(OP, "K", k));
@@ -144,19 +151,16 @@ pub fn linear_rope_fwd_sm90(gpu: &Gpu, gqkv: &mut CudaViewMut<bf16>, x: &CudaVie
     const OP: &str = "linear_rope_fwd_sm90";
     assert!(supports_rope(gpu, nh, k), "{OP}: needs a Hopper GPU, NH = {nh} even and K = {k} a multiple of {K_BLOCK}");
     let (c, n) = (nh * HEAD_DIM, 4 * nh * HEAD_DIM);
+    expect_operands(OP, gpu, x, w, t, ("4C", n), k);
     expect_len(OP, "gqkv", gqkv.len(), &[("T", t), ("4C", n)]);
-    expect_len(OP, "x", x.len(), &[("T", t), ("K", k)]);
-    expect_len(OP, "w", w.len(), &[("4C", n), ("K", k)]);
     expect_len(OP, "pos", pos.len(), &[("T", t)]);
     expect_aligned16(OP, "gqkv", gpu, gqkv);
-    expect_aligned16(OP, "x", gpu, x);
-    expect_aligned16(OP, "w", gpu, w);
     if t == 0 {
         return Ok(());
     }
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_rope_sm90", x_ptr, w_ptr, t, n, k, t.div_ceil(TILE_M).div_ceil(2) * (n / TILE_N))?;
+    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_rope_sm90", x_ptr, w_ptr, t, n, k, n / TILE_N)?;
     let (y_ptr, _y) = gqkv.device_ptr_mut(&gpu.stream);
     let tm_y = tensor_map(y_ptr, t, n / K_BLOCK, n, STORE_BOX_ROWS)?;
     let (t_i, n_i, k_i, c_i) = (as_i32(OP, "T", t), as_i32(OP, "4C", n), as_i32(OP, "K", k), as_i32(OP, "C", c));
@@ -177,12 +181,9 @@ pub fn linear_rope_fwd_sm90(gpu: &Gpu, gqkv: &mut CudaViewMut<bf16>, x: &CudaVie
 pub fn linear_swiglu_fwd_sm90(gpu: &Gpu, gu: Option<&mut CudaViewMut<bf16>>, act: &mut CudaViewMut<bf16>, x: &CudaView<bf16>, w: &CudaView<bf16>, t: usize, i: usize, k: usize) -> Result<(), GpuError> {
     const OP: &str = "linear_swiglu_fwd_sm90";
     assert!(supports_swiglu(gpu, i, k), "{OP}: needs a Hopper GPU, I = {i} a multiple of {} and K = {k} of {K_BLOCK}", TILE_N / 2);
+    expect_operands(OP, gpu, x, w, t, ("2I", 2 * i), k);
     expect_len(OP, "act", act.len(), &[("T", t), ("I", i)]);
-    expect_len(OP, "x", x.len(), &[("T", t), ("K", k)]);
-    expect_len(OP, "w", w.len(), &[("2I", 2 * i), ("K", k)]);
     expect_aligned16(OP, "act", gpu, act);
-    expect_aligned16(OP, "x", gpu, x);
-    expect_aligned16(OP, "w", gpu, w);
     if let Some(gu) = gu.as_ref() {
         expect_len(OP, "gu", gu.len(), &[("T", t), ("2I", 2 * i)]);
         expect_aligned16(OP, "gu", gpu, *gu);
@@ -192,7 +193,7 @@ pub fn linear_swiglu_fwd_sm90(gpu: &Gpu, gu: Option<&mut CudaViewMut<bf16>>, act
     }
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_swiglu_sm90", x_ptr, w_ptr, t, 2 * i, k, t.div_ceil(TILE_M).div_ceil(2) * (i / (TILE_N / 2)))?;
+    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_swiglu_sm90", x_ptr, w_ptr, t, 2 * i, k, i / (TILE_N / 2))?;
     let gu = gu.map(|g| g.device_ptr_mut(&gpu.stream));
     // Without gu the kernel stores nothing through its map: x's stands in.
     let (tm_gu, store_gu) = match gu.as_ref() {
