@@ -8,6 +8,7 @@
 //! is compared with an 8192^3 bf16 cuBLASLt GEMM, both measured in the same run.
 
 pub mod attention;
+pub mod gemm;
 pub mod kernels;
 pub mod train;
 
@@ -29,6 +30,7 @@ pub struct Target {
 /// Every bench target, by the name the command line takes.
 pub const TARGETS: &[Target] = &[
     Target { name: "kernels", about: "every op kernel and GEMM at the XL shapes", run: kernels::run },
+    Target { name: "gemm", about: "our Hopper GEMM against cuBLASLt at the XL step's shapes, under sustained load", run: gemm::run },
     Target { name: "attention", about: "PrefixLM attention on the three packed batches of the attention issue", run: attention::run },
     Target { name: "train", about: "training steps of XL hrm (bp_steps 5, 12,288 tokens): tokens/s, MFU, memory", run: train::run_default },
 ];
