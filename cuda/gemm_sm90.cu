@@ -142,6 +142,20 @@ __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* sr
                  : "memory");
 }
 
+// A position in the ring of stages, counted in K steps: the stage, the parity of the passes
+// over the ring so far (the full barriers' phase), and the stage before.
+struct RingPosition {
+    int stage = 0, previous = G_STAGES - 1;
+    uint32_t phase = 0;
+    __device__ __forceinline__ void advance() {
+        previous = stage;
+        if (++stage == G_STAGES) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+};
+
 // Pair `p` of a grid of pairs_m x tiles_n: (pair row, tile column), in groups of G_GROUP_M
 // pair rows walked column by column.
 __device__ __forceinline__ void pair_coords(int p, int pairs_m, int tiles_n, int* pm, int* tn) {
@@ -198,16 +212,16 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
     if (warp < 4) setmaxnreg_dec<96>();  // the whole warpgroup 0: producer and epilogue
     if (warp == 0) {
         if (lane == 0) {
-            int it = 0;  // K steps issued by this block so far: the ring's position
+            RingPosition ring;  // the K steps issued by this block so far
             for (int p = cluster; p < pairs; p += clusters) {
                 int pm, tn;
                 pair_coords(p, pairs_m, tiles_n, &pm, &tn);
                 const int tm = 2 * pm + rank;
                 // this block's B box: the w rows of half `rank` of the tile's B
                 const int b_row = EPI == EPI_SWIGLU ? rank * N + tn * G_B_BOX : tn * G_BN + rank * G_B_BOX;
-                for (int k = 0; k < k_steps; ++k, ++it) {
-                    const int s = it % G_STAGES;
-                    mbar_wait(&empty[s], ((it / G_STAGES) & 1) ^ 1);
+                for (int k = 0; k < k_steps; ++k, ring.advance()) {
+                    const int s = ring.stage;
+                    mbar_wait(&empty[s], ring.phase ^ 1);
                     mbar_expect_tx(&full[s], G_STAGE_BYTES);
                     unsigned char* stage = smem + s * G_STAGE_BYTES;
                     tma_load(stage, &tm_x, &full[s], 64 * (k % 2), k / 2, tm * G_BM);
@@ -291,42 +305,48 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
         if (e == 0) bulk_wait_all();
     } else {
         setmaxnreg_inc<200>();
-        const int c = warp / 4 - 1, cw = warp % 4;  // consumer 0 or 1, its warp 0..3
+        // consumer 0 or 1 (through a shuffle, so the compiler sees it uniform and keeps the
+        // descriptors in uniform registers), its warp 0..3
+        const int c = __shfl_sync(0xffffffff, warp / 4 - 1, 0), cw = warp % 4;
         const int g = lane >> 2, u = lane & 3;
         unsigned char* buf = smem + G_OFF_HANDOFF + c * G_HANDOFF_BYTES;
         // a stage is released to both producers: this block's and the peer's empty barriers
         const uint32_t peer_empty = peer_address(&empty[0], rank ^ 1);
-        int it = 0, n = 0;
+        // stage 0's descriptors of this consumer's 64 A rows and of B: stage s lies s *
+        // G_STAGE_BYTES further, the next 16 columns of K 32 bytes (the address field counts
+        // 16-byte units)
+        const uint64_t desc_a0 = desc_k_major(smem_u32(smem) + 64 * c * 128), desc_b0 = desc_k_major(smem_u32(smem + G_A_BYTES));
+        RingPosition ring;
+        int n = 0;
         for (int p = cluster; p < pairs; p += clusters, ++n) {
             float acc[128];
-            #pragma unroll
-            for (int i = 0; i < 128; ++i) acc[i] = 0.f;
-            for (int k = 0; k < k_steps; ++k, ++it) {
-                const int s = it % G_STAGES;
-                mbar_wait(&full[s], (it / G_STAGES) & 1);
-                const uint32_t a_base = smem_u32(smem + s * G_STAGE_BYTES) + 64 * c * 128;  // this consumer's 64 rows
-                const uint32_t b_base = smem_u32(smem + s * G_STAGE_BYTES + G_A_BYTES);
+            for (int k = 0; k < k_steps; ++k) {
+                const int s = ring.stage;
+                mbar_wait(&full[s], ring.phase);
+                const uint64_t step = (uint64_t)(s * (G_STAGE_BYTES >> 4));
                 fence_regs(acc);
                 wgmma_fence();
+                // the first K step overwrites the accumulators (the previous tile's are in
+                // the hand-off buffer)
+                wgmma_ss_n256(acc, desc_a0 + step, desc_b0 + step, k > 0);
                 #pragma unroll
-                for (int kk = 0; kk < 4; ++kk) wgmma_ss_n256(acc, desc_k_major(a_base + kk * 32), desc_k_major(b_base + kk * 32), 1);
+                for (int kk = 1; kk < 4; ++kk) wgmma_ss_n256(acc, desc_a0 + step + 2 * kk, desc_b0 + step + 2 * kk, 1);
                 wgmma_commit();
                 // The previous step's group is done once at most this one is in flight: its
                 // stage goes back to both producers, one arrival per warp.
                 wgmma_wait<1>();
                 fence_regs(acc);
                 if (k > 0 && lane == 0) {
-                    const int done = (it - 1) % G_STAGES;
-                    mbar_arrive(&empty[done]);
-                    mbar_arrive_cluster(peer_empty + 8 * done);
+                    mbar_arrive(&empty[ring.previous]);
+                    mbar_arrive_cluster(peer_empty + 8 * ring.previous);
                 }
+                ring.advance();
             }
             wgmma_wait<0>();
             fence_regs(acc);
             if (lane == 0) {
-                const int done = (it - 1) % G_STAGES;
-                mbar_arrive(&empty[done]);
-                mbar_arrive_cluster(peer_empty + 8 * done);
+                mbar_arrive(&empty[ring.previous]);
+                mbar_arrive_cluster(peer_empty + 8 * ring.previous);
             }
             // Rows 16 cw + g and + 8 of the buffer, columns 8 nt + 2 u, +1, as bf16; then the
             // buffer goes to the epilogue (its TMA stores read it: the async-proxy fence).
