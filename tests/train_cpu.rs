@@ -23,6 +23,7 @@ fn options(run: &Path, net: NetName, demo: DemoConfig, train: TrainConfig) -> Tr
         eval_every: None,
         profile_step: None,
         cuda_graph: None,
+        epilogue_gemms: Default::default(),
     }
 }
 

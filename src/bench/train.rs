@@ -24,6 +24,7 @@
 //! a few percent above the plain steps.
 
 use anyhow::{ensure, Context, Result};
+use clap::ValueEnum;
 use cudarc::driver::sys;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaEvent;
@@ -34,6 +35,7 @@ use crate::config::{ModelConfig, Net, NetName, SizeName, TrainConfig, HEAD_DIM};
 use crate::gpu::{DriverContext, Gpu};
 use crate::data::batch::PackedBatch;
 use crate::data::loader::micro_batch_tokens;
+use crate::model::cuda::EpilogueGemms;
 use crate::model::net::Batch;
 use crate::model::params::Params;
 use crate::model::schedule::Schedule;
@@ -87,10 +89,11 @@ pub struct TrainBenchArgs {
     /// Replay the step from a CUDA graph: off, on, or both (timed one after the other)
     #[arg(long, value_enum, default_value = "off")]
     pub cuda_graph: GraphMode,
-    /// Run the qkv and gate_up products as our Hopper GEMM with RoPE and SwiGLU in their
-    /// epilogues (docs/design/gemm-epilogues.md) instead of cuBLASLt and the separate passes
-    #[arg(long)]
-    pub epilogue_gemms: bool,
+    /// Which products run as our Hopper GEMM with the following pass in its epilogue
+    /// (docs/design/gemm-epilogues.md): none (cuBLASLt and the separate passes), gate_up with
+    /// SwiGLU, or also qkv with RoPE
+    #[arg(long, value_enum, default_value_t = EpilogueGemms::default())]
+    pub epilogue_gemms: EpilogueGemms,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -110,7 +113,7 @@ impl Default for TrainBenchArgs {
             steps: DEFAULT_STEPS,
             profile: 0,
             cuda_graph: GraphMode::Off,
-            epilogue_gemms: false,
+            epilogue_gemms: EpilogueGemms::default(),
             seed: 0,
         }
     }
@@ -171,9 +174,13 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
     let mut engine = GpuEngine::new(gpu, params, optimizer)?;
     engine.backend().set_epilogue_gemms(args.epilogue_gemms);
     println!("on {}", engine.describe());
-    if args.epilogue_gemms {
-        println!("qkv and gate_up products: ours with the RoPE and SwiGLU epilogues where the GPU and shapes allow");
-    }
+    let route = match args.epilogue_gemms {
+        EpilogueGemms::Off => "cuBLASLt, then the SwiGLU and RoPE passes",
+        EpilogueGemms::Swiglu => "gate_up ours with the SwiGLU epilogue, qkv cuBLASLt then the RoPE pass",
+        EpilogueGemms::All => "ours with the SwiGLU and RoPE epilogues",
+    };
+    let flag = args.epilogue_gemms.to_possible_value().expect("every variant has a name");
+    println!("qkv and gate_up products (--epilogue-gemms {}; ours on Hopper only): {route}", flag.get_name());
 
     let modes: &[bool] = match args.cuda_graph {
         GraphMode::Off => &[false],

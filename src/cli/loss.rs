@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::data::Dataset;
+use crate::model::cuda::EpilogueGemms;
 use crate::optim::{AdamAtan2, AdamCoeffs};
 use crate::train::eval::{evaluate, Coverage};
 use crate::train::{make_engine, open_gpu, Device};
@@ -38,7 +39,7 @@ pub fn run(args: LossArgs) -> Result<()> {
     let ds = Dataset::open(&args.data)?;
     let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&Default::default()));
     let gpu = open_gpu(args.device)?;
-    let mut engine = make_engine(gpu.as_ref(), params, optimizer, false)?;
+    let mut engine = make_engine(gpu.as_ref(), params, optimizer, false, EpilogueGemms::default())?;
     let m = evaluate(&mut *engine, &ds, 0, args.batch_tokens, !args.train_on_instruction, Coverage::FirstSteps(args.steps))?;
     println!("{}", serde_json::to_string(&m)?);
     Ok(())

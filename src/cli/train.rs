@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::config::{NetName, SizeName, TrainConfig};
 use crate::data::demo::DemoConfig;
+use crate::model::cuda::EpilogueGemms;
 use crate::train::{self, DataSource, Device, ModelSource, TrainOptions};
 
 /// An option that is on or off.
@@ -104,6 +105,12 @@ pub struct TrainArgs {
     /// "CUDA graphs"); `off` runs every step eagerly
     #[arg(long, value_name = "on|off")]
     pub cuda_graph: Option<Switch>,
+    /// Which products run as our Hopper GEMM with the following pass in its epilogue
+    /// (docs/design/gemm-epilogues.md): none (cuBLASLt, then the passes), gate_up with SwiGLU,
+    /// or also qkv with RoPE. The routes round the products alike but may add in another
+    /// order, so a run resumed on another route continues on slightly different numbers
+    #[arg(long, value_enum, default_value_t = EpilogueGemms::default())]
+    pub epilogue_gemms: EpilogueGemms,
     /// Demo: digits of the larger operand
     #[arg(long, default_value_t = 2)]
     pub demo_digits: usize,
@@ -159,6 +166,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         eval_every: args.eval_every.or(demo.then_some(50)),
         profile_step: args.profile_step,
         cuda_graph: args.cuda_graph.map(|s| s == Switch::On),
+        epilogue_gemms: args.epilogue_gemms,
     };
     if let Some(m) = train::run(&opts)? {
         println!("{}", serde_json::to_string(&m)?);

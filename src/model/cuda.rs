@@ -118,14 +118,30 @@ pub struct CudaBackend<'g> {
     embed_scratch: RefCell<Option<EmbeddingBwdScratch>>,
     /// The attention launchers' scratch; replaced when a batch has more rows.
     attn_scratch: RefCell<Option<AttentionScratch>>,
-    /// Whether the qkv and gate_up products run as our Hopper GEMM with RoPE and SwiGLU in
-    /// their epilogues (`ops::gemm_sm90`) instead of cuBLASLt and the separate passes.
-    epilogue_gemms: Cell<bool>,
+    /// Which forward products run as our Hopper GEMM with the pass that follows them in its
+    /// epilogue (`ops::gemm_sm90`).
+    epilogue_gemms: Cell<EpilogueGemms>,
     /// Device allocations made so far (see [`CudaBackend::allocations`]).
     allocations: Cell<u64>,
     profiling: Cell<bool>,
     /// (class, op, start, end) of every op since the last [`CudaBackend::take_profile`].
     spans: RefCell<Vec<(OpClass, &'static str, CudaEvent, CudaEvent)>>,
+}
+
+/// Which forward products of a block run as our Hopper GEMM with the pass that follows them
+/// in its epilogue (`ops::gemm_sm90`, docs/design/gemm-epilogues.md) instead of cuBLASLt's
+/// product and the separate pass. In the XL step on an H200 the SwiGLU epilogue saves ~30 us
+/// of each gate_up call's ~500; the RoPE epilogue costs ~5 us more than cuBLASLt and the RoPE
+/// pass, so it is not on by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EpilogueGemms {
+    /// cuBLASLt and the separate passes everywhere.
+    Off,
+    /// gate_up with SwiGLU in the epilogue.
+    #[default]
+    Swiglu,
+    /// gate_up with SwiGLU, and qkv with RoPE.
+    All,
 }
 
 impl<'g> CudaBackend<'g> {
@@ -138,7 +154,7 @@ impl<'g> CudaBackend<'g> {
             lm_chunk_bytes: LM_HEAD_CHUNK_BYTES,
             embed_scratch: RefCell::new(None),
             attn_scratch: RefCell::new(None),
-            epilogue_gemms: Cell::new(false),
+            epilogue_gemms: Cell::new(EpilogueGemms::default()),
             allocations: Cell::new(0),
             profiling: Cell::new(false),
             spans: RefCell::new(Vec::new()),
@@ -151,13 +167,12 @@ impl<'g> CudaBackend<'g> {
         CudaBackend { lm_chunk_bytes: bytes, ..self }
     }
 
-    /// Runs the qkv and gate_up products with RoPE and SwiGLU in their epilogues
-    /// (`ops::gemm_sm90`, Hopper only; off by default: in the XL step it is no faster than
-    /// cuBLASLt and the separate passes, docs/design/gemm-epilogues.md). Set it before the
-    /// first step: a captured step keeps the route it was captured with. The results differ
-    /// from the default route by the products' accumulation order.
-    pub fn set_epilogue_gemms(&self, on: bool) {
-        self.epilogue_gemms.set(on);
+    /// Chooses which forward products run as our Hopper GEMM with the following pass in its
+    /// epilogue ([`EpilogueGemms`]; on other GPUs, and for shapes it does not take, cuBLASLt
+    /// and the pass run instead). Set it before the first step: a captured step keeps the
+    /// route it was captured with. The routes differ by the products' accumulation order.
+    pub fn set_epilogue_gemms(&self, which: EpilogueGemms) {
+        self.epilogue_gemms.set(which);
     }
 
     /// Turns the per-op event timing on or off (off by default: it costs two event records
@@ -348,7 +363,7 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn gate_up_swiglu_fwd(&self, gate_up: &mut CudaSlice<bf16>, out: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, t: usize, i: usize, d: usize) -> Result<()> {
-        if !(self.epilogue_gemms.get() && sm90_swiglu_supports(self.gpu, i, d)) {
+        if !(self.epilogue_gemms.get() != EpilogueGemms::Off && sm90_swiglu_supports(self.gpu, i, d)) {
             self.linear_fwd(gate_up, x, w, w_at, None, t, 2 * i, d)?;
             return self.swiglu_fwd(out, gate_up, t, i);
         }
@@ -397,7 +412,7 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn gqkv_rope_fwd(&self, gqkv: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, pos: &CudaSlice<i32>, t: usize, nh: usize, d: usize) -> Result<()> {
-        if !(self.epilogue_gemms.get() && sm90_rope_supports(self.gpu, nh, d)) {
+        if !(self.epilogue_gemms.get() == EpilogueGemms::All && sm90_rope_supports(self.gpu, nh, d)) {
             self.linear_fwd(gqkv, x, w, w_at, None, t, 4 * nh * HEAD_DIM, d)?;
             return self.qkv_rope_fwd(gqkv, pos, t, nh);
         }

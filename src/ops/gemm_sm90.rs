@@ -12,9 +12,11 @@
 //! bf16 in and out, fp32 accumulation, K % 128 == 0. `act` has exactly the bits `swiglu_fwd`
 //! computes from the `gu` written beside it.
 //!
-//! The model runs the two fused kernels only when asked (`CudaBackend::set_epilogue_gemms`,
-//! `bench train --epilogue-gemms`): in the XL step they are not yet faster than cuBLASLt and
-//! the separate passes (the measurements are in `docs/design/gemm-epilogues.md`).
+//! The model runs the SwiGLU kernel by default on Hopper and the RoPE kernel when asked
+//! (`model::cuda::EpilogueGemms`, `bench train --epilogue-gemms`): in the XL step the first
+//! beats cuBLASLt and the SwiGLU pass, the second does not beat cuBLASLt and the RoPE pass
+//! (the measurements are in `docs/design/gemm-epilogues.md`; `hrm-cu bench gemm` compares
+//! them under sustained load).
 
 use std::sync::OnceLock;
 

@@ -54,6 +54,7 @@ use crate::config::{ModelConfig, NetName, SizeName, TrainConfig};
 use crate::data::demo::{self, DemoConfig};
 use crate::data::loader::micro_batch_tokens;
 use crate::data::{total_steps_estimate, DataPosition, Dataset, Loader, LoaderConfig, PackedBatch};
+use crate::model::cuda::EpilogueGemms;
 use crate::model::params::Params;
 use crate::model::schedule::{bp_steps, Schedule};
 use crate::optim::{AdamAtan2, AdamCoeffs, LrSchedule};
@@ -112,6 +113,9 @@ pub struct TrainOptions {
     /// Capture each schedule's step in a CUDA graph and replay it (GPU only, `graph.rs`);
     /// `None`: on where there is a GPU.
     pub cuda_graph: Option<bool>,
+    /// Which forward products run as our Hopper GEMM with the following pass in its epilogue
+    /// (GPU only).
+    pub epilogue_gemms: EpilogueGemms,
 }
 
 /// The training data and, for the demo, its held-out split.
@@ -147,12 +151,13 @@ pub fn open_gpu(device: Device) -> Result<Option<Gpu>> {
 }
 
 /// The engine on `gpu` when there is one (replaying its steps as CUDA graphs with
-/// `cuda_graph`), else the CPU reference.
-pub fn make_engine(gpu: Option<&Gpu>, params: Params, optimizer: AdamAtan2, cuda_graph: bool) -> Result<Box<dyn Engine + '_>> {
+/// `cuda_graph`, its products routed by `epilogue_gemms`), else the CPU reference.
+pub fn make_engine(gpu: Option<&Gpu>, params: Params, optimizer: AdamAtan2, cuda_graph: bool, epilogue_gemms: EpilogueGemms) -> Result<Box<dyn Engine + '_>> {
     match gpu {
         Some(gpu) => {
             let mut engine = GpuEngine::new(gpu, params, optimizer)?;
             engine.set_cuda_graphs(cuda_graph);
+            engine.backend().set_epilogue_gemms(epilogue_gemms);
             Ok(Box::new(engine))
         }
         None => Ok(Box::new(CpuEngine::new(params, optimizer)?)),
@@ -254,7 +259,7 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     // Useful FLOPs (src/train/flops.rs) are logged on the GPU as TFLOP/s, and as MFU where
     // the card's peak is known.
     let (on_gpu, peak_flops) = (gpu.is_some(), gpu.as_ref().and_then(|g| flops::peak_bf16_flops(&g.props)));
-    let mut engine = make_engine(gpu.as_ref(), params, optimizer, cuda_graph)?;
+    let mut engine = make_engine(gpu.as_ref(), params, optimizer, cuda_graph, opts.epilogue_gemms)?;
     let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, micro_batches, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
     let loader = Loader::new(data.train.clone(), loader_cfg, state.data_position)?;
     let mut log = MetricsLog::open(&opts.run_dir)?;
