@@ -56,6 +56,7 @@
 //   fence.proxy.async) hands it to the tensor cores.
 
 #include "attention_sm90.cuh"
+#include "rope.cuh"
 
 #define BW_BN 128              // keys per block: 2 consumer warpgroups x 64
 #define BW_BM 64               // queries per step
@@ -86,19 +87,6 @@
 #define BB_COUNT 9
 
 #define BAR_CONSUMERS 1  // named barrier of the 256 consumer threads
-
-// sin and cos of an angle x >= 0 (a position times a RoPE frequency, in fp32 as the forward
-// forms it) to ~3e-7: x reduced to [-pi, pi] by one Cody-Waite step (the fma keeps k * 2pi_hi
-// exact, 2pi_lo carries the rest of 2pi), then the special function unit's approximation,
-// accurate there. sincosf would spend ~30 instructions on each of the 64 angles of every row
-// and head; this is a few.
-__device__ __forceinline__ void rope_sincos(float x, float* s, float* c) {
-    const float two_pi_hi = 6.28318548202514648f, two_pi_lo = -1.7484556e-7f;  // 2pi = hi + lo
-    const float k = rintf(x * 0.159154943091895336f);
-    float r = fmaf(-k, two_pi_hi, x);
-    r = fmaf(-k, two_pi_lo, r);
-    __sincosf(r, s, c);
-}
 
 // (x1, x2), dims j and j + 64 of a row, rotated back by angle = pos * inv_freq[j]: RoPE's
 // backward, the transpose of cuda/rope.cu's rotation.

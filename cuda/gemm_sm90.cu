@@ -255,7 +255,7 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
                         float cs[8], sn[8];
                         const float p = (float)pos[row0 + r];
                         #pragma unroll
-                        for (int i = 0; i < 8; ++i) sincosf(p * inv_freq[i], &sn[i], &cs[i]);
+                        for (int i = 0; i < 8; ++i) rope_sincos(p * inv_freq[i], &sn[i], &cs[i]);
                         #pragma unroll
                         for (int h = 0; h < 2; ++h) {
                             bf16x8* lo = reinterpret_cast<bf16x8*>(rbuf + handoff_chunk(r, 16 * h + rc));

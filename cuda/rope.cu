@@ -21,7 +21,7 @@
 
 // Fills cos_a, sin_a [64] for `pos`; every thread of the block must call it.
 __device__ __forceinline__ void rope_table(int pos, float* cos_a, float* sin_a) {
-    if (threadIdx.x < HALF_DIM) sincosf((float)pos * rope_inv_freq(threadIdx.x), &sin_a[threadIdx.x], &cos_a[threadIdx.x]);
+    if (threadIdx.x < HALF_DIM) rope_sincos((float)pos * rope_inv_freq(threadIdx.x), &sin_a[threadIdx.x], &cos_a[threadIdx.x]);
     __syncthreads();
 }
 

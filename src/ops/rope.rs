@@ -133,9 +133,9 @@ pub fn selftests() -> Vec<Check> {
 const SHAPES: [(usize, usize, f32, i32); 4] = [(1, 1, 1.0, 1), (37, 2, 1000.0, 4095), (1023, 12, 1.0, 4095), (129, 20, 3.0, 40000)];
 
 /// Tolerance of a rotated value: one bf16 rounding (2^-9, so 2^-7 leaves two ulps of slack)
-/// plus, where x1 cos - x2 sin cancels, the fp32 error of sin/cos (CUDA's sincosf and the
-/// CPU's are each within 2 ulps: 2 * 2.4e-7 * |x|) and of the products (~2^-23 * |x|):
-/// 2e-6 * scale leaves a factor ~3.
+/// plus, where x1 cos - x2 sin cancels, the error of sin/cos (the GPU's `rope_sincos` in
+/// cuda/rope.cuh within ~4e-7 absolute, the CPU's f32 sin/cos within an ulp: together ~1.3e-6 *
+/// |x| over the two terms) and of the products (~2^-23 * |x|): 2e-6 * scale.
 fn rotation_tol(scale: f32) -> Tolerance {
     Tolerance { abs: 2e-6 * scale, rel: 2.0 * BF16_EPS }
 }
