@@ -131,16 +131,15 @@ pub struct CudaBackend<'g> {
 /// Which forward products of a block run as our Hopper GEMM with the pass that follows them
 /// in its epilogue (`ops::gemm_sm90`, docs/design/gemm-epilogues.md) instead of cuBLASLt's
 /// product and the separate pass. In the XL step on an H200 the SwiGLU epilogue saves ~30 us
-/// of each gate_up call's ~500; the RoPE epilogue costs ~5 us more than cuBLASLt and the RoPE
-/// pass, so it is not on by default.
+/// of each gate_up call's ~500 and the RoPE epilogue ~10 us of each qkv call's ~360.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum EpilogueGemms {
     /// cuBLASLt and the separate passes everywhere.
     Off,
-    /// gate_up with SwiGLU in the epilogue.
-    #[default]
+    /// gate_up with SwiGLU in the epilogue; qkv on cuBLASLt, then the RoPE pass.
     Swiglu,
     /// gate_up with SwiGLU, and qkv with RoPE.
+    #[default]
     All,
 }
 

@@ -12,11 +12,10 @@
 //! bf16 in and out, fp32 accumulation, K % 128 == 0. `act` has exactly the bits `swiglu_fwd`
 //! computes from the `gu` written beside it.
 //!
-//! The model runs the SwiGLU kernel by default on Hopper and the RoPE kernel when asked
-//! (`model::cuda::EpilogueGemms`, `bench train --epilogue-gemms`): in the XL step the first
-//! beats cuBLASLt and the SwiGLU pass, the second does not beat cuBLASLt and the RoPE pass
-//! (the measurements are in `docs/design/gemm-epilogues.md`; `hrm-cu bench gemm` compares
-//! them under sustained load).
+//! The model runs both fused kernels by default on Hopper (`model::cuda::EpilogueGemms`,
+//! `train` / `bench train --epilogue-gemms`): in the XL step each beats cuBLASLt and the pass
+//! it replaces (the measurements are in `docs/design/gemm-epilogues.md`; `hrm-cu bench gemm`
+//! compares them under sustained load).
 
 use std::sync::OnceLock;
 
