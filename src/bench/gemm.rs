@@ -14,6 +14,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 
+use crate::bench::kernels::{C, D, I, NH};
 use crate::bench::{random_bf16, random_i32, time_ms};
 use crate::gpu::nvtx::Range;
 use crate::gpu::{DriverContext, Gpu, GpuError};
@@ -24,10 +25,6 @@ use crate::ops::swiglu::swiglu_fwd;
 
 /// Tokens of the step's packed batch.
 const T: usize = 12_288;
-const D: usize = 1536;
-const NH: usize = 12;
-const C: usize = NH * 128;
-const I: usize = 4096;
 /// Rounds over the routes of a shape.
 const ROUNDS: usize = 3;
 /// Length of one route's sustained block in a round.

@@ -26,11 +26,12 @@ use crate::ops::swiglu::{swiglu_bwd, swiglu_fwd};
 
 /// Tokens of one batch.
 const T: usize = 16_384;
-const D: usize = 1536;
-const NH: usize = 12;
+/// XL's hidden size, heads and intermediate size (also `bench gemm`'s shapes).
+pub(super) const D: usize = 1536;
+pub(super) const NH: usize = 12;
 /// Columns of the attention heads, `NH * 128`.
-const C: usize = NH * 128;
-const I: usize = 4096;
+pub(super) const C: usize = NH * 128;
+pub(super) const I: usize = 4096;
 const V: usize = 65_536;
 /// Samples in the batch, for the metrics kernel (packed samples of ~256 tokens).
 const SAMPLES: usize = 64;
