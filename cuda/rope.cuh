@@ -19,7 +19,7 @@ __device__ __forceinline__ float rope_inv_freq(int i) { return (float)(1.0 / pow
 // the rest of 2pi), then the special function unit's approximation, accurate there. sincosf
 // spends ~30 instructions on each angle and this a few: the qkv product's epilogue forms the
 // 64 angles of a row once per q/k tile (12 tiles a row at XL), which with sincosf grew its
-// instruction count by a third.
+// instruction count by a quarter.
 __device__ __forceinline__ void rope_sincos(float x, float* s, float* c) {
     const float two_pi_hi = 6.28318548202514648f, two_pi_lo = -1.7484556e-7f;  // 2pi = hi + lo
     const float k = rintf(x * 0.159154943091895336f);
