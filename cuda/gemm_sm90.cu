@@ -1,5 +1,5 @@
-// gemm_sm90: the linear layers' forward products on Hopper, with the epilogues cuBLASLt cannot
-// run (docs/design/gemm-epilogues.md).
+// gemm_sm90: the linear layers' products on Hopper, with the epilogues cuBLASLt cannot run
+// (docs/design/gemm-epilogues.md).
 // hrm-cu: sm90a-only
 //
 //   gemm_sm90          y [M, N] = x [M, K] @ w [N, K]^T
@@ -9,11 +9,17 @@
 //   gemm_swiglu_sm90   gu [M, 2I] = x [M, K] @ w [2I, K]^T;  act [M, I] = silu(gate) * up,
 //                      gate = gu[:, :I], up = gu[:, I:], both as rounded to bf16 (so act has the
 //                      bits swiglu_fwd computes from the stored gu)
+//   gemm_swiglu_bwd_sm90
+//                      dact [M, I] = dy [M, D] @ w [D, I]  (the down projection's input
+//                      gradient, K = D), then dgu [M, 2I] = swiglu_bwd(dact, gu) from the
+//                      bf16-rounded dact (so the bits of swiglu_bwd on the stored product);
+//                      dact itself stored only when asked (the selftest)
 //
 // bf16 in and out, fp32 accumulation; M = tokens, N = out features, K = in features; w as
-// nn.Linear stores it, both operands K-major. Requirements, checked by the launcher:
-// N % 256 == 0 (I % 128 == 0; C % 256 == 0, so a tile holds two whole heads of one block),
-// K % 128 == 0; any M.
+// nn.Linear stores it: K-major for the forward products; for the input gradient its rows are
+// the K dimension (MN-major B, read through transposed descriptors). Requirements, checked by
+// the launcher: N % 256 == 0 (I % 128 == 0 forward, I % 256 == 0 backward; C % 256 == 0, so a
+// tile holds two whole heads of one block), K % 128 == 0; any M.
 //
 // Design (the attention kernels' building blocks, cuda/attention_sm90.cuh):
 // - Clusters of two blocks on two SMs, one block per SM, persistent: a cluster takes pairs of
@@ -24,7 +30,7 @@
 //   its two 128-row boxes of w from L2 and multicasts it into both blocks' shared memory (the
 //   box of w columns [256 tn, +256) of y, or the gate rows [128 tn, +128) and the up rows
 //   [I + 128 tn, +128) of the SwiGLU tile). That is 32 KB from L2 per block and K step instead
-//   of 48.
+//   of 48. With MN-major B (the backward) a block's half is two [64 k][64 n] boxes of w.
 // - Warp 0, one thread: the producer. Per K step of 64 it copies its A tile [128][64] and its
 //   B box by TMA (128-byte swizzle) into a ring of STAGES stages. A stage's full barrier
 //   completes with the bytes of all three copies (its own two and the peer's multicast); its
@@ -40,13 +46,16 @@
 //   blocks); for SwiGLU the warps also compute act from the buffer's gate and up halves and
 //   store it row by row (16-byte chunks); for RoPE they first rotate a query or key tile's two
 //   heads in the buffer (each thread keeps one 8-column chunk of the half-head, and so its 8
-//   frequencies). The buffer is handed back once the stores have read it.
+//   frequencies); for the SwiGLU backward they read gu's gate and up chunks from global
+//   memory (the producer prefetched the tile's gu into L2 at its first K step) and write dgu's
+//   chunks. The buffer is handed back once the stores have read it.
 // - Neither block exits before the other is done with its barriers (a cluster barrier).
 // The tensor maps view x, w, y (and gu) as (128, cols / 128, rows): the attention's (HD, NH,
 // T) maps, so a block of 64 columns starting at column c is (c0 = c % 128, c1 = c / 128, row).
 
 #include "attention_sm90.cuh"
 #include "rope.cuh"
+#include "swiglu.cuh"
 
 #define G_BM 128
 #define G_BN 256
@@ -66,9 +75,10 @@
 #define G_SMEM (G_OFF_HANDOFF + 2 * G_HANDOFF_BYTES + 1024)  // 209 KB with the alignment slack
 #define G_EPILOGUE_BARRIER 1                        // named barrier of the epilogue warps
 
-// d[128] (+)= A[64x16] @ B[16x256]: A and B from shared memory (K-major descriptors); the
-// accumulator layout of m64n256: rows g, g + 8 of the warp's 16, columns 8 nt + 2u, +1 for
-// nt < 32 (d[4 nt + c]). accumulate = 0 overwrites d.
+// d[128] (+)= A[64x16] @ B[16x256]: A and B from shared memory, A K-major, B K-major or (TRANS_B
+// = 1) MN-major; the accumulator layout of m64n256: rows g, g + 8 of the warp's 16, columns
+// 8 nt + 2u, +1 for nt < 32 (d[4 nt + c]). accumulate = 0 overwrites d.
+template <int TRANS_B>
 __device__ __forceinline__ void wgmma_ss_n256(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
@@ -81,7 +91,7 @@ __device__ __forceinline__ void wgmma_ss_n256(float (&d)[128], uint64_t desc_a, 
         "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
         "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
         "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-        "%128, %129, p, 1, 1, 0, 0;\n}\n"
+        "%128, %129, p, 1, 1, 0, %131;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
           "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
           "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
@@ -98,7 +108,7 @@ __device__ __forceinline__ void wgmma_ss_n256(float (&d)[128], uint64_t desc_a, 
           "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
           "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(TRANS_B));
 }
 
 __device__ __forceinline__ void fence_regs(float (&d)[128]) {
@@ -142,6 +152,12 @@ __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* sr
                  : "memory");
 }
 
+// Brings the box at (c0, c1, c2) of `map` into L2, without waiting for it.
+__device__ __forceinline__ void tma_prefetch_l2(const CUtensorMap* map, int c0, int c1, int c2) {
+    asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];\n" ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2)
+                 : "memory");
+}
+
 // A position in the ring of stages, counted in K steps: the stage, the parity of the passes
 // over the ring so far (the full barriers' phase), and the stage before.
 struct RingPosition {
@@ -171,20 +187,25 @@ __device__ __forceinline__ void pair_coords(int p, int pairs_m, int tiles_n, int
 // buffer: four [64][64] column blocks in the 128-byte swizzle (TMA's layout).
 __device__ __forceinline__ int handoff_chunk(int r, int c) { return (c / 8) * G_BLOCK_BYTES + r * 128 + (((c % 8) ^ (r & 7)) << 4); }
 
-enum GemmEpilogue { EPI_STORE, EPI_SWIGLU, EPI_ROPE };
+enum GemmEpilogue { EPI_STORE, EPI_SWIGLU, EPI_ROPE, EPI_SWIGLU_BWD };
 
-// tm_x: x [M, K] as (128, K / 128, M), box (64, 1, 128); tm_w: w [rows, K], box (64, 1, 128);
-// tm_y: EPI_STORE y [M, N], EPI_SWIGLU gu [M, 2I] (N = I), box (64, 1, 64); all 128-byte
-// swizzled; store_y = 0 leaves gu out (a pass that keeps no activations). act: [M, I] for
-// EPI_SWIGLU. pos: [M], rope_c = C for EPI_ROPE. Grid: clusters of 2 blocks of G_THREADS, at most as many
-// clusters as tile pairs; dynamic shared memory G_SMEM.
+// tm_x: x [M, K] as (128, K / 128, M), box (64, 1, 128); tm_w: w [N, K] (w [2I, K] for
+// EPI_SWIGLU), box (64, 1, 128), or for EPI_SWIGLU_BWD w [K, N] as (128, N / 128, K), box (64,
+// 1, 64); tm_y: EPI_STORE y [M, N], EPI_SWIGLU gu [M, 2I] (N = I), EPI_SWIGLU_BWD dact [M, N],
+// box (64, 1, 64); all 128-byte swizzled; store_y = 0 leaves gu or dact out. act: [M, I] for
+// EPI_SWIGLU. pos: [M], rope_c = C for EPI_ROPE. EPI_SWIGLU_BWD: tm_gu gu [M, 2N] (box (64, 1,
+// 64)) for the L2 prefetch, gu and dgu [M, 2N]. Grid: clusters of 2 blocks of G_THREADS, at
+// most as many clusters as tile pairs; dynamic shared memory G_SMEM.
 template <int EPI>
 __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CUtensorMap& tm_w, const CUtensorMap& tm_y, int store_y,
-                                               bf16* __restrict__ act, const int* __restrict__ pos, int rope_c, int M, int N,
-                                               int K) {
+                                               bf16* __restrict__ act, const int* __restrict__ pos, int rope_c,
+                                               const CUtensorMap& tm_gu, const bf16* __restrict__ gu, bf16* __restrict__ dgu,
+                                               int M, int N, int K) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) uint64_t full[G_STAGES], empty[G_STAGES], handoff_full[2], handoff_empty[2];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+    // B is w's rows (K-major), or for the input gradient its columns (MN-major)
+    constexpr bool b_mn_major = EPI == EPI_SWIGLU_BWD;
     // tile columns: 256 columns of y, or 128 columns of act
     const int tile_cols = EPI == EPI_SWIGLU ? G_BN / 2 : G_BN;
     const int tiles_m = (M + G_BM - 1) / G_BM, tiles_n = N / tile_cols;
@@ -225,7 +246,24 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
                     mbar_expect_tx(&full[s], G_STAGE_BYTES);
                     unsigned char* stage = smem + s * G_STAGE_BYTES;
                     tma_load(stage, &tm_x, &full[s], 64 * (k % 2), k / 2, tm * G_BM);
-                    tma_load_multicast(stage + G_A_BYTES + rank * G_B_BOX * 128, &tm_w, &full[s], 64 * (k % 2), k / 2, b_row, 0x3);
+                    if (b_mn_major) {
+                        // w rows [64 k, +64), columns 256 tn + 128 rank + [0, 128): two [64][64] boxes
+                        #pragma unroll
+                        for (int b = 0; b < 2; ++b)
+                            tma_load_multicast(stage + G_A_BYTES + (2 * rank + b) * G_BLOCK_BYTES, &tm_w, &full[s], 64 * b, 2 * tn + rank, G_BK * k, 0x3);
+                    } else {
+                        tma_load_multicast(stage + G_A_BYTES + rank * G_B_BOX * 128, &tm_w, &full[s], 64 * (k % 2), k / 2, b_row, 0x3);
+                    }
+                    if (EPI == EPI_SWIGLU_BWD && k == 0) {
+                        // the gu the epilogue reads at the end of this tile: gate and up columns
+                        // 256 tn + [0, 256), rows 128 tm + [0, 128), into L2 meanwhile
+                        #pragma unroll
+                        for (int b = 0; b < 8; ++b) {
+                            const int col = (b / 4) * N + tn * G_BN + 64 * (b % 4);
+                            tma_prefetch_l2(&tm_gu, col % 128, col / 128, tm * G_BM);
+                            tma_prefetch_l2(&tm_gu, col % 128, col / 128, tm * G_BM + 64);
+                        }
+                    }
                 }
             }
         }
@@ -290,9 +328,41 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
                         float gate[8], up[8], out[8];
                         bf16x8_to_float(*reinterpret_cast<const bf16x8*>(buf + handoff_chunk(r, j)), gate);
                         bf16x8_to_float(*reinterpret_cast<const bf16x8*>(buf + handoff_chunk(r, 16 + j)), up);
-                        #pragma unroll
-                        for (int i = 0; i < 8; ++i) out[i] = gate[i] * sigmoid(gate[i]) * up[i];
+                        swiglu_fwd8(gate, up, out);
                         *reinterpret_cast<bf16x8*>(act + (size_t)(row0 + r) * N + tn * 128 + 8 * j) = float_to_bf16x8(out);
+                    }
+                }
+                if (EPI == EPI_SWIGLU_BWD) {
+                    // dgu rows row0 + r: gate columns 256 tn + 8 j and up columns N + 256 tn + 8 j,
+                    // from chunk j of the buffer's dact and gu's chunks there; items run row by
+                    // row, BATCH of them with their gu loads in flight at once (4 spill in the
+                    // epilogue warps' 96 registers)
+                    constexpr int ITEMS = 64 * (G_BN / 8), BATCH = 2;
+                    for (int first = e; first < ITEMS; first += BATCH * G_EPILOGUE_THREADS) {
+                        bf16x8 gate_raw[BATCH], up_raw[BATCH];
+                        #pragma unroll
+                        for (int q = 0; q < BATCH; ++q) {
+                            const int item = first + q * G_EPILOGUE_THREADS, r = item / (G_BN / 8), j = item % (G_BN / 8);
+                            if (item < ITEMS && row0 + r < M) {
+                                const bf16* src = gu + (size_t)(row0 + r) * 2 * N + tn * G_BN + 8 * j;
+                                gate_raw[q] = load_bf16x8(src);
+                                up_raw[q] = load_bf16x8(src + N);
+                            }
+                        }
+                        #pragma unroll
+                        for (int q = 0; q < BATCH; ++q) {
+                            const int item = first + q * G_EPILOGUE_THREADS, r = item / (G_BN / 8), j = item % (G_BN / 8);
+                            if (item < ITEMS && row0 + r < M) {
+                                float d[8], gate[8], up[8], dgate[8], dup[8];
+                                bf16x8_to_float(*reinterpret_cast<const bf16x8*>(buf + handoff_chunk(r, j)), d);
+                                bf16x8_to_float(gate_raw[q], gate);
+                                bf16x8_to_float(up_raw[q], up);
+                                swiglu_bwd8(d, gate, up, dgate, dup);
+                                bf16* dst = dgu + (size_t)(row0 + r) * 2 * N + tn * G_BN + 8 * j;
+                                *reinterpret_cast<bf16x8*>(dst) = float_to_bf16x8(dgate);
+                                *reinterpret_cast<bf16x8*>(dst + N) = float_to_bf16x8(dup);
+                            }
+                        }
                     }
                 }
                 // The buffer goes back once the stores have read it and every act chunk is read.
@@ -315,7 +385,10 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
         // stage 0's descriptors of this consumer's 64 A rows and of B: stage s lies s *
         // G_STAGE_BYTES further, the next 16 columns of K 32 bytes (the address field counts
         // 16-byte units)
-        const uint64_t desc_a0 = desc_k_major(smem_u32(smem) + 64 * c * 128), desc_b0 = desc_k_major(smem_u32(smem + G_A_BYTES));
+        // (MN-major B: its four [64 k][64 n] boxes 8 KB apart, the next 16 rows of K 2048 bytes)
+        const uint64_t desc_a0 = desc_k_major(smem_u32(smem) + 64 * c * 128);
+        const uint64_t desc_b0 = b_mn_major ? desc_mn_major(smem_u32(smem + G_A_BYTES), G_BLOCK_BYTES) : desc_k_major(smem_u32(smem + G_A_BYTES));
+        constexpr uint32_t b_k16 = b_mn_major ? 2048 >> 4 : 2;
         RingPosition ring;
         int n = 0;
         for (int p = cluster; p < pairs; p += clusters, ++n) {
@@ -328,9 +401,9 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
                 wgmma_fence();
                 // the first K step overwrites the accumulators (the previous tile's are in
                 // the hand-off buffer)
-                wgmma_ss_n256(acc, desc_a0 + step, desc_b0 + step, k > 0);
+                wgmma_ss_n256<b_mn_major>(acc, desc_a0 + step, desc_b0 + step, k > 0);
                 #pragma unroll
-                for (int kk = 1; kk < 4; ++kk) wgmma_ss_n256(acc, desc_a0 + step + 2 * kk, desc_b0 + step + 2 * kk, 1);
+                for (int kk = 1; kk < 4; ++kk) wgmma_ss_n256<b_mn_major>(acc, desc_a0 + step + 2 * kk, desc_b0 + step + b_k16 * kk, 1);
                 wgmma_commit();
                 // The previous step's group is done once at most this one is in flight: its
                 // stage goes back to both producers, one arrival per warp.
@@ -369,19 +442,28 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(G_THREADS, 1)
 gemm_sm90(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_y,
           int M, int N, int K) {
-    gemm_sm90_body<EPI_STORE>(tm_x, tm_w, tm_y, 1, nullptr, nullptr, 0, M, N, K);
+    gemm_sm90_body<EPI_STORE>(tm_x, tm_w, tm_y, 1, nullptr, nullptr, 0, tm_y, nullptr, nullptr, M, N, K);
 }
 
 // tm_gu: gu, written unless store_gu = 0; N = I.
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(G_THREADS, 1)
 gemm_swiglu_sm90(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_gu,
                  int store_gu, bf16* __restrict__ act, int M, int I, int K) {
-    gemm_sm90_body<EPI_SWIGLU>(tm_x, tm_w, tm_gu, store_gu, act, nullptr, 0, M, I, K);
+    gemm_sm90_body<EPI_SWIGLU>(tm_x, tm_w, tm_gu, store_gu, act, nullptr, 0, tm_gu, nullptr, nullptr, M, I, K);
 }
 
 // tm_y: gqkv [M, 4C]; pos: [M]; N = 4C.
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(G_THREADS, 1)
 gemm_rope_sm90(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_y,
                const int* __restrict__ pos, int M, int N, int K, int C) {
-    gemm_sm90_body<EPI_ROPE>(tm_x, tm_w, tm_y, 1, nullptr, pos, C, M, N, K);
+    gemm_sm90_body<EPI_ROPE>(tm_x, tm_w, tm_y, 1, nullptr, pos, C, tm_y, nullptr, nullptr, M, N, K);
+}
+
+// tm_dy: dy [M, K]; tm_w: w [K, I] (the down projection's weight, K = D); tm_dact: dact [M, I],
+// written unless store_dact = 0; tm_gu: gu [M, 2I] for the L2 prefetch; gu, dgu: [M, 2I].
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(G_THREADS, 1)
+gemm_swiglu_bwd_sm90(const __grid_constant__ CUtensorMap tm_dy, const __grid_constant__ CUtensorMap tm_w,
+                     const __grid_constant__ CUtensorMap tm_dact, const __grid_constant__ CUtensorMap tm_gu, int store_dact,
+                     const bf16* __restrict__ gu, bf16* __restrict__ dgu, int M, int I, int K) {
+    gemm_sm90_body<EPI_SWIGLU_BWD>(tm_dy, tm_w, tm_dact, store_dact, nullptr, nullptr, 0, tm_gu, gu, dgu, M, I, K);
 }

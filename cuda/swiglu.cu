@@ -1,4 +1,5 @@
-// swiglu: the SwiGLU activation of the MLP (SPEC §2); mirrors src/ops/swiglu.rs.
+// swiglu: the SwiGLU activation of the MLP (SPEC §2); mirrors src/ops/swiglu.rs. The math is
+// in swiglu.cuh, shared with the GEMM epilogues of gemm_sm90.cu.
 //
 //   gate_up [T, 2I] = [gate | up];   out = silu(gate) * up,  silu(x) = x * sigmoid(x)
 //   backward   dup = dout * silu(gate);  dgate = dout * up * s * (1 + gate * (1 - s)),  s = sigmoid(gate)
@@ -8,7 +9,7 @@
 //   pointer 16-byte aligned (the launcher checks). Grid-stride over T * I/8 vectors.
 // - fp32 math on bf16 storage, accurate expf; outputs written with `=`.
 
-#include "common.cuh"
+#include "swiglu.cuh"
 
 // out: [T, I] bf16, gate_up: [T, 2I] bf16
 extern "C" __global__ void swiglu_fwd(bf16* __restrict__ out, const bf16* __restrict__ gate_up, int T, int I) {
@@ -19,8 +20,7 @@ extern "C" __global__ void swiglu_fwd(bf16* __restrict__ out, const bf16* __rest
         float g[8], u[8], o[8];
         bf16x8_to_float(load_bf16x8(src), g);
         bf16x8_to_float(load_bf16x8(src + I), u);
-#pragma unroll
-        for (int e = 0; e < 8; e++) o[e] = g[e] * sigmoid(g[e]) * u[e];
+        swiglu_fwd8(g, u, o);
         reinterpret_cast<bf16x8*>(out)[i] = float_to_bf16x8(o);
     }
 }
@@ -37,12 +37,7 @@ extern "C" __global__ void swiglu_bwd(bf16* __restrict__ dgate_up, const bf16* _
         bf16x8_to_float(load_bf16x8(dout + 8 * i), d);
         bf16x8_to_float(load_bf16x8(src), g);
         bf16x8_to_float(load_bf16x8(src + I), u);
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const float s = sigmoid(g[e]);
-            du[e] = d[e] * g[e] * s;
-            dg[e] = d[e] * u[e] * s * (1.0f + g[e] * (1.0f - s));
-        }
+        swiglu_bwd8(d, g, u, dg, du);
         dst[col] = float_to_bf16x8(dg);
         dst[vecs_per_row + col] = float_to_bf16x8(du);
     }

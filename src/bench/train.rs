@@ -91,7 +91,7 @@ pub struct TrainBenchArgs {
     pub cuda_graph: GraphMode,
     /// Which products run as our Hopper GEMM with the following pass in its epilogue
     /// (docs/design/gemm-epilogues.md): none (cuBLASLt and the separate passes), gate_up with
-    /// SwiGLU, or also qkv with RoPE
+    /// SwiGLU, also qkv with RoPE, or also down's input gradient with SwiGLU's backward
     #[arg(long, value_enum, default_value_t = EpilogueGemms::default())]
     pub epilogue_gemms: EpilogueGemms,
     #[arg(long, default_value_t = 0)]
@@ -177,10 +177,11 @@ pub fn run(gpu: &Gpu, args: &TrainBenchArgs) -> Result<()> {
     let route = match args.epilogue_gemms {
         EpilogueGemms::Off => "cuBLASLt, then the SwiGLU and RoPE passes",
         EpilogueGemms::Swiglu => "gate_up ours with the SwiGLU epilogue, qkv cuBLASLt then the RoPE pass",
-        EpilogueGemms::All => "ours with the SwiGLU and RoPE epilogues",
+        EpilogueGemms::Forward => "ours with the SwiGLU and RoPE epilogues",
+        EpilogueGemms::All => "ours with the SwiGLU and RoPE epilogues, and down's input gradient with SwiGLU's backward",
     };
     let flag = args.epilogue_gemms.to_possible_value().expect("every variant has a name");
-    println!("qkv and gate_up products (--epilogue-gemms {}; ours on Hopper only): {route}", flag.get_name());
+    println!("epilogue GEMMs (--epilogue-gemms {}; ours on Hopper only): {route}", flag.get_name());
 
     let modes: &[bool] = match args.cuda_graph {
         GraphMode::Off => &[false],

@@ -107,7 +107,7 @@ pub struct TrainArgs {
     pub cuda_graph: Option<Switch>,
     /// Which products run as our Hopper GEMM with the following pass in its epilogue
     /// (docs/design/gemm-epilogues.md): none (cuBLASLt, then the passes), gate_up with SwiGLU,
-    /// or also qkv with RoPE. The routes round the products alike but may add in another
+    /// also qkv with RoPE, or also down's input gradient with SwiGLU's backward. The routes round the products alike but may add in another
     /// order, so a run resumed on another route continues on slightly different numbers
     #[arg(long, value_enum, default_value_t = EpilogueGemms::default())]
     pub epilogue_gemms: EpilogueGemms,

@@ -171,13 +171,25 @@ pub trait Backend {
     /// gate_up: [T, 2I] = x [T, D] @ w^T (w: [2I, D] at `w_at`) and out: [T, I] =
     /// silu(gate_up[:, :I]) * gate_up[:, I:]: the MLP's first product and its activation, which
     /// a backend may run as one op (the CUDA one does on Hopper, in the product's epilogue).
+    /// Without `keep_gate_up` (a pass whose activations no backward reads) the backend may
+    /// leave gate_up unwritten.
     #[allow(clippy::too_many_arguments)]
-    fn gate_up_swiglu_fwd(&self, gate_up: &mut Self::Act, out: &mut Self::Act, x: &Self::Act, w: &Self::Weights, w_at: TensorAt, t: usize, i: usize, d: usize) -> Result<()> {
+    fn gate_up_swiglu_fwd(&self, gate_up: &mut Self::Act, keep_gate_up: bool, out: &mut Self::Act, x: &Self::Act, w: &Self::Weights, w_at: TensorAt, t: usize, i: usize, d: usize) -> Result<()> {
+        let _ = keep_gate_up; // the product is needed for out either way
         self.linear_fwd(gate_up, x, w, w_at, None, t, 2 * i, d)?;
         self.swiglu_fwd(out, gate_up, t, i)
     }
     /// dgate_up: [T, 2I] from dout [T, I].
     fn swiglu_bwd(&self, dgate_up: &mut Self::Act, dout: &Self::Act, gate_up: &Self::Act, t: usize, i: usize) -> Result<()>;
+    /// dgate_up: [T, 2I] = swiglu_bwd(dout, gate_up) of dout: [T, I] = dy [T, D] @ w (w: [D, I]
+    /// at `w_at`, the down projection): its input gradient and SwiGLU's backward, which a
+    /// backend may run as one op (the CUDA one does on Hopper, in the product's epilogue, and
+    /// then leaves dout unwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn down_swiglu_bwd(&self, dgate_up: &mut Self::Act, dout: &mut Self::Act, dy: &Self::Act, w: &Self::Weights, w_at: TensorAt, gate_up: &Self::Act, t: usize, d: usize, i: usize) -> Result<()> {
+        self.linear_bwd_input(dout, dy, w, w_at, t, d, i)?;
+        self.swiglu_bwd(dgate_up, dout, gate_up, t, i)
+    }
 
     // ---- embedding ----
 

@@ -44,7 +44,10 @@ use crate::ops::cross_entropy::{cross_entropy_in_place, lm_head_cross_entropy, m
 use crate::ops::elementwise::{add_act, broadcast_rows};
 use crate::ops::embedding::{embedding_bwd, embedding_fwd, EmbeddingBwdScratch, TokenOrder};
 use crate::ops::gemm::{linear_bwd_input, linear_bwd_weight, linear_fwd, GemmCache};
-use crate::ops::gemm_sm90::{linear_rope_fwd_sm90, linear_swiglu_fwd_sm90, supports_rope as sm90_rope_supports, supports_swiglu as sm90_swiglu_supports};
+use crate::ops::gemm_sm90::{
+    linear_rope_fwd_sm90, linear_swiglu_bwd_sm90, linear_swiglu_fwd_sm90, supports_rope as sm90_rope_supports, supports_swiglu as sm90_swiglu_supports,
+    supports_swiglu_bwd as sm90_swiglu_bwd_supports,
+};
 use crate::ops::rmsnorm::{add_rmsnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
 use crate::ops::rope::qkv_rope_fwd;
 use crate::ops::swiglu::{swiglu_bwd, swiglu_fwd};
@@ -128,18 +131,21 @@ pub struct CudaBackend<'g> {
     spans: RefCell<Vec<(OpClass, &'static str, CudaEvent, CudaEvent)>>,
 }
 
-/// Which forward products of a block run as our Hopper GEMM with the pass that follows them
-/// in its epilogue (`ops::gemm_sm90`, docs/design/gemm-epilogues.md) instead of cuBLASLt's
-/// product and the separate pass. In the XL step on an H200 the SwiGLU epilogue saves ~30 us
-/// of each gate_up call's ~500 and the RoPE epilogue ~10 us of each qkv call's ~360.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+/// Which products of a block run as our Hopper GEMM with the pass that follows them in its
+/// epilogue (`ops::gemm_sm90`, docs/design/gemm-epilogues.md) instead of cuBLASLt's product
+/// and the separate pass; each level adds to the one before. In the XL step on an H200 the
+/// SwiGLU epilogue saves ~30 us of each gate_up call's ~500 and the RoPE epilogue ~10 us of
+/// each qkv call's ~360.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum EpilogueGemms {
     /// cuBLASLt and the separate passes everywhere.
     Off,
     /// gate_up with SwiGLU in the epilogue; qkv on cuBLASLt, then the RoPE pass.
     Swiglu,
-    /// gate_up with SwiGLU, and qkv with RoPE.
+    /// gate_up with SwiGLU, and qkv with RoPE: both forward products.
     #[default]
+    Forward,
+    /// Also the down projection's input gradient with SwiGLU's backward.
     All,
 }
 
@@ -361,14 +367,26 @@ impl<'g> Backend for CudaBackend<'g> {
         })
     }
 
-    fn gate_up_swiglu_fwd(&self, gate_up: &mut CudaSlice<bf16>, out: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, t: usize, i: usize, d: usize) -> Result<()> {
-        if !(self.epilogue_gemms.get() != EpilogueGemms::Off && sm90_swiglu_supports(self.gpu, i, d)) {
+    fn gate_up_swiglu_fwd(&self, gate_up: &mut CudaSlice<bf16>, keep_gate_up: bool, out: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, t: usize, i: usize, d: usize) -> Result<()> {
+        if !(self.epilogue_gemms.get() >= EpilogueGemms::Swiglu && sm90_swiglu_supports(self.gpu, i, d)) {
             self.linear_fwd(gate_up, x, w, w_at, None, t, 2 * i, d)?;
             return self.swiglu_fwd(out, gate_up, t, i);
         }
         self.timed(OpClass::Gemm, "gate_up_swiglu_fwd", || {
-            linear_swiglu_fwd_sm90(self.gpu, Some(&mut gate_up.as_view_mut()), &mut out.as_view_mut(), &x.as_view(), &w.slice(w_at.range()), t, i, d)
+            let mut gate_up = gate_up.as_view_mut();
+            linear_swiglu_fwd_sm90(self.gpu, keep_gate_up.then_some(&mut gate_up), &mut out.as_view_mut(), &x.as_view(), &w.slice(w_at.range()), t, i, d)
                 .with_context(|| format!("gate_up_swiglu_fwd [T={t}, I={i}, D={d}]"))
+        })
+    }
+
+    fn down_swiglu_bwd(&self, dgate_up: &mut CudaSlice<bf16>, dout: &mut CudaSlice<bf16>, dy: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, gate_up: &CudaSlice<bf16>, t: usize, d: usize, i: usize) -> Result<()> {
+        if !(self.epilogue_gemms.get() >= EpilogueGemms::All && sm90_swiglu_bwd_supports(self.gpu, i, d)) {
+            self.linear_bwd_input(dout, dy, w, w_at, t, d, i)?;
+            return self.swiglu_bwd(dgate_up, dout, gate_up, t, i);
+        }
+        self.timed(OpClass::Gemm, "down_swiglu_bwd", || {
+            linear_swiglu_bwd_sm90(self.gpu, &mut dgate_up.as_view_mut(), None, &dy.as_view(), &w.slice(w_at.range()), &gate_up.as_view(), t, d, i)
+                .with_context(|| format!("down_swiglu_bwd [T={t}, D={d}, I={i}]"))
         })
     }
 
@@ -411,7 +429,7 @@ impl<'g> Backend for CudaBackend<'g> {
     }
 
     fn gqkv_rope_fwd(&self, gqkv: &mut CudaSlice<bf16>, x: &CudaSlice<bf16>, w: &CudaSlice<bf16>, w_at: TensorAt, pos: &CudaSlice<i32>, t: usize, nh: usize, d: usize) -> Result<()> {
-        if !(self.epilogue_gemms.get() == EpilogueGemms::All && sm90_rope_supports(self.gpu, nh, d)) {
+        if !(self.epilogue_gemms.get() >= EpilogueGemms::Forward && sm90_rope_supports(self.gpu, nh, d)) {
             self.linear_fwd(gqkv, x, w, w_at, None, t, 4 * nh * HEAD_DIM, d)?;
             return self.qkv_rope_fwd(gqkv, pos, t, nh);
         }

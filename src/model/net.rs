@@ -472,7 +472,9 @@ impl<B: Backend> Model<B> {
                 (true, true) => (&mut ws.inputs[k], &mut ws.scratch),
                 (false, _) => (&mut ws.scratch_input, &mut ws.scratch),
             };
-            pass_forward(be, w, wm.module(pass.module)?, pass, input, acts, &mut ws.state, db, sz)?;
+            // Only a kept pass's activations are read again (a recomputed one's by its rerun).
+            let keep = pass.grad && training && !schedule.recompute;
+            pass_forward(be, w, wm.module(pass.module)?, pass, input, acts, keep, &mut ws.state, db, sz)?;
             k += usize::from(pass.grad && training);
         }
         let out = schedule.output.index();
@@ -613,14 +615,15 @@ fn ring_pair<T>(ring: &mut [T], i: usize) -> (&T, &mut T) {
     }
 }
 
-/// `state[out] = Module(state[z] + state[inj])`, writing `input = x_0 = z + inj` and `acts`.
+/// `state[out] = Module(state[z] + state[inj])`, writing `input = x_0 = z + inj` and `acts`
+/// (without `keep`, only what the forward itself reads).
 #[allow(clippy::too_many_arguments)]
-fn pass_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], pass: &Pass, input: &mut B::Act, acts: &mut PassActs<B>, state: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn pass_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], pass: &Pass, input: &mut B::Act, acts: &mut PassActs<B>, keep: bool, state: &mut [B::Act; 2], db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     // x_0 = z + inj, normed for block 0's attention (one fused op)
     let inj = pass.inj.map(|s| &state[s.index()]);
     let first = &mut acts.blocks[0];
     be.add_rmsnorm_fwd(input, &mut first.xn1, &mut first.rstd1, &state[pass.z.index()], inj, sz.t, sz.d)?;
-    module_forward(be, w, blocks, input, acts, &mut state[pass.out.index()], db, sz)
+    module_forward(be, w, blocks, input, acts, keep, &mut state[pass.out.index()], db, sz)
 }
 
 /// The forward of a pass again, from its saved `input` `x_0` [T, D], refilling `acts` for its
@@ -631,19 +634,19 @@ fn pass_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], pas
 fn pass_recompute<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], input: &B::Act, acts: &mut PassActs<B>, out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let first = &mut acts.blocks[0];
     be.rmsnorm_fwd(&mut first.xn1, &mut first.rstd1, input, sz.t, sz.d)?;
-    module_forward(be, w, blocks, input, acts, out, db, sz)
+    module_forward(be, w, blocks, input, acts, true, out, db, sz)
 }
 
 /// The blocks and the final rms of a pass: `out = rms(x_n)` from `x_0 = input` [T, D], given
-/// block 0's pre-norm in `acts.blocks[0]`.
+/// block 0's pre-norm in `acts.blocks[0]`; `keep` as in [`pass_forward`].
 #[allow(clippy::too_many_arguments)]
-fn module_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], input: &B::Act, acts: &mut PassActs<B>, out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn module_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], input: &B::Act, acts: &mut PassActs<B>, keep: bool, out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let (t, d, n) = (sz.t, sz.d, blocks.len());
     let (xs, bs) = (acts.x.len(), acts.blocks.len());
     for (i, bw) in blocks.iter().enumerate() {
         // block i reads x_i (the input, or the previous block's output) and writes x_{i+1}
         let (x, x_next) = if i == 0 { (input, &mut acts.x[0]) } else { ring_pair(&mut acts.x, i - 1) };
-        block_forward(be, w, bw, &mut acts.blocks[i % bs], x, x_next, db, sz)?;
+        block_forward(be, w, bw, &mut acts.blocks[i % bs], keep, x, x_next, db, sz)?;
         // The pre-norm of what reads x_{i+1}: block i+1's attention, or the module's final rms.
         let x_next = &acts.x[i % xs];
         if i + 1 < n {
@@ -656,9 +659,10 @@ fn module_forward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], i
     Ok(())
 }
 
-/// One block, given its input `x` [T, D] and `a.xn1 = rms(x)`; writes `x_out` [T, D].
+/// One block, given its input `x` [T, D] and `a.xn1 = rms(x)`; writes `x_out` [T, D], and
+/// `a.gu` only with `keep` (its backward's input, read by nothing else).
 #[allow(clippy::too_many_arguments)]
-fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut BlockActs<B>, x: &B::Act, x_out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
+fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut BlockActs<B>, keep: bool, x: &B::Act, x_out: &mut B::Act, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let Sizes { t, d, nh, c, i, .. } = sz;
     // attention: x1 = x + (sigmoid(g) * attn(rope(q), rope(k), v)) @ W_o^T
     // g, q, k, v stay where the projection wrote them: the rope and the gated attention read a.gqkv.
@@ -667,7 +671,7 @@ fn block_forward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, a: &mut 
     be.linear_fwd(&mut a.x1, &a.ga, w, bw.o, Some(x), t, d, c)?;
     // MLP: x_out = x1 + (silu(gate) * up) @ W_down^T
     be.rmsnorm_fwd(&mut a.xn2, &mut a.rstd2, &a.x1, t, d)?;
-    be.gate_up_swiglu_fwd(&mut a.gu, &mut a.act, &a.xn2, w, bw.gate_up, t, i, d)?;
+    be.gate_up_swiglu_fwd(&mut a.gu, keep, &mut a.act, &a.xn2, w, bw.gate_up, t, i, d)?;
     be.linear_fwd(x_out, &a.act, w, bw.down, Some(&a.x1), t, d, i)
 }
 
@@ -701,9 +705,8 @@ fn pass_backward<B: Backend>(be: &B, w: &B::Weights, blocks: &[BlockWeights], dw
 fn block_backward<B: Backend>(be: &B, w: &B::Weights, bw: &BlockWeights, dw: &mut B::Grads, accumulate: bool, a: &BlockActs<B>, x: &B::Act, g: &mut BlockGrads<B>, db: &DeviceBatch<B>, sz: Sizes) -> Result<()> {
     let Sizes { t, d, nh, c, i, .. } = sz;
     // MLP: x_out = x1 + act @ W_down^T, act = swiglu(rms(x1) @ W_gate_up^T)
-    be.linear_bwd_input(&mut g.dact, &g.dres, w, bw.down, t, d, i)?;
+    be.down_swiglu_bwd(&mut g.dgu, &mut g.dact, &g.dres, w, bw.down, &a.gu, t, d, i)?;
     be.linear_bwd_weight(dw, bw.down, &g.dres, &a.act, t, d, i, accumulate)?;
-    be.swiglu_bwd(&mut g.dgu, &g.dact, &a.gu, t, i)?;
     be.linear_bwd_input(&mut g.dxn, &g.dgu, w, bw.gate_up, t, 2 * i, d)?;
     be.linear_bwd_weight(dw, bw.gate_up, &g.dgu, &a.xn2, t, 2 * i, d, accumulate)?;
     be.rmsnorm_bwd(&mut g.dres, &g.dxn, &a.x1, &a.rstd2, t, d)?;

@@ -1,5 +1,5 @@
-//! Our own Hopper GEMM for the linear layers' forward products (`cuda/gemm_sm90.cu`), for the
-//! epilogues cuBLASLt cannot run (`docs/design/gemm-epilogues.md`):
+//! Our own Hopper GEMM for the linear layers' products (`cuda/gemm_sm90.cu`), for the epilogues
+//! cuBLASLt cannot run (`docs/design/gemm-epilogues.md`):
 //!
 //! ```text
 //! linear_fwd_sm90          y [T, N] = x [T, K] @ w [N, K]^T                     N % 256 == 0
@@ -7,15 +7,19 @@
 //!                          blocks rotated by RoPE at pos [T]  (as qkv_rope_fwd of the stored product)
 //! linear_swiglu_fwd_sm90   gu [T, 2I] = x [T, K] @ w [2I, K]^T                  I % 128 == 0
 //!                          act [T, I] = silu(gu[:, :I]) * gu[:, I:]  (from gu as rounded to bf16)
+//! linear_swiglu_bwd_sm90   dact [T, I] = dy [T, D] @ w [D, I]  (the down projection's    I % 256 == 0
+//!                          input gradient), dgu [T, 2I] = swiglu_bwd(dact, gu)  (from dact as
+//!                          rounded to bf16; dact itself stored only when asked)
 //! ```
 //!
-//! bf16 in and out, fp32 accumulation, K % 128 == 0. `act` has exactly the bits `swiglu_fwd`
-//! computes from the `gu` written beside it.
+//! bf16 in and out, fp32 accumulation, K % 128 == 0 (D for the backward). `act` has exactly the
+//! bits `swiglu_fwd` computes from the `gu` written beside it, `dgu` those `swiglu_bwd`
+//! computes from the `dact`.
 //!
-//! The model runs both fused kernels by default on Hopper (`model::cuda::EpilogueGemms`,
-//! `train` / `bench train --epilogue-gemms`): in the XL step each beats cuBLASLt and the pass
-//! it replaces (the measurements are in `docs/design/gemm-epilogues.md`; `hrm-cu bench gemm`
-//! compares them under sustained load).
+//! The model runs the fused kernels by default on Hopper (`model::cuda::EpilogueGemms`,
+//! `train` / `bench train --epilogue-gemms`); the measurements are in
+//! `docs/design/gemm-epilogues.md`, and `hrm-cu bench gemm` compares them with cuBLASLt and the
+//! pass each replaces under sustained load.
 
 use std::sync::OnceLock;
 
@@ -28,10 +32,10 @@ use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::attention::{tensor_map, TensorMap};
 use crate::ops::check::{bf16_inputs, download_bf16, poisoned_bf16, upload, upload_bf16};
 use crate::ops::compare::{compare, Tolerance, BF16_EPS};
-use crate::ops::gemm::{bf16_out_tol, linear_fwd_cpu};
+use crate::ops::gemm::{bf16_out_tol, linear_bwd_input_cpu, linear_fwd_cpu};
 use crate::ops::shape::{as_i32, expect_aligned16, expect_len};
 use crate::ops::rope::qkv_rope_fwd;
-use crate::ops::swiglu::{swiglu_fwd, swiglu_fwd_cpu};
+use crate::ops::swiglu::{swiglu_bwd, swiglu_fwd, swiglu_fwd_cpu};
 use crate::rng::Rng;
 use crate::selftest::{Check, Row};
 
@@ -39,8 +43,10 @@ const FAMILY: &str = "gemm_sm90";
 /// Output tile (rows x columns): 256 columns of y, or 128 of act (128 gate + 128 up of gu).
 const TILE_M: usize = 128;
 const TILE_N: usize = 256;
-/// Rows of w per TMA box: a B tile is two boxes.
+/// Rows of w per TMA box: a B tile is two boxes (four of 64 rows of w [D, I] for the input
+/// gradient, where B is MN-major).
 const B_BOX_ROWS: usize = 128;
+const B_MN_BOX_ROWS: usize = 64;
 /// The tensor maps view a [rows, K] operand as (128, K / 128, rows): K in blocks of 128.
 const K_BLOCK: usize = 128;
 const THREADS: u32 = 384;
@@ -66,33 +72,41 @@ pub fn supports_swiglu(gpu: &Gpu, i: usize, k: usize) -> bool {
     gpu.props.is_hopper() && i > 0 && k > 0 && i % (TILE_N / 2) == 0 && k % K_BLOCK == 0
 }
 
-/// Checks the operands every kernel reads: x [T, K] and w [rows, K], rows named by `w_rows`.
-fn expect_operands(op: &str, gpu: &Gpu, x: &CudaView<bf16>, w: &CudaView<bf16>, t: usize, w_rows: (&str, usize), k: usize) {
+/// Whether [`linear_swiglu_bwd_sm90`] runs on this GPU for I act columns and D out features
+/// of the down projection.
+pub fn supports_swiglu_bwd(gpu: &Gpu, i: usize, d: usize) -> bool {
+    supports(gpu, i, d)
+}
+
+/// Checks the operands every kernel reads: x [T, K] and w [rows, K] (`w_dims`, outer first).
+fn expect_operands(op: &str, gpu: &Gpu, x: &CudaView<bf16>, w: &CudaView<bf16>, t: usize, w_dims: &[(&str, usize)], k: usize) {
     expect_len(op, "x", x.len(), &[("T", t), ("K", k)]);
-    expect_len(op, "w", w.len(), &[w_rows, ("K", k)]);
+    expect_len(op, "w", w.len(), w_dims);
     expect_aligned16(op, "x", gpu, x);
     expect_aligned16(op, "w", gpu, w);
 }
 
-/// The tensor maps of x [T, K] and w [rows, K], and a launch with the shared memory allowed
-/// over the output tiles' pairs of rows (one cluster of two blocks a pair) times `tiles_n`
-/// tile columns.
-#[allow(clippy::too_many_arguments)]
-fn prepare(gpu: &Gpu, op: &str, kernel: &str, x: u64, w: u64, t: usize, w_rows: usize, k: usize, tiles_n: usize) -> Result<(TensorMap, TensorMap, CudaFunction, LaunchConfig), GpuError> {
+/// The tensor map of w [rows, K] as the forward products read it (K-major).
+fn w_map_k_major(w: u64, rows: usize, k: usize) -> Result<TensorMap, GpuError> {
+    tensor_map(w, rows, k / K_BLOCK, k, B_BOX_ROWS)
+}
+
+/// The tensor map of x [T, K], and a launch with the shared memory allowed over the output
+/// tiles' pairs of rows (one cluster of two blocks a pair) times `tiles_n` tile columns.
+fn prepare(gpu: &Gpu, op: &str, kernel: &str, x: u64, t: usize, k: usize, tiles_n: usize) -> Result<(TensorMap, CudaFunction, LaunchConfig), GpuError> {
     let pairs = t.div_ceil(TILE_M).div_ceil(2) * tiles_n;
     let tm_x = tensor_map(x, t, k / K_BLOCK, k, TILE_M)?;
-    let tm_w = tensor_map(w, w_rows, k / K_BLOCK, k, B_BOX_ROWS)?;
     let func = gpu.function(FAMILY, kernel)?;
     func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM as i32)
         .during(format!("{op}: allowing {SMEM} bytes of shared memory (the device offers {})", gpu.props.smem_per_block_optin))?;
     let clusters = pairs.min(resident_clusters(gpu, op, &func)?);
     let cfg = LaunchConfig { grid_dim: (2 * clusters as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM };
-    Ok((tm_x, tm_w, func, cfg))
+    Ok((tm_x, func, cfg))
 }
 
 /// How many clusters of two blocks the device runs at once (one block an SM; an SM left
 /// without a partner in its GPC idles), so that the persistent grid is one wave. Asked once a
-/// process: the three kernels have the same resources, and a process drives GPUs of one kind.
+/// process: the kernels have the same resources, and a process drives GPUs of one kind.
 fn resident_clusters(gpu: &Gpu, op: &str, func: &CudaFunction) -> Result<usize, GpuError> {
     static RESIDENT: OnceLock<usize> = OnceLock::new();
     if let Some(&n) = RESIDENT.get() {
@@ -123,7 +137,7 @@ fn resident_clusters(gpu: &Gpu, op: &str, func: &CudaFunction) -> Result<usize, 
 pub fn linear_fwd_sm90(gpu: &Gpu, y: &mut CudaViewMut<bf16>, x: &CudaView<bf16>, w: &CudaView<bf16>, t: usize, n: usize, k: usize) -> Result<(), GpuError> {
     const OP: &str = "linear_fwd_sm90";
     assert!(supports(gpu, n, k), "{OP}: needs a Hopper GPU, N = {n} a multiple of {TILE_N} and K = {k} of {K_BLOCK}");
-    expect_operands(OP, gpu, x, w, t, ("N", n), k);
+    expect_operands(OP, gpu, x, w, t, &[("N", n), ("K", k)], k);
     expect_len(OP, "y", y.len(), &[("T", t), ("N", n)]);
     expect_aligned16(OP, "y", gpu, y);
     if t == 0 {
@@ -131,7 +145,8 @@ pub fn linear_fwd_sm90(gpu: &Gpu, y: &mut CudaViewMut<bf16>, x: &CudaView<bf16>,
     }
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_sm90", x_ptr, w_ptr, t, n, k, n / TILE_N)?;
+    let (tm_x, func, cfg) = prepare(gpu, OP, "gemm_sm90", x_ptr, t, k, n / TILE_N)?;
+    let tm_w = w_map_k_major(w_ptr, n, k)?;
     let (y_ptr, _y) = y.device_ptr_mut(&gpu.stream);
     let tm_y = tensor_map(y_ptr, t, n / K_BLOCK, n, STORE_BOX_ROWS)?;
     let (t_i, n_i, k_i) = (as_i32(OP, "T", t), as_i32(OP, "N", n), as_i32(OP, "K", k));
@@ -152,7 +167,7 @@ pub fn linear_rope_fwd_sm90(gpu: &Gpu, gqkv: &mut CudaViewMut<bf16>, x: &CudaVie
     const OP: &str = "linear_rope_fwd_sm90";
     assert!(supports_rope(gpu, nh, k), "{OP}: needs a Hopper GPU, NH = {nh} even and K = {k} a multiple of {K_BLOCK}");
     let (c, n) = (nh * HEAD_DIM, 4 * nh * HEAD_DIM);
-    expect_operands(OP, gpu, x, w, t, ("4C", n), k);
+    expect_operands(OP, gpu, x, w, t, &[("4C", n), ("K", k)], k);
     expect_len(OP, "gqkv", gqkv.len(), &[("T", t), ("4C", n)]);
     expect_len(OP, "pos", pos.len(), &[("T", t)]);
     expect_aligned16(OP, "gqkv", gpu, gqkv);
@@ -161,7 +176,8 @@ pub fn linear_rope_fwd_sm90(gpu: &Gpu, gqkv: &mut CudaViewMut<bf16>, x: &CudaVie
     }
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_rope_sm90", x_ptr, w_ptr, t, n, k, n / TILE_N)?;
+    let (tm_x, func, cfg) = prepare(gpu, OP, "gemm_rope_sm90", x_ptr, t, k, n / TILE_N)?;
+    let tm_w = w_map_k_major(w_ptr, n, k)?;
     let (y_ptr, _y) = gqkv.device_ptr_mut(&gpu.stream);
     let tm_y = tensor_map(y_ptr, t, n / K_BLOCK, n, STORE_BOX_ROWS)?;
     let (t_i, n_i, k_i, c_i) = (as_i32(OP, "T", t), as_i32(OP, "4C", n), as_i32(OP, "K", k), as_i32(OP, "C", c));
@@ -182,7 +198,7 @@ pub fn linear_rope_fwd_sm90(gpu: &Gpu, gqkv: &mut CudaViewMut<bf16>, x: &CudaVie
 pub fn linear_swiglu_fwd_sm90(gpu: &Gpu, gu: Option<&mut CudaViewMut<bf16>>, act: &mut CudaViewMut<bf16>, x: &CudaView<bf16>, w: &CudaView<bf16>, t: usize, i: usize, k: usize) -> Result<(), GpuError> {
     const OP: &str = "linear_swiglu_fwd_sm90";
     assert!(supports_swiglu(gpu, i, k), "{OP}: needs a Hopper GPU, I = {i} a multiple of {} and K = {k} of {K_BLOCK}", TILE_N / 2);
-    expect_operands(OP, gpu, x, w, t, ("2I", 2 * i), k);
+    expect_operands(OP, gpu, x, w, t, &[("2I", 2 * i), ("K", k)], k);
     expect_len(OP, "act", act.len(), &[("T", t), ("I", i)]);
     expect_aligned16(OP, "act", gpu, act);
     if let Some(gu) = gu.as_ref() {
@@ -194,7 +210,8 @@ pub fn linear_swiglu_fwd_sm90(gpu: &Gpu, gu: Option<&mut CudaViewMut<bf16>>, act
     }
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_x, tm_w, func, cfg) = prepare(gpu, OP, "gemm_swiglu_sm90", x_ptr, w_ptr, t, 2 * i, k, i / (TILE_N / 2))?;
+    let (tm_x, func, cfg) = prepare(gpu, OP, "gemm_swiglu_sm90", x_ptr, t, k, i / (TILE_N / 2))?;
+    let tm_w = w_map_k_major(w_ptr, 2 * i, k)?;
     let gu = gu.map(|g| g.device_ptr_mut(&gpu.stream));
     // Without gu the kernel stores nothing through its map: x's stands in.
     let (tm_gu, store_gu) = match gu.as_ref() {
@@ -213,8 +230,69 @@ pub fn linear_swiglu_fwd_sm90(gpu: &Gpu, gu: Option<&mut CudaViewMut<bf16>>, act
     Ok(())
 }
 
+/// dgu: [T, 2I] bf16 = swiglu_bwd(dact, gu) of dact [T, I] = dy [T, D] @ w [D, I] (the down
+/// projection's input gradient, w as stored), in one kernel on a Hopper GPU: the bits of the
+/// product rounded to bf16 followed by `swiglu_bwd`. dact is written only when given. Panics
+/// unless [`supports_swiglu_bwd`]`(i, d)`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_swiglu_bwd_sm90(
+    gpu: &Gpu,
+    dgu: &mut CudaViewMut<bf16>,
+    dact: Option<&mut CudaViewMut<bf16>>,
+    dy: &CudaView<bf16>,
+    w: &CudaView<bf16>,
+    gu: &CudaView<bf16>,
+    t: usize,
+    d: usize,
+    i: usize,
+) -> Result<(), GpuError> {
+    const OP: &str = "linear_swiglu_bwd_sm90";
+    assert!(supports_swiglu_bwd(gpu, i, d), "{OP}: needs a Hopper GPU, I = {i} a multiple of {TILE_N} and D = {d} of {K_BLOCK}");
+    expect_operands(OP, gpu, dy, w, t, &[("D", d), ("I", i)], d);
+    expect_len(OP, "gu", gu.len(), &[("T", t), ("2I", 2 * i)]);
+    expect_len(OP, "dgu", dgu.len(), &[("T", t), ("2I", 2 * i)]);
+    expect_aligned16(OP, "gu", gpu, gu);
+    expect_aligned16(OP, "dgu", gpu, dgu);
+    if let Some(dact) = dact.as_ref() {
+        expect_len(OP, "dact", dact.len(), &[("T", t), ("I", i)]);
+        expect_aligned16(OP, "dact", gpu, *dact);
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let (dy_ptr, _dy) = dy.device_ptr(&gpu.stream);
+    let (w_ptr, _w) = w.device_ptr(&gpu.stream);
+    let (tm_dy, func, cfg) = prepare(gpu, OP, "gemm_swiglu_bwd_sm90", dy_ptr, t, d, i / TILE_N)?;
+    // w [D, I]: B's K runs over w's rows, its columns are the output's
+    let tm_w = tensor_map(w_ptr, d, i / K_BLOCK, i, B_MN_BOX_ROWS)?;
+    let (gu_ptr, _gu) = gu.device_ptr(&gpu.stream);
+    let tm_gu = tensor_map(gu_ptr, t, 2 * i / K_BLOCK, 2 * i, STORE_BOX_ROWS)?;
+    let dact = dact.map(|a| a.device_ptr_mut(&gpu.stream));
+    // Without dact the kernel stores nothing through its map: gu's stands in.
+    let (tm_dact, store_dact) = match dact.as_ref() {
+        Some((dact_ptr, _)) => (tensor_map(*dact_ptr, t, i / K_BLOCK, i, STORE_BOX_ROWS)?, 1i32),
+        None => (tm_gu, 0),
+    };
+    let (dgu_ptr, _dgu) = dgu.device_ptr_mut(&gpu.stream);
+    let (t_i, i_i, d_i) = (as_i32(OP, "T", t), as_i32(OP, "I", i), as_i32(OP, "D", d));
+    let mut args = gpu.stream.launch_builder(&func);
+    args.arg(&tm_dy).arg(&tm_w).arg(&tm_dact).arg(&tm_gu).arg(&store_dact).arg(&gu_ptr).arg(&dgu_ptr).arg(&t_i).arg(&i_i).arg(&d_i);
+    // SAFETY: the tensor maps describe exactly dy [T, D], w [D, I], dact [T, I] and gu [T, 2I]
+    // (alive until the guards drop after the launch; TMA writes rows < T only, and only
+    // prefetches gu); gu and dgu hold T * 2I bf16 (checked), read and written on rows < T
+    // only; I and D are multiples of the tile and the K block (asserted); `SMEM` bytes allowed
+    // in `prepare`.
+    unsafe { args.launch(cfg) }.during(OP)?;
+    Ok(())
+}
+
 pub fn selftests() -> Vec<Check> {
-    vec![Check { name: "linear_fwd_sm90", run: check_fwd }, Check { name: "linear_rope_fwd_sm90", run: check_rope }, Check { name: "linear_swiglu_fwd_sm90", run: check_swiglu }]
+    vec![
+        Check { name: "linear_fwd_sm90", run: check_fwd },
+        Check { name: "linear_rope_fwd_sm90", run: check_rope },
+        Check { name: "linear_swiglu_fwd_sm90", run: check_swiglu },
+        Check { name: "linear_swiglu_bwd_sm90", run: check_swiglu_bwd },
+    ]
 }
 
 /// (T, N, K, input scale): one partial row tile, several tiles each way, the XL projections'
@@ -306,6 +384,44 @@ fn check_swiglu(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         let mut act_only = poisoned_bf16(gpu, t * i)?;
         linear_swiglu_fwd_sm90(gpu, None, &mut act_only.as_view_mut(), &dx.as_view(), &dw.as_view(), t, i, k)?;
         rows.push(Row::new("linear_swiglu_fwd_sm90 act, no gu (=)", shape, exact, compare(&download_bf16(gpu, &act_only)?, &act_got, exact)));
+    }
+    Ok(rows)
+}
+
+/// (T, D, I, dy scale): one partial row tile, several tiles each way, the XL MLP's D and I,
+/// large gradients.
+const SWIGLU_BWD_SHAPES: [(usize, usize, usize, f32); 4] = [(1, 128, 256, 1.0), (333, 384, 512, 1.0), (1000, 1536, 4096, 1.0), (129, 1536, 256, 30.0)];
+
+/// dact (stored on request) against the CPU product `linear_bwd_input_cpu` (`ops::gemm`'s
+/// tolerance); dgu bit for bit against `swiglu_bwd` of that dact (checked against the CPU by
+/// its own rows); dgu without dact against dgu with it. gu at scale 3 reaches the sigmoid's
+/// flat ends. No rows off Hopper.
+fn check_swiglu_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let mut rows = Vec::new();
+    for (t, d, i, scale) in SWIGLU_BWD_SHAPES {
+        if !supports_swiglu_bwd(gpu, i, d) {
+            continue;
+        }
+        let (dy, w, gu) = (bf16_inputs(rng, t * d, scale), bf16_inputs(rng, d * i, 1.0), bf16_inputs(rng, t * 2 * i, 3.0));
+        let (ddy, dw, dgu_in) = (upload_bf16(gpu, &dy)?, upload_bf16(gpu, &w)?, upload_bf16(gpu, &gu)?);
+        let shape = format!("[{t},{d},{i}] x{scale}");
+        let (mut dgu, mut dact) = (poisoned_bf16(gpu, t * 2 * i)?, poisoned_bf16(gpu, t * i)?);
+        linear_swiglu_bwd_sm90(gpu, &mut dgu.as_view_mut(), Some(&mut dact.as_view_mut()), &ddy.as_view(), &dw.as_view(), &dgu_in.as_view(), t, d, i)?;
+
+        let mut dact_want = vec![0.0; t * i];
+        linear_bwd_input_cpu(&mut dact_want, &dy, &w, t, d, i);
+        let tol = bf16_out_tol(d, scale, 1.0);
+        rows.push(Row::new("linear_swiglu_bwd_sm90 dact = dy w", shape.clone(), tol, compare(&download_bf16(gpu, &dact)?, &dact_want, tol)));
+
+        let exact = Tolerance { abs: 0.0, rel: 0.0 };
+        let mut dgu_unfused = poisoned_bf16(gpu, t * 2 * i)?;
+        swiglu_bwd(gpu, &mut dgu_unfused.as_view_mut(), &dact.as_view(), &dgu_in.as_view(), t, i)?;
+        let dgu_got = download_bf16(gpu, &dgu)?;
+        rows.push(Row::new("linear_swiglu_bwd_sm90 dgu (= swiglu_bwd)", shape.clone(), exact, compare(&dgu_got, &download_bf16(gpu, &dgu_unfused)?, exact)));
+
+        let mut dgu_only = poisoned_bf16(gpu, t * 2 * i)?;
+        linear_swiglu_bwd_sm90(gpu, &mut dgu_only.as_view_mut(), None, &ddy.as_view(), &dw.as_view(), &dgu_in.as_view(), t, d, i)?;
+        rows.push(Row::new("linear_swiglu_bwd_sm90 dgu, no dact (=)", shape, exact, compare(&download_bf16(gpu, &dgu_only)?, &dgu_got, exact)));
     }
     Ok(rows)
 }
