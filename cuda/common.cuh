@@ -23,10 +23,17 @@ __device__ __forceinline__ bf16x8 load_bf16x8(const bf16* p) {
     return out;
 }
 
-// Widening and narrowing of eight values at once (fp32 math on bf16 storage).
+// Widening and narrowing of eight values at once (fp32 math on bf16 storage). A bf16 is the
+// high half of its fp32: the widening shifts or masks each 32-bit pair (one instruction a
+// value; __bfloat162float on the high half extracted, then shifted, took two).
 __device__ __forceinline__ void bf16x8_to_float(const bf16x8 in, float out[8]) {
+    uint32_t pairs[4];
+    memcpy(pairs, &in, sizeof(pairs));
 #pragma unroll
-    for (int i = 0; i < 8; i++) out[i] = __bfloat162float(in.v[i]);
+    for (int i = 0; i < 4; i++) {
+        out[2 * i] = __uint_as_float(pairs[i] << 16);
+        out[2 * i + 1] = __uint_as_float(pairs[i] & 0xffff0000u);
+    }
 }
 
 __device__ __forceinline__ bf16x8 float_to_bf16x8(const float in[8]) {
