@@ -30,7 +30,7 @@
 //   its two 128-row boxes of w from L2 and multicasts it into both blocks' shared memory (the
 //   box of w columns [256 tn, +256) of y, or the gate rows [128 tn, +128) and the up rows
 //   [I + 128 tn, +128) of the SwiGLU tile). That is 32 KB from L2 per block and K step instead
-//   of 48. With MN-major B (the backward) a block's half is two [64 k][64 n] boxes of w.
+//   of 48. With MN-major B (the backward) a block's half is two [BK][64] boxes of w.
 // - Warp 0, one thread: the producer. Per K step of 64 it copies its A tile [128][64] and its
 //   B box by TMA (128-byte swizzle) into a ring of STAGES stages. A stage's full barrier
 //   completes with the bytes of all three copies (its own two and the peer's multicast); its
@@ -41,14 +41,22 @@
 //   stage of the previous step is released once its group is done). 128 fp32 accumulators a
 //   thread. At the end of a tile they round them to bf16 into their hand-off buffer [64][256]
 //   and go on to the next tile's products at once.
+//   The input gradient's kernel runs K steps of 32 in 4 stages instead (its A tile in the
+//   64-byte swizzle; 96 KB of ring instead of 144), so that 64 KB are left for gu below.
 // - Warps 1..3, the epilogue: they empty each hand-off buffer while the consumers compute the
 //   next tile. Its four [64][64] column blocks go out by TMA stores (y, or gu's gate and up
 //   blocks); for SwiGLU the warps also compute act from the buffer's gate and up halves and
 //   store it row by row (16-byte chunks); for RoPE they first rotate a query or key tile's two
 //   heads in the buffer (each thread keeps one 8-column chunk of the half-head, and so its 8
-//   frequencies); for the SwiGLU backward they read gu's gate and up chunks from global
-//   memory (the producer prefetched the tile's gu into L2 at its first K step) and write dgu's
-//   chunks. The buffer is handed back once the stores have read it.
+//   frequencies). The buffer is handed back once the stores have read it.
+//   For the SwiGLU backward the warps go through a buffer in two units of 32 rows: a unit's
+//   gate and up blocks of gu ([32][256] each) come by TMA into one of two 32 KB slots, issued
+//   two units ahead (as soon as the slot's previous unit is read); the warps compute dgate
+//   and dup from the buffer's dact and the slot's gate and up (swiglu.cuh) and store them to
+//   dgu from registers (16-byte chunks, a row's 512 bytes by one warp). gu in by TMA and the
+//   SFU's sigmoid keep them ahead of the products: ~19 instructions an element (~29 with the
+//   accurate sigmoid), and no load in the way of the math. Loading gu straight into
+//   registers left ~6 KB in flight per SM and ran at ~370 GB/s.
 // - Neither block exits before the other is done with its barriers (a cluster barrier).
 // The tensor maps view x, w, y (and gu) as (128, cols / 128, rows): the attention's (HD, NH,
 // T) maps, so a block of 64 columns starting at column c is (c0 = c % 128, c1 = c / 128, row).
@@ -59,21 +67,36 @@
 
 #define G_BM 128
 #define G_BN 256
-#define G_BK 64
-#define G_STAGES 3
 #define G_GROUP_M 8
 #define G_THREADS 384
-#define G_CONSUMER_WARPS 8
+#define G_CONSUMER_WARPS 8                          // warps 4..11
 #define G_EPILOGUE_THREADS 96                       // warps 1..3
-#define G_B_BOX 128                                 // rows of w per TMA box
-#define G_A_BYTES (G_BM * G_BK * 2)                 // 16 KB
-#define G_B_BYTES (G_BN * G_BK * 2)                 // 32 KB
-#define G_STAGE_BYTES (G_A_BYTES + G_B_BYTES)
+#define G_B_BOX 128                                 // rows of w per TMA box (K-major B)
 #define G_BLOCK_BYTES (64 * 64 * 2)                 // a [64 rows][64 columns] bf16 block, 8 KB
 #define G_HANDOFF_BYTES (4 * G_BLOCK_BYTES)         // a consumer's [64][256] bf16, 32 KB
-#define G_OFF_HANDOFF (G_STAGES * G_STAGE_BYTES)
-#define G_SMEM (G_OFF_HANDOFF + 2 * G_HANDOFF_BYTES + 1024)  // 209 KB with the alignment slack
 #define G_EPILOGUE_BARRIER 1                        // named barrier of the epilogue warps
+#define G_GU_BOX_BYTES (32 * 64 * 2)                // a [32 rows][64 columns] bf16 box of gu, 4 KB
+#define G_GU_SLOT_BYTES (8 * G_GU_BOX_BYTES)        // 32 rows of gate and up, [32][256] each
+
+enum GemmEpilogue { EPI_STORE, EPI_SWIGLU, EPI_ROPE, EPI_SWIGLU_BWD };
+
+// The shared memory of a kernel: the ring of STAGES stages (A [128][BK], then B [256][BK] or,
+// MN-major, [BK][256] as four [BK][64] boxes), the two hand-off buffers, and for the SwiGLU
+// backward two gu slots (G_GU_SLOT_BYTES each). The forward kernels:
+// K steps of 64, 3 stages, 209 KB with the alignment slack; the backward: K steps of 32 (A in
+// the 64-byte swizzle), 4 stages, 225 KB.
+template <int EPI>
+struct GemmLayout {
+    static constexpr bool BWD = EPI == EPI_SWIGLU_BWD;
+    static constexpr int BK = BWD ? 32 : 64;
+    static constexpr int STAGES = BWD ? 4 : 3;
+    static constexpr int A_BYTES = G_BM * BK * 2;
+    static constexpr int B_BYTES = G_BN * BK * 2;
+    static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+    static constexpr int OFF_HANDOFF = STAGES * STAGE_BYTES;
+    static constexpr int OFF_GU = OFF_HANDOFF + 2 * G_HANDOFF_BYTES;
+    static constexpr int SMEM = OFF_GU + (BWD ? 2 * G_HANDOFF_BYTES : 0) + 1024;
+};
 
 // d[128] (+)= A[64x16] @ B[16x256]: A and B from shared memory, A K-major, B K-major or (TRANS_B
 // = 1) MN-major; the accumulator layout of m64n256: rows g, g + 8 of the warp's 16, columns
@@ -152,20 +175,15 @@ __device__ __forceinline__ void tma_store(const CUtensorMap* map, const void* sr
                  : "memory");
 }
 
-// Brings the box at (c0, c1, c2) of `map` into L2, without waiting for it.
-__device__ __forceinline__ void tma_prefetch_l2(const CUtensorMap* map, int c0, int c1, int c2) {
-    asm volatile("cp.async.bulk.prefetch.tensor.3d.L2.global.tile [%0, {%1, %2, %3}];\n" ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2)
-                 : "memory");
-}
-
-// A position in the ring of stages, counted in K steps: the stage, the parity of the passes
-// over the ring so far (the full barriers' phase), and the stage before.
+// A position in a ring of STAGES stages, counted in K steps: the stage, the parity of the
+// passes over the ring so far (the full barriers' phase), and the stage before.
+template <int STAGES>
 struct RingPosition {
-    int stage = 0, previous = G_STAGES - 1;
+    int stage = 0, previous = STAGES - 1;
     uint32_t phase = 0;
     __device__ __forceinline__ void advance() {
         previous = stage;
-        if (++stage == G_STAGES) {
+        if (++stage == STAGES) {
             stage = 0;
             phase ^= 1;
         }
@@ -187,37 +205,40 @@ __device__ __forceinline__ void pair_coords(int p, int pairs_m, int tiles_n, int
 // buffer: four [64][64] column blocks in the 128-byte swizzle (TMA's layout).
 __device__ __forceinline__ int handoff_chunk(int r, int c) { return (c / 8) * G_BLOCK_BYTES + r * 128 + (((c % 8) ^ (r & 7)) << 4); }
 
-enum GemmEpilogue { EPI_STORE, EPI_SWIGLU, EPI_ROPE, EPI_SWIGLU_BWD };
+// A shared-memory descriptor of a K-major tile with 64-byte rows (32 k elements, the 64-byte
+// swizzle: layout type 2): 8-row groups 512 bytes apart. A k16 step advances it by 32 bytes.
+__device__ __forceinline__ uint64_t desc_k_major_sw64(uint32_t addr) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(512 >> 4) << 32) | (2ull << 62);
+}
 
-// tm_x: x [M, K] as (128, K / 128, M), box (64, 1, 128); tm_w: w [N, K] (w [2I, K] for
-// EPI_SWIGLU), box (64, 1, 128), or for EPI_SWIGLU_BWD w [K, N] as (128, N / 128, K), box (64,
-// 1, 64); tm_y: EPI_STORE y [M, N], EPI_SWIGLU gu [M, 2I] (N = I), EPI_SWIGLU_BWD dact [M, N],
-// box (64, 1, 64); all 128-byte swizzled; store_y = 0 leaves gu or dact out. act: [M, I] for
-// EPI_SWIGLU. pos: [M], rope_c = C for EPI_ROPE. EPI_SWIGLU_BWD: tm_gu gu [M, 2N] (box (64, 1,
-// 64)) for the L2 prefetch, gu and dgu [M, 2N]. Grid: clusters of 2 blocks of G_THREADS, at
-// most as many clusters as tile pairs; dynamic shared memory G_SMEM.
+// tm_x: x [M, K] as (128, K / 128, M), box (64, 1, 128), or for EPI_SWIGLU_BWD box (32, 1, 128)
+// in the 64-byte swizzle; tm_w: w [N, K] (w [2I, K] for EPI_SWIGLU), box (64, 1, 128), or for
+// EPI_SWIGLU_BWD w [K, N] as (128, N / 128, K), box (64, 1, 32); tm_y: EPI_STORE y [M, N],
+// EPI_SWIGLU gu [M, 2I] (N = I), EPI_SWIGLU_BWD dact [M, N]; box (64, 1, 64); store_y = 0
+// leaves gu or dact out. act: [M, I] for EPI_SWIGLU. pos: [M], rope_c = C for EPI_ROPE.
+// EPI_SWIGLU_BWD: tm_gu: gu [M, 2N], box (64, 1, 32); dgu: [M, 2N]. All maps but the
+// backward's x 128-byte swizzled. Grid: clusters of 2 blocks of G_THREADS, at most as many
+// clusters as tile pairs; dynamic shared memory GemmLayout<EPI>::SMEM.
 template <int EPI>
 __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CUtensorMap& tm_w, const CUtensorMap& tm_y, int store_y,
                                                bf16* __restrict__ act, const int* __restrict__ pos, int rope_c,
-                                               const CUtensorMap& tm_gu, const bf16* __restrict__ gu, bf16* __restrict__ dgu,
-                                               int M, int N, int K) {
+                                               const CUtensorMap& tm_gu, bf16* __restrict__ dgu, int M, int N, int K) {
+    using L = GemmLayout<EPI>;
     extern __shared__ unsigned char smem_raw[];
-    __shared__ __align__(8) uint64_t full[G_STAGES], empty[G_STAGES], handoff_full[2], handoff_empty[2];
+    __shared__ __align__(8) uint64_t full[L::STAGES], empty[L::STAGES], handoff_full[2], handoff_empty[2], gu_full[2];
     unsigned char* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-    // B is w's rows (K-major), or for the input gradient its columns (MN-major)
-    constexpr bool b_mn_major = EPI == EPI_SWIGLU_BWD;
-    // tile columns: 256 columns of y, or 128 columns of act
+    // tile columns: 256 columns of y (or dact), or 128 columns of act
     const int tile_cols = EPI == EPI_SWIGLU ? G_BN / 2 : G_BN;
     const int tiles_m = (M + G_BM - 1) / G_BM, tiles_n = N / tile_cols;
     // pairs of tile rows (the last pair's second row may lie past M: zeros in, nothing out)
     const int pairs_m = (tiles_m + 1) / 2, pairs = pairs_m * tiles_n;
     const int cluster = blockIdx.x / 2, clusters = gridDim.x / 2;
     const uint32_t rank = cluster_rank();
-    const int k_steps = K / G_BK;
+    const int k_steps = K / L::BK;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
     if (threadIdx.x == 0) {
-        for (int s = 0; s < G_STAGES; ++s) {
+        for (int s = 0; s < L::STAGES; ++s) {
             mbar_init(&full[s], 1);
             mbar_init(&empty[s], 2 * G_CONSUMER_WARPS);
         }
@@ -225,6 +246,8 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
             mbar_init(&handoff_full[c], 4);  // the consumer's four warps
             mbar_init(&handoff_empty[c], 1);
         }
+        mbar_init(&gu_full[0], 1);
+        mbar_init(&gu_full[1], 1);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     // The peer's barriers are initialised before anything arrives on them.
@@ -233,7 +256,7 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
     if (warp < 4) setmaxnreg_dec<96>();  // the whole warpgroup 0: producer and epilogue
     if (warp == 0) {
         if (lane == 0) {
-            RingPosition ring;  // the K steps issued by this block so far
+            RingPosition<L::STAGES> ring;  // the K steps issued by this block so far
             for (int p = cluster; p < pairs; p += clusters) {
                 int pm, tn;
                 pair_coords(p, pairs_m, tiles_n, &pm, &tn);
@@ -243,26 +266,17 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
                 for (int k = 0; k < k_steps; ++k, ring.advance()) {
                     const int s = ring.stage;
                     mbar_wait(&empty[s], ring.phase ^ 1);
-                    mbar_expect_tx(&full[s], G_STAGE_BYTES);
-                    unsigned char* stage = smem + s * G_STAGE_BYTES;
-                    tma_load(stage, &tm_x, &full[s], 64 * (k % 2), k / 2, tm * G_BM);
-                    if (b_mn_major) {
-                        // w rows [64 k, +64), columns 256 tn + 128 rank + [0, 128): two [64][64] boxes
+                    mbar_expect_tx(&full[s], L::STAGE_BYTES);
+                    unsigned char* stage = smem + s * L::STAGE_BYTES;
+                    // x columns [BK k, +BK): (c0, c1) = (BK k % 128, BK k / 128)
+                    tma_load(stage, &tm_x, &full[s], (L::BK * k) % 128, (L::BK * k) / 128, tm * G_BM);
+                    if (L::BWD) {
+                        // w rows [32 k, +32), columns 256 tn + 128 rank + [0, 128): two [32][64] boxes
                         #pragma unroll
                         for (int b = 0; b < 2; ++b)
-                            tma_load_multicast(stage + G_A_BYTES + (2 * rank + b) * G_BLOCK_BYTES, &tm_w, &full[s], 64 * b, 2 * tn + rank, G_BK * k, 0x3);
+                            tma_load_multicast(stage + L::A_BYTES + (2 * rank + b) * (L::BK * 128), &tm_w, &full[s], 64 * b, 2 * tn + rank, L::BK * k, 0x3);
                     } else {
-                        tma_load_multicast(stage + G_A_BYTES + rank * G_B_BOX * 128, &tm_w, &full[s], 64 * (k % 2), k / 2, b_row, 0x3);
-                    }
-                    if (EPI == EPI_SWIGLU_BWD && k == 0) {
-                        // the gu the epilogue reads at the end of this tile: gate and up columns
-                        // 256 tn + [0, 256), rows 128 tm + [0, 128), into L2 meanwhile
-                        #pragma unroll
-                        for (int b = 0; b < 8; ++b) {
-                            const int col = (b / 4) * N + tn * G_BN + 64 * (b % 4);
-                            tma_prefetch_l2(&tm_gu, col % 128, col / 128, tm * G_BM);
-                            tma_prefetch_l2(&tm_gu, col % 128, col / 128, tm * G_BM + 64);
-                        }
+                        tma_load_multicast(stage + L::A_BYTES + rank * G_B_BOX * 128, &tm_w, &full[s], 64 * (k % 2), k / 2, b_row, 0x3);
                     }
                 }
             }
@@ -276,19 +290,42 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
         float inv_freq[8];
         #pragma unroll
         for (int i = 0; i < 8; ++i) inv_freq[i] = EPI == EPI_ROPE ? rope_inv_freq(8 * rc + i) : 0.f;
+        // SwiGLU backward: units of 32 rows, u = 4 n + 2 c + h (this block's tile n, hand-off
+        // buffer c, its half h). Unit u's gu comes by TMA into slot u % 2 two units ahead
+        // (thread e = 0): gate columns 256 tn + 64 b, up columns N + 256 tn + 64 b, as [32][64]
+        // boxes, gate's four then up's.
+        unsigned char* staging = smem + L::OFF_GU;
+        auto load_unit = [&](int u) {
+            const int p = cluster + (u / 4) * clusters;
+            if (p >= pairs) return;
+            int pm, tn;
+            pair_coords(p, pairs_m, tiles_n, &pm, &tn);
+            const int row = (2 * pm + rank) * G_BM + 32 * (u % 4);
+            uint64_t* bar = &gu_full[u % 2];
+            unsigned char* slot = staging + (u % 2) * G_GU_SLOT_BYTES;
+            mbar_expect_tx(bar, G_GU_SLOT_BYTES);
+            #pragma unroll
+            for (int b = 0; b < 8; ++b) {
+                const int col = (b / 4) * N + tn * G_BN + 64 * (b % 4);
+                tma_load(slot + b * G_GU_BOX_BYTES, &tm_gu, bar, col % 128, col / 128, row);
+            }
+        };
+        if (L::BWD && e == 0) {
+            load_unit(0);
+            load_unit(1);
+        }
         int n = 0;                       // tiles done: the hand-off barriers' phase
         for (int p = cluster; p < pairs; p += clusters, ++n) {
             int pm, tn;
             pair_coords(p, pairs_m, tiles_n, &pm, &tn);
             const int tm = 2 * pm + rank;
             for (int c = 0; c < 2; ++c) {
-                const unsigned char* buf = smem + G_OFF_HANDOFF + c * G_HANDOFF_BYTES;
+                unsigned char* buf = smem + L::OFF_HANDOFF + c * G_HANDOFF_BYTES;
                 const int row0 = tm * G_BM + 64 * c;
                 mbar_wait(&handoff_full[c], n & 1);
                 if (EPI == EPI_ROPE && tn * G_BN >= rope_c && tn * G_BN < 3 * rope_c) {
                     // a query or key tile: heads h = 0, 1 are blocks (2 h, 2 h + 1), rotated in
                     // place, then handed to the TMA stores (the async-proxy fence)
-                    unsigned char* rbuf = smem + G_OFF_HANDOFF + c * G_HANDOFF_BYTES;
                     for (int r = r0; r < 64 && row0 + r < M; r += G_EPILOGUE_THREADS / 8) {
                         float cs[8], sn[8];
                         const float p = (float)pos[row0 + r];
@@ -296,8 +333,8 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
                         for (int i = 0; i < 8; ++i) rope_sincos(p * inv_freq[i], &sn[i], &cs[i]);
                         #pragma unroll
                         for (int h = 0; h < 2; ++h) {
-                            bf16x8* lo = reinterpret_cast<bf16x8*>(rbuf + handoff_chunk(r, 16 * h + rc));
-                            bf16x8* hi = reinterpret_cast<bf16x8*>(rbuf + handoff_chunk(r, 16 * h + 8 + rc));
+                            bf16x8* lo = reinterpret_cast<bf16x8*>(buf + handoff_chunk(r, 16 * h + rc));
+                            bf16x8* hi = reinterpret_cast<bf16x8*>(buf + handoff_chunk(r, 16 * h + 8 + rc));
                             float x1[8], x2[8], o1[8], o2[8];
                             bf16x8_to_float(*lo, x1);
                             bf16x8_to_float(*hi, x2);
@@ -310,8 +347,8 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
                     named_barrier_sync(G_EPILOGUE_BARRIER, G_EPILOGUE_THREADS);
                 }
                 if (e == 0 && store_y) {
-                    // y columns 256 tn + 64 b; or gu's gate columns 128 tn + 64 b (b < 2) and
-                    // up columns I + 128 tn + 64 (b - 2)
+                    // y (or dact) columns 256 tn + 64 b; or gu's gate columns 128 tn + 64 b
+                    // (b < 2) and up columns I + 128 tn + 64 (b - 2)
                     #pragma unroll
                     for (int b = 0; b < 4; ++b) {
                         const int col = EPI == EPI_SWIGLU ? (b / 2) * N + tn * 128 + 64 * (b % 2) : tn * G_BN + 64 * b;
@@ -332,40 +369,33 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
                         *reinterpret_cast<bf16x8*>(act + (size_t)(row0 + r) * N + tn * 128 + 8 * j) = float_to_bf16x8(out);
                     }
                 }
-                if (EPI == EPI_SWIGLU_BWD) {
-                    // dgu rows row0 + r: gate columns 256 tn + 8 j and up columns N + 256 tn + 8 j,
-                    // from chunk j of the buffer's dact and gu's chunks there; items run row by
-                    // row, BATCH of them with their gu loads in flight at once (4 spill in the
-                    // epilogue warps' 96 registers)
-                    constexpr int ITEMS = 64 * (G_BN / 8), BATCH = 2;
-                    for (int first = e; first < ITEMS; first += BATCH * G_EPILOGUE_THREADS) {
-                        bf16x8 gate_raw[BATCH], up_raw[BATCH];
-                        #pragma unroll
-                        for (int q = 0; q < BATCH; ++q) {
-                            const int item = first + q * G_EPILOGUE_THREADS, r = item / (G_BN / 8), j = item % (G_BN / 8);
-                            if (item < ITEMS && row0 + r < M) {
-                                const bf16* src = gu + (size_t)(row0 + r) * 2 * N + tn * G_BN + 8 * j;
-                                gate_raw[q] = load_bf16x8(src);
-                                up_raw[q] = load_bf16x8(src + N);
-                            }
+                if (L::BWD) {
+                    // dgu rows row0 + 32 h + r: gate columns 256 tn + 8 j and up columns N + 256
+                    // tn + 8 j, from chunk j of the buffer's dact and of the staged gate and up.
+                    // A thread keeps its chunk column j (the row stride, 96 / 32, keeps it).
+                    const int j = e % 32;
+                    for (int h = 0; h < 2; ++h) {
+                        const int u = 4 * n + 2 * c + h;
+                        const unsigned char* slot = staging + (u % 2) * G_GU_SLOT_BYTES;
+                        mbar_wait(&gu_full[u % 2], (u / 2) & 1);
+                        for (int r = e / 32; r < 32 && row0 + 32 * h + r < M; r += G_EPILOGUE_THREADS / 32) {
+                            // chunk j of row r in the [32][64] boxes (128-byte swizzle)
+                            const int at = (j / 8) * G_GU_BOX_BYTES + r * 128 + (((j % 8) ^ (r & 7)) << 4);
+                            float d[8], gate[8], up[8], dgate[8], dup[8];
+                            bf16x8_to_float(*reinterpret_cast<const bf16x8*>(buf + handoff_chunk(32 * h + r, j)), d);
+                            bf16x8_to_float(*reinterpret_cast<const bf16x8*>(slot + at), gate);
+                            bf16x8_to_float(*reinterpret_cast<const bf16x8*>(slot + 4 * G_GU_BOX_BYTES + at), up);
+                            swiglu_bwd8(d, gate, up, dgate, dup);
+                            bf16* dst = dgu + (size_t)(row0 + 32 * h + r) * 2 * N + tn * G_BN + 8 * j;
+                            *reinterpret_cast<bf16x8*>(dst) = float_to_bf16x8(dgate);
+                            *reinterpret_cast<bf16x8*>(dst + N) = float_to_bf16x8(dup);
                         }
-                        #pragma unroll
-                        for (int q = 0; q < BATCH; ++q) {
-                            const int item = first + q * G_EPILOGUE_THREADS, r = item / (G_BN / 8), j = item % (G_BN / 8);
-                            if (item < ITEMS && row0 + r < M) {
-                                float d[8], gate[8], up[8], dgate[8], dup[8];
-                                bf16x8_to_float(*reinterpret_cast<const bf16x8*>(buf + handoff_chunk(r, j)), d);
-                                bf16x8_to_float(gate_raw[q], gate);
-                                bf16x8_to_float(up_raw[q], up);
-                                swiglu_bwd8(d, gate, up, dgate, dup);
-                                bf16* dst = dgu + (size_t)(row0 + r) * 2 * N + tn * G_BN + 8 * j;
-                                *reinterpret_cast<bf16x8*>(dst) = float_to_bf16x8(dgate);
-                                *reinterpret_cast<bf16x8*>(dst + N) = float_to_bf16x8(dup);
-                            }
-                        }
+                        // The slot is read: unit u + 2's gu into it.
+                        named_barrier_sync(G_EPILOGUE_BARRIER, G_EPILOGUE_THREADS);
+                        if (e == 0) load_unit(u + 2);
                     }
                 }
-                // The buffer goes back once the stores have read it and every act chunk is read.
+                // The buffer goes back once the stores have read it and every chunk is read.
                 if (e == 0) bulk_wait_read();
                 named_barrier_sync(G_EPILOGUE_BARRIER, G_EPILOGUE_THREADS);
                 if (e == 0) mbar_arrive(&handoff_empty[c]);
@@ -379,31 +409,31 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
         // descriptors in uniform registers), its warp 0..3
         const int c = __shfl_sync(0xffffffff, warp / 4 - 1, 0), cw = warp % 4;
         const int g = lane >> 2, u = lane & 3;
-        unsigned char* buf = smem + G_OFF_HANDOFF + c * G_HANDOFF_BYTES;
+        unsigned char* buf = smem + L::OFF_HANDOFF + c * G_HANDOFF_BYTES;
         // a stage is released to both producers: this block's and the peer's empty barriers
         const uint32_t peer_empty = peer_address(&empty[0], rank ^ 1);
         // stage 0's descriptors of this consumer's 64 A rows and of B: stage s lies s *
-        // G_STAGE_BYTES further, the next 16 columns of K 32 bytes (the address field counts
-        // 16-byte units)
-        // (MN-major B: its four [64 k][64 n] boxes 8 KB apart, the next 16 rows of K 2048 bytes)
-        const uint64_t desc_a0 = desc_k_major(smem_u32(smem) + 64 * c * 128);
-        const uint64_t desc_b0 = b_mn_major ? desc_mn_major(smem_u32(smem + G_A_BYTES), G_BLOCK_BYTES) : desc_k_major(smem_u32(smem + G_A_BYTES));
-        constexpr uint32_t b_k16 = b_mn_major ? 2048 >> 4 : 2;
-        RingPosition ring;
+        // STAGE_BYTES further (the address field counts 16-byte units). The next 16 columns of
+        // K: 32 bytes along A's rows; 32 bytes along B's rows (K-major), or 16 rows of 128
+        // bytes down its four [BK][64] boxes (MN-major)
+        const uint64_t desc_a0 = L::BWD ? desc_k_major_sw64(smem_u32(smem) + 64 * c * (2 * L::BK)) : desc_k_major(smem_u32(smem) + 64 * c * (2 * L::BK));
+        const uint64_t desc_b0 = L::BWD ? desc_mn_major(smem_u32(smem + L::A_BYTES), L::BK * 128) : desc_k_major(smem_u32(smem + L::A_BYTES));
+        constexpr uint32_t b_k16 = L::BWD ? 2048 >> 4 : 2;
+        RingPosition<L::STAGES> ring;
         int n = 0;
         for (int p = cluster; p < pairs; p += clusters, ++n) {
             float acc[128];
             for (int k = 0; k < k_steps; ++k) {
                 const int s = ring.stage;
                 mbar_wait(&full[s], ring.phase);
-                const uint64_t step = (uint64_t)(s * (G_STAGE_BYTES >> 4));
+                const uint64_t step = (uint64_t)(s * (L::STAGE_BYTES >> 4));
                 fence_regs(acc);
                 wgmma_fence();
                 // the first K step overwrites the accumulators (the previous tile's are in
                 // the hand-off buffer)
-                wgmma_ss_n256<b_mn_major>(acc, desc_a0 + step, desc_b0 + step, k > 0);
+                wgmma_ss_n256<L::BWD>(acc, desc_a0 + step, desc_b0 + step, k > 0);
                 #pragma unroll
-                for (int kk = 1; kk < 4; ++kk) wgmma_ss_n256<b_mn_major>(acc, desc_a0 + step + 2 * kk, desc_b0 + step + b_k16 * kk, 1);
+                for (int kk = 1; kk < L::BK / 16; ++kk) wgmma_ss_n256<L::BWD>(acc, desc_a0 + step + 2 * kk, desc_b0 + step + b_k16 * kk, 1);
                 wgmma_commit();
                 // The previous step's group is done once at most this one is in flight: its
                 // stage goes back to both producers, one arrival per warp.
@@ -442,28 +472,29 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(G_THREADS, 1)
 gemm_sm90(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_y,
           int M, int N, int K) {
-    gemm_sm90_body<EPI_STORE>(tm_x, tm_w, tm_y, 1, nullptr, nullptr, 0, tm_y, nullptr, nullptr, M, N, K);
+    gemm_sm90_body<EPI_STORE>(tm_x, tm_w, tm_y, 1, nullptr, nullptr, 0, tm_y, nullptr, M, N, K);
 }
 
 // tm_gu: gu, written unless store_gu = 0; N = I.
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(G_THREADS, 1)
 gemm_swiglu_sm90(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_gu,
                  int store_gu, bf16* __restrict__ act, int M, int I, int K) {
-    gemm_sm90_body<EPI_SWIGLU>(tm_x, tm_w, tm_gu, store_gu, act, nullptr, 0, tm_gu, nullptr, nullptr, M, I, K);
+    gemm_sm90_body<EPI_SWIGLU>(tm_x, tm_w, tm_gu, store_gu, act, nullptr, 0, tm_gu, nullptr, M, I, K);
 }
 
 // tm_y: gqkv [M, 4C]; pos: [M]; N = 4C.
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(G_THREADS, 1)
 gemm_rope_sm90(const __grid_constant__ CUtensorMap tm_x, const __grid_constant__ CUtensorMap tm_w, const __grid_constant__ CUtensorMap tm_y,
                const int* __restrict__ pos, int M, int N, int K, int C) {
-    gemm_sm90_body<EPI_ROPE>(tm_x, tm_w, tm_y, 1, nullptr, pos, C, tm_y, nullptr, nullptr, M, N, K);
+    gemm_sm90_body<EPI_ROPE>(tm_x, tm_w, tm_y, 1, nullptr, pos, C, tm_y, nullptr, M, N, K);
 }
 
-// tm_dy: dy [M, K]; tm_w: w [K, I] (the down projection's weight, K = D); tm_dact: dact [M, I],
-// written unless store_dact = 0; tm_gu: gu [M, 2I] for the L2 prefetch; gu, dgu: [M, 2I].
+// tm_dy: dy [M, K] (64-byte swizzle, box (32, 1, 128)); tm_w: w [K, I] (the down
+// projection's weight, K = D; box (64, 1, 32)); tm_dact: dact [M, I], written unless
+// store_dact = 0; tm_gu: gu [M, 2I], box (64, 1, 32); dgu: [M, 2I].
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(G_THREADS, 1)
 gemm_swiglu_bwd_sm90(const __grid_constant__ CUtensorMap tm_dy, const __grid_constant__ CUtensorMap tm_w,
                      const __grid_constant__ CUtensorMap tm_dact, const __grid_constant__ CUtensorMap tm_gu, int store_dact,
-                     const bf16* __restrict__ gu, bf16* __restrict__ dgu, int M, int I, int K) {
-    gemm_sm90_body<EPI_SWIGLU_BWD>(tm_dy, tm_w, tm_dact, store_dact, nullptr, nullptr, 0, tm_gu, gu, dgu, M, I, K);
+                     bf16* __restrict__ dgu, int M, int I, int K) {
+    gemm_sm90_body<EPI_SWIGLU_BWD>(tm_dy, tm_w, tm_dact, store_dact, nullptr, nullptr, 0, tm_gu, dgu, M, I, K);
 }

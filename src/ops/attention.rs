@@ -778,9 +778,15 @@ unsafe impl DeviceRepr for TensorMap {}
 /// row by `box_rows` rows, 128-byte swizzled (cuda/attention_sm90.cuh). Rows past T read as
 /// zeros.
 pub(crate) fn tensor_map(ptr: u64, t: usize, nh: usize, ld: usize, box_rows: usize) -> Result<TensorMap, GpuError> {
+    tensor_map_boxed(ptr, t, nh, ld, (64, box_rows), sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B)
+}
+
+/// [`tensor_map`] with boxes of (`box_cols`, 1, `box_rows`) and the given swizzle (whose span
+/// must be `box_cols` * 2 bytes).
+pub(crate) fn tensor_map_boxed(ptr: u64, t: usize, nh: usize, ld: usize, (box_cols, box_rows): (usize, usize), swizzle: sys::CUtensorMapSwizzle) -> Result<TensorMap, GpuError> {
     let dims: [u64; 3] = [HD as u64, nh as u64, t as u64];
     let strides: [u64; 2] = [(HD * 2) as u64, (ld * 2) as u64]; // bytes, dims 1 and 2
-    let boxes: [u32; 3] = [64, 1, box_rows as u32];
+    let boxes: [u32; 3] = [box_cols as u32, 1, box_rows as u32];
     let steps: [u32; 3] = [1, 1, 1];
     let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
     // SAFETY: every pointer refers to a live local array of the length the rank (3) implies;
@@ -796,12 +802,12 @@ pub(crate) fn tensor_map(ptr: u64, t: usize, nh: usize, ld: usize, box_rows: usi
             boxes.as_ptr(),
             steps.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
         .result()
-        .during(format!("attention (sm_90): encoding the tensor map of a [{t}, {nh}, {HD}] tensor"))?;
+        .during(format!("sm_90: encoding the tensor map of a [{t}, {nh}, {HD}] tensor, boxes ({box_cols}, 1, {box_rows})"))?;
         Ok(TensorMap(map.assume_init()))
     }
 }

@@ -23,13 +23,13 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::sys::{self, CUfunction_attribute};
+use cudarc::driver::sys::{self, CUfunction_attribute, CUtensorMapSwizzle};
 use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 
 use crate::config::HEAD_DIM;
 use crate::gpu::{DriverContext, Gpu, GpuError};
-use crate::ops::attention::{tensor_map, TensorMap};
+use crate::ops::attention::{tensor_map, tensor_map_boxed, TensorMap};
 use crate::ops::check::{bf16_inputs, download_bf16, poisoned_bf16, upload, upload_bf16};
 use crate::ops::compare::{compare, Tolerance, BF16_EPS};
 use crate::ops::gemm::{bf16_out_tol, linear_bwd_input_cpu, linear_fwd_cpu};
@@ -43,18 +43,23 @@ const FAMILY: &str = "gemm_sm90";
 /// Output tile (rows x columns): 256 columns of y, or 128 of act (128 gate + 128 up of gu).
 const TILE_M: usize = 128;
 const TILE_N: usize = 256;
-/// Rows of w per TMA box: a B tile is two boxes (four of 64 rows of w [D, I] for the input
-/// gradient, where B is MN-major).
+/// Rows of w per TMA box: a B tile is two boxes (for the input gradient, where B is MN-major,
+/// four boxes of 64 columns of w [D, I] by a K step's rows).
 const B_BOX_ROWS: usize = 128;
-const B_MN_BOX_ROWS: usize = 64;
+/// The input gradient's K step (the forward kernels' is 64): x's boxes are 32 columns wide,
+/// in the 64-byte swizzle.
+const BWD_K_STEP: usize = 32;
 /// The tensor maps view a [rows, K] operand as (128, K / 128, rows): K in blocks of 128.
 const K_BLOCK: usize = 128;
 const THREADS: u32 = 384;
 /// Rows of y (or gu) per TMA store box.
 const STORE_BOX_ROWS: usize = 64;
-/// Three stages of A [128][64] and B [256][64] bf16, the two consumers' [64][256] bf16 hand-off
-/// buffers, 1 KB of alignment slack.
-const SMEM: u32 = (3 * (128 * 64 * 2 + 256 * 64 * 2) + 2 * 64 * 256 * 2 + 1024) as u32;
+/// The forward kernels: three stages of A [128][64] and B [256][64] bf16, the two consumers'
+/// [64][256] bf16 hand-off buffers, 1 KB of alignment slack (cuda/gemm_sm90.cu, GemmLayout).
+const SMEM_FWD: u32 = (3 * (128 * 64 * 2 + 256 * 64 * 2) + 2 * 64 * 256 * 2 + 1024) as u32;
+/// The input gradient's kernel: four stages of A [128][32] and B [32][256], the hand-off
+/// buffers, and two slots of gu's gate and up [32][256] blocks.
+const SMEM_BWD: u32 = (4 * (128 * 32 * 2 + 32 * 256 * 2) + 2 * 64 * 256 * 2 + 2 * 64 * 256 * 2 + 1024) as u32;
 
 /// Whether [`linear_fwd_sm90`] runs on this GPU for N out features and K in features.
 pub fn supports(gpu: &Gpu, n: usize, k: usize) -> bool {
@@ -91,25 +96,32 @@ fn w_map_k_major(w: u64, rows: usize, k: usize) -> Result<TensorMap, GpuError> {
     tensor_map(w, rows, k / K_BLOCK, k, B_BOX_ROWS)
 }
 
-/// The tensor map of x [T, K], and a launch with the shared memory allowed over the output
-/// tiles' pairs of rows (one cluster of two blocks a pair) times `tiles_n` tile columns.
-fn prepare(gpu: &Gpu, op: &str, kernel: &str, x: u64, t: usize, k: usize, tiles_n: usize) -> Result<(TensorMap, CudaFunction, LaunchConfig), GpuError> {
+/// A kernel's launch with its `smem` bytes of shared memory allowed, over the output tiles'
+/// pairs of rows (one cluster of two blocks a pair) times `tiles_n` tile columns.
+fn prepare(gpu: &Gpu, op: &str, kernel: &str, smem: u32, t: usize, tiles_n: usize) -> Result<(CudaFunction, LaunchConfig), GpuError> {
     let pairs = t.div_ceil(TILE_M).div_ceil(2) * tiles_n;
-    let tm_x = tensor_map(x, t, k / K_BLOCK, k, TILE_M)?;
     let func = gpu.function(FAMILY, kernel)?;
-    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM as i32)
-        .during(format!("{op}: allowing {SMEM} bytes of shared memory (the device offers {})", gpu.props.smem_per_block_optin))?;
-    let clusters = pairs.min(resident_clusters(gpu, op, &func)?);
-    let cfg = LaunchConfig { grid_dim: (2 * clusters as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM };
-    Ok((tm_x, func, cfg))
+    func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .during(format!("{op}: allowing {smem} bytes of shared memory (the device offers {})", gpu.props.smem_per_block_optin))?;
+    let clusters = pairs.min(resident_clusters(gpu, op, &func, smem)?);
+    let cfg = LaunchConfig { grid_dim: (2 * clusters as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem };
+    Ok((func, cfg))
 }
 
-/// How many clusters of two blocks the device runs at once (one block an SM; an SM left
-/// without a partner in its GPC idles), so that the persistent grid is one wave. Asked once a
-/// process: the kernels have the same resources, and a process drives GPUs of one kind.
-fn resident_clusters(gpu: &Gpu, op: &str, func: &CudaFunction) -> Result<usize, GpuError> {
-    static RESIDENT: OnceLock<usize> = OnceLock::new();
-    if let Some(&n) = RESIDENT.get() {
+/// The tensor map of x [T, K] as the forward kernels read it.
+fn x_map(x: u64, t: usize, k: usize) -> Result<TensorMap, GpuError> {
+    tensor_map(x, t, k / K_BLOCK, k, TILE_M)
+}
+
+/// How many clusters of two blocks the device runs at once with `smem` bytes a block (one
+/// block an SM; an SM left without a partner in its GPC idles), so that the persistent grid
+/// is one wave. Asked once a process for each of the two shared-memory sizes: a process
+/// drives GPUs of one kind.
+fn resident_clusters(gpu: &Gpu, op: &str, func: &CudaFunction, smem: u32) -> Result<usize, GpuError> {
+    static RESIDENT_FWD: OnceLock<usize> = OnceLock::new();
+    static RESIDENT_BWD: OnceLock<usize> = OnceLock::new();
+    let resident = if smem == SMEM_BWD { &RESIDENT_BWD } else { &RESIDENT_FWD };
+    if let Some(&n) = resident.get() {
         return Ok(n);
     }
     let config = sys::CUlaunchConfig {
@@ -119,7 +131,7 @@ fn resident_clusters(gpu: &Gpu, op: &str, func: &CudaFunction) -> Result<usize, 
         blockDimX: THREADS,
         blockDimY: 1,
         blockDimZ: 1,
-        sharedMemBytes: SMEM,
+        sharedMemBytes: smem,
         hStream: std::ptr::null_mut(),
         attrs: std::ptr::null_mut(),
         numAttrs: 0,
@@ -129,7 +141,7 @@ fn resident_clusters(gpu: &Gpu, op: &str, func: &CudaFunction) -> Result<usize, 
     // declares its cluster size); the driver writes one int.
     unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, func.cu_function(), &config) }.result().during(format!("{op}: asking how many clusters of two fit"))?;
     // None fitting (not seen on Hopper) fails at the launch, with the driver's reason.
-    Ok(*RESIDENT.get_or_init(|| (clusters as usize).max(1)))
+    Ok(*resident.get_or_init(|| (clusters as usize).max(1)))
 }
 
 /// y: [T, N] bf16 = x [T, K] @ w [N, K]^T on a Hopper GPU; the contract of
@@ -145,7 +157,8 @@ pub fn linear_fwd_sm90(gpu: &Gpu, y: &mut CudaViewMut<bf16>, x: &CudaView<bf16>,
     }
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_x, func, cfg) = prepare(gpu, OP, "gemm_sm90", x_ptr, t, k, n / TILE_N)?;
+    let (func, cfg) = prepare(gpu, OP, "gemm_sm90", SMEM_FWD, t, n / TILE_N)?;
+    let tm_x = x_map(x_ptr, t, k)?;
     let tm_w = w_map_k_major(w_ptr, n, k)?;
     let (y_ptr, _y) = y.device_ptr_mut(&gpu.stream);
     let tm_y = tensor_map(y_ptr, t, n / K_BLOCK, n, STORE_BOX_ROWS)?;
@@ -154,7 +167,7 @@ pub fn linear_fwd_sm90(gpu: &Gpu, y: &mut CudaViewMut<bf16>, x: &CudaView<bf16>,
     args.arg(&tm_x).arg(&tm_w).arg(&tm_y).arg(&t_i).arg(&n_i).arg(&k_i);
     // SAFETY: the tensor maps describe exactly x [T, K], w [N, K] and y [T, N] (alive until
     // the guards drop after the launch; TMA writes rows < T only); N and K are multiples of
-    // the tile and the K block (asserted); `SMEM` bytes allowed in `prepare`.
+    // the tile and the K block (asserted); `SMEM_FWD` bytes allowed in `prepare`.
     unsafe { args.launch(cfg) }.during(OP)?;
     Ok(())
 }
@@ -176,7 +189,8 @@ pub fn linear_rope_fwd_sm90(gpu: &Gpu, gqkv: &mut CudaViewMut<bf16>, x: &CudaVie
     }
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_x, func, cfg) = prepare(gpu, OP, "gemm_rope_sm90", x_ptr, t, k, n / TILE_N)?;
+    let (func, cfg) = prepare(gpu, OP, "gemm_rope_sm90", SMEM_FWD, t, n / TILE_N)?;
+    let tm_x = x_map(x_ptr, t, k)?;
     let tm_w = w_map_k_major(w_ptr, n, k)?;
     let (y_ptr, _y) = gqkv.device_ptr_mut(&gpu.stream);
     let tm_y = tensor_map(y_ptr, t, n / K_BLOCK, n, STORE_BOX_ROWS)?;
@@ -186,7 +200,7 @@ pub fn linear_rope_fwd_sm90(gpu: &Gpu, gqkv: &mut CudaViewMut<bf16>, x: &CudaVie
     // SAFETY: the tensor maps describe exactly x [T, K], w [4C, K] and gqkv [T, 4C] (alive
     // until the guards drop after the launch; TMA writes rows < T only); pos holds T values
     // (checked), read on rows < T; 4C and K are multiples of the tile and the K block, C of
-    // the tile (asserted); `SMEM` bytes allowed in `prepare`.
+    // the tile (asserted); `SMEM_FWD` bytes allowed in `prepare`.
     unsafe { args.launch(cfg) }.during(OP)?;
     Ok(())
 }
@@ -210,7 +224,8 @@ pub fn linear_swiglu_fwd_sm90(gpu: &Gpu, gu: Option<&mut CudaViewMut<bf16>>, act
     }
     let (x_ptr, _x) = x.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_x, func, cfg) = prepare(gpu, OP, "gemm_swiglu_sm90", x_ptr, t, k, i / (TILE_N / 2))?;
+    let (func, cfg) = prepare(gpu, OP, "gemm_swiglu_sm90", SMEM_FWD, t, i / (TILE_N / 2))?;
+    let tm_x = x_map(x_ptr, t, k)?;
     let tm_w = w_map_k_major(w_ptr, 2 * i, k)?;
     let gu = gu.map(|g| g.device_ptr_mut(&gpu.stream));
     // Without gu the kernel stores nothing through its map: x's stands in.
@@ -225,7 +240,7 @@ pub fn linear_swiglu_fwd_sm90(gpu: &Gpu, gu: Option<&mut CudaViewMut<bf16>>, act
     // SAFETY: the tensor maps describe exactly x [T, K], w [2I, K] and gu [T, 2I] (alive until
     // the guards drop after the launch; TMA writes rows < T only); act holds T * I bf16
     // (checked), written on rows < T only; I and K are multiples of the tile and the K block
-    // (asserted); `SMEM` bytes allowed in `prepare`.
+    // (asserted); `SMEM_FWD` bytes allowed in `prepare`.
     unsafe { args.launch(cfg) }.during(OP)?;
     Ok(())
 }
@@ -262,11 +277,13 @@ pub fn linear_swiglu_bwd_sm90(
     }
     let (dy_ptr, _dy) = dy.device_ptr(&gpu.stream);
     let (w_ptr, _w) = w.device_ptr(&gpu.stream);
-    let (tm_dy, func, cfg) = prepare(gpu, OP, "gemm_swiglu_bwd_sm90", dy_ptr, t, d, i / TILE_N)?;
+    let (func, cfg) = prepare(gpu, OP, "gemm_swiglu_bwd_sm90", SMEM_BWD, t, i / TILE_N)?;
+    let tm_dy = tensor_map_boxed(dy_ptr, t, d / K_BLOCK, d, (BWD_K_STEP, TILE_M), CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B)?;
     // w [D, I]: B's K runs over w's rows, its columns are the output's
-    let tm_w = tensor_map(w_ptr, d, i / K_BLOCK, i, B_MN_BOX_ROWS)?;
+    let tm_w = tensor_map(w_ptr, d, i / K_BLOCK, i, BWD_K_STEP)?;
     let (gu_ptr, _gu) = gu.device_ptr(&gpu.stream);
-    let tm_gu = tensor_map(gu_ptr, t, 2 * i / K_BLOCK, 2 * i, STORE_BOX_ROWS)?;
+    // gu comes in units of 32 rows
+    let tm_gu = tensor_map(gu_ptr, t, 2 * i / K_BLOCK, 2 * i, 32)?;
     let dact = dact.map(|a| a.device_ptr_mut(&gpu.stream));
     // Without dact the kernel stores nothing through its map: gu's stands in.
     let (tm_dact, store_dact) = match dact.as_ref() {
@@ -276,12 +293,11 @@ pub fn linear_swiglu_bwd_sm90(
     let (dgu_ptr, _dgu) = dgu.device_ptr_mut(&gpu.stream);
     let (t_i, i_i, d_i) = (as_i32(OP, "T", t), as_i32(OP, "I", i), as_i32(OP, "D", d));
     let mut args = gpu.stream.launch_builder(&func);
-    args.arg(&tm_dy).arg(&tm_w).arg(&tm_dact).arg(&tm_gu).arg(&store_dact).arg(&gu_ptr).arg(&dgu_ptr).arg(&t_i).arg(&i_i).arg(&d_i);
+    args.arg(&tm_dy).arg(&tm_w).arg(&tm_dact).arg(&tm_gu).arg(&store_dact).arg(&dgu_ptr).arg(&t_i).arg(&i_i).arg(&d_i);
     // SAFETY: the tensor maps describe exactly dy [T, D], w [D, I], dact [T, I] and gu [T, 2I]
-    // (alive until the guards drop after the launch; TMA writes rows < T only, and only
-    // prefetches gu); gu and dgu hold T * 2I bf16 (checked), read and written on rows < T
-    // only; I and D are multiples of the tile and the K block (asserted); `SMEM` bytes allowed
-    // in `prepare`.
+    // (alive until the guards drop after the launch; TMA writes rows < T only); dgu holds
+    // T * 2I bf16 (checked), written on rows < T only; I and D are multiples of the tile and
+    // the K block (asserted); `SMEM_BWD` bytes allowed in `prepare`.
     unsafe { args.launch(cfg) }.during(OP)?;
     Ok(())
 }
