@@ -88,6 +88,11 @@ __device__ __forceinline__ uint64_t desc_k_major(uint32_t addr) {
 __device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr, uint32_t lbo) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
+// K-major with 64-byte rows (32 k elements) in the 64-byte swizzle (layout type 2): 8-row
+// groups 512 bytes apart; a k16 step advances the start address by 32 bytes.
+__device__ __forceinline__ uint64_t desc_k_major_sw64(uint32_t addr) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(512 >> 4) << 32) | (2ull << 62);
+}
 
 // d[64] (+)= A[64x16] @ B[16x128]: A and B from shared memory (K-major descriptors).
 // accumulate = 0 overwrites d.

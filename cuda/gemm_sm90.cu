@@ -205,12 +205,6 @@ __device__ __forceinline__ void pair_coords(int p, int pairs_m, int tiles_n, int
 // buffer: four [64][64] column blocks in the 128-byte swizzle (TMA's layout).
 __device__ __forceinline__ int handoff_chunk(int r, int c) { return (c / 8) * G_BLOCK_BYTES + r * 128 + (((c % 8) ^ (r & 7)) << 4); }
 
-// A shared-memory descriptor of a K-major tile with 64-byte rows (32 k elements, the 64-byte
-// swizzle: layout type 2): 8-row groups 512 bytes apart. A k16 step advances it by 32 bytes.
-__device__ __forceinline__ uint64_t desc_k_major_sw64(uint32_t addr) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(512 >> 4) << 32) | (2ull << 62);
-}
-
 // tm_x: x [M, K] as (128, K / 128, M), box (64, 1, 128), or for EPI_SWIGLU_BWD box (32, 1, 128)
 // in the 64-byte swizzle; tm_w: w [N, K] (w [2I, K] for EPI_SWIGLU), box (64, 1, 128), or for
 // EPI_SWIGLU_BWD w [K, N] as (128, N / 128, K), box (64, 1, 32); tm_y: EPI_STORE y [M, N],
