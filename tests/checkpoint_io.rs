@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use hrm_cu::checkpoint::manifest::Manifest;
 use hrm_cu::checkpoint::run_dir::{find_resume, list_checkpoints, save_in_run, LATEST_FILE};
 use hrm_cu::checkpoint::tensors::{MappedFile, TensorData};
-use hrm_cu::checkpoint::{self, load, load_weights, save, Checkpoint, DataPosition, TrainState, Weights};
+use hrm_cu::checkpoint::{self, load, load_weights, save, Checkpoint, DataPosition, GemmAlgorithms, TrainState, Weights};
 use hrm_cu::config::{Dims, ModelConfig, NetName, TrainConfig};
 use hrm_cu::model::params::Params;
+use hrm_cu::ops::gemm::{GemmChoice, GemmOp};
 use hrm_cu::optim::{AdamAtan2, AdamCoeffs};
 use hrm_cu::rng::Rng;
 use safetensors::tensor::Dtype;
@@ -42,6 +43,11 @@ fn trained(seed: u64) -> Checkpoint {
     state.rng.next_u64();
     state.dataset_metadata = Some(serde_json::json!({"max_seq_len": 65, "tokenizer_info": {"vocab_size": 200}}));
     state.dataset_dir = Some(PathBuf::from("/data/set"));
+    let choices = vec![
+        GemmChoice { op: GemmOp::Forward, t: 12_288, n: 6_144, k: 1_536, algorithm: 3 },
+        GemmChoice { op: GemmOp::BackwardWeight, t: 12_288, n: 1_536, k: 4_096, algorithm: 0 },
+    ];
+    state.gemm_algorithms = GemmAlgorithms { device: "NVIDIA H200, cuBLASLt 130000".into(), choices };
     Checkpoint { params, optimizer, state }
 }
 
@@ -259,4 +265,22 @@ fn run_directory_rotates_and_resumes() {
     assert_eq!(find_resume(&run).unwrap(), Some(run.join("ckpt-300")));
     assert!(checkpoint::is_checkpoint(&run.join("ckpt-300")));
     assert!(save_in_run(&run, &ck.params, &ck.optimizer, &ck.state, 0).is_err());
+}
+
+/// A checkpoint written before the GEMM algorithms were recorded (its train_state.json has no
+/// `gemm_algorithms`) loads, with none recorded.
+#[test]
+fn a_state_without_gemm_algorithms_loads_with_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ck");
+    let ck = trained(5);
+    save_ck(&dir, &ck);
+    let path = dir.join("train_state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(state.as_object_mut().unwrap().remove("gemm_algorithms").is_some());
+    fs::write(&path, serde_json::to_string(&state).unwrap()).unwrap();
+    rebuild_manifest(&dir);
+    let back = load(&dir, None).unwrap();
+    assert_eq!(back.state.gemm_algorithms, GemmAlgorithms::default());
+    assert_eq!(back.state, TrainState { gemm_algorithms: GemmAlgorithms::default(), ..ck.state });
 }

@@ -8,7 +8,8 @@
 //! ema.safetensors        the EMA of the master weights, same names and dtypes
 //! optimizer.safetensors  per trainable tensor: `<name>.m`, `<name>.v` (fp32, its shape)
 //!                        and `<name>.step` (i64 [1], the tensor's own update count)
-//! train_state.json       TrainState: step, data position, tokens seen, RNG, configs, dataset metadata
+//! train_state.json       TrainState: step, data position, tokens seen, RNG, configs, dataset
+//!                        metadata, the GPU run's GEMM algorithms
 //! manifest.json          size and sha256 of the four files above, written last
 //! ```
 //!
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ModelConfig, TrainConfig};
 use crate::model::params::Params;
 use crate::model::spec::ParamLayout;
+use crate::ops::gemm::GemmChoice;
 use crate::optim::{AdamAtan2, AdamCoeffs};
 use crate::rng::Rng;
 use manifest::{Manifest, MANIFEST_FILE};
@@ -68,6 +70,21 @@ pub struct TrainState {
     pub dataset_dir: Option<PathBuf>,
     /// The `hrm-cu` version that wrote the checkpoint.
     pub hrm_cu_version: String,
+    /// The cuBLASLt algorithm of every product the GPU engine ran (empty on the CPU, and in
+    /// checkpoints written before it was recorded).
+    #[serde(default)]
+    pub gemm_algorithms: GemmAlgorithms,
+}
+
+/// The GPU engine times cuBLASLt's candidate algorithms when it starts and keeps the fastest
+/// (`ops::gemm`), so two processes may pick different ones, which add in different orders.
+/// `--resume` on the same GPU kind and library runs the recorded ones, so the resumed run
+/// continues bit for bit.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct GemmAlgorithms {
+    /// The GPU and library they were chosen on, e.g. "NVIDIA H200, cuBLASLt 130000".
+    pub device: String,
+    pub choices: Vec<GemmChoice>,
 }
 
 impl TrainState {
@@ -84,6 +101,7 @@ impl TrainState {
             dataset_metadata: None,
             dataset_dir: None,
             hrm_cu_version: env!("CARGO_PKG_VERSION").to_string(),
+            gemm_algorithms: GemmAlgorithms::default(),
         }
     }
 }

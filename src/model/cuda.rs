@@ -167,6 +167,11 @@ impl<'g> CudaBackend<'g> {
         })
     }
 
+    /// The cuBLASLt products' plans and algorithms.
+    pub fn gemm_cache(&self) -> &GemmCache {
+        &self.gemm
+    }
+
     /// The same backend with LM-head chunks of at most `bytes` of logits (checks use small
     /// chunks to run several per batch).
     pub fn with_lm_head_chunk_bytes(self, bytes: usize) -> CudaBackend<'g> {

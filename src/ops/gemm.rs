@@ -39,7 +39,9 @@
 //!
 //! The choice depends on timings, so two processes may pick different algorithms for one
 //! shape, which round differently: bitwise-equal reruns need the same choice, which
-//! [`GemmCache::chosen_algorithm`] reports and [`GemmCache::choose_algorithm`] sets.
+//! [`GemmCache::chosen_algorithm`] reports and [`GemmCache::choose_algorithm`] sets. A
+//! training checkpoint records every shape's choice ([`GemmCache::choices`], as
+//! [`GemmChoice`]s), and `--resume` runs them again ([`GemmCache::apply_choices`]).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -50,6 +52,7 @@ use cudarc::cublaslt::sys;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr};
 use half::bf16;
+use serde::{Deserialize, Serialize};
 
 use crate::gpu::{DriverContext, Gpu, GpuError};
 use crate::ops::check::{bf16_inputs, download, download_bf16, poisoned_bf16, poisoned_f32, upload, upload_bf16};
@@ -135,7 +138,8 @@ fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_strides: (usize, usize), b: 
 }
 
 /// Which product of a linear layer (the three layouts of the module doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum GemmOp {
     /// `y [T,N] = x [T,K] @ w [N,K]^T`, bf16 out (beta = 0).
     Forward,
@@ -155,6 +159,23 @@ pub struct GemmShape {
     pub t: usize,
     pub n: usize,
     pub k: usize,
+}
+
+/// A shape's algorithm as a checkpoint records it: its index in the heuristic's list (which
+/// depends on the GPU and the cuBLASLt version, not on timings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GemmChoice {
+    pub op: GemmOp,
+    pub t: usize,
+    pub n: usize,
+    pub k: usize,
+    pub algorithm: usize,
+}
+
+impl GemmChoice {
+    fn shape(&self) -> GemmShape {
+        GemmShape { op: self.op, t: self.t, n: self.n, k: self.k }
+    }
 }
 
 impl std::fmt::Display for GemmShape {
@@ -304,6 +325,33 @@ impl GemmCache {
         assert!(index < plan.algorithms.len(), "{shape}: algorithm {index} of {}", plan.algorithms.len());
         plan.choice = index;
         Ok(())
+    }
+
+    /// The cuBLASLt library's version number (its heuristic's lists depend on it).
+    pub fn library_version(&self) -> usize {
+        // SAFETY: no arguments; the library is loaded (this cache holds one of its handles).
+        unsafe { sys::cublasLtGetVersion() }
+    }
+
+    /// Every shape planned so far with the algorithm it runs, in (op, T, N, K) order.
+    pub fn choices(&self) -> Vec<GemmChoice> {
+        let mut choices: Vec<GemmChoice> = self.plans.borrow().iter().map(|(s, p)| GemmChoice { op: s.op, t: s.t, n: s.n, k: s.k, algorithm: p.choice }).collect();
+        choices.sort();
+        choices
+    }
+
+    /// Runs each recorded choice from now on ([`GemmCache::choose_algorithm`]); returns those
+    /// whose index this GPU's heuristic does not list for the shape (left to the tuner).
+    pub fn apply_choices(&self, recorded: &[GemmChoice]) -> Result<Vec<GemmChoice>, GpuError> {
+        let mut unlisted = Vec::new();
+        for choice in recorded {
+            if choice.algorithm < self.algorithm_count(choice.shape())? {
+                self.choose_algorithm(choice.shape(), choice.algorithm)?;
+            } else {
+                unlisted.push(*choice);
+            }
+        }
+        Ok(unlisted)
     }
 
     fn ensure_plan(&self, shape: GemmShape) -> Result<(), GpuError> {

@@ -10,6 +10,7 @@
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
 
+use crate::checkpoint::GemmAlgorithms;
 use crate::model::backend::Backend;
 use crate::model::cpu::CpuBackend;
 use crate::model::net::{Batch, GradStart, Model};
@@ -46,6 +47,16 @@ pub trait Engine {
     fn snapshot(&mut self) -> Result<(Params, AdamAtan2)>;
     /// Where it runs, for the log ("cpu", "NVIDIA H100 80GB HBM3").
     fn describe(&self) -> String;
+    /// The cuBLASLt algorithms its products run, for checkpoints (none on the CPU).
+    fn gemm_algorithms(&self) -> GemmAlgorithms {
+        GemmAlgorithms::default()
+    }
+    /// Runs `recorded`'s algorithms from now on (before the first step: graphs capture
+    /// them). Returns why it could not, for some or all: recorded on another GPU or library,
+    /// or an index this GPU's heuristic does not list.
+    fn use_gemm_algorithms(&mut self, recorded: &GemmAlgorithms) -> Result<Option<String>> {
+        Ok((!recorded.choices.is_empty()).then(|| format!("recorded on {}, running on the CPU", recorded.device)))
+    }
 }
 
 /// A step whose loss was NaN or infinite, found by [`Engine::read_metrics`]. The engines check

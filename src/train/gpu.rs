@@ -44,6 +44,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, DriverError};
 use half::bf16;
 
+use crate::checkpoint::GemmAlgorithms;
 use crate::config::{intermediate_size, Dims, ModelConfig, NetName, TrainConfig, HEAD_DIM};
 use crate::data::batch::{pack_pairs, PackedBatch};
 use crate::gpu::nvtx::Range;
@@ -58,6 +59,7 @@ use crate::model::spec::{ParamLayout, Role};
 use crate::ops::attention::attention_scratch_bytes;
 use crate::ops::cast::cast_f32_to_bf16;
 use crate::ops::compare::{compare, Comparison, Tolerance, BF16_EPS};
+use crate::ops::gemm::GemmShape;
 use crate::ops::cross_entropy::{StepMetrics, METRICS_LEN};
 use crate::ops::elementwise::sum_squares;
 use crate::optim::adam_atan2::{adam_atan2, adam_atan2_guard, AdamDeviceTable, LossGuard, CHUNK};
@@ -295,6 +297,23 @@ impl Engine for GpuEngine<'_> {
     fn describe(&self) -> String {
         let p = &self.gpu.props;
         format!("{} (GPU {}, sm_{}{}, bf16 compute, fp32 master)", p.name, p.ordinal, p.major, p.minor)
+    }
+
+    fn gemm_algorithms(&self) -> GemmAlgorithms {
+        let gemm = self.model.backend().gemm_cache();
+        GemmAlgorithms { device: format!("{}, cuBLASLt {}", self.gpu.props.name, gemm.library_version()), choices: gemm.choices() }
+    }
+
+    fn use_gemm_algorithms(&mut self, recorded: &GemmAlgorithms) -> Result<Option<String>> {
+        let here = self.gemm_algorithms().device;
+        if recorded.choices.is_empty() {
+            return Ok(None);
+        }
+        if recorded.device != here {
+            return Ok(Some(format!("recorded on {}, running on {here}", recorded.device)));
+        }
+        let unlisted = self.model.backend().gemm_cache().apply_choices(&recorded.choices).context("running the recorded GEMM algorithms")?;
+        Ok((!unlisted.is_empty()).then(|| format!("{} of {} recorded algorithms are not listed here", unlisted.len(), recorded.choices.len())))
     }
 }
 
@@ -643,7 +662,11 @@ impl Backend for Footprint {
 // ---------------------------------------------------------------------------------------
 
 pub fn selftests() -> Vec<Check> {
-    vec![Check { name: "model_gpu_vs_cpu", run: check_model_gpu_vs_cpu }, Check { name: "engine_cuda_graph", run: check_cuda_graph }]
+    vec![
+        Check { name: "model_gpu_vs_cpu", run: check_model_gpu_vs_cpu },
+        Check { name: "engine_cuda_graph", run: check_cuda_graph },
+        Check { name: "engine_gemm_algorithms", run: check_gemm_algorithms },
+    ]
 }
 
 /// The mean loss agrees to one bf16 rounding of itself. The CPU runs on the same (bf16-
@@ -696,6 +719,45 @@ fn check_model_gpu_vs_cpu(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError
 
 fn check_cuda_graph(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
     cuda_graph_rows(gpu, rng).map_err(|e| as_gpu_error("engine_cuda_graph", e))
+}
+
+fn check_gemm_algorithms(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    gemm_algorithm_rows(gpu, rng).map_err(|e| as_gpu_error("engine_gemm_algorithms", e))
+}
+
+/// A checkpoint's GEMM algorithms reach a fresh engine, as `--resume` gives them: one
+/// engine's products after a step, recorded with the heuristic's last listed algorithm each
+/// (not the tuner's pick on every shape), go to a second engine before its first step; it
+/// must then run exactly those. The same record said to come from another GPU is refused.
+fn gemm_algorithm_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
+    let config = small_config(NetName::Hrm, 2);
+    let params = bf16_params(config, rng.next_u64());
+    let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&TrainConfig::default()));
+    let batch = PackedBatch::random(rng, ROWS, VOCAB, 8..120, (0.1, 0.9))?;
+    let mut first = GpuEngine::new(gpu, params.clone(), optimizer.clone())?;
+    first.train_step(&batch.batch(), &Schedule::for_training(&config.net, 2), TrainConfig::default().lr, batch.num_labels() as f32)?;
+    first.read_metrics()?;
+    let mut recorded = first.gemm_algorithms();
+    ensure!(!recorded.choices.is_empty(), "a training step planned no GEMM");
+    let cache = first.backend().gemm_cache();
+    for choice in &mut recorded.choices {
+        let shape = GemmShape { op: choice.op, t: choice.t, n: choice.n, k: choice.k };
+        choice.algorithm = cache.algorithm_count(shape)? - 1;
+    }
+    drop(first);
+
+    let mut second = GpuEngine::new(gpu, params, optimizer)?;
+    let elsewhere = GemmAlgorithms { device: "another GPU".into(), ..recorded.clone() };
+    ensure!(second.use_gemm_algorithms(&elsewhere)?.is_some(), "algorithms recorded on another GPU were taken");
+    ensure!(second.gemm_algorithms().choices.is_empty(), "refused algorithms planned products");
+    let why = second.use_gemm_algorithms(&recorded)?;
+    ensure!(why.is_none(), "recorded algorithms not applied: {}", why.unwrap_or_default());
+    let indices = |a: &GemmAlgorithms| a.choices.iter().map(|c| c.algorithm as f32).collect::<Vec<f32>>();
+    let exact = Tolerance { abs: 0.0, rel: 0.0 };
+    let got = second.gemm_algorithms();
+    ensure!(got.choices.len() == recorded.choices.len(), "{} shapes planned, {} recorded", got.choices.len(), recorded.choices.len());
+    let shape = format!("{} shapes", recorded.choices.len());
+    Ok(vec![Row::new("engine GEMM algorithms from a checkpoint", shape, exact, compare(&indices(&got), &indices(&recorded), exact))])
 }
 
 fn small_config(net: NetName, n_layers: usize) -> ModelConfig {

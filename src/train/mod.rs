@@ -260,6 +260,12 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     // the card's peak is known.
     let (on_gpu, peak_flops) = (gpu.is_some(), gpu.as_ref().and_then(|g| flops::peak_bf16_flops(&g.props)));
     let mut engine = make_engine(gpu.as_ref(), params, optimizer, cuda_graph, opts.epilogue_gemms)?;
+    // A resumed run adds in the order the checkpointed one did (checkpoint::GemmAlgorithms).
+    if !state.gemm_algorithms.choices.is_empty() {
+        if let Some(why) = engine.use_gemm_algorithms(&state.gemm_algorithms)? {
+            eprintln!("--resume: the checkpoint's GEMM algorithms do not all apply ({why}): the products may add in another order, so the run continues close to, not bit for bit as, the one before");
+        }
+    }
     let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, micro_batches, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
     let loader = Loader::new(data.train.clone(), loader_cfg, state.data_position)?;
     let mut log = MetricsLog::open(&opts.run_dir)?;
@@ -451,7 +457,8 @@ fn save(opts: &TrainOptions, engine: &mut dyn Engine, state: &TrainState, bar: &
     }
     let _range = Range::push("checkpoint");
     let (params, optimizer) = engine.snapshot()?;
-    let dir = run_dir::save_in_run(&opts.run_dir, &params, &optimizer, state, opts.keep_last)?;
+    let state = TrainState { gemm_algorithms: engine.gemm_algorithms(), ..state.clone() };
+    let dir = run_dir::save_in_run(&opts.run_dir, &params, &optimizer, &state, opts.keep_last)?;
     bar.println(format!("step {}: checkpoint {}", state.global_step, dir.display()));
     Ok(())
 }
