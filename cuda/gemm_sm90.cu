@@ -201,9 +201,12 @@ __device__ __forceinline__ void pair_coords(int p, int pairs_m, int tiles_n, int
     *tn = in_group / rows;
 }
 
-// Byte offset of the 16-byte chunk (row r, columns [8 c, 8 c + 8)) of a [64][256] hand-off
-// buffer: four [64][64] column blocks in the 128-byte swizzle (TMA's layout).
-__device__ __forceinline__ int handoff_chunk(int r, int c) { return (c / 8) * G_BLOCK_BYTES + r * 128 + (((c % 8) ^ (r & 7)) << 4); }
+// Byte offset of the 16-byte chunk (row r, columns [8 c, 8 c + 8)) of a row-major tile stored
+// as column blocks of 64 (BLOCK_BYTES each) in the 128-byte swizzle (TMA's layout).
+template <int BLOCK_BYTES>
+__device__ __forceinline__ int swizzled_chunk(int r, int c) { return (c / 8) * BLOCK_BYTES + r * 128 + (((c % 8) ^ (r & 7)) << 4); }
+// ... of a [64][256] hand-off buffer: four [64][64] blocks.
+__device__ __forceinline__ int handoff_chunk(int r, int c) { return swizzled_chunk<G_BLOCK_BYTES>(r, c); }
 
 // tm_x: x [M, K] as (128, K / 128, M), box (64, 1, 128), or for EPI_SWIGLU_BWD box (32, 1, 128)
 // in the 64-byte swizzle; tm_w: w [N, K] (w [2I, K] for EPI_SWIGLU), box (64, 1, 128), or for
@@ -373,8 +376,8 @@ __device__ __forceinline__ void gemm_sm90_body(const CUtensorMap& tm_x, const CU
                         const unsigned char* slot = staging + (u % 2) * G_GU_SLOT_BYTES;
                         mbar_wait(&gu_full[u % 2], (u / 2) & 1);
                         for (int r = e / 32; r < 32 && row0 + 32 * h + r < M; r += G_EPILOGUE_THREADS / 32) {
-                            // chunk j of row r in the [32][64] boxes (128-byte swizzle)
-                            const int at = (j / 8) * G_GU_BOX_BYTES + r * 128 + (((j % 8) ^ (r & 7)) << 4);
+                            // chunk j of row r in the slot's [32][64] boxes
+                            const int at = swizzled_chunk<G_GU_BOX_BYTES>(r, j);
                             float d[8], gate[8], up[8], dgate[8], dup[8];
                             bf16x8_to_float(*reinterpret_cast<const bf16x8*>(buf + handoff_chunk(32 * h + r, j)), d);
                             bf16x8_to_float(*reinterpret_cast<const bf16x8*>(slot + at), gate);

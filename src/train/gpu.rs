@@ -128,6 +128,11 @@ impl<'g> GpuEngine<'g> {
 
     /// The backend, for profiling ([`CudaBackend::set_profiling`]; profiled steps run without
     /// graphs).
+    /// The GPU and cuBLASLt library that GEMM algorithm indices refer to.
+    fn gemm_device(&self) -> String {
+        format!("{}, cuBLASLt {}", self.gpu.props.name, self.model.backend().gemm_cache().library_version())
+    }
+
     pub fn backend(&self) -> &CudaBackend<'g> {
         self.model.backend()
     }
@@ -300,15 +305,14 @@ impl Engine for GpuEngine<'_> {
     }
 
     fn gemm_algorithms(&self) -> GemmAlgorithms {
-        let gemm = self.model.backend().gemm_cache();
-        GemmAlgorithms { device: format!("{}, cuBLASLt {}", self.gpu.props.name, gemm.library_version()), choices: gemm.choices() }
+        GemmAlgorithms { device: self.gemm_device(), choices: self.model.backend().gemm_cache().choices() }
     }
 
     fn use_gemm_algorithms(&mut self, recorded: &GemmAlgorithms) -> Result<Option<String>> {
-        let here = self.gemm_algorithms().device;
         if recorded.choices.is_empty() {
             return Ok(None);
         }
+        let here = self.gemm_device();
         if recorded.device != here {
             return Ok(Some(format!("recorded on {}, running on {here}", recorded.device)));
         }
