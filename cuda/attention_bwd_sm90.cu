@@ -148,22 +148,22 @@ __device__ __forceinline__ void span_union(const int2* spans, int r0, int T, int
     *hi = __reduce_max_sync(FULL_MASK, b);
 }
 
-// S^T or dP^T of one query tile for one warpgroup: X (its 64 rows of sK or sV, K-major) times
-// Y^T (the 64 rows of sQ or sdO, K-major), 8 k16 steps over the head dim. One group.
-__device__ __forceinline__ void issue_xyt(float (&d)[32], uint32_t x_base, uint32_t y_base) {
+// S^T or dP^T of one query tile for one warpgroup: X (its 64 rows of sK or sV, K-major
+// descriptor x) times Y^T (the 64 rows of sQ or sdO, K-major descriptor y), 8 k16 steps over
+// the head dim. One group.
+__device__ __forceinline__ void issue_xyt(float (&d)[32], uint64_t x, uint64_t y) {
     #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
-        wgmma_ss_n64<0, 0>(d, desc_k_major(x_base + (kk / 4) * BW_KV_HALF + (kk % 4) * 32),
-                           desc_k_major(y_base + (kk / 4) * BW_Q_HALF + (kk % 4) * 32), kk > 0);
+        wgmma_ss_n64<0, 0>(d, desc_plus(x, (kk / 4) * BW_KV_HALF + (kk % 4) * 32), desc_plus(y, (kk / 4) * BW_Q_HALF + (kk % 4) * 32), kk > 0);
     }
     wgmma_commit();
 }
 
 // acc += A Y for one query tile: A (64 keys x 64 queries) from registers, Y (sQ or sdO, 64
-// queries x 128 dims) through MN-major descriptors; 4 k16 steps over the queries. No commit.
-__device__ __forceinline__ void issue_acc(float (&acc)[64], const uint32_t (&a)[4][4], uint32_t y_base) {
+// queries x 128 dims) through the MN-major descriptor y; 4 k16 steps over the queries. No commit.
+__device__ __forceinline__ void issue_acc(float (&acc)[64], const uint32_t (&a)[4][4], uint64_t y) {
     #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs_bt(acc, a[kk], desc_mn_major(y_base + kk * 2048, BW_Q_HALF));
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs_bt(acc, a[kk], desc_plus(y, kk * 2048));
 }
 
 // P^T of one query tile from S^T (in s, in place): this thread's entries are keys kr, kr + 8
@@ -317,7 +317,7 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
 
     // Consumers: warpgroup wg owns keys [64 wg, 64 wg + 64) of the tile.
     setmaxnreg_inc<232>();
-    const int wg = threadIdx.x / 128 - 1, tid = threadIdx.x % 128;
+    const int wg = warpgroup_index() - 1, tid = threadIdx.x % 128;
     const int warp = tid / 32, g = lane >> 2, u = lane & 3;
     const int kr = 64 * wg + 16 * warp + g;  // this thread's first key row in the tile (and kr + 8)
     const int2 cs0 = n0 + kr < T ? cols[n0 + kr] : attn_empty_span();
@@ -326,8 +326,14 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
     const int2 wb = n0 + 64 * wg + 32 + lane < T ? cols[n0 + 64 * wg + 32 + lane] : attn_empty_span();
     const WarpSpans ws(wa, wb);  // the warpgroup's 64 keys, reduced alike by its 4 warps
 
+    // Descriptors, built once: this warpgroup's 64 rows of sK and sV (K-major), its half of the
+    // head dims of sK (MN-major, for dQ), sdS (MN-major), and stage 0 of sQ and sdO (stage st is
+    // BW_Q_TILE further on).
     const uint32_t k_base = smem_u32(smem + OFF_K), v_base = smem_u32(smem + OFF_V);
-    const uint32_t kw_base = k_base + 64 * wg * 128, vw_base = v_base + 64 * wg * 128;  // this warpgroup's keys
+    const uint64_t kw_k = desc_k_major(k_base + 64 * wg * 128), vw_k = desc_k_major(v_base + 64 * wg * 128);
+    const uint64_t kh_mn = desc_mn_major(k_base + wg * BW_KV_HALF, BW_KV_HALF), ds_mn = desc_mn_major(smem_u32(smem + OFF_DS), BW_KV_HALF);
+    const uint64_t q_k = desc_k_major(smem_u32(smem + OFF_Q)), q_mn = desc_mn_major(smem_u32(smem + OFF_Q), BW_Q_HALF);
+    const uint64_t do_k = desc_k_major(smem_u32(smem + OFF_DO)), do_mn = desc_mn_major(smem_u32(smem + OFF_DO), BW_Q_HALF);
     float acc_dk[64], acc_dv[64];
     #pragma unroll
     for (int i = 0; i < 64; ++i) acc_dk[i] = acc_dv[i] = 0.f;
@@ -337,10 +343,9 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         const int st = i & 1, b = i & 1;
         const uint32_t phase = (i >> 1) & 1;
         const int q0 = (m_hi - i) * BW_BM;
-        const uint32_t q_base = smem_u32(smem + OFF_Q + st * BW_Q_TILE), do_base = smem_u32(smem + OFF_DO + st * BW_Q_TILE);
+        const uint32_t stage_off = st * BW_Q_TILE;
         const bool skip = ws.misses(q0, q0 + BW_BM - 1);
         unsigned char* sdS = smem + OFF_DS;
-        const uint32_t ds_base = smem_u32(sdS);
         uint32_t pf[4][4], dsf[4][4];
 
         mbar_wait(&bars[BB_FULL + st], phase);
@@ -349,8 +354,8 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
             fence_regs(s);
             fence_regs(dp);
             wgmma_fence();
-            issue_xyt(s, kw_base, q_base);
-            issue_xyt(dp, vw_base, do_base);
+            issue_xyt(s, kw_k, desc_plus(q_k, stage_off));
+            issue_xyt(dp, vw_k, desc_plus(do_k, stage_off));
             float2 l2[8];
             load_lse2(l2, sLse + st * BW_BM, u);
             wgmma_wait<1>();  // S^T is done; P^T is computed while dP^T is still in flight
@@ -385,8 +390,8 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
             fence_regs(pf);
             fence_regs(dsf);
             wgmma_fence();
-            issue_acc(acc_dv, pf, do_base);
-            issue_acc(acc_dk, dsf, q_base);
+            issue_acc(acc_dv, pf, desc_plus(do_mn, stage_off));
+            issue_acc(acc_dk, dsf, desc_plus(q_mn, stage_off));
             wgmma_commit();
         }
 
@@ -398,8 +403,7 @@ attention_bwd_sm90(const __grid_constant__ CUtensorMap tm_q, const __grid_consta
         wgmma_fence();
         #pragma unroll
         for (int kk = 0; kk < 8; ++kk) {
-            wgmma_ss_n64<1, 1>(dq, desc_mn_major(ds_base + kk * 2048, BW_KV_HALF),
-                               desc_mn_major(k_base + wg * BW_KV_HALF + kk * 2048, BW_KV_HALF), kk > 0);
+            wgmma_ss_n64<1, 1>(dq, desc_plus(ds_mn, kk * 2048), desc_plus(kh_mn, kk * 2048), kk > 0);
         }
         wgmma_commit();
         wgmma_wait<0>();

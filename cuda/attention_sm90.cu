@@ -67,21 +67,22 @@ __device__ __forceinline__ void tile_key_range(const int2* rows, int m0, int T, 
     *hi = __reduce_max_sync(FULL_MASK, b);
 }
 
-// S = Q K^T for one key tile: 8 k16 steps over the head dim, 4 in each half-tile. One group.
-__device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t q_base, uint32_t k_base) {
+// S = Q K^T for one key tile: 8 k16 steps over the head dim, 4 in each half-tile (q, k: K-major
+// descriptors of the warpgroup's Q rows and of the key tile). One group.
+__device__ __forceinline__ void issue_qk(float (&s)[64], uint64_t q, uint64_t k) {
     #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
         const uint32_t off = (kk / 4) * H_HALF + (kk % 4) * 32;
-        wgmma_ss(s, desc_k_major(q_base + off), desc_k_major(k_base + off), kk > 0);
+        wgmma_ss(s, desc_plus(q, off), desc_plus(k, off), kk > 0);
     }
     wgmma_commit();
 }
 
-// O += P V for one key tile: 8 k16 steps over the keys (16 rows = 2048 bytes each); V is
-// MN-major, its dims 64..127 one half-tile further. One group.
-__device__ __forceinline__ void issue_pv(float (&acc)[64], const uint32_t (&p)[8][4], uint32_t v_base) {
+// O += P V for one key tile: 8 k16 steps over the keys (16 rows = 2048 bytes each); v: the
+// MN-major descriptor of the value tile, its dims 64..127 one half-tile further. One group.
+__device__ __forceinline__ void issue_pv(float (&acc)[64], const uint32_t (&p)[8][4], uint64_t v) {
     #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) wgmma_rs_bt(acc, p[kk], desc_mn_major(v_base + kk * 2048, H_HALF));
+    for (int kk = 0; kk < 8; ++kk) wgmma_rs_bt(acc, p[kk], desc_plus(v, kk * 2048));
     wgmma_commit();
 }
 
@@ -247,9 +248,12 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
 
     // Consumers: warpgroup wg owns rows [64 wg, 64 wg + 64) of each item's tile.
     setmaxnreg_inc<PERSISTENT ? 224 : 232>();  // 128 x 56 + 256 x 224 = 64,512 of 65,536
-    const int wg = threadIdx.x / 128 - 1;
+    const int wg = warpgroup_index() - 1;
     const int warp = (threadIdx.x % 128) / 32, g = lane >> 2, u = lane & 3;
-    const uint32_t k_base = smem_u32(sK), v_base = smem_u32(sV);
+    // Descriptors, built once: stage 0 of the K ring (K-major) and the V ring (MN-major), and
+    // this warpgroup's 64 rows of Q buffer 0 (stage / buffer i is i * H_TILE further on).
+    const uint64_t k_desc = desc_k_major(smem_u32(sK)), v_desc = desc_mn_major(smem_u32(sV), H_HALF);
+    const uint64_t q_desc = desc_k_major(smem_u32(sQ) + 64 * wg * 128);
 
     // Ping-pong (v5, v6): the two warpgroups take turns issuing their products, so that one's
     // softmax runs while the other's products occupy the tensor cores. A turn of warpgroup wg
@@ -294,7 +298,7 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
         const WarpSpans ws(wa, wb);
 
         unsigned char* sQb = sQ + b * H_TILE;
-        const uint32_t q_base = smem_u32(sQb) + 64 * wg * 128;  // this warpgroup's 64 rows
+        const uint64_t qb_desc = desc_plus(q_desc, b * H_TILE);  // this warpgroup's 64 rows of buffer b
         float acc[64], s[64], alpha[2], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
         uint32_t p[8][4];
         #pragma unroll
@@ -332,7 +336,7 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
             fence_regs(s);
             turn_begin();
             wgmma_fence();
-            issue_qk(s, q_base, k_base + stage(j_first) * H_TILE);
+            issue_qk(s, qb_desc, desc_plus(k_desc, stage(j_first) * H_TILE));
             turn_end();
             wgmma_wait<0>();
             fence_regs(s);
@@ -354,8 +358,8 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
                 fence_regs(p);
                 turn_begin();
                 wgmma_fence();
-                issue_qk(s, q_base, k_base + st * H_TILE);
-                issue_pv(acc, p, v_base + prev * H_TILE);
+                issue_qk(s, qb_desc, desc_plus(k_desc, st * H_TILE));
+                issue_pv(acc, p, desc_plus(v_desc, prev * H_TILE));
                 turn_end();
                 wgmma_wait<1>();  // S_j is done; P V may still run
                 fence_regs(s);
@@ -375,7 +379,7 @@ __device__ __forceinline__ void fwd_sm90(const CUtensorMap& tm_q, const CUtensor
             fence_regs(p);
             turn_begin();
             wgmma_fence();
-            issue_pv(acc, p, v_base + st * H_TILE);
+            issue_pv(acc, p, desc_plus(v_desc, st * H_TILE));
             turn_end();
             wgmma_wait<0>();
             fence_regs(acc);

@@ -94,6 +94,19 @@ __device__ __forceinline__ uint64_t desc_k_major_sw64(uint32_t addr) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(512 >> 4) << 32) | (2ull << 62);
 }
 
+// The descriptor of the same layout `bytes` further on (a multiple of 16). Only the start
+// address field (bits 0-13, in 16-byte units) moves, and shared addresses below 256 KB never
+// carry out of it: one 32-bit add on the low word, which the compiler keeps in uniform registers
+// when the base is warp-uniform (build the base once, advance it per k step).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
+    return ((desc >> 32) << 32) | (uint32_t)((uint32_t)desc + (bytes >> 4));
+}
+
+// threadIdx.x / 128 as lane 0 has it: the same value, but the compiler then knows that it is
+// uniform across the warp, and keeps shared addresses and wgmma descriptors derived from it in
+// uniform registers instead of rebuilding them in vector registers for every wgmma.
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, threadIdx.x / 128, 0); }
+
 // d[64] (+)= A[64x16] @ B[16x128]: A and B from shared memory (K-major descriptors).
 // accumulate = 0 overwrites d.
 __device__ __forceinline__ void wgmma_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
