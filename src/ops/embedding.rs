@@ -13,7 +13,8 @@
 //!    `O(T + V)`. The ids of a batch are known before its step, so this runs when the batch
 //!    is uploaded, not on the device.
 //! 2. [`EmbeddingBwdScratch::upload_order`]: the order goes through pinned host memory to
-//!    the device with an asynchronous copy (no host synchronisation).
+//!    the device with an asynchronous copy; the next upload waits for that copy (an event)
+//!    before it rewrites the pinned buffer, and nothing else waits.
 //! 3. [`embedding_bwd`]: one kernel, fixed-size chunks of the sorted positions, each summing
 //!    its ids' runs of `dout` rows in `t` order (a run that crosses chunks is summed piece by
 //!    piece, the pieces added in chunk order).
@@ -21,7 +22,8 @@
 //! No float atomics, so it is bitwise reproducible too (in its own fixed order, which
 //! groups the CPU's sum differently).
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaView, CudaViewMut, LaunchConfig, PinnedHostSlice, PushKernelArg};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -139,9 +141,12 @@ pub struct EmbeddingBwdScratch {
     ordered_tokens: Option<usize>,
     /// [t_max + V + 1] i32: `sorted` (its first T entries), then `offsets`. Pinned,
     /// write-combined host memory (the host only writes it), so the copy to the device is
-    /// asynchronous; cudarc records an event after each copy from it, and writing it waits
-    /// on that event, so a copy in flight is never overwritten.
+    /// asynchronous: it reads the buffer when the stream reaches it, not when it is queued.
     staging: PinnedHostSlice<i32>,
+    /// Recorded after each copy from `staging`; the next upload waits on it before writing
+    /// the buffer, so a copy not yet run never reads the next batch's order. (cudarc's own
+    /// event on a pinned buffer is not recorded here: `Gpu` switches its event tracking off.)
+    copied: CudaEvent,
     /// [t_max + V + 1] i32: the device copy, same layout.
     order: CudaSlice<i32>,
     /// [ceil(t_max/CHUNK)] i32: per-chunk tickets of the runs that cross chunks. Zero
@@ -164,6 +169,7 @@ impl EmbeddingBwdScratch {
             v,
             ordered_tokens: None,
             staging,
+            copied: gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC)).during(WHAT)?,
             order: gpu.stream.alloc_zeros::<i32>(order_len).during(WHAT)?,
             tickets: gpu.stream.alloc_zeros::<i32>(t_max.div_ceil(CHUNK).max(1)).during(WHAT)?,
             partials: None,
@@ -186,18 +192,20 @@ impl EmbeddingBwdScratch {
 
     /// Queues the copy of `order` (T <= t_max tokens over this scratch's V ids) to the device:
     /// every [`embedding_bwd`] after it reads this order, until the next upload. Returns once
-    /// `order` is copied into the pinned staging buffer; that waits only if the previous
-    /// upload's device copy has not yet read the buffer (in training it has long since: each
-    /// step ends with a read-back of its metrics).
+    /// `order` is copied into the pinned staging buffer; that waits until the previous
+    /// upload's device copy has read the buffer. In training that copy runs once the step
+    /// before it is done, so the host stays at most one step ahead of the device.
     pub fn upload_order(&mut self, gpu: &Gpu, order: &TokenOrder) -> Result<(), GpuError> {
         const OP: &str = "upload_order";
         let t = order.tokens();
         assert!(t <= self.t_max, "{OP}: T = {t} exceeds the scratch's {} tokens", self.t_max);
         assert_eq!(order.offsets.len(), self.v + 1, "{OP}: the order is over {} ids, the scratch over V = {}", order.offsets.len() - 1, self.v);
-        let staging = self.staging.as_mut_slice().during("waiting for the previous token order's copy")?;
+        self.copied.synchronize().during("waiting for the previous token order's copy")?;
+        let staging = self.staging.as_mut_slice().during("writing the token order's staging buffer")?;
         staging[..t].copy_from_slice(&order.sorted);
         staging[self.t_max..].copy_from_slice(&order.offsets);
         gpu.stream.memcpy_htod(&self.staging, &mut self.order).during("copying the token order to the device")?;
+        self.copied.record(&gpu.stream).during("recording the token order's copy")?;
         self.ordered_tokens = Some(t);
         Ok(())
     }
@@ -295,7 +303,11 @@ pub fn embedding_bwd(
 }
 
 pub fn selftests() -> Vec<Check> {
-    vec![Check { name: "embedding_fwd", run: check_fwd }, Check { name: "embedding_bwd", run: check_bwd }]
+    vec![
+        Check { name: "embedding_fwd", run: check_fwd },
+        Check { name: "embedding_bwd", run: check_bwd },
+        Check { name: "embedding_bwd_staged", run: check_bwd_staged_ahead },
+    ]
 }
 
 /// (T, D, V, share of the tokens that are one "hot" id): odd sizes, an XL-like batch, a
@@ -349,20 +361,62 @@ fn check_bwd(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
         run(&upload(gpu, &other)?, &mut scratch)?;
         scratch.upload_order(gpu, &TokenOrder::of(&tokens, v))?;
         let (first, second) = (run(&dtok, &mut scratch)?, run(&dtok, &mut scratch)?);
-        // fp32 sums of up to n terms in two different orders (CPU: sequential; GPU: four
-        // interleaved partial sums): each within n * 2^-24 of the sum of |terms|, which is at
-        // most n * scale * max|dout|: abs 2^-23 * n^2 * scale * max|dout|.
-        let mut counts = vec![0usize; v];
-        tokens.iter().for_each(|&id| counts[id as usize] += 1);
-        let max_count = counts.into_iter().max().unwrap_or(0) as f32;
-        let abs = 2f32.powi(-23) * max_count * max_count * scale * max_abs(&dout);
-        let tol = Tolerance { abs: abs.max(1e-7), rel: 2.0 * f32::EPSILON };
+        let tol = bwd_tolerance(&tokens, v, scale, &dout);
         let shape = format!("[{t},{d}] V={v} hot={hot}");
         rows.push(Row::new("embedding_bwd dw (+=)", &shape, tol, compare(&first, &want, tol)));
         // Same inputs, same bits: no order-dependent float atomics, and the first run left
         // the tickets zero for the second.
         let exact = Tolerance { abs: 0.0, rel: 0.0 };
         rows.push(Row::new("embedding_bwd rerun bitwise", &shape, exact, compare(&second, &first, exact)));
+    }
+    Ok(rows)
+}
+
+/// fp32 sums of up to n terms in two different orders (CPU: sequential; GPU: four interleaved
+/// partial sums): each within n * 2^-24 of the sum of |terms|, which is at most n * scale *
+/// max|dout|: abs 2^-23 * n^2 * scale * max|dout|, n the most repeated id's count.
+fn bwd_tolerance(tokens: &[i32], v: usize, scale: f32, dout: &[f32]) -> Tolerance {
+    let mut counts = vec![0usize; v];
+    tokens.iter().for_each(|&id| counts[id as usize] += 1);
+    let max_count = counts.into_iter().max().unwrap_or(0) as f32;
+    let abs = 2f32.powi(-23) * max_count * max_count * scale * max_abs(dout);
+    Tolerance { abs: abs.max(1e-7), rel: 2.0 * f32::EPSILON }
+}
+
+/// Two batches' orders staged back to back while the stream is still busy, as a training step
+/// replayed from a CUDA graph leaves it (the host stages the next batch at once): each
+/// backward must read its own batch's order, not the one the host wrote after it. About 10 ms
+/// of forward passes queue ahead of the first copy, so a second upload that did not wait would
+/// overwrite the pinned buffer before the first copy reads it.
+fn check_bwd_staged_ahead(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError> {
+    let (t, d, v) = (4099, 256, 3000);
+    let scale = (d as f32).sqrt();
+    let dout = bf16_inputs(rng, t * d, 1.0);
+    let ddout = upload_bf16(gpu, &dout)?;
+    let batches: Vec<Vec<i32>> = (0..2).map(|_| draw_tokens(rng, t, v, 0.0)).collect();
+    let mut scratch = EmbeddingBwdScratch::new(gpu, t, v)?;
+    // Everything else is on the device before the busy work: a copy from pageable memory may
+    // wait for the stream, which would hide the race this check is about.
+    let device_tokens = batches.iter().map(|b| upload(gpu, b)).collect::<Result<Vec<_>, _>>()?;
+    let mut results = (0..2).map(|_| gpu.stream.alloc_zeros::<f32>(v * d).during("allocating dw")).collect::<Result<Vec<_>, _>>()?;
+
+    let (busy_t, busy_d, busy_v) = (65536, 1024, 1024);
+    let busy_tokens = upload(gpu, &draw_tokens(rng, busy_t, busy_v, 0.0))?;
+    let busy_w = upload_bf16(gpu, &bf16_inputs(rng, busy_v * busy_d, 1.0))?;
+    let mut busy_out = poisoned_bf16(gpu, busy_t * busy_d)?;
+    for _ in 0..200 {
+        embedding_fwd(gpu, &mut busy_out.as_view_mut(), &busy_tokens.as_view(), &busy_w.as_view(), busy_t, busy_d, 1.0)?;
+    }
+    for ((tokens, device_tokens), dw) in batches.iter().zip(&device_tokens).zip(&mut results) {
+        scratch.upload_order(gpu, &TokenOrder::of(tokens, v))?;
+        embedding_bwd(gpu, &mut dw.as_view_mut(), &ddout.as_view(), &device_tokens.as_view(), t, d, scale, &mut scratch)?;
+    }
+    let mut rows = Vec::new();
+    for (i, (tokens, dw)) in batches.iter().zip(&results).enumerate() {
+        let mut want = vec![0.0; v * d];
+        embedding_bwd_cpu(&mut want, &dout, tokens, t, d, scale);
+        let tol = bwd_tolerance(tokens, v, scale, &dout);
+        rows.push(Row::new(&format!("embedding_bwd dw, order {} of 2 staged ahead", i + 1), format!("[{t},{d}] V={v}"), tol, compare(&download(gpu, dw)?, &want, tol)));
     }
     Ok(rows)
 }
