@@ -24,6 +24,7 @@ fn options(run: &Path, net: NetName, demo: DemoConfig, train: TrainConfig) -> Tr
         profile_step: None,
         cuda_graph: None,
         epilogue_gemms: Default::default(),
+        gemm_store: None,
     }
 }
 

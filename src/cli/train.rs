@@ -111,6 +111,12 @@ pub struct TrainArgs {
     /// order, so a run resumed on another route continues on slightly different numbers
     #[arg(long, value_enum, default_value_t = EpilogueGemms::default())]
     pub epilogue_gemms: EpilogueGemms,
+    /// The file that remembers, per GPU and cuBLASLt version, the algorithm each product ran
+    /// (default ~/.cache/hrm-cu/gemm-algorithms.json; HRM_CU_CACHE_DIR or XDG_CACHE_HOME move
+    /// it). Every run on the same GPU and library after the first runs the algorithms the first
+    /// recorded, so two runs of one command give the same bits. `off`: tune every product anew
+    #[arg(long, value_name = "FILE|off")]
+    pub gemm_algorithms: Option<String>,
     /// Demo: digits of the larger operand
     #[arg(long, default_value_t = 2)]
     pub demo_digits: usize,
@@ -167,6 +173,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         profile_step: args.profile_step,
         cuda_graph: args.cuda_graph.map(|s| s == Switch::On),
         epilogue_gemms: args.epilogue_gemms,
+        gemm_store: match args.gemm_algorithms.as_deref() {
+            Some("off") => None,
+            Some(path) => Some(PathBuf::from(path)),
+            None => train::gemm_store::default_path(),
+        },
     };
     if let Some(m) = train::run(&opts)? {
         println!("{}", serde_json::to_string(&m)?);

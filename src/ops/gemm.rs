@@ -41,7 +41,9 @@
 //! shape, which round differently: bitwise-equal reruns need the same choice, which
 //! [`GemmCache::chosen_algorithm`] reports and [`GemmCache::choose_algorithm`] sets. A
 //! training checkpoint records every shape's choice ([`GemmCache::choices`], as
-//! [`GemmChoice`]s), and `--resume` runs them again ([`GemmCache::apply_choices`]).
+//! [`GemmChoice`]s), and `--resume` runs them again ([`GemmCache::preset_choices`]: a shape
+//! with a preset choice is not tuned); so do fresh runs, from the algorithms earlier runs on the
+//! same GPU and library recorded (`train::gemm_store`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -256,6 +258,11 @@ pub struct GemmCache {
     /// The stream the tuner times candidates on (the Gpu's own stream).
     stream: Arc<CudaStream>,
     plans: RefCell<HashMap<GemmShape, Plan>>,
+    /// Algorithms to run instead of tuning, for shapes not planned yet
+    /// ([`GemmCache::preset_choices`]).
+    presets: RefCell<HashMap<GemmShape, usize>>,
+    /// Presets whose index the heuristic did not list when their shape was planned (tuned).
+    unlisted: RefCell<Vec<GemmChoice>>,
 }
 
 // SAFETY: the handle and descriptors are plain heap objects of cuBLASLt that may be used from
@@ -294,7 +301,7 @@ impl GemmCache {
                 return Err(GpuError::Driver { what: "allocating the cuBLASLt workspace".into(), source });
             }
         };
-        Ok(GemmCache { handle, workspace, stream: gpu.stream.clone(), plans: RefCell::new(HashMap::new()) })
+        Ok(GemmCache { handle, workspace, stream: gpu.stream.clone(), plans: RefCell::default(), presets: RefCell::default(), unlisted: RefCell::default() })
     }
 
     /// Builds and tunes the plan of every shape in `shapes` not seen yet: call once at
@@ -333,31 +340,54 @@ impl GemmCache {
         unsafe { sys::cublasLtGetVersion() }
     }
 
-    /// Every shape planned so far with the algorithm it runs, in (op, T, N, K) order.
+    /// Every shape with the algorithm it runs, in (op, T, N, K) order: the shapes planned so far
+    /// and those with a preset choice not met yet (so a record passes unchanged through a
+    /// process that never runs one of its shapes).
     pub fn choices(&self) -> Vec<GemmChoice> {
-        let mut choices: Vec<GemmChoice> = self.plans.borrow().iter().map(|(s, p)| GemmChoice { op: s.op, t: s.t, n: s.n, k: s.k, algorithm: p.choice }).collect();
+        let plans = self.plans.borrow();
+        let planned = plans.iter().map(|(s, p)| (*s, p.choice));
+        let preset = self.presets.borrow().iter().filter(|(s, _)| !plans.contains_key(*s)).map(|(s, &i)| (*s, i)).collect::<Vec<_>>();
+        let mut choices: Vec<GemmChoice> = planned.chain(preset).map(|(s, algorithm)| GemmChoice { op: s.op, t: s.t, n: s.n, k: s.k, algorithm }).collect();
         choices.sort();
         choices
     }
 
-    /// Runs each recorded choice from now on ([`GemmCache::choose_algorithm`]); returns those
-    /// whose index this GPU's heuristic does not list for the shape (left to the tuner).
-    pub fn apply_choices(&self, recorded: &[GemmChoice]) -> Result<Vec<GemmChoice>, GpuError> {
-        let mut unlisted = Vec::new();
+    /// Runs each recorded choice instead of the tuner's: shapes planned already switch now
+    /// (when their heuristic lists the index), the others when they are first met, without
+    /// being tuned. A shape keeps the first preset it is given.
+    pub fn preset_choices(&self, recorded: &[GemmChoice]) -> Result<(), GpuError> {
         for choice in recorded {
-            if choice.algorithm < self.algorithm_count(choice.shape())? {
-                self.choose_algorithm(choice.shape(), choice.algorithm)?;
-            } else {
-                unlisted.push(*choice);
+            let shape = choice.shape();
+            let planned = self.plans.borrow().get(&shape).map(|p| p.algorithms.len());
+            match planned {
+                Some(listed) if choice.algorithm < listed => self.choose_algorithm(shape, choice.algorithm)?,
+                Some(_) => self.unlisted.borrow_mut().push(*choice),
+                None => {
+                    self.presets.borrow_mut().entry(shape).or_insert(choice.algorithm);
+                }
             }
         }
-        Ok(unlisted)
+        Ok(())
+    }
+
+    /// The preset choices this GPU's heuristic did not list for their shape (those shapes were
+    /// tuned instead), so far.
+    pub fn unlisted_presets(&self) -> Vec<GemmChoice> {
+        self.unlisted.borrow().clone()
     }
 
     fn ensure_plan(&self, shape: GemmShape) -> Result<(), GpuError> {
         if !self.plans.borrow().contains_key(&shape) {
             let mut plan = self.build_plan(shape)?;
-            plan.choice = self.tune(shape, &plan)?;
+            let preset = self.presets.borrow().get(&shape).copied();
+            plan.choice = match preset {
+                Some(index) if index < plan.algorithms.len() => index,
+                Some(index) => {
+                    self.unlisted.borrow_mut().push(GemmChoice { op: shape.op, t: shape.t, n: shape.n, k: shape.k, algorithm: index });
+                    self.tune(shape, &plan)?
+                }
+                None => self.tune(shape, &plan)?,
+            };
             self.plans.borrow_mut().insert(shape, plan);
         }
         Ok(())

@@ -52,8 +52,9 @@ pub trait Engine {
         GemmAlgorithms::default()
     }
     /// Runs `recorded`'s algorithms from now on (before the first step: graphs capture
-    /// them). Returns why it could not, for some or all: recorded on another GPU or library,
-    /// or an index this GPU's heuristic does not list.
+    /// them), each shape's when it is first met and instead of tuning it. Returns why it
+    /// could not: recorded on another GPU or library. (An index this GPU's heuristic does not
+    /// list for its shape is tuned instead; [`Engine::gemm_algorithms`] then differs.)
     fn use_gemm_algorithms(&mut self, recorded: &GemmAlgorithms) -> Result<Option<String>> {
         Ok((!recorded.choices.is_empty()).then(|| format!("recorded on {}, running on the CPU", recorded.device)))
     }

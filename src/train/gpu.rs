@@ -316,8 +316,8 @@ impl Engine for GpuEngine<'_> {
         if recorded.device != here {
             return Ok(Some(format!("recorded on {}, running on {here}", recorded.device)));
         }
-        let unlisted = self.model.backend().gemm_cache().apply_choices(&recorded.choices).context("running the recorded GEMM algorithms")?;
-        Ok((!unlisted.is_empty()).then(|| format!("{} of {} recorded algorithms are not listed here", unlisted.len(), recorded.choices.len())))
+        self.model.backend().gemm_cache().preset_choices(&recorded.choices).context("running the recorded GEMM algorithms")?;
+        Ok(None)
     }
 }
 
@@ -729,18 +729,23 @@ fn check_gemm_algorithms(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError>
     gemm_algorithm_rows(gpu, rng).map_err(|e| as_gpu_error("engine_gemm_algorithms", e))
 }
 
-/// A checkpoint's GEMM algorithms reach a fresh engine, as `--resume` gives them: one
-/// engine's products after a step, recorded with the heuristic's last listed algorithm each
-/// (not the tuner's pick on every shape), go to a second engine before its first step; it
-/// must then run exactly those. The same record said to come from another GPU is refused.
+/// A checkpoint's GEMM algorithms reach a fresh engine, as `--resume` (or the algorithm store)
+/// gives them: one engine's products after a step, recorded with the heuristic's last listed
+/// algorithm each (not the tuner's pick on every shape), go to a second engine before its first
+/// step; it reports them before it plans anything, and after its own step its products run
+/// exactly those (preset, not tuned). The same record said to come from another GPU is refused.
 fn gemm_algorithm_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     let config = small_config(NetName::Hrm, 2);
     let params = bf16_params(config, rng.next_u64());
     let optimizer = AdamAtan2::new(&params, AdamCoeffs::from_config(&TrainConfig::default()));
     let batch = PackedBatch::random(rng, ROWS, VOCAB, 8..120, (0.1, 0.9))?;
+    let schedule = Schedule::for_training(&config.net, 2);
+    let step = |engine: &mut GpuEngine| -> Result<()> {
+        engine.train_step(&batch.batch(), &schedule, TrainConfig::default().lr, batch.num_labels() as f32)?;
+        engine.read_metrics().map(|_| ())
+    };
     let mut first = GpuEngine::new(gpu, params.clone(), optimizer.clone())?;
-    first.train_step(&batch.batch(), &Schedule::for_training(&config.net, 2), TrainConfig::default().lr, batch.num_labels() as f32)?;
-    first.read_metrics()?;
+    step(&mut first)?;
     let mut recorded = first.gemm_algorithms();
     ensure!(!recorded.choices.is_empty(), "a training step planned no GEMM");
     let cache = first.backend().gemm_cache();
@@ -756,10 +761,14 @@ fn gemm_algorithm_rows(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>> {
     ensure!(second.gemm_algorithms().choices.is_empty(), "refused algorithms planned products");
     let why = second.use_gemm_algorithms(&recorded)?;
     ensure!(why.is_none(), "recorded algorithms not applied: {}", why.unwrap_or_default());
+    ensure!(second.gemm_algorithms() == recorded, "the preset algorithms are not reported before the first step");
+    step(&mut second)?;
     let indices = |a: &GemmAlgorithms| a.choices.iter().map(|c| c.algorithm as f32).collect::<Vec<f32>>();
     let exact = Tolerance { abs: 0.0, rel: 0.0 };
     let got = second.gemm_algorithms();
     ensure!(got.choices.len() == recorded.choices.len(), "{} shapes planned, {} recorded", got.choices.len(), recorded.choices.len());
+    let unlisted = second.backend().gemm_cache().unlisted_presets();
+    ensure!(unlisted.is_empty(), "{} recorded algorithms were not listed when their shapes were planned", unlisted.len());
     let shape = format!("{} shapes", recorded.choices.len());
     Ok(vec![Row::new("engine GEMM algorithms from a checkpoint", shape, exact, compare(&indices(&got), &indices(&recorded), exact))])
 }

@@ -35,6 +35,7 @@
 pub mod engine;
 pub mod eval;
 pub mod flops;
+pub mod gemm_store;
 pub mod gpu;
 pub mod graph;
 pub mod plot;
@@ -64,6 +65,7 @@ use crate::ops::cross_entropy::StepMetrics;
 use engine::{CpuEngine, Engine, NonFiniteLoss};
 use gpu::{GpuEngine, MemoryPlan};
 use eval::{evaluate, step_ratios, Coverage, MeanMetrics};
+use gemm_store::GemmStore;
 
 /// Where the training data comes from.
 #[derive(Clone, Debug)]
@@ -116,6 +118,9 @@ pub struct TrainOptions {
     /// Which forward products run as our Hopper GEMM with the following pass in its epilogue
     /// (GPU only).
     pub epilogue_gemms: EpilogueGemms,
+    /// The GEMM algorithm store this run reads and adds to (GPU only, [`gemm_store`]); `None`:
+    /// every product is tuned anew.
+    pub gemm_store: Option<PathBuf>,
 }
 
 /// The training data and, for the demo, its held-out split.
@@ -260,12 +265,23 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     // the card's peak is known.
     let (on_gpu, peak_flops) = (gpu.is_some(), gpu.as_ref().and_then(|g| flops::peak_bf16_flops(&g.props)));
     let mut engine = make_engine(gpu.as_ref(), params, optimizer, cuda_graph, opts.epilogue_gemms)?;
-    // A resumed run adds in the order the checkpointed one did (checkpoint::GemmAlgorithms).
+    // A resumed run adds in the order the checkpointed one did (checkpoint::GemmAlgorithms);
+    // the shapes it did not record, and those of a fresh run, run what earlier runs on this
+    // GPU and library recorded in the store (the first preset of a shape wins).
     if !state.gemm_algorithms.choices.is_empty() {
         if let Some(why) = engine.use_gemm_algorithms(&state.gemm_algorithms)? {
             eprintln!("--resume: the checkpoint's GEMM algorithms do not all apply ({why}): the products may add in another order, so the run continues close to, not bit for bit as, the one before");
         }
     }
+    let mut store = match (&opts.gemm_store, on_gpu) {
+        (Some(path), true) => Some(GemmStore::open(path)?),
+        _ => None,
+    };
+    if let Some(store) = &store {
+        let recorded = store.for_device(&engine.gemm_algorithms().device);
+        engine.use_gemm_algorithms(&recorded)?;
+    }
+    let first_step = state.global_step + 1;
     let loader_cfg = LoaderConfig { rank: 0, world: 1, batch_tokens, micro_batches, target_only: cfg.target_only, epochs: cfg.epochs, prefetch: 4 };
     let loader = Loader::new(data.train.clone(), loader_cfg, state.data_position)?;
     let mut log = MetricsLog::open(&opts.run_dir)?;
@@ -323,6 +339,9 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
             capture.stop()?;
         }
         result.with_context(|| format!("step {step}"))?;
+        if step == first_step {
+            record_gemm_algorithms(&mut store, &*engine, &bar); // every product of a step is planned now
+        }
         state.global_step = step;
         state.data_position = DataPosition { epoch: position.epoch, step: position.step + 1 };
         state.tokens_seen += step_tokens as u64;
@@ -379,13 +398,26 @@ pub fn run(opts: &TrainOptions) -> Result<Option<MeanMetrics>> {
     checkpoint(opts, &mut *engine, &mut state, &mut unread, &bar)?;
     bar.finish();
 
-    let Some(heldout) = &data.heldout else { return Ok(None) };
-    match last_heldout {
-        Some((step, m)) if step == state.global_step => Ok(Some(m)),
-        _ => {
+    let heldout = match (&data.heldout, last_heldout) {
+        (None, _) => None,
+        (Some(_), Some((step, m))) if step == state.global_step => Some(m),
+        (Some(heldout), _) => {
             let m = evaluate(&mut *engine, heldout, 0, batch_tokens, cfg.target_only, Coverage::AllSamples)?;
             report_heldout(&bar, &mut log, state.global_step, &m)?;
-            Ok(Some(m))
+            Some(m)
+        }
+    };
+    record_gemm_algorithms(&mut store, &*engine, &bar); // and the evaluation's products
+    Ok(heldout)
+}
+
+/// Adds the shapes `engine` planned that the store lacks, and writes it. A store that cannot be
+/// written costs later runs a tuning, not this one its result: a warning.
+fn record_gemm_algorithms(store: &mut Option<GemmStore>, engine: &dyn Engine, bar: &ProgressBar) {
+    let Some(store) = store else { return };
+    if store.add(&engine.gemm_algorithms()) {
+        if let Err(e) = store.save() {
+            bar.println(format!("warning: could not write the GEMM algorithm store {} ({e:#}); later runs will tune their products again", store.path().display()));
         }
     }
 }
