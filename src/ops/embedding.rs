@@ -416,7 +416,7 @@ fn check_bwd_staged_ahead(gpu: &Gpu, rng: &mut Rng) -> Result<Vec<Row>, GpuError
         let mut want = vec![0.0; v * d];
         embedding_bwd_cpu(&mut want, &dout, tokens, t, d, scale);
         let tol = bwd_tolerance(tokens, v, scale, &dout);
-        rows.push(Row::new(&format!("embedding_bwd dw, order {} of 2 staged ahead", i + 1), format!("[{t},{d}] V={v}"), tol, compare(&download(gpu, dw)?, &want, tol)));
+        rows.push(Row::new(format!("embedding_bwd dw, order {} of 2 staged ahead", i + 1), format!("[{t},{d}] V={v}"), tol, compare(&download(gpu, dw)?, &want, tol)));
     }
     Ok(rows)
 }
