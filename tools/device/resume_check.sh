@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # kill -9 in the middle of a GPU training run, --resume it, and compare with the same run left
 # alone: with deterministic kernels the losses after the resume point and the final weights
-# are identical. Usage (on the GPU machine, from the repository root):
+# are identical. The runs log every 10 steps (the default), so between logs the host runs ahead
+# of the device as in real training. Usage (on the GPU machine, from the repository root):
 #   bash tools/device/resume_check.sh [.device/hrm-cu]
 set -uo pipefail
 bin="${1:-.device/hrm-cu}"
 work="$(mktemp -d)"
-args=(train --data demo --device gpu --epochs 12 --lr 2e-3 --steps 240 --checkpoint-every 40 --log-every 1 --eval-every 100000)
+args=(train --data demo --device gpu --epochs 12 --lr 2e-3 --steps 240 --checkpoint-every 40 --eval-every 100000)
 
 "$bin" "${args[@]}" --out "$work/straight" > "$work/straight.log" 2>&1 || { echo "straight run failed"; tail "$work/straight.log"; exit 1; }
 
