@@ -175,6 +175,10 @@ pub struct GemmChoice {
 }
 
 impl GemmChoice {
+    fn new(shape: GemmShape, algorithm: usize) -> GemmChoice {
+        GemmChoice { op: shape.op, t: shape.t, n: shape.n, k: shape.k, algorithm }
+    }
+
     fn shape(&self) -> GemmShape {
         GemmShape { op: self.op, t: self.t, n: self.n, k: self.k }
     }
@@ -347,7 +351,7 @@ impl GemmCache {
         let plans = self.plans.borrow();
         let planned = plans.iter().map(|(s, p)| (*s, p.choice));
         let preset = self.presets.borrow().iter().filter(|(s, _)| !plans.contains_key(*s)).map(|(s, &i)| (*s, i)).collect::<Vec<_>>();
-        let mut choices: Vec<GemmChoice> = planned.chain(preset).map(|(s, algorithm)| GemmChoice { op: s.op, t: s.t, n: s.n, k: s.k, algorithm }).collect();
+        let mut choices: Vec<GemmChoice> = planned.chain(preset).map(|(s, algorithm)| GemmChoice::new(s, algorithm)).collect();
         choices.sort();
         choices
     }
@@ -383,7 +387,7 @@ impl GemmCache {
             plan.choice = match preset {
                 Some(index) if index < plan.algorithms.len() => index,
                 Some(index) => {
-                    self.unlisted.borrow_mut().push(GemmChoice { op: shape.op, t: shape.t, n: shape.n, k: shape.k, algorithm: index });
+                    self.unlisted.borrow_mut().push(GemmChoice::new(shape, index));
                     self.tune(shape, &plan)?
                 }
                 None => self.tune(shape, &plan)?,
