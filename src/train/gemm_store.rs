@@ -199,6 +199,17 @@ mod tests {
     }
 
     #[test]
+    fn a_store_that_cannot_be_written_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("cache");
+        let mut store = GemmStore::open(&blocker.join(FILE_NAME)).unwrap();
+        store.add(&record("GPU A", vec![choice(256, 3)]));
+        std::fs::write(&blocker, "").unwrap(); // the store's directory is now a file
+        let err = format!("{:#}", store.save().unwrap_err());
+        assert!(err.contains(&blocker.display().to_string()), "{err}");
+    }
+
+    #[test]
     fn the_default_path_follows_the_environment() {
         fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<PathBuf> + 'a {
             move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| PathBuf::from(v))
